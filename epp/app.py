@@ -1,0 +1,176 @@
+"""The composition root: builds every component from Settings and runs the servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from grpc_health.v1 import health_pb2_grpc
+from prometheus_client import start_http_server
+
+from epp.config import DEFAULT_CONFIG, LoadedConfig, load_config
+from epp.datastore import Datastore
+from epp.director import Director
+from epp.discovery.static import StaticDiscovery, parse_endpoints_flag
+from epp.extproc.handler import ExtProcService
+from epp.health import Health
+from epp.observability import EppMetrics
+from epp.scheduling.registry import PluginRegistry, builtin_registry
+from epp.scraper import Scraper
+from epp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a port already taken must fail loudly, not be shared
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+]
+
+
+def plugin_registry() -> PluginRegistry:
+    registry = builtin_registry()
+    registry.load_entry_points()
+    return registry
+
+
+def load_scheduler_config(settings: Settings, metrics: EppMetrics | None = None) -> LoadedConfig:
+    """Raises epp.framework.ConfigError (a ValueError) with a message naming the problem."""
+    if settings.config_file is not None:
+        try:
+            text, source = settings.config_file.read_text(), str(settings.config_file)
+        except OSError as exc:
+            from epp.framework import ConfigError
+
+            raise ConfigError(f"{settings.config_file}: cannot read: {exc.strerror or exc}") from None
+    elif settings.config_text is not None:
+        text, source = settings.config_text, "--config-text"
+    else:
+        text, source = DEFAULT_CONFIG, "default config"
+    return load_config(text, plugin_registry(), source, timer=metrics.observe_plugin if metrics else None)
+
+
+@dataclass
+class BoundPorts:
+    grpc: int
+    health: int
+    metrics: int
+
+
+class App:
+    """Owns every component. Build with `App(settings)`, then `await app.start()` / `stop()`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = EppMetrics()
+        self.config = load_scheduler_config(settings, self.metrics)
+        self.datastore = Datastore()
+        self.director = Director(
+            self.datastore,
+            self.config.scheduler,
+            self.metrics,
+            staleness_threshold_s=settings.metrics_staleness_threshold_s,
+            pool_name=settings.pool_name,
+        )
+        self.scraper = Scraper(
+            self.datastore,
+            settings.refresh_metrics_interval_s,
+            on_error=lambda ep: self.metrics.scrape_errors.labels(ep.key).inc(),
+        )
+        fixed = parse_endpoints_flag(settings.endpoints) if settings.endpoints else []
+        self.discovery = StaticDiscovery(self.datastore, fixed, settings.endpoints_file)
+        self.health = Health()
+        self._servers: list[grpc.aio.Server] = []
+        self._metrics_http: object | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self.ports: BoundPorts | None = None
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        if not self.settings.secure_serving:
+            return None
+        cert_dir = self.settings.cert_path or Path(".")
+        return grpc.ssl_server_credentials(
+            [((cert_dir / "tls.key").read_bytes(), (cert_dir / "tls.crt").read_bytes())]
+        )
+
+    def _bind(self, server: grpc.aio.Server, port: int, creds: grpc.ServerCredentials | None) -> int:
+        address = f"{self.settings.bind_address}:{port}"
+        bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"cannot listen on {address}")
+        return int(bound)
+
+    async def start(self) -> BoundPorts:
+        if not self.datastore.synced:
+            self.discovery.load_initial()
+        await self.health.start()
+        creds = self._server_credentials()
+
+        ext_proc = grpc.aio.server(options=_GRPC_OPTIONS)
+        ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExtProcService(self.director), ext_proc)
+        # Health on the ext_proc port too: Envoy's gRPC health checks of the cluster ask there.
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, ext_proc)
+        grpc_port = self._bind(ext_proc, self.settings.grpc_port, creds)
+
+        health_server = grpc.aio.server(options=_GRPC_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, health_server)
+        health_port = self._bind(health_server, self.settings.grpc_health_port, None)
+
+        metrics_server, _thread = start_http_server(
+            self.settings.metrics_port, addr=self.settings.bind_address, registry=self.metrics.registry
+        )
+        self._metrics_http = metrics_server
+        metrics_port = metrics_server.server_port
+
+        for server in (ext_proc, health_server):
+            await server.start()
+            self._servers.append(server)
+        await self.scraper.start()
+        self.discovery.start()
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+        await self._refresh_status()
+        self.ports = BoundPorts(grpc_port, health_port, metrics_port)
+        log.info("epp serving: ext_proc :%d, health :%d, metrics :%d, %d endpoints",
+                 grpc_port, health_port, metrics_port, len(self.datastore))
+        return self.ports
+
+    async def _refresh_status(self) -> None:
+        await self.health.set_ready(self.datastore.synced and len(self.datastore) > 0)
+        self.director.refresh_pool_metrics()
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._refresh_status()
+            except Exception:
+                log.exception("housekeeping failed")
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        await self.health.shutdown()
+        await self.discovery.stop()
+        await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
+        await self.scraper.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()  # type: ignore[attr-defined]
+            self._metrics_http.server_close()  # type: ignore[attr-defined]
+
+
+async def serve(app: App) -> None:
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await app.stop()

@@ -1,0 +1,79 @@
+"""The set of endpoints epp may route to. Discovery writes it; the scheduler reads it.
+
+Readers get a cached tuple rebuilt only when the set changes, so a pick never copies endpoint
+state. Components that keep per-endpoint state (scraper, prefix index) subscribe to changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from epp.framework import Endpoint
+
+log = logging.getLogger(__name__)
+
+EndpointCallback = Callable[[Endpoint], None]
+
+
+class Datastore:
+    def __init__(self) -> None:
+        self._by_key: dict[str, Endpoint] = {}
+        self._snapshot: tuple[Endpoint, ...] = ()
+        self._on_added: list[EndpointCallback] = []
+        self._on_removed: list[EndpointCallback] = []
+        self.synced = False  # the first full endpoint set has been applied
+
+    def subscribe(self, on_added: EndpointCallback, on_removed: EndpointCallback) -> None:
+        self._on_added.append(on_added)
+        self._on_removed.append(on_removed)
+
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._snapshot
+
+    def get(self, key: str) -> Endpoint | None:
+        return self._by_key.get(key)
+
+    def __len__(self) -> int:
+        return len(self._snapshot)
+
+    def replace_all(self, desired: Iterable[Endpoint]) -> None:
+        """Make the set equal `desired`. Unchanged endpoints keep their object (and metrics);
+        an endpoint whose name or labels changed is updated in place."""
+        wanted = {ep.key: ep for ep in desired}
+        for key in [k for k in self._by_key if k not in wanted]:
+            self._remove(key)
+        for key, ep in wanted.items():
+            current = self._by_key.get(key)
+            if current is None:
+                self._add(ep)
+            elif current.name != ep.name or current.labels != ep.labels:
+                current.name = ep.name
+                current.labels = ep.labels
+        self._snapshot = tuple(self._by_key.values())
+        self.synced = True
+
+    def upsert(self, ep: Endpoint) -> None:
+        if ep.key in self._by_key:
+            current = self._by_key[ep.key]
+            current.name, current.labels = ep.name, ep.labels
+            return
+        self._add(ep)
+        self._snapshot = tuple(self._by_key.values())
+
+    def remove(self, key: str) -> None:
+        if key in self._by_key:
+            self._remove(key)
+            self._snapshot = tuple(self._by_key.values())
+
+    def _add(self, ep: Endpoint) -> None:
+        self._by_key[ep.key] = ep
+        log.info("endpoint added: %s (%s)", ep.key, ep.name)
+        for cb in self._on_added:
+            cb(ep)
+
+    def _remove(self, key: str) -> None:
+        ep = self._by_key.pop(key)
+        log.info("endpoint removed: %s (%s)", ep.key, ep.name)
+        for cb in self._on_removed:
+            cb(ep)

@@ -1,0 +1,167 @@
+"""One request's orchestration between the ext_proc stream and the scheduler.
+
+The director picks candidates (ready endpoints, narrowed by Envoy's subset hint, fresh metrics
+preferred), runs the scheduler, accounts the request in flight, and releases it when the
+response completes. Protocol details stay in `epp.extproc`; scheduling details in `epp.scheduling`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from epp.datastore import Datastore
+from epp.errors import ErrorCode, EppError
+from epp.framework import CycleState, Endpoint, InferenceRequest, SchedulingResult
+from epp.observability import EppMetrics
+from epp.scheduling.scheduler import Scheduler
+from scorers.prefix_cache import MATCHED_BLOCKS_KEY, TOTAL_BLOCKS_KEY
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Decision:
+    """A scheduled request, held by its stream until the response completes."""
+
+    request: InferenceRequest
+    result: SchedulingResult | None  # None for a headers-only request (no scheduling ran)
+    endpoints: list[Endpoint]
+    started: float
+    released: bool = False
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def destination(self) -> str:
+        """x-gateway-destination-endpoint: primary first, then fallbacks for Envoy's retries."""
+        return ",".join(ep.key for ep in self.endpoints)
+
+
+class Director:
+    def __init__(
+        self,
+        datastore: Datastore,
+        scheduler: Scheduler,
+        metrics: EppMetrics,
+        staleness_threshold_s: float = 2.0,
+        pool_name: str = "standalone",
+    ) -> None:
+        self.datastore = datastore
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.staleness_threshold_s = staleness_threshold_s
+        self.pool_name = pool_name
+        self._rng = random.Random()
+        datastore.subscribe(lambda ep: None, scheduler.endpoint_removed)
+
+    def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
+        endpoints: Sequence[Endpoint] = self.datastore.endpoints()
+        if subset is not None:
+            # Envoy's subset hint names "ip:port" (or bare IPs): only those may serve.
+            allowed = set(subset)
+            endpoints = [ep for ep in endpoints if ep.key in allowed or ep.address in allowed]
+        if not endpoints:
+            raise EppError(ErrorCode.SERVICE_UNAVAILABLE, "no ready endpoint for this request")
+        # Prefer endpoints whose metrics are fresh: a pod that stopped answering /metrics is likely
+        # down or overloaded. When none are fresh (start-up, scraper lagging), use them all.
+        cutoff = time.monotonic() - self.staleness_threshold_s
+        fresh = [ep for ep in endpoints if ep.metrics.updated_at >= cutoff]
+        return fresh if fresh else list(endpoints)
+
+    def schedule(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
+        self.metrics.request_total.labels(request.model, request.target_model).inc()
+        try:
+            candidates = self.candidates(subset)
+            cycle = CycleState()
+            started = time.perf_counter()
+            result = self.scheduler.schedule(cycle, request, candidates)
+            self.metrics.scheduler_e2e.observe(time.perf_counter() - started)
+        except EppError as exc:
+            self.record_error(request, exc)
+            raise
+        chosen = result.primary.endpoints
+        decision = Decision(request, result, list(chosen), time.monotonic())
+        self._admit(decision)
+        matched = cycle.read(MATCHED_BLOCKS_KEY)
+        total_blocks = cycle.read(TOTAL_BLOCKS_KEY, 0)
+        if matched is not None and total_blocks:
+            self.metrics.prefix_indexer_hit_ratio.observe(matched.get(chosen[0].key, 0) / total_blocks)
+        # Recording the prompt's blocks for the chosen endpoint is not needed for the reply: do it
+        # after the reply has been handed to gRPC.
+        asyncio.get_running_loop().call_soon(self._pre_request, cycle, request, result)
+        return decision
+
+    def pick_any(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
+        """Headers-only requests carry nothing to schedule on: least-loaded of the candidates."""
+        self.metrics.request_total.labels(request.model, request.target_model).inc()
+        try:
+            candidates = self.candidates(subset)
+        except EppError as exc:
+            self.record_error(request, exc)
+            raise
+        low = min(ep.active_requests for ep in candidates)
+        endpoint = self._rng.choice([ep for ep in candidates if ep.active_requests == low])
+        decision = Decision(request, None, [endpoint], time.monotonic())
+        self._admit(decision)
+        return decision
+
+    def _admit(self, decision: Decision) -> None:
+        decision.endpoints[0].active_requests += 1
+        self.metrics.running_requests.labels(decision.request.model).inc()
+
+    def _pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        for hook in self.scheduler.pre_request_hooks:
+            try:
+                hook.pre_request(cycle, request, result)
+            except Exception:
+                log.exception("pre_request hook %r failed", hook)
+
+    def record_error(self, request: InferenceRequest, exc: EppError) -> None:
+        self.metrics.request_errors.labels(request.model, request.target_model, exc.code.label).inc()
+
+    def release(self, decision: Decision, completed: bool) -> None:
+        """The response ended (completed=True) or the stream went away. Idempotent."""
+        if decision.released:
+            return
+        decision.released = True
+        request, endpoint = decision.request, decision.endpoints[0]
+        endpoint.active_requests = max(0, endpoint.active_requests - 1)
+        self.metrics.running_requests.labels(request.model).dec()
+        if completed:
+            labels = (request.model, request.target_model)
+            self.metrics.request_duration.labels(*labels).observe(time.monotonic() - decision.started)
+            if decision.usage.prompt_tokens:
+                self.metrics.input_tokens.labels(*labels).observe(decision.usage.prompt_tokens)
+            if decision.usage.completion_tokens:
+                self.metrics.output_tokens.labels(*labels).observe(decision.usage.completion_tokens)
+        for hook in self.scheduler.response_complete_hooks:
+            try:
+                hook.response_complete(request, endpoint)
+            except Exception:
+                log.exception("response_complete hook %r failed", hook)
+
+    def refresh_pool_metrics(self) -> None:
+        endpoints = self.datastore.endpoints()
+        name = self.pool_name
+        self.metrics.pool_ready.labels(name).set(len(endpoints))
+        if endpoints:
+            n = len(endpoints)
+            self.metrics.pool_kv_cache.labels(name).set(sum(ep.metrics.kv_cache_usage for ep in endpoints) / n)
+            self.metrics.pool_queue.labels(name).set(sum(ep.metrics.waiting_queue_size for ep in endpoints) / n)
+        size = 0
+        for plugin in self.scheduler.plugins:
+            index = getattr(plugin, "index", None)
+            if index is not None and hasattr(index, "entries"):
+                size += index.entries()
+        self.metrics.prefix_indexer_size.set(size)

@@ -1,0 +1,217 @@
+"""The ext_proc stream: Envoy's messages for one HTTP request in, epp's replies out.
+
+FULL_DUPLEX_STREAMED protocol, as the Go EPP speaks it:
+  request headers   -> nothing yet (unless end_of_stream: no body, route at once)
+  request body      -> buffered until end_of_stream; then parse, schedule, and reply with
+                       a headers response (destination) followed by the body in chunks
+  response headers  -> headers response
+  response body     -> each chunk echoed at once; usage read on the way
+  trailers          -> trailers response
+The stream owns only protocol state; what a request means is the director's business.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from epp.director import Decision, Director
+from epp.errors import ErrorCode, EppError
+from epp.extproc import messages
+from epp.extproc.usage import UsageReader
+from epp.framework import Api, InferenceRequest
+from epp.request import api_for_path, parse_request
+
+log = logging.getLogger(__name__)
+
+# A request body larger than this is refused (413-like 400) rather than buffered without bound.
+MAX_REQUEST_BODY = 64 * 1024 * 1024
+
+
+def _headers_dict(headers: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in headers.headers:
+        # Envoy sends raw_value (bytes) in current versions, value in older ones.
+        out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
+    if not msg.HasField("metadata_context"):
+        return None
+    namespaces = msg.metadata_context.filter_metadata
+    if messages.SUBSET_HINT_NAMESPACE not in namespaces:
+        return None
+    fields = namespaces[messages.SUBSET_HINT_NAMESPACE].fields
+    if messages.SUBSET_HINT_KEY not in fields:
+        return None
+    return [v.string_value for v in fields[messages.SUBSET_HINT_KEY].list_value.values]
+
+
+class RequestStream:
+    """Protocol state of one ext_proc stream."""
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_director",
+        "_generated_request_id",
+        "_usage",
+        "decision",
+        "done",
+        "headers",
+        "request_id",
+        "subset",
+    )
+
+    def __init__(self, director: Director) -> None:
+        self._director = director
+        self.headers: dict[str, str] = {}
+        self.request_id = ""
+        self._generated_request_id = False
+        self.subset: list[str] | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self.decision: Decision | None = None
+        self._usage: UsageReader | None = None
+        self.done = False  # an immediate response was sent: Envoy ends the request
+
+    def handle(self, msg: pb.ProcessingRequest) -> Sequence[pb.ProcessingResponse]:
+        kind = msg.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                return self._on_request_headers(msg)
+            if kind == "request_body":
+                return self._on_request_body(msg.request_body.body, msg.request_body.end_of_stream)
+            if kind == "request_trailers":
+                return self._on_request_trailers()
+            if kind == "response_headers":
+                return self._on_response_headers(msg.response_headers)
+            if kind == "response_body":
+                return self._on_response_body(msg.response_body.body, msg.response_body.end_of_stream)
+            if kind == "response_trailers":
+                self._finish(completed=True)
+                return [messages.trailers_reply(request=False)]
+            return []
+        except EppError as exc:
+            return self._fail(exc)
+        except Exception as exc:  # a bug must give the client a 500, never a hung request
+            log.exception("request %s: internal error", self.request_id)
+            return self._fail(EppError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}"))
+
+    def _fail(self, exc: EppError) -> list[pb.ProcessingResponse]:
+        self.done = True
+        log.debug("request %s rejected: %s", self.request_id, exc.message)
+        return [messages.immediate_reply(exc)]
+
+    def _on_request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        self.headers = _headers_dict(msg.request_headers.headers)
+        self.subset = _subset_hint(msg)
+        self.request_id = self.headers.get(messages.REQUEST_ID_HEADER, "")
+        if not self.request_id:
+            self.request_id = uuid.uuid4().hex
+            self._generated_request_id = True
+        if not msg.request_headers.end_of_stream:
+            return []  # wait for the body
+        # No body: nothing to schedule on, route on load alone.
+        request = InferenceRequest(
+            request_id=self.request_id,
+            model="",
+            api=api_for_path(self.headers.get(":path", "")),
+            prompt_text="",
+            headers=self.headers,
+            body={},
+        )
+        self.decision = self._director.pick_any(request, self.subset)
+        return [messages.request_headers_reply(self.decision.destination, None, self._extra_headers())]
+
+    def _extra_headers(self) -> dict[str, str] | None:
+        return {messages.REQUEST_ID_HEADER: self.request_id} if self._generated_request_id else None
+
+    def _on_request_body(self, chunk: bytes, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        if self.decision is not None:
+            return []  # body after routing (headers-only request): nothing to do
+        self._body_size += len(chunk)
+        if self._body_size > MAX_REQUEST_BODY:
+            raise EppError(ErrorCode.BAD_REQUEST, f"request body exceeds {MAX_REQUEST_BODY} bytes")
+        if chunk:
+            self._body.append(chunk)
+        if not end_of_stream:
+            return []
+        return self._route_buffered_body(body_end_of_stream=True)
+
+    def _on_request_trailers(self) -> list[pb.ProcessingResponse]:
+        if self.decision is not None:
+            return [messages.trailers_reply(request=True)]
+        # The body ended with trailers instead of an end_of_stream body chunk.
+        replies = self._route_buffered_body(body_end_of_stream=False)
+        replies.append(messages.trailers_reply(request=True))
+        return replies
+
+    def _route_buffered_body(self, body_end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        raw = b"".join(self._body)
+        self._body = []
+        try:
+            request = parse_request(self.request_id, self.headers.get(":path", ""), self.headers, raw)
+        except EppError as exc:
+            self._director.metrics.request_errors.labels("", "", exc.code.label).inc()
+            raise
+        self.decision = self._director.schedule(request, self.subset)
+        self._usage = UsageReader(streaming=request.streaming or request.api is Api.OTHER)
+        replies = [messages.request_headers_reply(self.decision.destination, len(raw), self._extra_headers())]
+        replies.extend(messages.body_replies(raw, request=True, end_of_stream=body_end_of_stream))
+        return replies
+
+    def _on_response_headers(self, headers: Any) -> list[pb.ProcessingResponse]:
+        response_headers = _headers_dict(headers.headers)
+        if self._usage is not None and "text/event-stream" in response_headers.get("content-type", ""):
+            self._usage.streaming = True
+        if headers.end_of_stream:
+            self._finish(completed=True)
+        return [messages.response_headers_reply()]
+
+    def _on_response_body(self, chunk: bytes, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        if self._usage is not None:
+            self._usage.feed(chunk)
+        if end_of_stream:
+            self._finish(completed=True)
+        return messages.body_replies(chunk, request=False, end_of_stream=end_of_stream)
+
+    def _finish(self, completed: bool) -> None:
+        decision = self.decision
+        if decision is None or decision.released:
+            return
+        if completed and self._usage is not None:
+            usage = self._usage.finish()
+            if usage is not None:
+                decision.usage = usage
+        self._director.release(decision, completed)
+
+    def close(self) -> None:
+        """The stream ended, normally or because Envoy or the client went away: free its state."""
+        self._finish(completed=False)
+        self._body = []
+
+
+class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, director: Director) -> None:
+        self._director = director
+
+    async def Process(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = RequestStream(self._director)
+        try:
+            async for msg in request_iterator:
+                for reply in stream.handle(msg):
+                    yield reply
+                if stream.done:
+                    return
+        finally:
+            stream.close()

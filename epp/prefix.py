@@ -1,0 +1,139 @@
+"""Approximate prefix-cache index: which endpoint has probably seen which prompt prefix.
+
+Prompts are cut into fixed-size blocks of bytes and hashed in a chain (each block's hash covers
+every byte before it), exactly as the Go EPP does, so two requests share a block hash only when
+they share the whole prefix up to that block:
+
+    seed = xxh64(model)            h_i = xxh64(block_i + h_{i-1} as 8 bytes little endian)
+
+The index maps a block hash to the endpoints that hold it, and keeps one LRU per endpoint with a
+bounded capacity (the model server's KV blocks), so memory stays bounded and old blocks age out.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import xxhash
+
+DEFAULT_BLOCK_SIZE_TOKENS = 16
+CHARS_PER_TOKEN = 4
+DEFAULT_MAX_PREFIX_BLOCKS = 256
+DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
+
+
+class PromptHasher:
+    """Chained block hashes of a prompt. Reuses one xxhash state: hashing runs on the event loop
+    thread, one request at a time, so a single hasher is safe and allocation-free."""
+
+    __slots__ = ("_hasher",)
+
+    def __init__(self) -> None:
+        self._hasher = xxhash.xxh64()
+
+    def block_hashes(
+        self, model: str, text: str, block_chars: int, max_blocks: int, cache_salt: str = ""
+    ) -> list[int]:
+        data = text.encode()
+        if len(data) < block_chars:
+            return []
+        end = min(len(data) // block_chars, max_blocks) * block_chars
+        hasher = self._hasher
+        hasher.reset()
+        hasher.update(model.encode())
+        if cache_salt:  # vLLM's cache_salt isolates tenants: their blocks must not match each other
+            hasher.update(cache_salt.encode())
+        prev = hasher.digest()[::-1]  # digest() is big-endian; the chain uses little-endian bytes
+        view = memoryview(data)
+        hashes: list[int] = []
+        for start in range(0, end, block_chars):
+            hasher.reset()
+            hasher.update(view[start : start + block_chars])
+            hasher.update(prev)
+            digest = hasher.digest()
+            hashes.append(int.from_bytes(digest, "big"))
+            prev = digest[::-1]
+        return hashes
+
+
+class PrefixIndex:
+    """hash -> endpoints holding it, plus a per-endpoint LRU that bounds what each endpoint holds."""
+
+    def __init__(self, default_capacity: int = DEFAULT_LRU_CAPACITY_PER_SERVER) -> None:
+        if default_capacity <= 0:
+            raise ValueError("LRU capacity per server must be positive")
+        self.default_capacity = default_capacity
+        self._holders: dict[int, set[str]] = {}
+        self._lrus: dict[str, OrderedDict[int, None]] = {}
+        self._capacity: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        """Number of distinct block hashes held by any endpoint."""
+        return len(self._holders)
+
+    def entries(self) -> int:
+        """Total (hash, endpoint) pairs: the indexer's size."""
+        return sum(len(lru) for lru in self._lrus.values())
+
+    def set_capacity(self, endpoint_key: str, capacity: int) -> None:
+        """Per-endpoint capacity, e.g. the server's num_gpu_blocks. Shrinking evicts at once."""
+        if capacity <= 0:
+            return
+        self._capacity[endpoint_key] = capacity
+        lru = self._lrus.get(endpoint_key)
+        if lru is not None:
+            self._evict(endpoint_key, lru, capacity)
+
+    def match(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Blocks matched per endpoint, walking the chain until a block no endpoint holds."""
+        counts: dict[str, int] = {}
+        holders_of = self._holders.get
+        for h in hashes:
+            holders = holders_of(h)
+            if not holders:
+                break
+            for key in holders:
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def add(self, endpoint_key: str, hashes: Iterable[int]) -> None:
+        """Record that the endpoint now holds these blocks (most recent last)."""
+        lru = self._lrus.get(endpoint_key)
+        if lru is None:
+            lru = self._lrus[endpoint_key] = OrderedDict()
+        holders = self._holders
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+                continue
+            lru[h] = None
+            owners = holders.get(h)
+            if owners is None:
+                holders[h] = {endpoint_key}
+            else:
+                owners.add(endpoint_key)
+        self._evict(endpoint_key, lru, self._capacity.get(endpoint_key, self.default_capacity))
+
+    def _evict(self, endpoint_key: str, lru: OrderedDict[int, None], capacity: int) -> None:
+        holders = self._holders
+        while len(lru) > capacity:
+            h, _ = lru.popitem(last=False)
+            self._drop_holder(h, endpoint_key, holders)
+
+    @staticmethod
+    def _drop_holder(h: int, endpoint_key: str, holders: dict[int, set[str]]) -> None:
+        owners = holders.get(h)
+        if owners is not None:
+            owners.discard(endpoint_key)
+            if not owners:
+                del holders[h]
+
+    def remove_endpoint(self, endpoint_key: str) -> None:
+        """Purge everything an endpoint held (it left the pool)."""
+        lru = self._lrus.pop(endpoint_key, None)
+        self._capacity.pop(endpoint_key, None)
+        if lru is None:
+            return
+        for h in lru:
+            self._drop_holder(h, endpoint_key, self._holders)
