@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health_pb2_grpc
-from prometheus_client import start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.config import DEFAULT_CONFIG, LoadedConfig, load_config
 from epp.datastore import Datastore
@@ -88,7 +89,7 @@ class App:
         self.discovery = StaticDiscovery(self.datastore, fixed, settings.endpoints_file)
         self.health = Health()
         self._servers: list[grpc.aio.Server] = []
-        self._metrics_http: object | None = None
+        self._metrics_http: web.AppRunner | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
 
@@ -123,11 +124,7 @@ class App:
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, health_server)
         health_port = self._bind(health_server, self.settings.grpc_health_port, None)
 
-        metrics_server, _thread = start_http_server(
-            self.settings.metrics_port, addr=self.settings.bind_address, registry=self.metrics.registry
-        )
-        self._metrics_http = metrics_server
-        metrics_port = metrics_server.server_port
+        metrics_port = await self._start_metrics_http()
 
         for server in (ext_proc, health_server):
             await server.start()
@@ -137,9 +134,29 @@ class App:
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
         await self._refresh_status()
         self.ports = BoundPorts(grpc_port, health_port, metrics_port)
-        log.info("epp serving: ext_proc :%d, health :%d, metrics :%d, %d endpoints",
-                 grpc_port, health_port, metrics_port, len(self.datastore))
+        log.info(
+            "epp serving: ext_proc :%d, health :%d, metrics :%d, %d endpoints",
+            grpc_port,
+            health_port,
+            metrics_port,
+            len(self.datastore),
+        )
         return self.ports
+
+    async def _start_metrics_http(self) -> int:
+        registry = self.metrics.registry
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        http = web.Application()
+        http.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(http, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.bind_address, self.settings.metrics_port)
+        await site.start()
+        self._metrics_http = runner
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
     async def _refresh_status(self) -> None:
         await self.health.set_ready(self.datastore.synced and len(self.datastore) > 0)
@@ -161,8 +178,7 @@ class App:
         await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
         await self.scraper.close()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()  # type: ignore[attr-defined]
-            self._metrics_http.server_close()  # type: ignore[attr-defined]
+            await self._metrics_http.cleanup()
 
 
 async def serve(app: App) -> None:

@@ -147,7 +147,9 @@ def load_config(
                 scorers.append(WeightedScorer(plugin, 1.0 if weight is None else weight))
                 placed = True
             elif weight is not None:
-                warnings.append(f"{source}: profile {pname!r}: plugin {pref!r} is not a scorer; weight ignored")
+                warnings.append(
+                    f"{source}: profile {pname!r}: plugin {pref!r} is not a scorer; weight ignored"
+                )
             if isinstance(plugin, Picker):
                 if picker is not None:
                     raise _err(source, f"profile {pname!r} has more than one picker")
@@ -155,9 +157,7 @@ def load_config(
                 placed = True
             if not placed:
                 raise _err(source, f"profile {pname!r}: plugin {pref!r} is not a filter, scorer or picker")
-        profiles[pname] = SchedulerProfile(
-            pname, filters, scorers, picker or MaxScorePicker(), timer=timer
-        )
+        profiles[pname] = SchedulerProfile(pname, filters, scorers, picker or MaxScorePicker(), timer=timer)
 
     handlers = [p for p in instances.values() if isinstance(p, ProfileHandler)]
     if len(handlers) > 1:
@@ -170,7 +170,7 @@ def load_config(
     else:
         raise _err(source, "several profiles need a profile handler plugin (e.g. disagg-profile-handler)")
     for name, plugin in instances.items():
-        if name not in referenced and isinstance(plugin, Scorer | Filter | Picker) and plugin is not handler:
+        if name not in referenced and isinstance(plugin, Scorer | Filter | Picker):
             raise _err(source, f"plugin {name!r} is defined but no profile uses it")
     for w in warnings:
         log.warning("%s", w)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from epp.datastore import Datastore
-from epp.errors import ErrorCode, EppError
+from epp.errors import EppError, ErrorCode
 from epp.framework import CycleState, Endpoint, InferenceRequest, SchedulingResult
 from epp.observability import EppMetrics
 from epp.scheduling.scheduler import Scheduler
@@ -157,8 +157,12 @@ class Director:
         self.metrics.pool_ready.labels(name).set(len(endpoints))
         if endpoints:
             n = len(endpoints)
-            self.metrics.pool_kv_cache.labels(name).set(sum(ep.metrics.kv_cache_usage for ep in endpoints) / n)
-            self.metrics.pool_queue.labels(name).set(sum(ep.metrics.waiting_queue_size for ep in endpoints) / n)
+            self.metrics.pool_kv_cache.labels(name).set(
+                sum(ep.metrics.kv_cache_usage for ep in endpoints) / n
+            )
+            self.metrics.pool_queue.labels(name).set(
+                sum(ep.metrics.waiting_queue_size for ep in endpoints) / n
+            )
         size = 0
         for plugin in self.scheduler.plugins:
             index = getattr(plugin, "index", None)

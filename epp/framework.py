@@ -45,7 +45,8 @@ class Endpoint:
     def __init__(self, address: str, port: int, name: str = "", labels: Mapping[str, str] | None = None):
         self.address = address
         self.port = port
-        self.key = f"{address}:{port}"  # what Envoy is told: x-gateway-destination-endpoint
+        # What Envoy is told in x-gateway-destination-endpoint; IPv6 addresses in brackets.
+        self.key = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         self.name = name or self.key
         self.labels: Mapping[str, str] = dict(labels or {})
         self.metrics: EndpointMetrics = EMPTY_METRICS
@@ -141,7 +142,7 @@ class Params:
 
     def __init__(self, raw: Mapping[str, Any] | None, plugin: str = "plugin") -> None:
         if raw is not None and not isinstance(raw, Mapping):
-            raise ConfigError(f"{plugin}: parameters must be a mapping, got {type(raw).__name__}")
+            raise ConfigError(f"parameters must be a mapping, got {type(raw).__name__}")
         self._raw: Mapping[str, Any] = raw or {}
         self._plugin = plugin
 
@@ -153,21 +154,21 @@ class Params:
         if value is default:
             return default
         if isinstance(value, bool) and bool not in kinds:
-            raise ConfigError(f"{self._plugin}: parameter {key!r} must be {kind_name}, got {value!r}")
+            raise ConfigError(f"parameter {key!r} must be {kind_name}, got {value!r}")
         if not isinstance(value, kinds):
-            raise ConfigError(f"{self._plugin}: parameter {key!r} must be {kind_name}, got {value!r}")
+            raise ConfigError(f"parameter {key!r} must be {kind_name}, got {value!r}")
         return value
 
     def get_int(self, key: str, default: int, minimum: int | None = None) -> int:
         value: int = self._get(key, default, (int,), "an integer")
         if minimum is not None and value < minimum:
-            raise ConfigError(f"{self._plugin}: parameter {key!r} must be >= {minimum}, got {value}")
+            raise ConfigError(f"parameter {key!r} must be >= {minimum}, got {value}")
         return value
 
     def get_float(self, key: str, default: float, minimum: float | None = None) -> float:
         value = float(self._get(key, default, (int, float), "a number"))
         if minimum is not None and value < minimum:
-            raise ConfigError(f"{self._plugin}: parameter {key!r} must be >= {minimum}, got {value}")
+            raise ConfigError(f"parameter {key!r} must be >= {minimum}, got {value}")
         return value
 
     def get_bool(self, key: str, default: bool) -> bool:

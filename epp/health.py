@@ -22,7 +22,9 @@ class Health:
         if ready == self._ready:
             return
         self._ready = ready
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in READINESS_SERVICES:
             await self.servicer.set(name, status)
 

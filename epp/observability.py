@@ -8,8 +8,43 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30,
-                    45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600)
+_LATENCY_BUCKETS = (
+    0.005,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.4,
+    0.6,
+    0.8,
+    1,
+    1.25,
+    1.5,
+    2,
+    3,
+    4,
+    5,
+    6,
+    8,
+    10,
+    15,
+    20,
+    30,
+    45,
+    60,
+    120,
+    180,
+    240,
+    300,
+    360,
+    480,
+    600,
+    900,
+    1200,
+    1800,
+    2700,
+    3600,
+)
 _SCHEDULER_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 _PLUGIN_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -24,49 +59,74 @@ class EppMetrics:
             "inference_objective_request", "Requests received, by model.", model_labels, registry=r
         )
         self.request_errors = Counter(
-            "inference_objective_request_error", "Requests that failed, by error code.",
-            [*model_labels, "error_code"], registry=r,
+            "inference_objective_request_error",
+            "Requests that failed, by error code.",
+            [*model_labels, "error_code"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "inference_objective_request_duration_seconds", "Request latency, headers to end of response.",
-            model_labels, buckets=_LATENCY_BUCKETS, registry=r,
+            "inference_objective_request_duration_seconds",
+            "Request latency, headers to end of response.",
+            model_labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.input_tokens = Histogram(
-            "inference_objective_input_tokens", "Prompt tokens per request (from the response usage).",
-            model_labels, buckets=_TOKEN_BUCKETS, registry=r,
+            "inference_objective_input_tokens",
+            "Prompt tokens per request (from the response usage).",
+            model_labels,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.output_tokens = Histogram(
-            "inference_objective_output_tokens", "Completion tokens per request (from the response usage).",
-            model_labels, buckets=_TOKEN_BUCKETS, registry=r,
+            "inference_objective_output_tokens",
+            "Completion tokens per request (from the response usage).",
+            model_labels,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.running_requests = Gauge(
-            "inference_objective_running_requests", "Requests in flight, by model.", ["model_name"], registry=r
+            "inference_objective_running_requests",
+            "Requests in flight, by model.",
+            ["model_name"],
+            registry=r,
         )
         self.pool_kv_cache = Gauge(
-            "inference_pool_average_kv_cache_utilization", "Mean KV-cache usage over the pool's endpoints.",
-            ["name"], registry=r,
+            "inference_pool_average_kv_cache_utilization",
+            "Mean KV-cache usage over the pool's endpoints.",
+            ["name"],
+            registry=r,
         )
         self.pool_queue = Gauge(
-            "inference_pool_average_queue_size", "Mean waiting-queue length over the pool's endpoints.",
-            ["name"], registry=r,
+            "inference_pool_average_queue_size",
+            "Mean waiting-queue length over the pool's endpoints.",
+            ["name"],
+            registry=r,
         )
         self.pool_ready = Gauge("inference_pool_ready_pods", "Endpoints in the pool.", ["name"], registry=r)
         self.scheduler_e2e = Histogram(
-            "inference_extension_scheduler_e2e_duration_seconds", "Time to schedule one request.",
-            buckets=_SCHEDULER_BUCKETS, registry=r,
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "Time to schedule one request.",
+            buckets=_SCHEDULER_BUCKETS,
+            registry=r,
         )
         self.plugin_duration = Histogram(
-            "inference_extension_plugin_duration_seconds", "Time spent in each plugin.",
-            ["extension_point", "plugin_type", "plugin_name"], buckets=_PLUGIN_BUCKETS, registry=r,
+            "inference_extension_plugin_duration_seconds",
+            "Time spent in each plugin.",
+            ["extension_point", "plugin_type", "plugin_name"],
+            buckets=_PLUGIN_BUCKETS,
+            registry=r,
         )
         self.prefix_indexer_size = Gauge(
-            "inference_extension_prefix_indexer_size", "Entries (block, endpoint) in the prefix index.",
+            "inference_extension_prefix_indexer_size",
+            "Entries (block, endpoint) in the prefix index.",
             registry=r,
         )
         self.prefix_indexer_hit_ratio = Histogram(
             "inference_extension_prefix_indexer_hit_ratio",
             "Share of a request's prefix blocks found on the chosen endpoint.",
-            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r,
+            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
         )
         self.scrape_errors = Counter(
             "epp_endpoint_scrape_errors", "Failed polls of an endpoint's /metrics.", ["endpoint"], registry=r

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from epp.errors import ErrorCode, EppError
+from epp.errors import EppError, ErrorCode
 from epp.framework import Api, InferenceRequest
 
 _API_BY_PATH = {api.value: api for api in Api if api is not Api.OTHER}
@@ -53,7 +53,9 @@ def _prompt_text(api: Api, body: Mapping[str, Any]) -> str:
     return ""
 
 
-def parse_request(request_id: str, path: str, headers: Mapping[str, str], raw_body: bytes) -> InferenceRequest:
+def parse_request(
+    request_id: str, path: str, headers: Mapping[str, str], raw_body: bytes
+) -> InferenceRequest:
     try:
         body = orjson.loads(raw_body)
     except orjson.JSONDecodeError as exc:

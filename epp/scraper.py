@@ -86,7 +86,9 @@ class Scraper:
                 self._on_error(ep)
             # Log the first failure and then rarely, not at 20 Hz.
             if ep.scrape_errors == 1 or ep.scrape_errors % 200 == 0:
-                log.warning("scrape of %s failed (%d so far): %s", url, ep.scrape_errors, exc or type(exc).__name__)
+                log.warning(
+                    "scrape of %s failed (%d so far): %s", url, ep.scrape_errors, exc or type(exc).__name__
+                )
             return False
 
     async def _poll_forever(self, ep: Endpoint) -> None:

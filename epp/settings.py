@@ -29,7 +29,7 @@ def parse_duration(text: str) -> float:
         if not m:
             raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 50ms, 2s, 1m)")
         total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        rest = rest[m.end():]
+        rest = rest[m.end() :]
     if not text:
         raise argparse.ArgumentTypeError("empty duration")
     return total
@@ -76,23 +76,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=_port, default=9002, help="ext_proc gRPC port (default 9002)")
     p.add_argument("--grpc-health-port", type=_port, default=9003, help="gRPC health port (default 9003)")
     p.add_argument("--metrics-port", type=_port, default=9090, help="Prometheus metrics port (default 9090)")
-    p.add_argument("--bind-address", default="0.0.0.0", help="address the servers listen on (default 0.0.0.0)")
+    p.add_argument(
+        "--bind-address", default="0.0.0.0", help="address the servers listen on (default 0.0.0.0)"
+    )
     cfg = p.add_mutually_exclusive_group()
     cfg.add_argument("--config-file", type=Path, help="EndpointPickerConfig YAML file")
     cfg.add_argument("--config-text", help="EndpointPickerConfig YAML, inline")
-    p.add_argument("--refresh-metrics-interval", type=parse_duration, default=0.05,
-                   help="how often each endpoint's /metrics is polled (default 50ms)")
-    p.add_argument("--metrics-staleness-threshold", type=parse_duration, default=2.0,
-                   help="metrics older than this mark an endpoint stale (default 2s)")
+    p.add_argument(
+        "--refresh-metrics-interval",
+        type=parse_duration,
+        default=0.05,
+        help="how often each endpoint's /metrics is polled (default 50ms)",
+    )
+    p.add_argument(
+        "--metrics-staleness-threshold",
+        type=parse_duration,
+        default=2.0,
+        help="metrics older than this mark an endpoint stale (default 2s)",
+    )
     p.add_argument("--endpoints", help="standalone mode: host:port,host:port,...")
-    p.add_argument("--endpoints-file", type=Path,
-                   help="standalone mode: YAML list of {address, port, name, labels}; edits are picked up live")
+    p.add_argument(
+        "--endpoints-file",
+        type=Path,
+        help="standalone mode: YAML list of {address, port, name, labels}; edits are picked up live",
+    )
     p.add_argument("--pool-name", default="standalone", help="pool name used in metric labels")
-    p.add_argument("--secure-serving", action=argparse.BooleanOptionalAction, default=False,
-                   help="serve ext_proc over TLS (needs --cert-path)")
+    p.add_argument(
+        "--secure-serving",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="serve ext_proc over TLS (needs --cert-path)",
+    )
     p.add_argument("--cert-path", type=Path, help="directory holding tls.crt and tls.key")
-    p.add_argument("--check-config", action="store_true",
-                   help="validate the config and exit 0 (valid) or 1 (invalid) without serving")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the config and exit 0 (valid) or 1 (invalid) without serving",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--v", type=int, default=None, help="Go-style verbosity; 4 or more means debug")
     return p

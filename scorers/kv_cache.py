@@ -14,5 +14,7 @@ class KvCacheUtilizationScorer:
     def __init__(self, name: str = type_name, params: Params | None = None) -> None:
         self.name = name
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+    def score(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
+    ) -> list[float]:
         return [1.0 - ep.metrics.kv_cache_usage for ep in endpoints]

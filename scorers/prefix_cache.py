@@ -38,7 +38,9 @@ class PrefixCacheScorer:
     def __init__(self, name: str = type_name, params: Params | None = None) -> None:
         params = params or Params(None, name)
         self.name = name
-        self.block_size_tokens = params.get_int("blockSizeTokens", params.get_int("blockSize", DEFAULT_BLOCK_SIZE_TOKENS, 1), 1)
+        self.block_size_tokens = params.get_int(
+            "blockSizeTokens", params.get_int("blockSize", DEFAULT_BLOCK_SIZE_TOKENS, 1), 1
+        )
         self.auto_tune = params.get_bool("autoTune", True)
         max_blocks = params.get_int("maxPrefixBlocksToMatch", DEFAULT_MAX_PREFIX_BLOCKS, 1)
         max_tokens = params.get_int("maxPrefixTokensToMatch", 0, 0)
@@ -57,7 +59,9 @@ class PrefixCacheScorer:
                 return reported
         return self.block_size_tokens
 
-    def hashes(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[int]:
+    def hashes(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
+    ) -> list[int]:
         cached: list[int] | None = cycle.read(self._state_key)
         if cached is None:
             block_tokens = self._block_size(endpoints)
@@ -73,7 +77,9 @@ class PrefixCacheScorer:
             cycle.write(BLOCK_SIZE_TOKENS_KEY, block_tokens)
         return cached
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+    def score(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
+    ) -> list[float]:
         hashes = self.hashes(cycle, request, endpoints)
         if not hashes:
             cycle.write(MATCHED_BLOCKS_KEY, {})

@@ -14,7 +14,9 @@ class QueueScorer:
     def __init__(self, name: str = type_name, params: Params | None = None) -> None:
         self.name = name
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+    def score(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
+    ) -> list[float]:
         queues = [ep.metrics.waiting_queue_size for ep in endpoints]
         if not queues:
             return []

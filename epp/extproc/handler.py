@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp.director import Decision, Director
-from epp.errors import ErrorCode, EppError
+from epp.errors import EppError, ErrorCode
 from epp.extproc import messages
 from epp.extproc.usage import UsageReader
 from epp.framework import Api, InferenceRequest
@@ -203,7 +203,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, director: Director) -> None:
         self._director = director
 
-    async def Process(  # noqa: N802 (gRPC method name)
+    async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         stream = RequestStream(self._director)

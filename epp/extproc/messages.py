@@ -87,7 +87,7 @@ def immediate_reply(error: EppError) -> pb.ProcessingResponse:
     """End the request at Envoy with an HTTP status and a readable body."""
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=error.code.http_status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=error.code.http_status),
             headers=pb.HeaderMutation(set_headers=[_header("content-type", "text/plain; charset=utf-8")]),
             body=error.body,
             details=error.code.label,

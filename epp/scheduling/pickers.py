@@ -23,7 +23,9 @@ class MaxScorePicker:
         self.max_endpoints = _max_endpoints(params)
         self._rng = rng or random.Random()
 
-    def pick(self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Sequence[float]) -> list[Endpoint]:
+    def pick(
+        self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Sequence[float]
+    ) -> list[Endpoint]:
         if not endpoints:
             return []
         if self.max_endpoints == 1:
@@ -46,7 +48,9 @@ class RandomPicker:
         self.max_endpoints = _max_endpoints(params)
         self._rng = rng or random.Random()
 
-    def pick(self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Sequence[float]) -> list[Endpoint]:
+    def pick(
+        self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Sequence[float]
+    ) -> list[Endpoint]:
         return self._rng.sample(list(endpoints), min(self.max_endpoints, len(endpoints)))
 
 
@@ -60,7 +64,9 @@ class WeightedRandomPicker:
         self.max_endpoints = _max_endpoints(params)
         self._rng = rng or random.Random()
 
-    def pick(self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Sequence[float]) -> list[Endpoint]:
+    def pick(
+        self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Sequence[float]
+    ) -> list[Endpoint]:
         pool = list(range(len(endpoints)))
         weights = [max(0.0, s) for s in scores]
         chosen: list[Endpoint] = []

@@ -45,14 +45,18 @@ class SchedulerProfile:
         self.picker = picker
         self._timer = timer
         # Resolved once: the metric labels of every plugin.
-        self._labels = {id(p): (plugin_type(p), plugin_name(p)) for p in [*filters, *[s.scorer for s in scorers], picker]}
+        self._labels = {
+            id(p): (plugin_type(p), plugin_name(p)) for p in [*filters, *[s.scorer for s in scorers], picker]
+        }
 
     def _observe(self, point: str, plugin: object, started: float) -> None:
         if self._timer is not None:
             kind, name = self._labels[id(plugin)]
             self._timer(point, kind, name, time.perf_counter() - started)
 
-    def run(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> ProfileResult | None:
+    def run(
+        self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]
+    ) -> ProfileResult | None:
         """The chosen endpoints, or None when the filters left no candidate."""
         for flt in self.filters:
             started = time.perf_counter()
@@ -89,9 +93,14 @@ class SchedulerProfile:
                 request.request_id,
                 self.name,
                 {
-                    ep.key: {"total": round(totals[i], 4), **{k: round(v[i], 4) for k, v in per_scorer.items()}}
+                    ep.key: {
+                        "total": round(totals[i], 4),
+                        **{k: round(v[i], 4) for k, v in per_scorer.items()},
+                    }
                     for i, ep in enumerate(candidates)
                 },
                 [ep.key for ep in chosen],
             )
-        return ProfileResult(self.name, chosen, {ep.key: totals[i] for i, ep in enumerate(candidates)} if debug else {})
+        return ProfileResult(
+            self.name, chosen, {ep.key: totals[i] for i, ep in enumerate(candidates)} if debug else {}
+        )

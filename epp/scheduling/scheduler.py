@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from epp.errors import ErrorCode, EppError
+from epp.errors import EppError, ErrorCode
 from epp.framework import (
     CycleState,
     Endpoint,
@@ -52,7 +52,9 @@ class Scheduler:
         primary = self.handler.primary_profile(results)
         primary_result = results.get(primary)
         if primary_result is None or not primary_result.endpoints:
-            raise EppError(ErrorCode.RESOURCE_EXHAUSTED, "no endpoint passed the filters of profile " + primary)
+            raise EppError(
+                ErrorCode.RESOURCE_EXHAUSTED, "no endpoint passed the filters of profile " + primary
+            )
         return SchedulingResult(primary, {k: v for k, v in results.items() if v is not None and v.endpoints})
 
     def endpoint_removed(self, endpoint: Endpoint) -> None:

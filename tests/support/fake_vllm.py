@@ -50,7 +50,9 @@ class FakeVllm:
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         body = orjson.loads(raw) if raw else {}
-        self.received.append({"path": request.path, "headers": dict(request.headers), "body": body, "raw": raw})
+        self.received.append(
+            {"path": request.path, "headers": dict(request.headers), "body": body, "raw": raw}
+        )
         usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
         headers = {SERVED_BY: self.name}
         if body.get("stream"):
@@ -63,12 +65,20 @@ class FakeVllm:
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
-        payload = {"id": "x", "object": "text_completion", "model": body.get("model"),
-                   "choices": [{"index": 0, "text": "abc"}], "usage": usage, "served_by": self.name}
+        payload = {
+            "id": "x",
+            "object": "text_completion",
+            "model": body.get("model"),
+            "choices": [{"index": 0, "text": "abc"}],
+            "usage": usage,
+            "served_by": self.name,
+        }
         return web.json_response(payload, headers=headers)
 
     async def _models(self, request: web.Request) -> web.Response:
-        self.received.append({"path": request.path, "headers": dict(request.headers), "body": None, "raw": b""})
+        self.received.append(
+            {"path": request.path, "headers": dict(request.headers), "body": None, "raw": b""}
+        )
         return web.json_response({"object": "list", "data": [{"id": "m"}]}, headers={SERVED_BY: self.name})
 
     async def start(self) -> FakeVllm:

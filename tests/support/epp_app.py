@@ -1,0 +1,60 @@
+"""Run epp in-process on free loopback ports, with a real gRPC channel to it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from epp.app import App
+from epp.settings import parse_settings
+
+
+@dataclass
+class RunningEpp:
+    app: App
+    channel: grpc.aio.Channel
+    stub: pb_grpc.ExternalProcessorStub
+
+    @property
+    def grpc_port(self) -> int:
+        assert self.app.ports is not None
+        return self.app.ports.grpc
+
+
+@asynccontextmanager
+async def running_epp(*flags: str) -> AsyncIterator[RunningEpp]:
+    settings = parse_settings(
+        [
+            "--grpc-port",
+            "0",
+            "--grpc-health-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--bind-address",
+            "127.0.0.1",
+            *flags,
+        ]
+    )
+    app = App(settings)
+    ports = await app.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}")
+    try:
+        yield RunningEpp(app, channel, pb_grpc.ExternalProcessorStub(channel))
+    finally:
+        await channel.close()
+        await app.stop(grace_s=0.1)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
