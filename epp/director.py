@@ -16,10 +16,16 @@ from dataclasses import dataclass, field
 
 from epp.datastore import Datastore
 from epp.errors import EppError, ErrorCode
-from epp.framework import CycleState, Endpoint, InferenceRequest, SchedulingResult
+from epp.framework import (
+    PREFIX_MATCHED_BLOCKS_KEY,
+    PREFIX_TOTAL_BLOCKS_KEY,
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    SchedulingResult,
+)
 from epp.observability import EppMetrics
 from epp.scheduling.scheduler import Scheduler
-from scorers.prefix_cache import MATCHED_BLOCKS_KEY, TOTAL_BLOCKS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +99,8 @@ class Director:
         chosen = result.primary.endpoints
         decision = Decision(request, result, list(chosen), time.monotonic())
         self._admit(decision)
-        matched = cycle.read(MATCHED_BLOCKS_KEY)
-        total_blocks = cycle.read(TOTAL_BLOCKS_KEY, 0)
+        matched = cycle.read(PREFIX_MATCHED_BLOCKS_KEY)
+        total_blocks = cycle.read(PREFIX_TOTAL_BLOCKS_KEY, 0)
         if matched is not None and total_blocks:
             self.metrics.prefix_indexer_hit_ratio.observe(matched.get(chosen[0].key, 0) / total_blocks)
         # Recording the prompt's blocks for the chosen endpoint is not needed for the reply: do it

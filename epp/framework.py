@@ -17,6 +17,11 @@ from typing import Any, Protocol, runtime_checkable
 # Pod label naming an endpoint's role in prefill/decode disaggregation.
 ROLE_LABEL = "llm-d.ai/role"
 
+# Cycle-state keys written by the prefix-cache scorer and read by others (director, P/D decider).
+PREFIX_MATCHED_BLOCKS_KEY = "prefix-cache/matched-blocks"  # dict endpoint key -> matched blocks
+PREFIX_TOTAL_BLOCKS_KEY = "prefix-cache/total-blocks"  # blocks hashed from the prompt
+PREFIX_BLOCK_SIZE_TOKENS_KEY = "prefix-cache/block-size-tokens"
+
 
 @dataclass(frozen=True, slots=True)
 class EndpointMetrics:

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from epp.framework import PREFIX_BLOCK_SIZE_TOKENS_KEY as BLOCK_SIZE_TOKENS_KEY
+from epp.framework import PREFIX_MATCHED_BLOCKS_KEY as MATCHED_BLOCKS_KEY
+from epp.framework import PREFIX_TOTAL_BLOCKS_KEY as TOTAL_BLOCKS_KEY
 from epp.framework import (
     CycleState,
     Endpoint,
@@ -25,11 +28,6 @@ from epp.prefix import (
     PrefixIndex,
     PromptHasher,
 )
-
-# Cycle-state keys other plugins (e.g. the P/D decider) read.
-MATCHED_BLOCKS_KEY = "prefix-cache/matched-blocks"  # dict endpoint key -> matched blocks
-BLOCK_SIZE_TOKENS_KEY = "prefix-cache/block-size-tokens"
-TOTAL_BLOCKS_KEY = "prefix-cache/total-blocks"  # blocks hashed from the prompt
 
 
 class PrefixCacheScorer:
