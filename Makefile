@@ -17,7 +17,7 @@ install: $(VENV)/.installed tools
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,bench]'
 	touch $@
 
 tools: $(TOOLS_VENV)/.installed
