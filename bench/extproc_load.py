@@ -34,7 +34,8 @@ def free_port() -> int:
 
 
 def _headers(items: dict[str, str], response: bool = False) -> pb.ProcessingRequest:
-    hm = core_pb.HeaderMap(headers=[core_pb.HeaderValue(key=k, raw_value=v.encode()) for k, v in items.items()])
+    values = [core_pb.HeaderValue(key=k, raw_value=v.encode()) for k, v in items.items()]
+    hm = core_pb.HeaderMap(headers=values)
     h = pb.HttpHeaders(headers=hm)
     return pb.ProcessingRequest(response_headers=h) if response else pb.ProcessingRequest(request_headers=h)
 
@@ -45,11 +46,12 @@ async def one(stub: pb_grpc.ExternalProcessorStub, body: bytes) -> float:
         _headers({":method": "POST", ":path": "/v1/completions", "content-type": "application/json"}),
         pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
     ]
-    call = stub.Process(iter(msgs + [
+    response_body = pb.HttpBody(body=b'{"usage":{"completion_tokens":1}}', end_of_stream=True)
+    msgs += [
         _headers({":status": "200", "content-type": "application/json"}, response=True),
-        pb.ProcessingRequest(response_body=pb.HttpBody(body=b'{"usage":{"completion_tokens":1}}',
-                                                      end_of_stream=True)),
-    ]))
+        pb.ProcessingRequest(response_body=response_body),
+    ]
+    call = stub.Process(iter(msgs))
     n = 0
     async for _ in call:
         n += 1
@@ -63,8 +65,12 @@ async def drive(port: int, requests: int, concurrency: int, prompt_bytes: int, s
     rng = random.Random(seed)
     systems = ["".join(rng.choice("abcdefgh ") for _ in range(prompt_bytes * 4 // 5)) for _ in range(16)]
     bodies = [
-        orjson.dumps({"model": "m", "prompt": systems[i % 16] + "".join(rng.choice("xyz ") for _ in
-                                                                     range(prompt_bytes // 5))})
+        orjson.dumps(
+            {
+                "model": "m",
+                "prompt": systems[i % 16] + "".join(rng.choice("xyz ") for _ in range(prompt_bytes // 5)),
+            }
+        )
         for i in range(64)
     ]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -82,9 +88,11 @@ async def drive(port: int, requests: int, concurrency: int, prompt_bytes: int, s
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout=300)
         elapsed = time.perf_counter() - started
     latencies.sort()
-    print(f"{requests} requests, concurrency {concurrency}, {prompt_bytes} B prompts: "
-          f"{requests / elapsed:.0f} requests/s, latency p50 {statistics.median(latencies) * 1e3:.2f} ms, "
-          f"p99 {latencies[int(len(latencies) * 0.99)] * 1e3:.2f} ms")
+    print(
+        f"{requests} requests, concurrency {concurrency}, {prompt_bytes} B prompts: "
+        f"{requests / elapsed:.0f} requests/s, latency p50 {statistics.median(latencies) * 1e3:.2f} ms, "
+        f"p99 {latencies[int(len(latencies) * 0.99)] * 1e3:.2f} ms"
+    )
 
 
 def main() -> None:
@@ -98,9 +106,25 @@ def main() -> None:
     grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
     endpoints = ",".join(f"127.0.0.{2 + i // 200}:{20000 + i % 200}" for i in range(args.endpoints))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "epp", "--endpoints", endpoints, "--grpc-port", str(grpc_port),
-         "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port),
-         "--bind-address", "127.0.0.1", "--refresh-metrics-interval", "1s", "--log-level", "error"],
+        [
+            sys.executable,
+            "-m",
+            "epp",
+            "--endpoints",
+            endpoints,
+            "--grpc-port",
+            str(grpc_port),
+            "--grpc-health-port",
+            str(health_port),
+            "--metrics-port",
+            str(metrics_port),
+            "--bind-address",
+            "127.0.0.1",
+            "--refresh-metrics-interval",
+            "1s",
+            "--log-level",
+            "error",
+        ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -108,7 +132,8 @@ def main() -> None:
         while True:
             try:
                 with grpc.insecure_channel(f"127.0.0.1:{health_port}") as ch:
-                    status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    check = health_pb2_grpc.HealthStub(ch).Check
+                    status = check(health_pb2.HealthCheckRequest(), timeout=1).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     break
             except grpc.RpcError:
