@@ -1,0 +1,78 @@
+"""Knobs of one simulated vLLM instance, with defaults that resemble a 32B-class model on one GPU pod.
+
+Latency defaults (simulated seconds; real seconds = simulated x `time_factor`):
+
+- `prefill_time_per_token_s` = 0.25 ms: ~4,000 uncached prompt tokens/s, what a 32B model on H100s
+  prefills. A 2,048-token system prompt costs ~0.5 s when missed and ~0 when cached, which is the
+  gap prefix-aware routing is meant to win.
+- `prefill_overhead_s` = 15 ms: scheduling + tokenization + the first forward pass's fixed cost.
+- `inter_token_latency_s` = 20 ms at batch 1, plus `decode_time_per_seq_s` = 0.1 ms per running
+  sequence (decode is memory-bound, so a bigger batch is slower per step: 64 running -> ~26 ms).
+- `max_num_batched_tokens` = 2,048: vLLM's chunked-prefill budget per step, so one long prompt
+  stretches a few steps instead of freezing every decode for its whole prefill.
+
+KV defaults: `kv_cache_blocks` = 2,048 blocks x 16 tokens = 32k tokens (scaled down from a real
+pod's ~100k+ so that scaled-down workloads still feel cache pressure), `max_num_seqs` = 256 (vLLM's
+default), `max_waiting` = 1,000 (the llm-d simulator's default queue bound; beyond it -> 429).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BLOCK_SIZE_TOKENS = 16
+CHARS_PER_TOKEN = 4  # the field's tokenizer-free convention; "characters" are UTF-8 bytes here
+BLOCK_CHARS = BLOCK_SIZE_TOKENS * CHARS_PER_TOKEN
+
+
+@dataclass
+class SimConfig:
+    name: str = "sim-0"
+    model: str = "sim-model"
+    role: str = "both"  # reserved for prefill/decode disaggregation: "both" | "prefill" | "decode"
+    kv_cache_blocks: int = 2048
+    max_num_seqs: int = 256
+    max_waiting: int = 1000
+    max_num_batched_tokens: int = 2048
+    prefill_overhead_s: float = 0.015
+    prefill_time_per_token_s: float = 0.00025
+    inter_token_latency_s: float = 0.020
+    decode_time_per_seq_s: float = 0.0001
+    default_max_tokens: int = 16
+    # Like vLLM's --stream-interval: streaming clients get a write every N tokens (the first token
+    # and the last always go at once). 1 is faithful; 2-4 cut the simulator's CPU roughly as much.
+    stream_interval: int = 1
+    time_factor: float = 1.0
+    # Steps shorter than this (real seconds) run back to back and are flushed together: with a
+    # small time_factor the loop would otherwise wake thousands of times a second per instance.
+    min_sleep_s: float = 0.004
+    # If the loop falls this far (real seconds) behind its schedule (CPU starved), it stops trying
+    # to catch up and restarts its clock; `stats.lag_resets` counts it so a bench can flag the run.
+    max_lag_s: float = 0.25
+
+    def validate(self) -> None:
+        positive = {
+            "kv_cache_blocks": self.kv_cache_blocks,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "default_max_tokens": self.default_max_tokens,
+            "stream_interval": self.stream_interval,
+            "max_waiting": self.max_waiting,  # every request passes through the queue, even briefly
+            "time_factor": self.time_factor,
+            "inter_token_latency_s": self.inter_token_latency_s,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{key} must be positive, got {value}")
+        non_negative = {
+            "prefill_overhead_s": self.prefill_overhead_s,
+            "prefill_time_per_token_s": self.prefill_time_per_token_s,
+            "decode_time_per_seq_s": self.decode_time_per_seq_s,
+            "min_sleep_s": self.min_sleep_s,
+            "max_lag_s": self.max_lag_s,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{key} must not be negative, got {value}")
+        if self.role not in ("both", "prefill", "decode"):
+            raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
