@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
@@ -24,6 +26,10 @@ from epp.observability import EppMetrics
 from epp.scheduling.registry import PluginRegistry, builtin_registry
 from epp.scraper import Scraper
 from epp.settings import Settings
+
+if TYPE_CHECKING:
+    from epp.discovery.kubernetes import KubernetesDiscovery
+    from epp.leader import LeaderElector
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +84,64 @@ class App:
             self.config.scheduler,
             self.metrics,
             staleness_threshold_s=settings.metrics_staleness_threshold_s,
-            pool_name=settings.pool_name,
+            pool_name=settings.metrics_pool_name,
         )
         self.scraper = Scraper(
             self.datastore,
             settings.refresh_metrics_interval_s,
             on_error=lambda ep: self.metrics.scrape_errors.labels(ep.key).inc(),
         )
-        fixed = parse_endpoints_flag(settings.endpoints) if settings.endpoints else []
-        self.discovery = StaticDiscovery(self.datastore, fixed, settings.endpoints_file)
+        # Set whenever readiness may have changed, so health follows without waiting a tick.
+        self._status_changed = asyncio.Event()
+        self.discovery: StaticDiscovery | KubernetesDiscovery
+        self.kubernetes: KubernetesDiscovery | None = None
+        self.leader: LeaderElector | None = None
+        if settings.uses_kubernetes:
+            self.kubernetes, self.leader = self._build_kubernetes()
+            self.discovery = self.kubernetes
+        else:
+            fixed = parse_endpoints_flag(settings.endpoints) if settings.endpoints else []
+            self.discovery = StaticDiscovery(self.datastore, fixed, settings.endpoints_file)
         self.health = Health()
         self._servers: list[grpc.aio.Server] = []
         self._metrics_http: web.AppRunner | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
+
+    def _build_kubernetes(self) -> tuple[KubernetesDiscovery, LeaderElector | None]:
+        # Imported here: kubernetes-asyncio takes about a second to import, which only
+        # Kubernetes mode should pay.
+        from epp.discovery.kubeclient import KubeClient, resolve_config_source
+        from epp.discovery.kubernetes import KubernetesDiscovery
+        from epp.discovery.pool import PoolRef, PoolSpec
+        from epp.discovery.reflector import Backoff
+        from epp.leader import LeaderElector, LeaseTiming, default_identity, lease_name_for_pool
+
+        s = self.settings
+        identity = default_identity()
+        client = KubeClient(resolve_config_source(s.kubeconfig), user_agent=f"epp ({identity})")
+        pool: PoolRef | PoolSpec
+        if s.pool_name is not None:
+            pool = PoolRef(s.pool_group, s.pool_namespace, s.pool_name)
+            lease = lease_name_for_pool(s.pool_namespace, s.pool_name)
+        else:
+            assert s.endpoint_selector is not None
+            pool = PoolSpec(s.endpoint_selector, s.endpoint_target_ports)
+            lease = lease_name_for_pool(s.pool_namespace, "selector-" + pool.stable_id())
+        discovery = KubernetesDiscovery(
+            self.datastore,
+            client,
+            s.pool_namespace,
+            pool,
+            Backoff(s.kube_backoff_initial_s, s.kube_backoff_max_s),
+            s.kube_watch_timeout_s,
+            on_change=self._status_changed.set,
+        )
+        if not s.ha_enable_leader_election:
+            return discovery, None
+        timing = LeaseTiming(s.ha_lease_duration_s, s.ha_renew_deadline_s, s.ha_retry_period_s)
+        leader = LeaderElector(client, s.pool_namespace, lease, identity, timing, self._status_changed.set)
+        return discovery, leader
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:
         if not self.settings.secure_serving:
@@ -131,6 +181,8 @@ class App:
             self._servers.append(server)
         await self.scraper.start()
         self.discovery.start()
+        if self.leader is not None:
+            self.leader.start()
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
         await self._refresh_status()
         self.ports = BoundPorts(grpc_port, health_port, metrics_port)
@@ -158,13 +210,25 @@ class App:
         self._metrics_http = runner
         return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
+    def is_ready(self) -> bool:
+        """Standalone: some endpoints are loaded. Kubernetes: the pool exists and its first full
+        sync is done (even with no pods: requests then get 503), and, with HA, this replica leads."""
+        if self.kubernetes is not None:
+            ready = self.kubernetes.ready
+        else:
+            ready = self.datastore.synced and len(self.datastore) > 0
+        return ready and (self.leader is None or self.leader.is_leader)
+
     async def _refresh_status(self) -> None:
-        await self.health.set_ready(self.datastore.synced and len(self.datastore) > 0)
+        await self.health.set_ready(self.is_ready())
         self.director.refresh_pool_metrics()
 
     async def _housekeep(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            # Every second, or at once when discovery or the leader elector signals a change.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_changed.wait(), 1.0)
+            self._status_changed.clear()
             try:
                 await self._refresh_status()
             except Exception:
@@ -174,7 +238,11 @@ class App:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         await self.health.shutdown()
+        if self.leader is not None:
+            await self.leader.stop()  # releases the Lease: a standby takes over at once
         await self.discovery.stop()
+        if self.kubernetes is not None:
+            await self.kubernetes.client.close()
         await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
         await self.scraper.close()
         if self._metrics_http is not None:

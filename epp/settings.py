@@ -9,6 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from epp.discovery.pool import (
+    POOL_VERSIONS,
+    V1_GROUP,
+    PoolSpecError,
+    default_namespace,
+    parse_ports_flag,
+    parse_selector_flag,
+)
+
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -57,11 +66,34 @@ class Settings:
     metrics_staleness_threshold_s: float
     endpoints: str | None
     endpoints_file: Path | None
-    pool_name: str
+    pool_name: str | None  # InferencePool discovery when set
     secure_serving: bool
     cert_path: Path | None
     check_config: bool
     log_level: str
+    pool_namespace: str = "default"
+    pool_group: str = V1_GROUP
+    kubeconfig: Path | None = None
+    endpoint_selector: dict[str, str] | None = None  # selector discovery (no CRD) when set
+    endpoint_target_ports: tuple[int, ...] = ()
+    ha_enable_leader_election: bool = False
+    ha_lease_duration_s: float = 15.0
+    ha_renew_deadline_s: float = 10.0
+    ha_retry_period_s: float = 2.0
+    # Not flags: the Kubernetes API retry backoff (capped, jittered) and how long one watch
+    # request lasts before it is renewed. Tests shorten them.
+    kube_backoff_initial_s: float = 0.2
+    kube_backoff_max_s: float = 10.0
+    kube_watch_timeout_s: float = 300.0
+
+    @property
+    def uses_kubernetes(self) -> bool:
+        return self.pool_name is not None or self.endpoint_selector is not None
+
+    @property
+    def metrics_pool_name(self) -> str:
+        """The `name` label of the pool metrics."""
+        return self.pool_name or "standalone"
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -100,7 +132,52 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="standalone mode: YAML list of {address, port, name, labels}; edits are picked up live",
     )
-    p.add_argument("--pool-name", default="standalone", help="pool name used in metric labels")
+    k8s = p.add_argument_group("Kubernetes discovery")
+    k8s.add_argument("--pool-name", help="InferencePool to take endpoints from (Kubernetes mode)")
+    k8s.add_argument(
+        "--pool-namespace",
+        help="namespace of the pool and its pods (default: epp's own namespace, else 'default')",
+    )
+    k8s.add_argument(
+        "--pool-group",
+        default=V1_GROUP,
+        help=f"InferencePool API group: {V1_GROUP} (v1, default) or inference.networking.x-k8s.io (v1alpha2)",
+    )
+    k8s.add_argument(
+        "--endpoint-selector",
+        help="without the InferencePool CRD: pods labelled k=v,... are the endpoints",
+    )
+    k8s.add_argument(
+        "--endpoint-target-ports", help="with --endpoint-selector: the pods' serving ports, e.g. 8000,8001"
+    )
+    k8s.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig for running outside the cluster (default: $KUBECONFIG, in-cluster, ~/.kube/config)",
+    )
+    k8s.add_argument(
+        "--ha-enable-leader-election",
+        action="store_true",
+        help="active-passive HA: only the holder of a coordination.k8s.io Lease reports ready",
+    )
+    k8s.add_argument(
+        "--ha-lease-duration",
+        type=parse_duration,
+        default=15.0,
+        help="how long a leader's lease lasts without renewal (default 15s)",
+    )
+    k8s.add_argument(
+        "--ha-renew-deadline",
+        type=parse_duration,
+        default=10.0,
+        help="a leader that cannot renew for this long steps down (default 10s)",
+    )
+    k8s.add_argument(
+        "--ha-retry-period",
+        type=parse_duration,
+        default=2.0,
+        help="lease renew/acquire interval (default 2s)",
+    )
     p.add_argument(
         "--secure-serving",
         action=argparse.BooleanOptionalAction,
@@ -136,8 +213,41 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         parser.error("--refresh-metrics-interval must be positive")
     if args.metrics_staleness_threshold <= 0:
         parser.error("--metrics-staleness-threshold must be positive")
-    if not args.check_config and not args.endpoints and not args.endpoints_file:
-        parser.error("no endpoints: give --endpoints host:port,... or --endpoints-file PATH")
+    selector: dict[str, str] | None = None
+    target_ports: tuple[int, ...] = ()
+    try:
+        if args.endpoint_selector is not None:
+            selector = parse_selector_flag(args.endpoint_selector)
+            if args.endpoint_target_ports is None:
+                parser.error("--endpoint-selector needs --endpoint-target-ports")
+            target_ports = parse_ports_flag(args.endpoint_target_ports)
+        elif args.endpoint_target_ports is not None:
+            parser.error("--endpoint-target-ports goes with --endpoint-selector")
+    except PoolSpecError as exc:
+        parser.error(str(exc))
+    if args.pool_name is not None and not args.pool_name:
+        parser.error("--pool-name must not be empty")
+    if args.pool_group not in POOL_VERSIONS:
+        parser.error(f"--pool-group {args.pool_group!r}: use one of {', '.join(POOL_VERSIONS)}")
+    modes = [bool(args.endpoints or args.endpoints_file), args.pool_name is not None, selector is not None]
+    if sum(modes) > 1:
+        parser.error(
+            "give one discovery mode: --endpoints/--endpoints-file, --pool-name, "
+            "or --endpoint-selector with --endpoint-target-ports"
+        )
+    if not args.check_config and not any(modes):
+        parser.error(
+            "no endpoints: give --pool-name NAME (InferencePool), --endpoint-selector k=v with "
+            "--endpoint-target-ports, or --endpoints host:port,... / --endpoints-file PATH"
+        )
+    if args.ha_enable_leader_election and not (args.pool_name or selector):
+        parser.error(
+            "--ha-enable-leader-election needs Kubernetes discovery (--pool-name or --endpoint-selector)"
+        )
+    if not 0 < args.ha_retry_period < args.ha_renew_deadline < args.ha_lease_duration:
+        parser.error(
+            "leader election needs 0 < --ha-retry-period < --ha-renew-deadline < --ha-lease-duration"
+        )
     if args.secure_serving and args.cert_path is None:
         parser.error("--secure-serving needs --cert-path (a directory with tls.crt and tls.key)")
     log_level = "debug" if args.v is not None and args.v >= 4 else args.log_level
@@ -157,4 +267,13 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         cert_path=args.cert_path,
         check_config=args.check_config,
         log_level=log_level,
+        pool_namespace=args.pool_namespace or default_namespace(),
+        pool_group=args.pool_group,
+        kubeconfig=args.kubeconfig,
+        endpoint_selector=selector,
+        endpoint_target_ports=target_ports,
+        ha_enable_leader_election=args.ha_enable_leader_election,
+        ha_lease_duration_s=args.ha_lease_duration,
+        ha_renew_deadline_s=args.ha_renew_deadline,
+        ha_retry_period_s=args.ha_retry_period,
     )
