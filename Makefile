@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev,bench]'
+	$(VENV)/bin/pip install -q -e examples/epp-example-scorer
 	touch $@
 
 tools: $(TOOLS_VENV)/.installed
@@ -40,7 +41,7 @@ demo: install
 	$(PY) -m bench demo
 
 bench: install
-	$(PY) -m pytest -q tests/benchmarks --benchmark-only
+	$(PY) -m pytest -q tests/benchmarks --benchmark-enable --benchmark-only
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) build *.egg-info

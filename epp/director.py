@@ -47,6 +47,8 @@ class Decision:
     started: float
     released: bool = False
     usage: Usage = field(default_factory=Usage)
+    # The pre_request hooks run just after the reply; response_complete must not overtake them.
+    pre_request_pending: bool = False
 
     @property
     def destination(self) -> str:
@@ -105,7 +107,9 @@ class Director:
             self.metrics.prefix_indexer_hit_ratio.observe(matched.get(chosen[0].key, 0) / total_blocks)
         # Recording the prompt's blocks for the chosen endpoint is not needed for the reply: do it
         # after the reply has been handed to gRPC.
-        asyncio.get_running_loop().call_soon(self._pre_request, cycle, request, result)
+        if self.scheduler.pre_request_hooks:
+            decision.pre_request_pending = True
+            asyncio.get_running_loop().call_soon(self._pre_request, decision, cycle)
         return decision
 
     def pick_any(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
@@ -126,12 +130,18 @@ class Director:
         decision.endpoints[0].active_requests += 1
         self.metrics.running_requests.labels(decision.request.model).inc()
 
-    def _pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
-        for hook in self.scheduler.pre_request_hooks:
-            try:
-                hook.pre_request(cycle, request, result)
-            except Exception:
-                log.exception("pre_request hook %r failed", hook)
+    def _pre_request(self, decision: Decision, cycle: CycleState) -> None:
+        assert decision.result is not None
+        decision.pre_request_pending = False
+        self.scheduler.pre_request(cycle, decision.request, decision.result)
+        if decision.released:  # the stream ended before this ran: complete it now, in order
+            self.scheduler.response_complete(decision.request, decision.endpoints[0])
+
+    def response_headers(self, decision: Decision) -> dict[str, str]:
+        """Headers the plugins add to the client's response (e.g. a session token)."""
+        if not self.scheduler.response_header_hooks:
+            return {}
+        return self.scheduler.response_headers(decision.request, decision.result, decision.endpoints[0])
 
     def record_error(self, request: InferenceRequest, exc: EppError) -> None:
         self.metrics.request_errors.labels(request.model, request.target_model, exc.code.label).inc()
@@ -151,11 +161,8 @@ class Director:
                 self.metrics.input_tokens.labels(*labels).observe(decision.usage.prompt_tokens)
             if decision.usage.completion_tokens:
                 self.metrics.output_tokens.labels(*labels).observe(decision.usage.completion_tokens)
-        for hook in self.scheduler.response_complete_hooks:
-            try:
-                hook.response_complete(request, endpoint)
-            except Exception:
-                log.exception("response_complete hook %r failed", hook)
+        if not decision.pre_request_pending:
+            self.scheduler.response_complete(request, endpoint)
 
     def refresh_pool_metrics(self) -> None:
         endpoints = self.datastore.endpoints()

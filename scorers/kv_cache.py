@@ -1,4 +1,8 @@
-"""kv-cache-utilization-scorer: prefer endpoints with more free KV cache (1 - usage)."""
+"""`kv-cache-utilization-scorer`: prefer endpoints with more free KV cache: 1 - usage.
+
+Usage is `vllm:kv_cache_usage_perc` (0..1); an endpoint never scraped counts as empty (score 1).
+No parameters.
+"""
 
 from __future__ import annotations
 

@@ -1,33 +1,151 @@
-"""prefix-cache-scorer: prefer endpoints that probably hold the request's prompt prefix in KV cache.
+"""Approximate prefix-cache affinity: `approx-prefix-cache-producer` and `prefix-cache-scorer`.
 
-Score = blocks of the prompt the endpoint is believed to hold (from the start, see PrefixIndex.match)
-divided by the prompt's blocks. After the pick, the chosen endpoints are recorded as holding the
-prompt's blocks, so the next request with the same prefix finds them.
+The producer runs once per request, before the profiles: it cuts the prompt into blocks, hashes
+them in a chain (see `epp.prefix`), and walks the index of which endpoint has recently been sent
+which blocks. It publishes a `PrefixMatch` (matched blocks per endpoint, prompt blocks, block
+size) for the scorer, `no-hit-lru-scorer`, `token-load-scorer` and `prefix-cache-affinity-filter`.
+After the pick it records the prompt's blocks for the chosen endpoint (off the reply path).
+
+The scorer turns the match into a score:
+
+    ratio  = matched blocks / prompt blocks                        (0 when the prompt has no block)
+    length = min(1, matched blocks x block size / matchLengthScaleTokens) ^ 2
+    score  = matchLengthWeight x length + (1 - matchLengthWeight) x ratio
+
+Older configs put the producer's parameters on the scorer and declare no producer: the loader
+then adds the producer itself, with those parameters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, ClassVar
 
-from epp.framework import PREFIX_BLOCK_SIZE_TOKENS_KEY as BLOCK_SIZE_TOKENS_KEY
-from epp.framework import PREFIX_MATCHED_BLOCKS_KEY as MATCHED_BLOCKS_KEY
-from epp.framework import PREFIX_TOTAL_BLOCKS_KEY as TOTAL_BLOCKS_KEY
 from epp.framework import (
+    DEFAULT_PREFIX_PRODUCER,
+    PREFIX_BLOCK_SIZE_TOKENS_KEY,
+    PREFIX_MATCH_DATA,
+    PREFIX_MATCHED_BLOCKS_KEY,
+    PREFIX_TOTAL_BLOCKS_KEY,
+    ConfigError,
     CycleState,
     Endpoint,
     InferenceRequest,
     Params,
+    PrefixMatch,
     SchedulingResult,
+    data_key,
 )
-from epp.prefix import (
-    CHARS_PER_TOKEN,
-    DEFAULT_BLOCK_SIZE_TOKENS,
-    DEFAULT_LRU_CAPACITY_PER_SERVER,
-    DEFAULT_MAX_PREFIX_BLOCKS,
-    PrefixIndex,
-    PromptHasher,
+from epp.prefix import CHARS_PER_TOKEN, DEFAULT_LRU_CAPACITY_PER_SERVER, PrefixIndex, PromptHasher
+
+DEFAULT_BLOCK_SIZE_TOKENS = 16
+# The Go EPP never indexes blocks smaller than this (llm-d-router #1158): at vLLM's 16-token
+# blocks the index grows to gigabytes. Matching is coarser; memory stays bounded.
+MIN_BLOCK_SIZE_TOKENS = 64
+DEFAULT_MAX_PREFIX_BLOCKS = 2048
+DEFAULT_MAX_PREFIX_TOKENS = 131_072
+_UNLIMITED_BLOCKS = 1 << 40
+# The profile whose pick, besides the primary's, receives the prompt's KV (P/D disaggregation).
+PREFILL_PROFILE = "prefill"
+
+# Producer parameters that older configs set on prefix-cache-scorer.
+PRODUCER_PARAMETERS = (
+    "autoTune",
+    "blockSizeTokens",
+    "blockSize",
+    "maxPrefixBlocksToMatch",
+    "maxPrefixTokensToMatch",
+    "lruCapacityPerServer",
 )
+
+
+class ApproxPrefixCacheProducer:
+    type_name: ClassVar[str] = "approx-prefix-cache-producer"
+
+    def __init__(self, name: str = type_name, params: Params | None = None) -> None:
+        params = params or Params(None, name)
+        self.name = name
+        self.auto_tune = params.get_bool("autoTune", True)
+        block = params.get_int("blockSizeTokens", DEFAULT_BLOCK_SIZE_TOKENS)
+        legacy_block = params.get_int("blockSize", 0)
+        if legacy_block > 0:
+            params.warn("parameter 'blockSize' is deprecated; use 'blockSizeTokens'")
+            if block == DEFAULT_BLOCK_SIZE_TOKENS:
+                block = legacy_block
+        if not self.auto_tune and block <= 0:
+            raise ConfigError(f"blockSizeTokens must be > 0 when autoTune is false, got {block}")
+        # Worth a warning only when the user chose it: the default (16) is raised silently.
+        if 0 < block < MIN_BLOCK_SIZE_TOKENS and ("blockSizeTokens" in params or legacy_block > 0):
+            params.warn(
+                f"blockSizeTokens {block} is below the minimum {MIN_BLOCK_SIZE_TOKENS}; "
+                f"blocks of {MIN_BLOCK_SIZE_TOKENS} tokens are used"
+            )
+        self.block_size_tokens = block
+        self.max_blocks = params.get_int("maxPrefixBlocksToMatch", DEFAULT_MAX_PREFIX_BLOCKS, minimum=0)
+        self.max_tokens = params.get_int("maxPrefixTokensToMatch", DEFAULT_MAX_PREFIX_TOKENS, minimum=0)
+        self.lru_capacity = params.get_int("lruCapacityPerServer", DEFAULT_LRU_CAPACITY_PER_SERVER)
+        if self.lru_capacity <= 0:
+            self.lru_capacity = DEFAULT_LRU_CAPACITY_PER_SERVER
+        self.index = PrefixIndex(self.lru_capacity)
+        self._hasher = PromptHasher()
+        self.key = data_key(PREFIX_MATCH_DATA, name)
+        self._hashes_key = f"{self.key}/hashes"
+        self._publishes_default_keys = name == DEFAULT_PREFIX_PRODUCER
+
+    def produces(self) -> Collection[str]:
+        return (self.key,)
+
+    def block_size(self, endpoints: Sequence[Endpoint]) -> int:
+        """Tokens per block: the model server's own (vllm:cache_config_info) with autoTune, else the
+        configured size; never below MIN_BLOCK_SIZE_TOKENS."""
+        size = self.block_size_tokens
+        if self.auto_tune and endpoints:
+            reported = endpoints[0].metrics.block_size
+            if reported:
+                size = reported
+        return size if size >= MIN_BLOCK_SIZE_TOKENS else MIN_BLOCK_SIZE_TOKENS
+
+    def max_blocks_for(self, block_size: int) -> int:
+        if self.max_tokens > 0:
+            return max(1, self.max_tokens // block_size)
+        return self.max_blocks if self.max_blocks > 0 else _UNLIMITED_BLOCKS
+
+    def produce(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
+        block = self.block_size(endpoints)
+        salt = request.body.get("cache_salt")
+        hashes = self._hasher.block_hashes(
+            request.target_model,
+            request.prompt_text,
+            block * CHARS_PER_TOKEN,
+            self.max_blocks_for(block),
+            salt if isinstance(salt, str) else "",
+        )
+        matched = self.index.match(hashes) if hashes else {}
+        cycle.write(self.key, PrefixMatch(matched, len(hashes), block))
+        cycle.write(self._hashes_key, hashes)
+        if self._publishes_default_keys:
+            cycle.write(PREFIX_MATCHED_BLOCKS_KEY, matched)
+            cycle.write(PREFIX_TOTAL_BLOCKS_KEY, len(hashes))
+            cycle.write(PREFIX_BLOCK_SIZE_TOKENS_KEY, block)
+
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        hashes: list[int] | None = cycle.read(self._hashes_key)
+        if not hashes:
+            return
+        targets = []
+        primary = result.profiles.get(result.primary_profile)
+        if primary is not None and primary.endpoints:
+            targets.append(primary.endpoints[0])
+        prefill = result.profiles.get(PREFILL_PROFILE)
+        if prefill is not None and prefill.endpoints and result.primary_profile != PREFILL_PROFILE:
+            targets.append(prefill.endpoints[0])
+        for target in targets:
+            if self.auto_tune and target.metrics.num_gpu_blocks:
+                self.index.set_capacity(target.key, target.metrics.num_gpu_blocks)
+            self.index.add(target.key, hashes)
+
+    def endpoint_removed(self, endpoint: Endpoint) -> None:
+        self.index.remove_endpoint(endpoint.key)
 
 
 class PrefixCacheScorer:
@@ -36,69 +154,44 @@ class PrefixCacheScorer:
     def __init__(self, name: str = type_name, params: Params | None = None) -> None:
         params = params or Params(None, name)
         self.name = name
-        self.block_size_tokens = params.get_int(
-            "blockSizeTokens", params.get_int("blockSize", DEFAULT_BLOCK_SIZE_TOKENS, 1), 1
-        )
-        self.auto_tune = params.get_bool("autoTune", True)
-        max_blocks = params.get_int("maxPrefixBlocksToMatch", DEFAULT_MAX_PREFIX_BLOCKS, 1)
-        max_tokens = params.get_int("maxPrefixTokensToMatch", 0, 0)
-        if max_tokens:
-            max_blocks = min(max_blocks, max(1, max_tokens // self.block_size_tokens))
-        self.max_blocks = max_blocks
-        self.index = PrefixIndex(params.get_int("lruCapacityPerServer", DEFAULT_LRU_CAPACITY_PER_SERVER, 1))
-        self._hasher = PromptHasher()
-        self._state_key = f"prefix-cache/hashes/{name}"
-
-    def _block_size(self, endpoints: Sequence[Endpoint]) -> int:
-        # autoTune: the model server's own block size (vllm:cache_config_info), as the Go EPP does.
-        if self.auto_tune and endpoints:
-            reported = endpoints[0].metrics.block_size
-            if reported:
-                return reported
-        return self.block_size_tokens
-
-    def hashes(
-        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
-    ) -> list[int]:
-        cached: list[int] | None = cycle.read(self._state_key)
-        if cached is None:
-            block_tokens = self._block_size(endpoints)
-            salt = request.body.get("cache_salt")
-            cached = self._hasher.block_hashes(
-                request.target_model,
-                request.prompt_text,
-                block_tokens * CHARS_PER_TOKEN,
-                self.max_blocks,
-                salt if isinstance(salt, str) else "",
+        producer = params.get_str("prefixMatchInfoProducerName", "") or DEFAULT_PREFIX_PRODUCER
+        self._key = data_key(PREFIX_MATCH_DATA, producer)
+        self.match_length_weight = params.get_float("matchLengthWeight", 0.0, minimum=0.0, maximum=1.0)
+        self.match_length_scale = params.get_int("matchLengthScaleTokens", 8192)
+        if self.match_length_weight > 0 and self.match_length_scale <= 0:
+            raise ConfigError(
+                "matchLengthScaleTokens must be > 0 when matchLengthWeight is > 0, "
+                f"got {self.match_length_scale}"
             )
-            cycle.write(self._state_key, cached)
-            cycle.write(BLOCK_SIZE_TOKENS_KEY, block_tokens)
-        return cached
+        raw = params.raw()
+        # Older configs: producer parameters on the scorer. The loader hands them to the producer
+        # it adds; with a declared producer they are ignored (and reported).
+        self.producer_parameters: Mapping[str, Any] = {k: raw[k] for k in PRODUCER_PARAMETERS if k in raw}
+        unknown = sorted(
+            set(raw)
+            - set(PRODUCER_PARAMETERS)
+            - {"prefixMatchInfoProducerName", "matchLengthWeight", "matchLengthScaleTokens"}
+        )
+        if unknown:
+            raise ConfigError(f"unknown parameter {unknown[0]!r}")
+
+    def consumes(self) -> Collection[str]:
+        return (self._key,)
 
     def score(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
     ) -> list[float]:
-        hashes = self.hashes(cycle, request, endpoints)
-        if not hashes:
-            cycle.write(MATCHED_BLOCKS_KEY, {})
+        match: PrefixMatch | None = cycle.read(self._key)
+        if match is None or not match.total_blocks:
             return [0.0] * len(endpoints)
-        matched = self.index.match(hashes)
-        total = len(hashes)
-        cycle.write(MATCHED_BLOCKS_KEY, matched)
-        cycle.write(TOTAL_BLOCKS_KEY, total)
-        return [matched.get(ep.key, 0) / total for ep in endpoints]
-
-    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
-        hashes: list[int] | None = cycle.read(self._state_key)
-        if not hashes:
-            return
-        for profile in result.profiles.values():
-            if not profile.endpoints:
-                continue
-            target = profile.endpoints[0]  # the primary of each profile is where the KV lands
-            if self.auto_tune and target.metrics.num_gpu_blocks:
-                self.index.set_capacity(target.key, target.metrics.num_gpu_blocks)
-            self.index.add(target.key, hashes)
-
-    def endpoint_removed(self, endpoint: Endpoint) -> None:
-        self.index.remove_endpoint(endpoint.key)
+        matched, total = match.matched, match.total_blocks
+        w = self.match_length_weight
+        if w == 0.0:
+            return [matched.get(ep.key, 0) / total for ep in endpoints]
+        tokens_per_block = match.block_size_tokens / self.match_length_scale
+        out = []
+        for ep in endpoints:
+            m = matched.get(ep.key, 0)
+            length = min(1.0, m * tokens_per_block)
+            out.append(w * length * length + (1.0 - w) * m / total)
+        return out

@@ -1,4 +1,11 @@
-"""queue-scorer: prefer endpoints with shorter waiting queues, min-max normalised over candidates."""
+"""Load scorers on scraped queue metrics, min-max normalised over the candidates.
+
+- `queue-scorer`: (maxQ - q) / (maxQ - minQ) on the waiting queue (`vllm:num_requests_waiting`).
+- `running-requests-size-scorer`: the same on running requests (`vllm:num_requests_running`).
+
+The shortest queue scores 1, the longest 0; when every candidate has the same value, all score 1
+(no preference). An endpoint never scraped counts as 0. No parameters.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,17 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from epp.framework import CycleState, Endpoint, InferenceRequest, Params
+
+
+def low_is_better(values: Sequence[int]) -> list[float]:
+    """(max - v) / (max - min) for each value; all 1.0 when max == min."""
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    if high == low:
+        return [1.0] * len(values)
+    span = high - low
+    return [(high - v) / span for v in values]
 
 
 class QueueScorer:
@@ -17,11 +35,16 @@ class QueueScorer:
     def score(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
     ) -> list[float]:
-        queues = [ep.metrics.waiting_queue_size for ep in endpoints]
-        if not queues:
-            return []
-        low, high = min(queues), max(queues)
-        if high == low:
-            return [1.0] * len(queues)  # all equal: no preference
-        span = high - low
-        return [(high - q) / span for q in queues]
+        return low_is_better([ep.metrics.waiting_queue_size for ep in endpoints])
+
+
+class RunningRequestsSizeScorer:
+    type_name: ClassVar[str] = "running-requests-size-scorer"
+
+    def __init__(self, name: str = type_name, params: Params | None = None) -> None:
+        self.name = name
+
+    def score(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
+    ) -> list[float]:
+        return low_is_better([ep.metrics.running_requests for ep in endpoints])

@@ -172,9 +172,10 @@ class RequestStream:
         response_headers = _headers_dict(headers.headers)
         if self._usage is not None and "text/event-stream" in response_headers.get("content-type", ""):
             self._usage.streaming = True
+        added = self._director.response_headers(self.decision) if self.decision is not None else None
         if headers.end_of_stream:
             self._finish(completed=True)
-        return [messages.response_headers_reply()]
+        return [messages.response_headers_reply(added)]
 
     def _on_response_body(self, chunk: bytes, end_of_stream: bool) -> list[pb.ProcessingResponse]:
         if self._usage is not None:

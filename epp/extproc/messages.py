@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from envoy.config.core.v3 import base_pb2 as core_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
@@ -73,8 +75,14 @@ def body_replies(body: bytes, *, request: bool, end_of_stream: bool = True) -> l
     ]
 
 
-def response_headers_reply() -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse()))
+def response_headers_reply(headers: Mapping[str, str] | None = None) -> pb.ProcessingResponse:
+    """Let the response through, adding `headers` (e.g. a session token) for the client."""
+    if not headers:
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse()))
+    mutation = pb.HeaderMutation(set_headers=[_header(k, v) for k, v in headers.items()])
+    return pb.ProcessingResponse(
+        response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+    )
 
 
 def trailers_reply(*, request: bool) -> pb.ProcessingResponse:

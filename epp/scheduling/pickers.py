@@ -1,4 +1,8 @@
-"""Pickers: turn per-candidate total scores into the chosen endpoints (primary first)."""
+"""Pickers: turn per-candidate total scores into the chosen endpoints (primary first).
+
+Every picker takes `maxNumOfEndpoints` (default 1): with more than one, the extra endpoints are
+fallbacks that Envoy tries on retry. As in the Go EPP, a value below 1 falls back to 1.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,16 @@ from typing import ClassVar
 
 from epp.framework import CycleState, Endpoint, Params
 
+DEFAULT_MAX_NUM_OF_ENDPOINTS = 1
+
 
 def _max_endpoints(params: Params | None) -> int:
-    return (params or Params(None)).get_int("maxNumOfEndpoints", 1, 1)
+    params = params or Params(None)
+    value = params.get_int("maxNumOfEndpoints", DEFAULT_MAX_NUM_OF_ENDPOINTS)
+    if value < 1:
+        params.warn(f"maxNumOfEndpoints {value} is not positive; using {DEFAULT_MAX_NUM_OF_ENDPOINTS}")
+        return DEFAULT_MAX_NUM_OF_ENDPOINTS
+    return value
 
 
 class MaxScorePicker:
@@ -51,11 +62,19 @@ class RandomPicker:
     def pick(
         self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Sequence[float]
     ) -> list[Endpoint]:
+        if self.max_endpoints == 1:
+            return [self._rng.choice(endpoints)] if endpoints else []
         return self._rng.sample(list(endpoints), min(self.max_endpoints, len(endpoints)))
 
 
 class WeightedRandomPicker:
-    """Random with probability proportional to score (uniform when every score is 0)."""
+    """Random with probability proportional to the total score, without replacement.
+
+    This is the distribution of the Go picker's A-ES sampling (key = u^(1/score), highest keys
+    win): the first pick is endpoint i with probability score_i / sum(scores), each further pick
+    the same over the endpoints left. Endpoints scored 0 come only after every positive one;
+    when all scores are 0 the pick is uniform.
+    """
 
     type_name: ClassVar[str] = "weighted-random-picker"
 
@@ -64,20 +83,32 @@ class WeightedRandomPicker:
         self.max_endpoints = _max_endpoints(params)
         self._rng = rng or random.Random()
 
+    def _draw(self, pool: list[int], weights: Sequence[float]) -> int:
+        """Index into `pool` of one draw proportional to weight (uniform when all are 0)."""
+        total = 0.0
+        for i in pool:
+            total += weights[i]
+        if total <= 0.0:
+            return self._rng.randrange(len(pool))
+        target = self._rng.random() * total
+        last_positive = 0
+        for j, i in enumerate(pool):
+            w = weights[i]
+            if w > 0.0:
+                last_positive = j
+                target -= w
+                if target < 0.0:
+                    return j
+        return last_positive  # floating-point remainder: the last positive weight
+
     def pick(
         self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Sequence[float]
     ) -> list[Endpoint]:
+        weights = [s if s > 0.0 else 0.0 for s in scores]
         pool = list(range(len(endpoints)))
-        weights = [max(0.0, s) for s in scores]
         chosen: list[Endpoint] = []
         while pool and len(chosen) < self.max_endpoints:
-            w = [weights[i] for i in pool]
-            if sum(w) <= 0:
-                i = self._rng.choice(pool)
-            else:
-                i = self._rng.choices(pool, weights=w, k=1)[0]
-            chosen.append(endpoints[i])
-            pool.remove(i)
+            chosen.append(endpoints[pool.pop(self._draw(pool, weights))])
         return chosen
 
 
