@@ -62,7 +62,8 @@ def test_oracle_counts_the_longest_earlier_prefix() -> None:
 def test_short_run_of_two_policies_reports_every_figure(tmp_path: Path) -> None:
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "run", "--policy", "round-robin", "--policy", "epp", "--simulators", "2",
+        [sys.executable, "-m", "bench", "run", "--policy", "round-robin", "--policy", "epp",
+         "--simulators", "2",
          "--groups", "2", "--prompts-per-group", "4", "--system-tokens", "512", "--question-tokens", "16",
          "--output-tokens", "8", "--rate", "20", "--max-seconds", "30", "--sim-arg=--time-factor=0.2",
          "--out", str(out), "--plot", str(png), "--no-progress"],
@@ -72,7 +73,7 @@ def test_short_run_of_two_policies_reports_every_figure(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert set(doc["policies"]) == {"round-robin", "epp"}
     for name, figures in doc["policies"].items():
-        assert FIGURES <= set(figures), name
+        assert set(figures) >= FIGURES, name
         assert figures["errors"] == 0, name
         assert figures["requests"] == 8
         assert figures["ttft_p50_s"] > 0 and figures["output_tokens_per_s"] > 0
