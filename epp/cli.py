@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from epp.app import App, load_scheduler_config, serve
 
     if settings.check_config:
+        logging.getLogger("epp.config").setLevel(logging.ERROR)  # warnings are printed below, once
         try:
             loaded = load_scheduler_config(settings)
         except ConfigError as exc:

@@ -59,6 +59,7 @@ class PodView:
     labels: Mapping[str, str] = field(hash=False)
     ready: bool  # Ready=True and not being deleted
     active_ports: str | None = None  # the annotation's raw value, None when absent
+    namespace: str = ""
 
 
 def pod_view(obj: Mapping[str, Any]) -> PodView:
@@ -79,6 +80,7 @@ def pod_view(obj: Mapping[str, Any]) -> PodView:
         labels={str(k): str(v) for k, v in labels.items()},
         ready=ready,
         active_ports=active if isinstance(active, str) else None,
+        namespace=str(meta.get("namespace", "")),
     )
 
 
@@ -100,7 +102,9 @@ def pod_endpoints(pool: PoolSpec, pod: PodView) -> list[Endpoint]:
         return []
     several = len(pool.target_ports) > 1
     return [
-        Endpoint(pod.ip, port, f"{pod.name}:{port}" if several else pod.name, pod.labels)
+        Endpoint(
+            pod.ip, port, f"{pod.name}:{port}" if several else pod.name, pod.labels, namespace=pod.namespace
+        )
         for port in active_ports(pod.active_ports, pool.target_ports)
     ]
 
