@@ -346,7 +346,7 @@ async def _can_connect(host: str, port: int, timeout_s: float = 0.5) -> bool:
     return True
 
 
-async def _terminate(proc: asyncio.subprocess.Process, timeout_s: float) -> None:
+async def terminate(proc: asyncio.subprocess.Process, timeout_s: float) -> None:
     if proc.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -539,7 +539,7 @@ class EnvoyGateway:
     async def stop(self, timeout_s: float = 5.0) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            await _terminate(proc, timeout_s)
+            await terminate(proc, timeout_s)
         if self._tempdir is not None:
             self._tempdir.cleanup()
             self._tempdir = None
@@ -669,7 +669,7 @@ class EppProcess:
     async def stop(self, timeout_s: float = 5.0) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            await _terminate(proc, timeout_s)
+            await terminate(proc, timeout_s)
         if self._tempdir is not None:
             self._tempdir.cleanup()
             self._tempdir = None

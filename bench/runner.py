@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.gateway import REPO_ROOT, EnvoyGateway, EppProcess, GatewayError, free_port
+from bench.gateway import REPO_ROOT, EnvoyGateway, EppProcess, GatewayError, free_port, terminate
 from bench.load import LoadResult, run_load
 from bench.workloads import Workload, oracle_hit_rate
 
@@ -113,13 +113,7 @@ async def simulators(count: int, model: str, extra: Sequence[str]) -> AsyncItera
             addresses.append(line.decode().split()[1])
         yield addresses
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await terminate(proc, 10)
 
 
 @contextlib.asynccontextmanager
@@ -150,13 +144,7 @@ async def vllm_router(backends: Sequence[str]) -> AsyncIterator[str]:
                 await asyncio.sleep(0.2)
         yield url
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await terminate(proc, 10)
         log.close()
 
 
