@@ -24,15 +24,21 @@ def _max_endpoints(params: Params | None) -> int:
     return value
 
 
-class MaxScorePicker:
+class _BasePicker:
+    """What every picker shares: its name, maxNumOfEndpoints and a random source (seedable in tests)."""
+
+    type_name: ClassVar[str]
+
+    def __init__(self, name: str = "", params: Params | None = None, rng: random.Random | None = None):
+        self.name = name or self.type_name
+        self.max_endpoints = _max_endpoints(params)
+        self._rng = rng or random.Random()
+
+
+class MaxScorePicker(_BasePicker):
     """Highest total score wins; ties are broken at random so equal endpoints share load."""
 
     type_name: ClassVar[str] = "max-score-picker"
-
-    def __init__(self, name: str = type_name, params: Params | None = None, rng: random.Random | None = None):
-        self.name = name
-        self.max_endpoints = _max_endpoints(params)
-        self._rng = rng or random.Random()
 
     def pick(
         self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Sequence[float]
@@ -49,15 +55,10 @@ class MaxScorePicker:
         return [endpoints[i] for i in order[: self.max_endpoints]]
 
 
-class RandomPicker:
+class RandomPicker(_BasePicker):
     """Uniformly random, ignoring scores."""
 
     type_name: ClassVar[str] = "random-picker"
-
-    def __init__(self, name: str = type_name, params: Params | None = None, rng: random.Random | None = None):
-        self.name = name
-        self.max_endpoints = _max_endpoints(params)
-        self._rng = rng or random.Random()
 
     def pick(
         self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Sequence[float]
@@ -67,7 +68,7 @@ class RandomPicker:
         return self._rng.sample(list(endpoints), min(self.max_endpoints, len(endpoints)))
 
 
-class WeightedRandomPicker:
+class WeightedRandomPicker(_BasePicker):
     """Random with probability proportional to the total score, without replacement.
 
     This is the distribution of the Go picker's A-ES sampling (key = u^(1/score), highest keys
@@ -77,11 +78,6 @@ class WeightedRandomPicker:
     """
 
     type_name: ClassVar[str] = "weighted-random-picker"
-
-    def __init__(self, name: str = type_name, params: Params | None = None, rng: random.Random | None = None):
-        self.name = name
-        self.max_endpoints = _max_endpoints(params)
-        self._rng = rng or random.Random()
 
     def _draw(self, pool: list[int], weights: Sequence[float]) -> int:
         """Index into `pool` of one draw proportional to weight (uniform when all are 0)."""
