@@ -9,6 +9,8 @@ Follows the Go loader (llm-d-router `pkg/epp/config/loader`):
 - no `schedulingProfiles`: one profile `default` with every filter, scorer and picker;
 - a profile without a picker gets the config's (first) picker, else `max-score-picker`;
 - one profile and no handler: `single-profile-handler`;
+- a plugin that names other plugins or profiles (a P/D profile handler naming its decider) has
+  them resolved once every plugin exists; a dangling name is an error;
 - a plugin that consumes data no configured plugin produces gets that data's default producer
   (e.g. `prefix-cache-scorer` -> `approx-prefix-cache-producer`), named after its type.
 epp adds one rule of its own: a scorer that no profile uses is an error (it would do nothing).
@@ -33,6 +35,7 @@ from epp.framework import (
     Filter,
     Params,
     Picker,
+    PluginReferrer,
     ProfileHandler,
     Scorer,
 )
@@ -197,6 +200,22 @@ class _Loader:
             self.instances[name] = self._create(type_name, name, spec.get("parameters"))
             self.types[name] = type_name
 
+    def bind_references(self, profile_specs: list[Any]) -> None:
+        """Let plugins that name other plugins or profiles (a P/D handler naming its decider)
+        resolve them, before default producers are added for what they consume."""
+        names = [p["name"] for p in profile_specs if isinstance(p, dict) and isinstance(p.get("name"), str)]
+        names = names or [DEFAULT_PROFILE]
+        for name, plugin in list(self.instances.items()):
+            if not isinstance(plugin, PluginReferrer):
+                continue
+            where = f"plugin {name!r} ({self.types[name]})"
+            try:
+                remarks = plugin.bind(self.instances, names)
+            except ConfigError as exc:
+                raise self.error(f"{where}: {exc}") from None
+            for remark in remarks:
+                self.warn(f"{where}: {remark}")
+
     def default_producers(self) -> None:
         """Add the default producer of every data key a plugin consumes and nothing produces."""
         produced = {
@@ -352,8 +371,8 @@ class _Loader:
             self.implicit.append(SingleProfileHandler.type_name)
             return handler
         raise self.error(
-            f"{len(profiles)} profiles need a profile handler plugin; epp has single-profile-handler "
-            "(one profile) only"
+            f"{len(profiles)} profiles need a profile handler plugin (for prefill/decode "
+            "disaggregation: disagg-profile-handler with profiles decode and prefill)"
         )
 
 
@@ -364,8 +383,10 @@ def load_config(
     loader = _Loader(registry, source, timer)
     doc = loader.document(text)
     loader.plugins(loader._list(doc.get("plugins"), "plugins"))
+    profile_specs = loader._list(doc.get("schedulingProfiles"), "schedulingProfiles")
+    loader.bind_references(profile_specs)
     loader.default_producers()
-    profiles = loader.profiles(loader._list(doc.get("schedulingProfiles"), "schedulingProfiles"))
+    profiles = loader.profiles(profile_specs)
     loader.unused(profiles)
     handler = loader.handler(profiles)
     for warning in loader.warnings:

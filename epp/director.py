@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from epp.datastore import Datastore
 from epp.errors import EppError, ErrorCode
 from epp.framework import (
+    DISAGG_DECISION_KEY,
     PREFIX_MATCHED_BLOCKS_KEY,
     PREFIX_TOTAL_BLOCKS_KEY,
     CycleState,
@@ -25,6 +26,7 @@ from epp.framework import (
     SchedulingResult,
 )
 from epp.observability import EppMetrics
+from epp.scheduling.profile import plugin_name, plugin_type
 from epp.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class Director:
         self.staleness_threshold_s = staleness_threshold_s
         self.pool_name = pool_name
         self._rng = random.Random()
+        self._handler_labels = (plugin_name(scheduler.handler), plugin_type(scheduler.handler))
         datastore.subscribe(lambda ep: None, scheduler.endpoint_removed)
 
     def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
@@ -105,6 +108,9 @@ class Director:
         total_blocks = cycle.read(PREFIX_TOTAL_BLOCKS_KEY, 0)
         if matched is not None and total_blocks:
             self.metrics.prefix_indexer_hit_ratio.observe(matched.get(chosen[0].key, 0) / total_blocks)
+        disagg = cycle.read(DISAGG_DECISION_KEY)
+        if disagg is not None:  # a P/D handler decided: decode-only or prefill-decode
+            self.metrics.count_disagg_decision(*self._handler_labels, request.target_model, disagg)
         # Recording the prompt's blocks for the chosen endpoint is not needed for the reply: do it
         # after the reply has been handed to gRPC.
         if self.scheduler.pre_request_hooks:

@@ -53,6 +53,13 @@ PREFIX_MATCHED_BLOCKS_KEY = "prefix-cache/matched-blocks"  # dict endpoint key -
 PREFIX_TOTAL_BLOCKS_KEY = "prefix-cache/total-blocks"  # blocks hashed from the prompt
 PREFIX_BLOCK_SIZE_TOKENS_KEY = "prefix-cache/block-size-tokens"
 
+# Prefill/decode disaggregation: the profile handler writes its decision for the request under this
+# cycle-state key (one of the DISAGG_* values); the director counts it in
+# llm_d_inference_scheduler_disagg_decision_total.
+DISAGG_DECISION_KEY = "disagg/decision"
+DISAGG_DECODE_ONLY = "decode-only"
+DISAGG_PREFILL_DECODE = "prefill-decode"
+
 
 def data_key(kind: str, producer: str) -> str:
     """The cycle-state key under which producer `producer` publishes data of `kind`."""
@@ -232,10 +239,16 @@ class ProfileResult:
 
 @dataclass(slots=True)
 class SchedulingResult:
-    """The outcome of a scheduling cycle across all profiles that ran."""
+    """The outcome of a scheduling cycle across all profiles that ran.
+
+    `headers` (from a `RoutingHeaders` profile handler) are set on the request forwarded to the
+    primary endpoint, or removed from it when the value is None: e.g. P/D's
+    `x-prefiller-host-port`, which tells the decode pod's sidecar where to run the prefill.
+    """
 
     primary_profile: str
     profiles: dict[str, ProfileResult]
+    headers: Mapping[str, str | None] | None = None
 
     @property
     def primary(self) -> ProfileResult:
@@ -410,6 +423,36 @@ class ProfileHandler(Protocol):
         ...
 
     def primary_profile(self, results: Mapping[str, ProfileResult | None]) -> str: ...
+
+
+@runtime_checkable
+class RoutingHeaders(Protocol):
+    """Optional for a profile handler: request headers that carry the outcome of the other
+    profiles to the model-server side (value None: remove a header the client sent)."""
+
+    def routing_headers(
+        self, request: InferenceRequest, result: SchedulingResult
+    ) -> Mapping[str, str | None] | None: ...
+
+
+@runtime_checkable
+class PdDecider(Protocol):
+    """Decides, once the decode endpoint is picked, whether the prompt is prefilled on a separate
+    prefill endpoint (P/D disaggregation). Synchronous, no I/O; reads producers' data from the cycle."""
+
+    def disaggregate(
+        self, cycle: CycleState, request: InferenceRequest, decode_endpoint: Endpoint
+    ) -> bool: ...
+
+
+@runtime_checkable
+class PluginReferrer(Protocol):
+    """Optional for a plugin whose parameters name other plugins or profiles (e.g. a profile
+    handler naming its decider). The loader calls `bind` once every plugin exists, before adding
+    default producers. Returns remarks to report; raises ConfigError for a dangling or wrong
+    reference."""
+
+    def bind(self, plugins: Mapping[str, object], profile_names: Sequence[str]) -> list[str]: ...
 
 
 @runtime_checkable

@@ -128,10 +128,23 @@ class EppMetrics:
             buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
             registry=r,
         )
+        self.disagg_decisions = Counter(
+            "llm_d_inference_scheduler_disagg_decision",
+            "Prefill/decode disaggregation decisions (decode-only, prefill-decode), by model.",
+            ["model_name", "decision_type"],
+            registry=r,
+        )
+        self.epp_disagg_decisions = Counter(
+            "llm_d_epp_disagg_decision",
+            "Prefill/decode disaggregation decisions, by the profile handler that made them.",
+            ["plugin_name", "plugin_type", "model_name", "decision_type"],
+            registry=r,
+        )
         self.scrape_errors = Counter(
             "epp_endpoint_scrape_errors", "Failed polls of an endpoint's /metrics.", ["endpoint"], registry=r
         )
         self._plugin_children: dict[tuple[str, str, str], Histogram] = {}
+        self._disagg_children: dict[tuple[str, str, str, str], tuple[Counter, Counter]] = {}
 
     def observe_plugin(self, point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
         key = (point, plugin_type, plugin_name)
@@ -139,3 +152,14 @@ class EppMetrics:
         if child is None:  # labels() is slow; cache the child per plugin
             child = self._plugin_children[key] = self.plugin_duration.labels(point, plugin_type, plugin_name)
         child.observe(seconds)
+
+    def count_disagg_decision(self, handler_name: str, handler_type: str, model: str, decision: str) -> None:
+        key = (handler_name, handler_type, model or "unknown", decision)
+        children = self._disagg_children.get(key)
+        if children is None:
+            children = self._disagg_children[key] = (
+                self.disagg_decisions.labels(key[2], decision),
+                self.epp_disagg_decisions.labels(*key),
+            )
+        children[0].inc()
+        children[1].inc()

@@ -53,6 +53,7 @@ PRODUCER_PARAMETERS = (
     "autoTune",
     "blockSizeTokens",
     "blockSize",
+    "hashBlockSize",
     "maxPrefixBlocksToMatch",
     "maxPrefixTokensToMatch",
     "lruCapacityPerServer",
@@ -72,10 +73,17 @@ class ApproxPrefixCacheProducer:
             params.warn("parameter 'blockSize' is deprecated; use 'blockSizeTokens'")
             if block == DEFAULT_BLOCK_SIZE_TOKENS:
                 block = legacy_block
+        # The first prefix plugin's block size, in characters (GIE's hashBlockSize, default 64).
+        hash_block_chars = params.get_int("hashBlockSize", 0, minimum=0)
+        if hash_block_chars > 0:
+            params.warn("parameter 'hashBlockSize' (characters) is deprecated; use 'blockSizeTokens'")
+            if block == DEFAULT_BLOCK_SIZE_TOKENS and legacy_block <= 0:
+                block = max(1, hash_block_chars // CHARS_PER_TOKEN)
         if not self.auto_tune and block <= 0:
             raise ConfigError(f"blockSizeTokens must be > 0 when autoTune is false, got {block}")
         # Worth a warning only when the user chose it: the default (16) is raised silently.
-        if 0 < block < MIN_BLOCK_SIZE_TOKENS and ("blockSizeTokens" in params or legacy_block > 0):
+        chosen = "blockSizeTokens" in params or legacy_block > 0 or hash_block_chars > 0
+        if 0 < block < MIN_BLOCK_SIZE_TOKENS and chosen:
             params.warn(
                 f"blockSizeTokens {block} is below the minimum {MIN_BLOCK_SIZE_TOKENS}; "
                 f"blocks of {MIN_BLOCK_SIZE_TOKENS} tokens are used"

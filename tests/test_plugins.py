@@ -68,10 +68,19 @@ PLUGIN_TYPES = {
     "openai-parser",
     "vllmhttp-parser",
 }
+# P/D: a config has one profile handler, so these are covered by tests/test_pd.py.
+PD_PLUGIN_TYPES = {
+    "disagg-profile-handler",
+    "pd-profile-handler",
+    "prefix-based-pd-decider",
+    "always-disagg-pd-decider",
+    "disagg-headers-handler",
+    "prefill-header-handler",
+}
 
 
 def test_builtin_registry_has_every_plugin_type() -> None:
-    assert set(builtin_registry().types()) == PLUGIN_TYPES
+    assert set(builtin_registry().types()) == PLUGIN_TYPES | PD_PLUGIN_TYPES
 
 
 EVERY_PLUGIN = """\

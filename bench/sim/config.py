@@ -11,6 +11,12 @@ Latency defaults (simulated seconds; real seconds = simulated x `time_factor`):
 - `max_num_batched_tokens` = 2,048: vLLM's chunked-prefill budget per step, so one long prompt
   stretches a few steps instead of freezing every decode for its whole prefill.
 
+P/D: `role` is "both" (serves anything), "prefill" (serves requests and prefills for decode
+instances: `kv_transfer_params.do_remote_decode`; refuses remote KV) or "decode" (takes remote KV:
+`kv_transfer_params.do_remote_prefill`; refuses to prefill for others). Pulling a prompt's KV from
+the prefill pod costs `kv_transfer_latency_s` + `kv_transfer_time_per_token_s` (20 us: ~320 KB of
+KV per token of a 70B-class model at ~16 GB/s of RDMA) per token the decode instance lacks.
+
 KV defaults: `kv_cache_blocks` = 2,048 blocks x 16 tokens = 32k tokens (scaled down from a real
 pod's ~100k+ so that scaled-down workloads still feel cache pressure), `max_num_seqs` = 256 (vLLM's
 default), `max_waiting` = 1,000 (the llm-d simulator's default queue bound; beyond it -> 429).
@@ -29,7 +35,7 @@ BLOCK_CHARS = BLOCK_SIZE_TOKENS * CHARS_PER_TOKEN
 class SimConfig:
     name: str = "sim-0"
     model: str = "sim-model"
-    role: str = "both"  # reserved for prefill/decode disaggregation: "both" | "prefill" | "decode"
+    role: str = "both"  # prefill/decode disaggregation: "both" | "prefill" | "decode"
     kv_cache_blocks: int = 2048
     max_num_seqs: int = 256
     max_waiting: int = 1000
@@ -38,6 +44,8 @@ class SimConfig:
     prefill_time_per_token_s: float = 0.00025
     inter_token_latency_s: float = 0.020
     decode_time_per_seq_s: float = 0.0001
+    kv_transfer_latency_s: float = 0.0
+    kv_transfer_time_per_token_s: float = 0.00002
     default_max_tokens: int = 16
     # Like vLLM's --stream-interval: streaming clients get a write every N tokens (the first token
     # and the last always go at once). 1 is faithful; 2-4 cut the simulator's CPU roughly as much.
@@ -68,6 +76,8 @@ class SimConfig:
             "prefill_overhead_s": self.prefill_overhead_s,
             "prefill_time_per_token_s": self.prefill_time_per_token_s,
             "decode_time_per_seq_s": self.decode_time_per_seq_s,
+            "kv_transfer_latency_s": self.kv_transfer_latency_s,
+            "kv_transfer_time_per_token_s": self.kv_transfer_time_per_token_s,
             "min_sleep_s": self.min_sleep_s,
             "max_lag_s": self.max_lag_s,
         }

@@ -17,6 +17,13 @@ One asyncio task per instance runs steps; nothing runs per token or per request.
    requests get one token, requests whose prefill completes get their first token, finished ones
    release their KV blocks (which stay cached, with the full blocks of their output added).
 
+Prefill/decode disaggregation (decode side): a request marked `remote_prefill` (vLLM's
+`kv_transfer_params.do_remote_prefill`) was prefilled on a prefill instance. At admission it gets
+its KV blocks as usual, then waits, off the batch and without compute, for the blocks it does not
+hold locally to arrive: kv_transfer_latency_s + kv_transfer_time_per_token_s x uncached prompt
+tokens. It then joins the batch, computes only its last prompt token (no prefill overhead) and
+decodes. While its KV is in flight it counts as waiting, as in vLLM.
+
 Handlers are woken through one asyncio.Event per request and write everything that arrived since
 their last write in one go, so a client that falls behind, or several short steps run back to back
 (steps shorter than `min_sleep_s` are not slept individually), cost one write, not one per token.
@@ -41,6 +48,7 @@ from bench.sim.text import answer_bytes, answer_seed, block_hashes, count_tokens
 log = logging.getLogger(__name__)
 
 WAITING, RUNNING, FINISHED, ABORTED = "waiting", "running", "finished", "aborted"
+TRANSFERRING = "transferring"  # admitted with remote prefill: its KV is arriving from a prefill pod
 
 
 class QueueFull(Exception):
@@ -93,14 +101,26 @@ class SimRequest:
         "prefill_started",
         "prompt",
         "prompt_tokens",
+        "ready_at",
+        "remote_prefill",
         "rid",
         "state",
         "stream",
         "wakeup",
     )
 
-    def __init__(self, rid: str, prompt: bytes, max_tokens: int, stream: bool, seed: bytes) -> None:
+    def __init__(
+        self,
+        rid: str,
+        prompt: bytes,
+        max_tokens: int,
+        stream: bool,
+        seed: bytes,
+        remote_prefill: bool = False,
+    ) -> None:
         self.rid = rid
+        self.remote_prefill = remote_prefill  # P/D: the prompt's KV comes from a prefill pod
+        self.ready_at = 0.0  # when that KV has arrived (real loop time)
         self.prompt = prompt
         self.prompt_tokens = count_tokens(prompt)
         self.max_tokens = max_tokens
@@ -150,6 +170,7 @@ class Engine:
         self._waiting: deque[SimRequest] = deque()
         self._prefilling: list[SimRequest] = []  # admission order
         self._decoding: list[SimRequest] = []
+        self._transferring: list[SimRequest] = []  # KV blocks allocated, remote KV in flight
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
@@ -162,7 +183,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        # vLLM keeps a request whose KV is still arriving from a prefill pod in its waiting queue.
+        return len(self._waiting) + len(self._transferring)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -177,14 +199,17 @@ class Engine:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for req in [*self._waiting, *self._prefilling, *self._decoding]:
+        for req in [*self._waiting, *self._transferring, *self._prefilling, *self._decoding]:
             self._drop(req, "simulator stopped")
 
     # -- requests -------------------------------------------------------------------------------------
-    def new_request(self, prompt: str, max_tokens: int, stream: bool) -> SimRequest:
-        return SimRequest(
-            f"{self.cfg.name}-{next(self._ids)}", prompt.encode(), max_tokens, stream, self._seed
-        )
+    def new_request(
+        self, prompt: str, max_tokens: int, stream: bool, remote_prefill: bool = False
+    ) -> SimRequest:
+        """A request to submit. `remote_prefill` (P/D decode side): the prompt was prefilled on
+        another instance; its KV is transferred instead of computed."""
+        rid = f"{self.cfg.name}-{next(self._ids)}"
+        return SimRequest(rid, prompt.encode(), max_tokens, stream, self._seed, remote_prefill)
 
     def submit(self, req: SimRequest) -> None:
         """Queue a request; raises RequestTooLarge or QueueFull instead of queueing it."""
@@ -220,7 +245,7 @@ class Engine:
             # A bug must not leave clients hanging: fail what is queued and refuse new work.
             log.exception("simulator %s: engine loop crashed", self.cfg.name)
             self.broken = True
-            for req in [*self._waiting, *self._prefilling, *self._decoding]:
+            for req in [*self._waiting, *self._transferring, *self._prefilling, *self._decoding]:
                 self._drop(req, "failed: simulator engine crashed")
             raise
 
@@ -230,12 +255,17 @@ class Engine:
         clock = loop.time()
         unslept = 0
         while True:
-            if not self._waiting and not self.num_running:
+            if not self._waiting and not self.num_running and not self._transferring:
                 self._wake.clear()
                 await self._wake.wait()
                 clock = loop.time()  # idle time is not simulated: restart the clock
             self._admit(clock)
-            if not self.num_running:  # cannot happen (an empty cache fits any accepted request)
+            if not self.num_running:
+                if self._transferring:  # nothing to compute until a KV transfer lands
+                    await self._await_transfer(loop)
+                    clock = loop.time()
+                    continue
+                # Cannot happen: an empty cache fits any accepted request.
                 self._drop(self._waiting[0], "cannot be scheduled")
                 continue
             clock += self._plan() * cfg.time_factor
@@ -253,8 +283,28 @@ class Engine:
                     await asyncio.sleep(0)
             self._apply(clock)
 
+    async def _await_transfer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Sleep until the first KV transfer lands, or a new request arrives."""
+        delay = min(req.ready_at for req in self._transferring) - loop.time()
+        if delay <= 0:
+            return
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+
     def _admit(self, now: float) -> None:
         cfg, kv, stats = self.cfg, self.kv, self.stats
+        if self._transferring:
+            # A request whose KV has arrived joins the batch when a slot is free. Its last prompt
+            # token is computed here (the forward pass that samples its first token), with no
+            # per-request prefill overhead: the prefill pod paid it.
+            arrived = [r for r in self._transferring if r.ready_at <= now]
+            for req in arrived:
+                if self.num_running >= cfg.max_num_seqs:
+                    break
+                self._transferring.remove(req)
+                req.state = RUNNING
+                self._prefilling.append(req)
         while self._waiting and self.num_running < cfg.max_num_seqs:
             req = self._waiting[0]
             # vLLM recomputes at least the last prompt token, so a full hit stops one token short.
@@ -265,12 +315,24 @@ class Engine:
                 break  # FIFO: the head waits for blocks, the rest wait behind it
             self._waiting.popleft()
             req.alloc = alloc
-            req.state = RUNNING
             req.cached_tokens = hit * BLOCK_SIZE_TOKENS
-            req.prefill_left = req.prompt_tokens - req.cached_tokens
             stats.prefix_cache_queries += req.prompt_tokens
             stats.prefix_cache_hits += req.cached_tokens
-            self._prefilling.append(req)
+            if req.remote_prefill:
+                # The blocks this instance does not hold come over the network from the prefill
+                # pod (vLLM's NIXL connector pulls only what the local prefix cache misses).
+                transfer_s = cfg.kv_transfer_latency_s + cfg.kv_transfer_time_per_token_s * (
+                    req.prompt_tokens - req.cached_tokens
+                )
+                req.state = TRANSFERRING
+                req.prefill_left = 1 if req.prompt_tokens else 0
+                req.prefill_started = True
+                req.ready_at = now + transfer_s * cfg.time_factor
+                self._transferring.append(req)
+            else:
+                req.state = RUNNING
+                req.prefill_left = req.prompt_tokens - req.cached_tokens
+                self._prefilling.append(req)
             self.observers.queue_time((max(0.0, now - req.arrival)) / cfg.time_factor)
         stats.peak_running = max(stats.peak_running, self.num_running)
 
@@ -359,6 +421,11 @@ class Engine:
         if req.state == WAITING:
             with contextlib.suppress(ValueError):
                 self._waiting.remove(req)
+        elif req.state == TRANSFERRING:
+            self._transferring.remove(req)
+            if req.alloc is not None:
+                self.kv.release(req.alloc)
+                req.alloc = None
         elif req.state == RUNNING:
             if req in self._decoding:
                 self._decoding.remove(req)

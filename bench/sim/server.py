@@ -3,6 +3,11 @@
 Every response names the instance in `x-served-by`. Streaming answers are SSE `data:` lines, one
 token per event, several events per write when tokens arrived together, then an optional usage chunk
 and `data: [DONE]`. A client that disconnects aborts its request (its slot and blocks are freed).
+
+P/D: `kv_transfer_params.do_remote_decode` (sent to a prefill instance, usually with max_tokens 1)
+answers with the `kv_transfer_params` a decode instance needs; `kv_transfer_params.do_remote_prefill`
+(sent to a decode instance) has the prompt's KV transferred rather than computed. Each is refused
+by the role that cannot do it.
 """
 
 from __future__ import annotations
@@ -64,6 +69,25 @@ def requested_max_tokens(body: Mapping[str, Any], default: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise BadRequest("max_tokens must be a positive integer")
     return value
+
+
+def kv_transfer_flags(body: Mapping[str, Any], role: str) -> tuple[bool, bool]:
+    """(do_remote_prefill, do_remote_decode) from vLLM's `kv_transfer_params`, checked against the
+    instance's role."""
+    params = body.get("kv_transfer_params")
+    if params is None:
+        return False, False
+    if not isinstance(params, dict):
+        raise BadRequest("kv_transfer_params must be an object")
+    remote_prefill = params.get("do_remote_prefill") is True
+    remote_decode = params.get("do_remote_decode") is True
+    if remote_prefill and remote_decode:
+        raise BadRequest("kv_transfer_params: do_remote_prefill and do_remote_decode are exclusive")
+    if remote_prefill and role == "prefill":
+        raise BadRequest("this is a prefill instance: it does not take remote KV (do_remote_prefill)")
+    if remote_decode and role == "decode":
+        raise BadRequest("this is a decode instance: it does not prefill for others (do_remote_decode)")
+    return remote_prefill, remote_decode
 
 
 def usage(req: SimRequest) -> dict[str, Any]:
@@ -191,10 +215,11 @@ class Simulator:
         try:
             prompt = chat_messages_prompt(body) if chat else completion_prompt(body)
             max_tokens = requested_max_tokens(body, self.cfg.default_max_tokens)
+            remote_prefill, remote_decode = kv_transfer_flags(body, self.cfg.role)
         except BadRequest as exc:
             return error_response(400, str(exc), "BadRequestError")
         stream = bool(body.get("stream"))
-        req = self.engine.new_request(prompt, max_tokens, stream)
+        req = self.engine.new_request(prompt, max_tokens, stream, remote_prefill)
         try:
             self.engine.submit(req)
         except RequestTooLarge as exc:
@@ -206,11 +231,23 @@ class Simulator:
                 options = body.get("stream_options")
                 include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
                 return await self._stream(request, req, chat, include_usage)
-            return await self._respond(req, chat)
+            return await self._respond(req, chat, remote_decode)
         finally:
             self.engine.abort(req)  # no-op once finished; frees the slot if the client went away
 
-    async def _respond(self, req: SimRequest, chat: bool) -> web.Response:
+    def _kv_transfer_params(self, req: SimRequest) -> dict[str, Any]:
+        """What a vLLM prefill instance returns for the decode instance to pull the KV from."""
+        return {
+            "do_remote_decode": False,
+            "do_remote_prefill": True,
+            "remote_engine_id": self.cfg.name,
+            "remote_block_ids": list(range(len(req.hashes))),
+            "remote_host": self.host,
+            "remote_port": self.port,
+            "tp_size": 1,
+        }
+
+    async def _respond(self, req: SimRequest, chat: bool, remote_decode: bool = False) -> web.Response:
         while not req.done:
             req.wakeup.clear()
             await req.wakeup.wait()
@@ -220,7 +257,7 @@ class Simulator:
         choice: dict[str, Any] = {
             "index": 0,
             "logprobs": None,
-            "finish_reason": "length",
+            "finish_reason": "remote_decode" if remote_decode else "length",
             "stop_reason": None,
         }
         if chat:
@@ -235,6 +272,8 @@ class Simulator:
             "choices": [choice],
             "usage": usage(req),
         }
+        if remote_decode:
+            payload["kv_transfer_params"] = self._kv_transfer_params(req)
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
     async def _stream(

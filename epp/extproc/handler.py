@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -164,7 +164,11 @@ class RequestStream:
             raise
         self.decision = self._director.schedule(request, self.subset)
         self._usage = UsageReader(streaming=request.streaming or request.api is Api.OTHER)
-        replies = [messages.request_headers_reply(self.decision.destination, len(raw), self._extra_headers())]
+        extra: Mapping[str, str | None] | None = self._extra_headers()
+        routing = self.decision.result.headers if self.decision.result is not None else None
+        if routing:  # P/D: x-prefiller-host-port for the decode pod's sidecar
+            extra = {**routing, **extra} if extra else routing
+        replies = [messages.request_headers_reply(self.decision.destination, len(raw), extra)]
         replies.extend(messages.body_replies(raw, request=True, end_of_stream=body_end_of_stream))
         return replies
 

@@ -26,22 +26,28 @@ def _header(key: str, value: str) -> core_pb.HeaderValueOption:
 
 
 def request_headers_reply(
-    destination: str, content_length: int | None, extra_headers: dict[str, str] | None = None
+    destination: str, content_length: int | None, extra_headers: Mapping[str, str | None] | None = None
 ) -> pb.ProcessingResponse:
     """Route the request: destination header + envoy.lb metadata, and clear the route cache so
-    Envoy re-evaluates the route with the new header."""
+    Envoy re-evaluates the route with the new header. `extra_headers` are set on the upstream
+    request, or removed from it when the value is None (e.g. P/D's x-prefiller-host-port)."""
     headers = [_header(DESTINATION_HEADER, destination)]
     if content_length is not None:
         headers.append(_header("content-length", str(content_length)))
-    for key, value in (extra_headers or {}).items():
-        headers.append(_header(key, value))
+    removed: list[str] = []
+    if extra_headers:
+        for key, value in extra_headers.items():
+            if value is None:
+                removed.append(key)
+            else:
+                headers.append(_header(key, value))
     metadata = struct_pb2.Struct()
     metadata.update({LB_METADATA_NAMESPACE: {DESTINATION_HEADER: destination}})
     return pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(
                 clear_route_cache=True,
-                header_mutation=pb.HeaderMutation(set_headers=headers),
+                header_mutation=pb.HeaderMutation(set_headers=headers, remove_headers=removed),
             )
         ),
         dynamic_metadata=metadata,

@@ -100,6 +100,7 @@ class PluginRegistry:
 def builtin_registry(classes: Iterable[Any] | None = None) -> PluginRegistry:
     """Every in-tree plugin, registered explicitly. `classes` replaces the set (for tests)."""
     from epp.scheduling.compat import ALL_NATIVE_EQUIVALENTS
+    from epp.scheduling.disagg import ALL_DISAGG_PLUGINS, DEPRECATED_DISAGG_PLUGINS
     from epp.scheduling.filters import ALL_FILTERS, DEPRECATED_FILTERS
     from epp.scheduling.pickers import ALL_PICKERS
     from epp.scheduling.profile_handlers import ALL_PROFILE_HANDLERS
@@ -110,9 +111,16 @@ def builtin_registry(classes: Iterable[Any] | None = None) -> PluginRegistry:
         for cls in classes:
             registry.register_class(cls)
         return registry
-    for cls in (*ALL_SCORERS, *ALL_PRODUCERS, *ALL_FILTERS, *ALL_PICKERS, *ALL_PROFILE_HANDLERS):
+    for cls in (
+        *ALL_SCORERS,
+        *ALL_PRODUCERS,
+        *ALL_FILTERS,
+        *ALL_PICKERS,
+        *ALL_PROFILE_HANDLERS,
+        *ALL_DISAGG_PLUGINS,
+    ):
         registry.register_class(cls)
-    for cls, replacement in DEPRECATED_FILTERS:
+    for cls, replacement in (*DEPRECATED_FILTERS, *DEPRECATED_DISAGG_PLUGINS):
         registry.register_class(cls)
         registry.deprecate(cls.type_name, replacement)
     for type_name, factory in ALL_NATIVE_EQUIVALENTS.items():

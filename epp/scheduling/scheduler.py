@@ -26,6 +26,7 @@ from epp.framework import (
     ProfileResult,
     ResponseComplete,
     ResponseHeaders,
+    RoutingHeaders,
     SchedulingResult,
 )
 from epp.scheduling.profile import PluginTimer, SchedulerProfile, plugin_name, plugin_type
@@ -56,6 +57,8 @@ class Scheduler:
         self.response_header_hooks = [p for p in self.plugins if isinstance(p, ResponseHeaders)]
         self.response_complete_hooks = [p for p in self.plugins if isinstance(p, ResponseComplete)]
         self.endpoint_listeners = [p for p in self.plugins if isinstance(p, EndpointListener)]
+        # A P/D handler tells the decode pod where to prefill; a single-profile one has nothing to say.
+        self._routing_headers = handler if isinstance(handler, RoutingHeaders) else None
         self._labels = {id(p): (plugin_type(p), plugin_name(p)) for p in [*self.plugins, handler]}
 
     def _observe(self, point: str, plugin: object, started: float) -> None:
@@ -90,7 +93,11 @@ class Scheduler:
             raise EppError(
                 ErrorCode.RESOURCE_EXHAUSTED, "no endpoint passed the filters of profile " + primary
             )
-        return SchedulingResult(primary, {k: v for k, v in results.items() if v is not None and v.endpoints})
+        chosen = {k: v for k, v in results.items() if v is not None and v.endpoints}
+        result = SchedulingResult(primary, chosen)
+        if self._routing_headers is not None:
+            result.headers = self._routing_headers.routing_headers(request, result)
+        return result
 
     # --- request lifecycle (called by the director) ----------------------------------------------
 
