@@ -53,7 +53,7 @@ image:
 	docker build -t $(IMAGE) .
 
 # inference-perf (PyPI; needs Python >= 3.12) in its own venv, plus a tokenizer directory it loads offline
-# (bench/make_tokenizer.py). Not part of install/test; docs/inference-perf.md shows how to use it.
+# (bench/make_tokenizer.py). Not part of install/test; README.md, Load-testing the gateway with inference-perf shows how to use it.
 PERF_VENV ?= .venv-perf
 INFERENCE_PERF_VERSION ?= 0.7.0
 # The first Python >= 3.12 among python3.12, python3.13 and pyenv's 3.12 / 3.13 (override: PERF_PYTHON=...).
