@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -357,6 +357,30 @@ async def terminate(proc: asyncio.subprocess.Process, timeout_s: float) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def announcing_process(
+    args: Sequence[str], count: int, what: str, column: int, timeout_s: float = 30.0
+) -> AsyncIterator[list[str]]:
+    """A subprocess that prints one line per listening instance (simulators, sidecars); yields
+    column `column` of each of the first `count` lines, and stops the process on exit."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=str(REPO_ROOT),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        values = []
+        for _ in range(count):
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=timeout_s)
+            if not line:
+                err = await proc.stderr.read() if proc.stderr else b""
+                raise GatewayError(f"{what} exited: {err.decode(errors='replace')[-2000:]}")
+            values.append(line.decode().split()[column])
+        yield values
+    finally:
+        await terminate(proc, 10)
 
 
 _base_ids = itertools.count(1)

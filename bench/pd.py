@@ -33,7 +33,7 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.gateway import REPO_ROOT, EnvoyGateway, EppProcess, GatewayError
+from bench.gateway import EnvoyGateway, EppProcess, announcing_process
 from bench.load import LoadResult, run_load
 from bench.report import table
 from bench.runner import prefix_cache_counters, simulators
@@ -118,30 +118,9 @@ class PdBenchConfig:
 @contextlib.asynccontextmanager
 async def sidecars(decodes: Sequence[str]) -> AsyncIterator[list[str]]:
     """One routing sidecar per decode simulator, in one subprocess; yields their addresses."""
-    args = [arg for decode in decodes for arg in ("--decode", decode)]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.sidecar", *args,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        cwd=str(REPO_ROOT),
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        addresses = []
-        for _ in decodes:
-            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
-            if not line:
-                err = await proc.stderr.read() if proc.stderr else b""
-                raise GatewayError(f"sidecars exited: {err.decode(errors='replace')[-2000:]}")
-            addresses.append(line.decode().split()[0])
+    args = [sys.executable, "-m", "bench.sidecar", *[a for d in decodes for a in ("--decode", d)]]
+    async with announcing_process(args, len(decodes), "sidecars", column=0) as addresses:
         yield addresses
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 def endpoints_yaml(prefill: Sequence[str], decode: Sequence[str]) -> str:

@@ -20,7 +20,15 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.gateway import REPO_ROOT, EnvoyGateway, EppProcess, GatewayError, free_port, terminate
+from bench.gateway import (
+    REPO_ROOT,
+    EnvoyGateway,
+    EppProcess,
+    GatewayError,
+    announcing_process,
+    free_port,
+    terminate,
+)
 from bench.load import LoadResult, run_load
 from bench.workloads import Workload, oracle_hit_rate
 
@@ -96,24 +104,20 @@ def tools_bin(name: str) -> Path:
 @contextlib.asynccontextmanager
 async def simulators(count: int, model: str, extra: Sequence[str]) -> AsyncIterator[list[str]]:
     """N simulators in one subprocess; yields their host:port addresses."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.sim", "--count", str(count), "--base-port", "0", "--model", model,
+    args = [
+        sys.executable,
+        "-m",
+        "bench.sim",
+        "--count",
+        str(count),
+        "--base-port",
+        "0",
+        "--model",
+        model,
         *extra,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        cwd=str(REPO_ROOT),
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        addresses = []
-        for _ in range(count):
-            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
-            if not line:
-                err = await proc.stderr.read() if proc.stderr else b""
-                raise GatewayError(f"simulators exited: {err.decode(errors='replace')[-2000:]}")
-            addresses.append(line.decode().split()[1])
+    ]
+    async with announcing_process(args, count, "simulators", column=1) as addresses:
         yield addresses
-    finally:
-        await terminate(proc, 10)
 
 
 @contextlib.asynccontextmanager

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +30,8 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+
+from bench.sim.server import listen
 
 PREFILL_HEADER = "x-prefiller-host-port"
 PREFILLED_BY = "x-prefilled-by"
@@ -88,22 +89,14 @@ class Sidecar:
             connector=aiohttp.TCPConnector(limit=0),
             auto_decompress=False,
         )
-        # handler_cancellation: a client that hangs up cancels the handler, which closes the
+        # A client that hangs up cancels the handler (listen() enables that), which closes the
         # upstream connection, which aborts the request on the decode instance.
-        runner = web.AppRunner(self.make_app(), access_log=None, handler_cancellation=True)
-        await runner.setup()
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
+            self._runner, self.port = await listen(self.make_app(), host, port)
         except OSError:
-            sock.close()
-            await runner.cleanup()
             await self._session.close()
             raise
-        await web.SockSite(runner, sock, backlog=1024).start()
-        self._runner = runner
-        self.host, self.port = host, sock.getsockname()[1]
+        self.host = host
         return self
 
     async def stop(self) -> None:

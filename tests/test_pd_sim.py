@@ -13,37 +13,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.sidecar import PREFILL_HEADER, PREFILLED_BY, Sidecar
-from bench.sim import BLOCK_SIZE_TOKENS, SERVED_BY, SimConfig, Simulator, start_simulator
+from bench.sim import BLOCK_SIZE_TOKENS, SERVED_BY, Simulator
+from tests.conftest import StartSim
 
 pytestmark = pytest.mark.timeout(30)
 
 MODEL = "sim-model"
 REMOTE_PREFILL = {"kv_transfer_params": {"do_remote_prefill": True}}
 REMOTE_DECODE = {"kv_transfer_params": {"do_remote_decode": True}}
-StartSim = Callable[..., Awaitable[Simulator]]
 
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
-        yield s
-
-
-@pytest.fixture
-async def start_sim() -> AsyncIterator[StartSim]:
-    sims: list[Simulator] = []
-
-    async def start(**knobs: Any) -> Simulator:
-        knobs.setdefault("name", f"sim-{len(sims)}")
-        knobs.setdefault("model", MODEL)
-        knobs.setdefault("time_factor", 0.05)
-        sim = await start_simulator(SimConfig(**knobs))
-        sims.append(sim)
-        return sim
-
-    yield start
-    for sim in sims:
-        await sim.stop()
+SIM_TIME_FACTOR = 0.05  # real seconds per simulated second (see tests/conftest.py)
 
 
 @pytest.fixture

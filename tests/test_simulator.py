@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,37 +17,14 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.sim import BLOCK_CHARS, BLOCK_SIZE_TOKENS, SERVED_BY, SimConfig, Simulator, start_simulator
+from bench.sim import BLOCK_CHARS, BLOCK_SIZE_TOKENS, SERVED_BY, Simulator
 from bench.sim.kv_cache import KVCache
 from bench.sim.text import chat_prompt
+from tests.conftest import StartSim
 
 pytestmark = pytest.mark.timeout(30)
 
 MODEL = "sim-model"
-StartSim = Callable[..., Awaitable[Simulator]]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
-        yield s
-
-
-@pytest.fixture
-async def start_sim() -> AsyncIterator[StartSim]:
-    sims: list[Simulator] = []
-
-    async def start(**knobs: Any) -> Simulator:
-        knobs.setdefault("name", f"sim-{len(sims)}")
-        knobs.setdefault("model", MODEL)
-        knobs.setdefault("time_factor", 0.02)
-        sim = await start_simulator(SimConfig(**knobs))
-        sims.append(sim)
-        return sim
-
-    yield start
-    for sim in sims:
-        await sim.stop()
 
 
 def url(sim: Simulator, path: str) -> str:

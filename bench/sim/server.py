@@ -99,6 +99,26 @@ def usage(req: SimRequest) -> dict[str, Any]:
     }
 
 
+async def listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0 = a free port); returns the runner and the bound port.
+
+    handler_cancellation: a client that hangs up cancels its handler, which aborts its request
+    (otherwise work would run to the end for nobody). Raises OSError, cleaned up, when the port
+    cannot be bound."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        await runner.cleanup()
+        raise
+    await web.SockSite(runner, sock, backlog=1024).start()
+    return runner, int(sock.getsockname()[1])
+
+
 class Simulator:
     """One vLLM-like instance: engine + metrics + aiohttp server. Use `start_simulator` to make one."""
 
@@ -145,22 +165,12 @@ class Simulator:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.engine.start()
-        # handler_cancellation: a client that hangs up cancels its handler, which aborts the request
-        # (otherwise a non-streaming request would run to the end for nobody).
-        runner = web.AppRunner(self.make_app(), access_log=None, handler_cancellation=True)
-        await runner.setup()
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
+            self._runner, self.port = await listen(self.make_app(), host, port)
         except OSError:
-            sock.close()
-            await runner.cleanup()
             await self.engine.stop()
             raise
-        await web.SockSite(runner, sock, backlog=1024).start()
-        self._runner = runner
-        self.host, self.port = host, sock.getsockname()[1]
+        self.host = host
 
     async def stop(self) -> None:
         await self.engine.stop()  # first, so streams still open end instead of hanging the cleanup

@@ -1,0 +1,39 @@
+"""Fixtures shared by the simulator and P/D tests: real simulators on loopback free ports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bench.sim import SimConfig, Simulator, start_simulator
+
+SIM_MODEL = "sim-model"
+StartSim = Callable[..., Awaitable[Simulator]]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+        yield s
+
+
+@pytest.fixture
+async def start_sim(request: pytest.FixtureRequest) -> AsyncIterator[StartSim]:
+    """start_sim(**SimConfig knobs) starts a simulator; a test module may set SIM_TIME_FACTOR."""
+    sims: list[Simulator] = []
+    time_factor = getattr(request.module, "SIM_TIME_FACTOR", 0.02)
+
+    async def start(**knobs: Any) -> Simulator:
+        knobs.setdefault("name", f"sim-{len(sims)}")
+        knobs.setdefault("model", SIM_MODEL)
+        knobs.setdefault("time_factor", time_factor)
+        sim = await start_simulator(SimConfig(**knobs))
+        sims.append(sim)
+        return sim
+
+    yield start
+    for sim in sims:
+        await sim.stop()
