@@ -91,6 +91,8 @@ class App:
             settings.refresh_metrics_interval_s,
             on_error=lambda ep: self.metrics.scrape_errors.labels(ep.key).inc(),
         )
+        # Pods come and go (a restart is a new IP): drop a departed endpoint's series.
+        self.datastore.subscribe(lambda ep: None, self.metrics.forget_endpoint)
         # Set whenever readiness may have changed, so health follows without waiting a tick.
         self._status_changed = asyncio.Event()
         self.discovery: StaticDiscovery | KubernetesDiscovery

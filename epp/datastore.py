@@ -53,19 +53,6 @@ class Datastore:
         self._snapshot = tuple(self._by_key.values())
         self.synced = True
 
-    def upsert(self, ep: Endpoint) -> None:
-        if ep.key in self._by_key:
-            current = self._by_key[ep.key]
-            current.name, current.labels = ep.name, ep.labels
-            return
-        self._add(ep)
-        self._snapshot = tuple(self._by_key.values())
-
-    def remove(self, key: str) -> None:
-        if key in self._by_key:
-            self._remove(key)
-            self._snapshot = tuple(self._by_key.values())
-
     def _add(self, ep: Endpoint) -> None:
         self._by_key[ep.key] = ep
         log.info("endpoint added: %s (%s)", ep.key, ep.name)

@@ -17,19 +17,24 @@ from dataclasses import dataclass, field
 from epp.datastore import Datastore
 from epp.errors import EppError, ErrorCode
 from epp.framework import (
+    DEFAULT_PREFIX_PRODUCER,
     DISAGG_DECISION_KEY,
-    PREFIX_MATCHED_BLOCKS_KEY,
-    PREFIX_TOTAL_BLOCKS_KEY,
+    PREFIX_MATCH_DATA,
     CycleState,
     Endpoint,
     InferenceRequest,
+    PrefixMatch,
     SchedulingResult,
+    data_key,
 )
-from epp.observability import EppMetrics
+from epp.observability import EppMetrics, ModelMetrics
 from epp.scheduling.profile import plugin_name, plugin_type
 from epp.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+# Where the default prefix producer leaves its PrefixMatch, for the hit-ratio metric.
+_DEFAULT_PREFIX_MATCH = data_key(PREFIX_MATCH_DATA, DEFAULT_PREFIX_PRODUCER)
 
 
 @dataclass(slots=True)
@@ -47,6 +52,7 @@ class Decision:
     result: SchedulingResult | None  # None for a headers-only request (no scheduling ran)
     endpoints: list[Endpoint]
     started: float
+    metrics: ModelMetrics  # the request's model's metric children
     released: bool = False
     usage: Usage = field(default_factory=Usage)
     # The pre_request hooks run just after the reply; response_complete must not overtake them.
@@ -91,23 +97,20 @@ class Director:
         return fresh if fresh else list(endpoints)
 
     def schedule(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
-        self.metrics.request_total.labels(request.model, request.target_model).inc()
-        try:
-            candidates = self.candidates(subset)
-            cycle = CycleState()
-            started = time.perf_counter()
-            result = self.scheduler.schedule(cycle, request, candidates)
-            self.metrics.scheduler_e2e.observe(time.perf_counter() - started)
-        except EppError as exc:
-            self.record_error(request, exc)
-            raise
+        """Raises EppError; the stream counts it (once, whatever raised)."""
+        model_metrics = self.metrics.for_model(request.model, request.target_model)
+        model_metrics.requests.inc()
+        candidates = self.candidates(subset)
+        cycle = CycleState()
+        started = time.perf_counter()
+        result = self.scheduler.schedule(cycle, request, candidates)
+        self.metrics.scheduler_e2e.observe(time.perf_counter() - started)
         chosen = result.primary.endpoints
-        decision = Decision(request, result, list(chosen), time.monotonic())
+        decision = Decision(request, result, list(chosen), time.monotonic(), metrics=model_metrics)
         self._admit(decision)
-        matched = cycle.read(PREFIX_MATCHED_BLOCKS_KEY)
-        total_blocks = cycle.read(PREFIX_TOTAL_BLOCKS_KEY, 0)
-        if matched is not None and total_blocks:
-            self.metrics.prefix_indexer_hit_ratio.observe(matched.get(chosen[0].key, 0) / total_blocks)
+        match: PrefixMatch | None = cycle.read(_DEFAULT_PREFIX_MATCH)
+        if match is not None and match.total_blocks:
+            self.metrics.prefix_indexer_hit_ratio.observe(match.ratio(chosen[0]))
         disagg = cycle.read(DISAGG_DECISION_KEY)
         if disagg is not None:  # a P/D handler decided: decode-only or prefill-decode
             self.metrics.count_disagg_decision(*self._handler_labels, request.target_model, disagg)
@@ -120,21 +123,18 @@ class Director:
 
     def pick_any(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
         """Headers-only requests carry nothing to schedule on: least-loaded of the candidates."""
-        self.metrics.request_total.labels(request.model, request.target_model).inc()
-        try:
-            candidates = self.candidates(subset)
-        except EppError as exc:
-            self.record_error(request, exc)
-            raise
+        model_metrics = self.metrics.for_model(request.model, request.target_model)
+        model_metrics.requests.inc()
+        candidates = self.candidates(subset)
         low = min(ep.active_requests for ep in candidates)
         endpoint = self._rng.choice([ep for ep in candidates if ep.active_requests == low])
-        decision = Decision(request, None, [endpoint], time.monotonic())
+        decision = Decision(request, None, [endpoint], time.monotonic(), metrics=model_metrics)
         self._admit(decision)
         return decision
 
     def _admit(self, decision: Decision) -> None:
         decision.endpoints[0].active_requests += 1
-        self.metrics.running_requests.labels(decision.request.model).inc()
+        decision.metrics.running.inc()
 
     def _pre_request(self, decision: Decision, cycle: CycleState) -> None:
         assert decision.result is not None
@@ -149,9 +149,6 @@ class Director:
             return {}
         return self.scheduler.response_headers(decision.request, decision.result, decision.endpoints[0])
 
-    def record_error(self, request: InferenceRequest, exc: EppError) -> None:
-        self.metrics.request_errors.labels(request.model, request.target_model, exc.code.label).inc()
-
     def release(self, decision: Decision, completed: bool) -> None:
         """The response ended (completed=True) or the stream went away. Idempotent."""
         if decision.released:
@@ -159,14 +156,14 @@ class Director:
         decision.released = True
         request, endpoint = decision.request, decision.endpoints[0]
         endpoint.active_requests = max(0, endpoint.active_requests - 1)
-        self.metrics.running_requests.labels(request.model).dec()
+        m = decision.metrics
+        m.running.dec()
         if completed:
-            labels = (request.model, request.target_model)
-            self.metrics.request_duration.labels(*labels).observe(time.monotonic() - decision.started)
+            m.duration.observe(time.monotonic() - decision.started)
             if decision.usage.prompt_tokens:
-                self.metrics.input_tokens.labels(*labels).observe(decision.usage.prompt_tokens)
+                m.input_tokens.observe(decision.usage.prompt_tokens)
             if decision.usage.completion_tokens:
-                self.metrics.output_tokens.labels(*labels).observe(decision.usage.completion_tokens)
+                m.output_tokens.observe(decision.usage.completion_tokens)
         if not decision.pre_request_pending:
             self.scheduler.response_complete(request, endpoint)
 

@@ -164,7 +164,7 @@ class Endpoint:
         self.labels: Mapping[str, str] = dict(labels or {})
         self.metrics: EndpointMetrics = EMPTY_METRICS
         self.active_requests = 0  # epp's own count of requests in flight to this endpoint
-        self.scrape_errors = 0
+        self.scrape_errors = 0  # failed polls of /metrics in a row (reset by a good one)
 
     @property
     def role(self) -> str | None:

@@ -7,6 +7,7 @@ reads: a cheap byte-prefix test that keeps the parse proportional to what is use
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +28,11 @@ class MetricNames:
     def all_names(self) -> tuple[str, ...]:
         extra = tuple(n for n in (self.lora_info, self.cache_config) if n)
         return self.waiting + self.running + self.kv_usage + extra
+
+    def line_prefixes(self) -> tuple[str, ...]:
+        """Lines worth handing to the parser: the samples and TYPE/HELP of the families read."""
+        names = self.all_names()
+        return names + tuple(f"# TYPE {n}" for n in names) + tuple(f"# HELP {n}" for n in names)
 
 
 VLLM = MetricNames(
@@ -54,10 +60,17 @@ class MetricsParseError(ValueError):
     pass
 
 
+# Per engine, computed once: names read and the line prefixes that keep them.
+_WANTED = {id(n): (frozenset(n.all_names()), n.line_prefixes()) for n in (VLLM, SGLANG)}
+
+
+def _wanted(names: MetricNames) -> tuple[frozenset[str], tuple[str, ...]]:
+    cached = _WANTED.get(id(names))
+    return cached if cached is not None else (frozenset(names.all_names()), names.line_prefixes())
+
+
 def _keep_lines(text: str, prefixes: tuple[str, ...]) -> str:
-    typed = tuple(f"# TYPE {p}" for p in prefixes) + tuple(f"# HELP {p}" for p in prefixes)
-    keep = prefixes + typed
-    return "\n".join(line for line in text.splitlines() if line.startswith(keep)) + "\n"
+    return "\n".join(line for line in text.splitlines() if line.startswith(prefixes)) + "\n"
 
 
 def _split_adapters(value: str) -> frozenset[str]:
@@ -66,9 +79,9 @@ def _split_adapters(value: str) -> frozenset[str]:
 
 def parse_metrics(text: str, names: MetricNames, now: float) -> EndpointMetrics:
     """Build a snapshot from Prometheus text. Raises MetricsParseError when nothing usable is there."""
-    wanted = names.all_names()
+    wanted, prefixes = _wanted(names)
     try:
-        families = list(text_string_to_metric_families(_keep_lines(text, wanted)))
+        families = list(text_string_to_metric_families(_keep_lines(text, prefixes)))
     except Exception as exc:  # the parser raises ValueError and others on malformed text
         raise MetricsParseError(f"bad Prometheus text: {exc}") from None
     values: dict[str, float] = {}
@@ -82,6 +95,8 @@ def parse_metrics(text: str, names: MetricNames, now: float) -> EndpointMetrics:
             elif sample.name == names.cache_config:
                 cache_labels = sample.labels
             elif sample.name in wanted:
+                if not math.isfinite(sample.value):  # NaN/inf would poison every score
+                    raise MetricsParseError(f"{sample.name} is {sample.value}")
                 # Several series (e.g. per model_name label): sum them, as a pod serves them all.
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
 
@@ -122,5 +137,5 @@ def parse_metrics(text: str, names: MetricNames, now: float) -> EndpointMetrics:
 def _int_or(value: str | None, default: int | None) -> int | None:
     try:
         return int(float(value)) if value not in (None, "", "None") else default
-    except ValueError:
+    except (ValueError, OverflowError):
         return default

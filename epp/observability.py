@@ -6,7 +6,11 @@ on --metrics-port.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from epp.framework import Endpoint
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -48,6 +52,20 @@ _LATENCY_BUCKETS = (
 _SCHEDULER_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 _PLUGIN_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+class ModelMetrics:
+    """The per-model metric children one request touches, resolved once per (model, target):
+    `labels()` costs microseconds per call on the hot path, a cached child does not."""
+
+    __slots__ = ("duration", "input_tokens", "output_tokens", "requests", "running")
+
+    def __init__(self, m: EppMetrics, model: str, target: str) -> None:
+        self.requests = m.request_total.labels(model, target)
+        self.running = m.running_requests.labels(model)
+        self.duration = m.request_duration.labels(model, target)
+        self.input_tokens = m.input_tokens.labels(model, target)
+        self.output_tokens = m.output_tokens.labels(model, target)
 
 
 class EppMetrics:
@@ -143,8 +161,23 @@ class EppMetrics:
         self.scrape_errors = Counter(
             "epp_endpoint_scrape_errors", "Failed polls of an endpoint's /metrics.", ["endpoint"], registry=r
         )
+        self._model_children: dict[tuple[str, str], ModelMetrics] = {}
         self._plugin_children: dict[tuple[str, str, str], Histogram] = {}
         self._disagg_children: dict[tuple[str, str, str, str], tuple[Counter, Counter]] = {}
+
+    def for_model(self, model: str, target: str) -> ModelMetrics:
+        key = (model, target)
+        children = self._model_children.get(key)
+        if children is None:
+            children = self._model_children[key] = ModelMetrics(self, model, target)
+        return children
+
+    def count_error(self, model: str, target: str, code: str) -> None:
+        self.request_errors.labels(model, target, code).inc()
+
+    def forget_endpoint(self, endpoint: Endpoint) -> None:
+        with contextlib.suppress(KeyError):
+            self.scrape_errors.remove(endpoint.key)
 
     def observe_plugin(self, point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
         key = (point, plugin_type, plugin_name)

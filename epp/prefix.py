@@ -17,9 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import xxhash
 
-DEFAULT_BLOCK_SIZE_TOKENS = 16
 CHARS_PER_TOKEN = 4
-DEFAULT_MAX_PREFIX_BLOCKS = 256
 DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
 
 

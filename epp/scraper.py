@@ -77,6 +77,7 @@ class Scraper:
                     raise MetricsParseError(f"HTTP {resp.status}")
                 text = await resp.text()
             ep.metrics = parse_metrics(text, names_for_engine(ep.labels.get(ENGINE_LABEL)), time.monotonic())
+            ep.scrape_errors = 0  # failures in a row: the next outage is logged again at once
             return True
         except asyncio.CancelledError:
             raise
@@ -84,10 +85,10 @@ class Scraper:
             ep.scrape_errors += 1
             if self._on_error is not None:
                 self._on_error(ep)
-            # Log the first failure and then rarely, not at 20 Hz.
+            # Log the first failure of an outage and then rarely, not at 20 Hz.
             if ep.scrape_errors == 1 or ep.scrape_errors % 200 == 0:
                 log.warning(
-                    "scrape of %s failed (%d so far): %s", url, ep.scrape_errors, exc or type(exc).__name__
+                    "scrape of %s failed (%d in a row): %s", url, ep.scrape_errors, exc or type(exc).__name__
                 )
             return False
 
@@ -95,5 +96,10 @@ class Scraper:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            await self.scrape_once(ep)
+            try:
+                await self.scrape_once(ep)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not end this endpoint's scraping for good
+                log.exception("scrape of %s failed unexpectedly", ep.key)
             await asyncio.sleep(max(0.0, self._interval - (loop.time() - started)))

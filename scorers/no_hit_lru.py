@@ -33,7 +33,6 @@ from epp.framework import (
 )
 
 DEFAULT_LRU_SIZE = 1024
-PREFILL_PROFILE = "prefill"
 
 
 class NoHitLruScorer:
@@ -87,9 +86,8 @@ class NoHitLruScorer:
     def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
         if not cycle.read(self._cold_key, False):
             return
-        for profile_name in dict.fromkeys((result.primary_profile, PREFILL_PROFILE)):
-            profile = result.profiles.get(profile_name)
-            if profile is not None and profile.endpoints:
+        for profile in result.profiles.values():  # each profile's pick (decode, and prefill under P/D)
+            if profile.endpoints:
                 key = profile.endpoints[0].key
                 self.lru[key] = None
                 self.lru.move_to_end(key)

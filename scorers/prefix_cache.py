@@ -23,10 +23,7 @@ from typing import Any, ClassVar
 
 from epp.framework import (
     DEFAULT_PREFIX_PRODUCER,
-    PREFIX_BLOCK_SIZE_TOKENS_KEY,
     PREFIX_MATCH_DATA,
-    PREFIX_MATCHED_BLOCKS_KEY,
-    PREFIX_TOTAL_BLOCKS_KEY,
     ConfigError,
     CycleState,
     Endpoint,
@@ -45,8 +42,6 @@ MIN_BLOCK_SIZE_TOKENS = 64
 DEFAULT_MAX_PREFIX_BLOCKS = 2048
 DEFAULT_MAX_PREFIX_TOKENS = 131_072
 _UNLIMITED_BLOCKS = 1 << 40
-# The profile whose pick, besides the primary's, receives the prompt's KV (P/D disaggregation).
-PREFILL_PROFILE = "prefill"
 
 # Producer parameters that older configs set on prefix-cache-scorer.
 PRODUCER_PARAMETERS = (
@@ -98,7 +93,6 @@ class ApproxPrefixCacheProducer:
         self._hasher = PromptHasher()
         self.key = data_key(PREFIX_MATCH_DATA, name)
         self._hashes_key = f"{self.key}/hashes"
-        self._publishes_default_keys = name == DEFAULT_PREFIX_PRODUCER
 
     def produces(self) -> Collection[str]:
         return (self.key,)
@@ -131,23 +125,15 @@ class ApproxPrefixCacheProducer:
         matched = self.index.match(hashes) if hashes else {}
         cycle.write(self.key, PrefixMatch(matched, len(hashes), block))
         cycle.write(self._hashes_key, hashes)
-        if self._publishes_default_keys:
-            cycle.write(PREFIX_MATCHED_BLOCKS_KEY, matched)
-            cycle.write(PREFIX_TOTAL_BLOCKS_KEY, len(hashes))
-            cycle.write(PREFIX_BLOCK_SIZE_TOKENS_KEY, block)
 
     def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
         hashes: list[int] | None = cycle.read(self._hashes_key)
         if not hashes:
             return
-        targets = []
-        primary = result.profiles.get(result.primary_profile)
-        if primary is not None and primary.endpoints:
-            targets.append(primary.endpoints[0])
-        prefill = result.profiles.get(PREFILL_PROFILE)
-        if prefill is not None and prefill.endpoints and result.primary_profile != PREFILL_PROFILE:
-            targets.append(prefill.endpoints[0])
-        for target in targets:
+        # Every profile's pick ends up holding the prompt's KV: the decode pod, and under P/D the
+        # prefill pod that computed it (whatever the profiles are named).
+        targets = {p.endpoints[0].key: p.endpoints[0] for p in result.profiles.values() if p.endpoints}
+        for target in targets.values():
             if self.auto_tune and target.metrics.num_gpu_blocks:
                 self.index.set_capacity(target.key, target.metrics.num_gpu_blocks)
             self.index.add(target.key, hashes)

@@ -243,3 +243,30 @@ async def test_request_id_is_generated_when_absent(epp: RunningEpp) -> None:
     assert len(set_headers(replies[0]).get("x-request-id", "")) == 32
     replies = await one_request(epp.stub, request_headers(**{"x-request-id": "abc"}), completion())
     assert "x-request-id" not in set_headers(replies[0])
+
+
+def error_count(epp: RunningEpp, code: str, model: str = "") -> float:
+    labels = {"model_name": model, "target_model_name": model, "error_code": code}
+    return epp.app.metrics.registry.get_sample_value("inference_objective_request_error_total", labels) or 0.0
+
+
+async def test_every_error_is_counted_once_with_its_code(epp: RunningEpp) -> None:
+    await one_request(epp.stub, request_headers(), b"{not json")
+    await one_request(epp.stub, request_headers(), completion(), subset=[])
+    assert error_count(epp, "BadRequest") == 1
+    assert error_count(epp, "ServiceUnavailable", model="m") == 1
+    # A plugin that raises is a 500 for the client and counted too, under the request's model.
+    profile = next(iter(epp.app.config.scheduler.profiles.values()))
+    scorer = profile.scorers[0].scorer
+
+    def broken(*args: object) -> list[float]:
+        raise RuntimeError("scorer bug")
+
+    original = scorer.score
+    scorer.score = broken  # type: ignore[method-assign]
+    try:
+        replies = await one_request(epp.stub, request_headers(), completion())
+    finally:
+        scorer.score = original  # type: ignore[method-assign]
+    assert replies[0].immediate_response.status.code == 500
+    assert error_count(epp, "Internal", model="m") == 1

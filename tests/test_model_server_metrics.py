@@ -55,3 +55,17 @@ def test_sglang_names_by_engine_label() -> None:
 def test_unusable_text_is_an_error(text: str) -> None:
     with pytest.raises(MetricsParseError):
         parse_metrics(text, VLLM, now=1)
+
+
+@pytest.mark.parametrize("value", ["NaN", "+Inf", "-Inf"])
+def test_non_finite_values_are_rejected_not_passed_to_scorers(value: str) -> None:
+    text = VLLM_TEXT.replace(
+        'model_name="meta-llama/Llama-3.1-8B"} 0.42', f'model_name="meta-llama/Llama-3.1-8B"}} {value}'
+    )
+    with pytest.raises(MetricsParseError, match="kv_cache_usage_perc"):
+        parse_metrics(text, VLLM, now=1)
+
+
+def test_absurd_label_values_do_not_break_the_snapshot() -> None:
+    text = VLLM_TEXT.replace('num_gpu_blocks="27000"', 'num_gpu_blocks="inf"')
+    assert parse_metrics(text, VLLM, now=1).num_gpu_blocks is None

@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 
 from epp.framework import (
-    PREFIX_BLOCK_SIZE_TOKENS_KEY,
-    PREFIX_MATCHED_BLOCKS_KEY,
-    PREFIX_TOTAL_BLOCKS_KEY,
+    DEFAULT_PREFIX_PRODUCER,
+    PREFIX_MATCH_DATA,
     CycleState,
     Endpoint,
     Params,
     PrefixMatch,
     ProfileResult,
     SchedulingResult,
+    data_key,
 )
 from epp.testing import make_endpoint, make_request, score
 from scorers import (
@@ -396,10 +396,6 @@ def test_prefix_producer_learns_where_prompts_went_and_forgets_removed_endpoints
     second: PrefixMatch = produce(producer, system + "second question", [a, b]).read(producer.key)
     assert dict(second.matched) == {b.key: 4}
     assert score(PrefixCacheScorer(), [a, b]) == [0.0, 0.0]  # a fresh producer knows nothing
-    # The default producer also fills the public keys the director reads.
-    cycle = produce(producer, system, [a, b])
-    assert cycle.read(PREFIX_MATCHED_BLOCKS_KEY) == {b.key: 4}
-    assert (cycle.read(PREFIX_TOTAL_BLOCKS_KEY), cycle.read(PREFIX_BLOCK_SIZE_TOKENS_KEY)) == (4, 64)
     producer.endpoint_removed(b)
     assert dict(produce(producer, system, [a, b]).read(producer.key).matched) == {}
 
@@ -422,11 +418,21 @@ def test_prefix_producer_records_the_prefill_endpoint_too_and_respects_salt_and_
     assert dict(other_model.read(producer.key).matched) == {}
 
 
-def test_named_producer_does_not_touch_the_public_keys() -> None:
+def test_prefix_producer_records_every_profiles_pick_whatever_the_profiles_are_named() -> None:
+    producer = ApproxPrefixCacheProducer()
+    decode, prefill = make_endpoint("d"), make_endpoint("p")
+    prompt = "z" * 1024
+    cycle = produce(producer, prompt, [decode, prefill])
+    producer.pre_request(cycle, make_request(), result_for(decode, profile="dec", pre=prefill))
+    matched = produce(producer, prompt, [decode, prefill]).read(producer.key).matched
+    assert dict(matched) == {decode.key: 4, prefill.key: 4}
+
+
+def test_named_producer_writes_under_its_own_key() -> None:
     producer = ApproxPrefixCacheProducer("cpu", Params({}))
     cycle = produce(producer, "y" * 600, [make_endpoint("a")])
     assert cycle.read("prefix-cache-match/cpu").total_blocks == 2
-    assert cycle.read(PREFIX_MATCHED_BLOCKS_KEY) is None
+    assert cycle.read(data_key(PREFIX_MATCH_DATA, DEFAULT_PREFIX_PRODUCER)) is None
 
 
 # --- no-hit-lru-scorer ------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ class RequestStream:
         "_body_size",
         "_director",
         "_generated_request_id",
+        "_request",
         "_usage",
         "decision",
         "done",
@@ -78,6 +79,7 @@ class RequestStream:
         self.subset: list[str] | None = None
         self._body: list[bytes] = []
         self._body_size = 0
+        self._request: InferenceRequest | None = None  # once parsed: labels its error metrics
         self.decision: Decision | None = None
         self._usage: UsageReader | None = None
         self.done = False  # an immediate response was sent: Envoy ends the request
@@ -106,7 +108,11 @@ class RequestStream:
             return self._fail(EppError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}"))
 
     def _fail(self, exc: EppError) -> list[pb.ProcessingResponse]:
+        """Every error ends here, so each is counted once, whichever layer raised it."""
         self.done = True
+        request = self._request
+        model, target = (request.model, request.target_model) if request is not None else ("", "")
+        self._director.metrics.count_error(model, target, exc.code.label)
         log.debug("request %s rejected: %s", self.request_id, exc.message)
         return [messages.immediate_reply(exc)]
 
@@ -120,7 +126,7 @@ class RequestStream:
         if not msg.request_headers.end_of_stream:
             return []  # wait for the body
         # No body: nothing to schedule on, route on load alone.
-        request = InferenceRequest(
+        request = self._request = InferenceRequest(
             request_id=self.request_id,
             model="",
             api=api_for_path(self.headers.get(":path", "")),
@@ -157,11 +163,9 @@ class RequestStream:
     def _route_buffered_body(self, body_end_of_stream: bool) -> list[pb.ProcessingResponse]:
         raw = b"".join(self._body)
         self._body = []
-        try:
-            request = parse_request(self.request_id, self.headers.get(":path", ""), self.headers, raw)
-        except EppError as exc:
-            self._director.metrics.request_errors.labels("", "", exc.code.label).inc()
-            raise
+        request = self._request = parse_request(
+            self.request_id, self.headers.get(":path", ""), self.headers, raw
+        )
         self.decision = self._director.schedule(request, self.subset)
         self._usage = UsageReader(streaming=request.streaming or request.api is Api.OTHER)
         extra: Mapping[str, str | None] | None = self._extra_headers()

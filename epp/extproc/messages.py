@@ -57,8 +57,8 @@ def request_headers_reply(
 def body_replies(body: bytes, *, request: bool, end_of_stream: bool = True) -> list[pb.ProcessingResponse]:
     """The body as streamed_response chunks of at most MAX_BODY_CHUNK bytes; the last carries EoS."""
     field = "request_body" if request else "response_body"
-    if not body:
-        chunks = [b""]
+    if len(body) <= MAX_BODY_CHUNK:
+        chunks = [body]  # the usual case (every SSE chunk): no copy
     else:
         view = memoryview(body)
         chunks = [bytes(view[i : i + MAX_BODY_CHUNK]) for i in range(0, len(body), MAX_BODY_CHUNK)]
