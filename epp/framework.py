@@ -202,15 +202,24 @@ class InferenceRequest:
     body: Mapping[str, Any]
     streaming: bool = False
     target_model: str = ""  # model after any rewrite; equals `model` for now
+    _prompt_bytes: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.target_model:
             self.target_model = self.model
 
     @property
+    def prompt_bytes(self) -> bytes:
+        """The prompt text as UTF-8, encoded once: what the prefix index hashes in blocks."""
+        if self._prompt_bytes is None:
+            self._prompt_bytes = self.prompt_text.encode()
+        return self._prompt_bytes
+
+    @property
     def input_tokens_estimate(self) -> int:
-        # The field's convention without a tokenizer: 4 characters a token.
-        return len(self.prompt_text) // 4
+        # The field's convention without a tokenizer: 4 bytes a token (the Go EPP counts bytes
+        # too), so the estimate and the prefix blocks agree for non-ASCII prompts.
+        return len(self.prompt_bytes) // 4
 
 
 class CycleState:

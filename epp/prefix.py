@@ -33,9 +33,9 @@ class PromptHasher:
     __slots__ = ()
 
     def block_hashes(
-        self, model: str, text: str, block_chars: int, max_blocks: int, cache_salt: str = ""
+        self, model: str, text: str | bytes, block_chars: int, max_blocks: int, cache_salt: str = ""
     ) -> list[int]:
-        data = text.encode()
+        data = text if isinstance(text, bytes) else text.encode()
         if len(data) < block_chars:
             return []
         end = min(len(data) // block_chars, max_blocks) * block_chars

@@ -117,7 +117,7 @@ class ApproxPrefixCacheProducer:
         salt = request.body.get("cache_salt")
         hashes = self._hasher.block_hashes(
             request.target_model,
-            request.prompt_text,
+            request.prompt_bytes,
             block * CHARS_PER_TOKEN,
             self.max_blocks_for(block),
             salt if isinstance(salt, str) else "",

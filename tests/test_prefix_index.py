@@ -76,3 +76,13 @@ def test_capacity_from_server_shrinks_and_removal_purges() -> None:
     assert index.match([0]) == {}
     assert len(index) == 4
     index.remove_endpoint("missing")  # harmless
+
+
+def test_token_estimate_and_blocks_both_count_utf8_bytes() -> None:
+    from epp.framework import Api, InferenceRequest
+
+    text = "模型" * 2000  # 4,000 characters, 12,000 UTF-8 bytes
+    request = InferenceRequest("r", "m", Api.COMPLETIONS, text, {}, {})
+    assert request.input_tokens_estimate == 3000
+    blocks = PromptHasher().block_hashes("m", request.prompt_bytes, 256, 10_000)
+    assert len(blocks) * 256 // 4 <= request.input_tokens_estimate < (len(blocks) + 1) * 256 // 4
