@@ -104,10 +104,11 @@ def _socket_address(address: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": address, "port_value": port}}
 
 
-def _split_host_port(hostport: str) -> tuple[str, int]:
-    host, sep, port = hostport.strip().rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"backend must be host:port, got {hostport!r}")
+def split_host_port(value: str) -> tuple[str, int]:
+    """'host:port' (IPv6 as [addr]:port) -> (host, port); ValueError otherwise."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
     return host.strip("[]"), int(port)
 
 
@@ -220,7 +221,7 @@ def render_envoy_config(
     else:
         if not backends:
             raise ValueError("mode 'round-robin' needs backends")
-        lb_endpoints = [{"endpoint": {"address": _socket_address(*_split_host_port(b))}} for b in backends]
+        lb_endpoints = [{"endpoint": {"address": _socket_address(*split_host_port(b))}} for b in backends]
         clusters.append(
             {
                 "name": BACKENDS_CLUSTER,

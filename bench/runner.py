@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -92,13 +93,10 @@ def tools_bin(name: str) -> Path:
     candidate = REPO_ROOT / ".venv-tools" / "bin" / name
     if candidate.exists():
         return candidate
-    found = next(
-        (Path(p) / name for p in os.environ.get("PATH", "").split(os.pathsep) if (Path(p) / name).exists()),
-        None,
-    )
+    found = shutil.which(name)
     if found is None:
         raise GatewayError(f"{name} not found: run `make tools`")
-    return found
+    return Path(found)
 
 
 @contextlib.asynccontextmanager

@@ -31,6 +31,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from bench.gateway import split_host_port
 from bench.sim.server import listen
 
 PREFILL_HEADER = "x-prefiller-host-port"
@@ -41,13 +42,6 @@ COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
 _SKIP_HEADERS = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade", "te", "trailer"}
 )
-
-
-def _split_host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected host:port, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 def _forward_headers(headers: Any) -> dict[str, str]:
@@ -63,7 +57,7 @@ class Sidecar:
     """One sidecar in front of one decode instance. `await Sidecar(decode).start()`; `.address`."""
 
     def __init__(self, decode: str, timeout_s: float = 600.0) -> None:
-        _split_host_port(decode)
+        split_host_port(decode)
         self.decode = decode
         self.timeout_s = timeout_s
         self.host = ""
@@ -112,7 +106,7 @@ class Sidecar:
         if not prefiller:
             return await self._relay(request, raw, {})
         try:
-            _split_host_port(prefiller)
+            split_host_port(prefiller)
             body = orjson.loads(raw)
         except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
             return _error(400, f"sidecar: {exc}")
@@ -202,7 +196,7 @@ async def start_sidecars(
     sidecars: list[Sidecar] = []
     try:
         for i, decode in enumerate(decodes):
-            listen_host, listen_port = _split_host_port(listens[i]) if i < len(listens) else (host, 0)
+            listen_host, listen_port = split_host_port(listens[i]) if i < len(listens) else (host, 0)
             sidecars.append(await Sidecar(decode).start(listen_host, listen_port))
     except BaseException:
         for sidecar in sidecars:
@@ -235,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         for value in [*args.decode, *args.listen]:
-            _split_host_port(value)
+            split_host_port(value)
     except ValueError as exc:
         parser.error(str(exc))
     if len(args.listen) > len(args.decode):
