@@ -40,13 +40,25 @@ class _RequestLoad:
     """The InFlightLoad view one request sees: the producer's counters, and what this request
     would add on each endpoint."""
 
-    __slots__ = ("_cycle", "_input_tokens", "_producer", "_request")
+    __slots__ = (
+        "_cycle",
+        "_input_tokens",
+        "_match",
+        "_matched_read",
+        "_output_tokens",
+        "_producer",
+        "_request",
+    )
 
     def __init__(self, producer: InFlightLoadProducer, cycle: CycleState, request: InferenceRequest) -> None:
         self._producer = producer
         self._cycle = cycle
         self._request = request
         self._input_tokens = request.input_tokens_estimate
+        # Per request, not per endpoint; resolved on first use (the prefix producer may run later).
+        self._match: PrefixMatch | None = None
+        self._matched_read = False
+        self._output_tokens: int | None = None
 
     def requests(self, endpoint: Endpoint) -> int:
         return self._producer.requests_in_flight.get(endpoint.key, 0)
@@ -57,10 +69,15 @@ class _RequestLoad:
     def request_tokens(self, endpoint: Endpoint) -> int:
         """Tokens this request would add to `endpoint`."""
         p = self._producer
-        match: PrefixMatch | None = self._cycle.read(p.prefix_key)
+        if not self._matched_read:
+            self._match = self._cycle.read(p.prefix_key)
+            self._matched_read = self._match is not None
+        match = self._match
         tokens = self._input_tokens if match is None else match.uncached_tokens(endpoint, self._input_tokens)
         if p.add_output_estimate:
-            tokens += p.output_estimate(self._input_tokens, self._request)
+            if self._output_tokens is None:
+                self._output_tokens = p.output_estimate(self._input_tokens, self._request)
+            tokens += self._output_tokens
         return tokens
 
 

@@ -39,6 +39,18 @@ ROLE_ENCODE_PREFILL_DECODE = "encode-prefill-decode"
 ROLE_BOTH = "both"
 
 
+def _with_label_in(
+    endpoints: Sequence[Endpoint], label: str, values: frozenset[str], keep_unlabeled: bool
+) -> list[Endpoint]:
+    """Endpoints whose `label` is one of `values`, plus those without it when `keep_unlabeled`."""
+    out = []
+    for ep in endpoints:
+        value = ep.labels.get(label)
+        if (value in values) if value is not None else keep_unlabeled:
+            out.append(ep)
+    return out
+
+
 class ByLabel:
     """Keeps endpoints whose `label` has one of `validValues` (and, if `allowsNoLabel`, those
     without the label). Deprecated in the Go EPP in favour of the role filters and
@@ -60,13 +72,7 @@ class ByLabel:
     def filter(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
     ) -> Sequence[Endpoint]:
-        label, valid, unlabeled = self.label, self.valid_values, self.allows_no_label
-        out = []
-        for ep in endpoints:
-            value = ep.labels.get(label)
-            if (value is None and unlabeled) or value in valid:
-                out.append(ep)
-        return out
+        return _with_label_in(endpoints, self.label, self.valid_values, self.allows_no_label)
 
 
 class _RoleFilter:
@@ -82,13 +88,7 @@ class _RoleFilter:
     def filter(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
     ) -> Sequence[Endpoint]:
-        roles, unlabeled = self.roles, self.allows_no_label
-        out = []
-        for ep in endpoints:
-            role = ep.labels.get(ROLE_LABEL)
-            if role in roles or (role is None and unlabeled):
-                out.append(ep)
-        return out
+        return _with_label_in(endpoints, ROLE_LABEL, self.roles, self.allows_no_label)
 
 
 class DecodeFilter(_RoleFilter):
