@@ -133,9 +133,15 @@ class ApproxPrefixCacheProducer:
         # Every profile's pick ends up holding the prompt's KV: the decode pod, and under P/D the
         # prefill pod that computed it (whatever the profiles are named).
         targets = {p.endpoints[0].key: p.endpoints[0] for p in result.profiles.values() if p.endpoints}
+        match: PrefixMatch | None = cycle.read(self.key)
+        index_block = match.block_size_tokens if match is not None else MIN_BLOCK_SIZE_TOKENS
         for target in targets.values():
-            if self.auto_tune and target.metrics.num_gpu_blocks:
-                self.index.set_capacity(target.key, target.metrics.num_gpu_blocks)
+            server_blocks = target.metrics.num_gpu_blocks
+            if self.auto_tune and server_blocks:
+                # The server's KV holds num_gpu_blocks x its block size tokens; in index blocks
+                # (never smaller than 64 tokens) that is fewer entries.
+                server_block = target.metrics.block_size or index_block
+                self.index.set_capacity(target.key, max(1, server_blocks * server_block // index_block))
             self.index.add(target.key, hashes)
 
     def endpoint_removed(self, endpoint: Endpoint) -> None:

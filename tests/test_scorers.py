@@ -4,6 +4,7 @@ lists and endpoints that were never scraped."""
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -473,3 +474,17 @@ def test_no_hit_lru_positions_count_the_whole_lru_and_its_size_is_bounded() -> N
     assert list(scorer.lru) == [b.key, c.key]  # a fell out
     # candidates [c, d]: d unused (rank 0), c at 1 + position 1 = 2 -> clamped to 0.
     assert lru_round(scorer, [c, d], {}, pick=1) == [0.0, 1.0]
+
+
+def test_prefix_index_capacity_follows_the_servers_kv_in_index_blocks() -> None:
+    """A server with 64 blocks of 16 tokens holds 1,024 tokens: 16 index blocks of 64 tokens."""
+    producer = ApproxPrefixCacheProducer()
+    server = make_endpoint("s")
+    server.metrics = replace(server.metrics, block_size=16, num_gpu_blocks=64)
+    for i in range(3):  # 3 prompts of 8 blocks each: only the last 16 blocks fit
+        prompt = f"{i}" * 2048
+        cycle = produce(producer, prompt, [server])
+        producer.pre_request(cycle, make_request(prompt), result_for(server))
+    assert producer.index.entries() == 16
+    assert dict(produce(producer, "0" * 2048, [server]).read(producer.key).matched) == {}
+    assert dict(produce(producer, "2" * 2048, [server]).read(producer.key).matched) == {server.key: 8}
