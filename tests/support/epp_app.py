@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -28,7 +30,8 @@ class RunningEpp:
 
 
 @asynccontextmanager
-async def running_epp(*flags: str) -> AsyncIterator[RunningEpp]:
+async def running_epp(*flags: str, **overrides: Any) -> AsyncIterator[RunningEpp]:
+    """epp in-process on free loopback ports; `overrides` replace Settings fields flags don't reach."""
     settings = parse_settings(
         [
             "--grpc-port",
@@ -42,7 +45,7 @@ async def running_epp(*flags: str) -> AsyncIterator[RunningEpp]:
             *flags,
         ]
     )
-    app = App(settings)
+    app = App(dataclasses.replace(settings, **overrides) if overrides else settings)
     ports = await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}")
     try:

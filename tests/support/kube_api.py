@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -36,12 +35,9 @@ import grpc
 import orjson
 import yaml
 from aiohttp import web
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epp.app import App
-from epp.settings import parse_settings
-from tests.support.epp_app import RunningEpp
+from tests.support.epp_app import RunningEpp, running_epp
 
 
 @dataclass(frozen=True)
@@ -579,29 +575,8 @@ FAST = {"kube_backoff_initial_s": 0.05, "kube_backoff_max_s": 0.4}
 @asynccontextmanager
 async def running_k8s_epp(kubeconfig: Path, *flags: str, **overrides: Any) -> AsyncIterator[RunningEpp]:
     """epp in-process on free loopback ports, discovering from the server `kubeconfig` names."""
-    settings = parse_settings(
-        [
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--bind-address",
-            "127.0.0.1",
-            "--kubeconfig",
-            str(kubeconfig),
-            *flags,
-        ]
-    )
-    app = App(dataclasses.replace(settings, **{**FAST, **overrides}))
-    ports = await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}")
-    try:
-        yield RunningEpp(app, channel, pb_grpc.ExternalProcessorStub(channel))
-    finally:
-        await channel.close()
-        await app.stop(grace_s=0.1)
+    async with running_epp("--kubeconfig", str(kubeconfig), *flags, **{**FAST, **overrides}) as epp:
+        yield epp
 
 
 async def health(epp: RunningEpp, service: str = "readiness") -> str:
