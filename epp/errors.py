@@ -1,8 +1,19 @@
-"""Errors that end a request with an HTTP status (sent to Envoy as an ImmediateResponse)."""
+"""Every error type epp raises, in one place. A leaf module: it imports nothing from epp.
+
+- `EppError` ends one request with an HTTP status (an ext_proc ImmediateResponse).
+- `ConfigError` is a configuration that cannot be used (plugins raise it from `from_params`).
+- The `*SpecError` types are unusable startup input (flags, endpoint files, pool specs); the
+  `epp` command reports them in one line and exits 1.
+- `KubeApiError` is a non-2xx answer from the Kubernetes API server.
+- `MetricsParseError` is a model server's /metrics page that cannot be read.
+"""
 
 from __future__ import annotations
 
 import enum
+from typing import Any
+
+import orjson
 
 
 class ErrorCode(enum.Enum):
@@ -34,3 +45,49 @@ class EppError(Exception):
     @property
     def body(self) -> bytes:
         return f"inference error: {self.code.label} - {self.message}".encode()
+
+
+class ConfigError(ValueError):
+    """A configuration (EndpointPickerConfig, a plugin's parameters) is wrong. The message names
+    what and why."""
+
+
+class EndpointSpecError(ValueError):
+    """An endpoint list (--endpoints, --endpoints-file) or client configuration that cannot be used."""
+
+
+class KubeConfigError(EndpointSpecError):
+    """No usable Kubernetes client configuration. An EndpointSpecError so that the `epp` command
+    reports it in one line and exits 1, like any other unusable endpoint source."""
+
+
+class PoolSpecError(ValueError):
+    """A pool spec or a selector/ports flag that cannot be used. The message says why."""
+
+
+class MetricsParseError(ValueError):
+    """A model server's /metrics page that cannot be parsed."""
+
+
+class KubeApiError(Exception):
+    """A non-2xx answer (or an ERROR watch event) from the API server, with its Status fields."""
+
+    def __init__(self, status: int, reason: str = "", message: str = "") -> None:
+        super().__init__(f"HTTP {status} {reason}: {message}".rstrip(": "))
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @classmethod
+    def from_status(cls, status: int, body: Any) -> KubeApiError:
+        """From a `metav1.Status` object (dict) or raw response bytes."""
+        if isinstance(body, bytes | str):
+            try:
+                body = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return cls(status, "", str(body[:200]))
+        if isinstance(body, dict):
+            return cls(
+                int(body.get("code") or status), str(body.get("reason", "")), str(body.get("message", ""))
+            )
+        return cls(status)

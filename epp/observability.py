@@ -1,7 +1,8 @@
 """epp's own Prometheus metrics, under the Go EPP's names so dashboards carry over.
 
 All metrics live in one registry created by the composition root (no module-level state), served
-on --metrics-port.
+on --metrics-port. Plugins register their own metrics in the same registry through their handle
+(e.g. the prefix index size, the P/D decisions); this module knows none of them.
 """
 
 from __future__ import annotations
@@ -135,27 +136,9 @@ class EppMetrics:
             buckets=_PLUGIN_BUCKETS,
             registry=r,
         )
-        self.prefix_indexer_size = Gauge(
-            "inference_extension_prefix_indexer_size",
-            "Entries (block, endpoint) in the prefix index.",
-            registry=r,
-        )
-        self.prefix_indexer_hit_ratio = Histogram(
-            "inference_extension_prefix_indexer_hit_ratio",
-            "Share of a request's prefix blocks found on the chosen endpoint.",
-            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-            registry=r,
-        )
-        self.disagg_decisions = Counter(
-            "llm_d_inference_scheduler_disagg_decision",
-            "Prefill/decode disaggregation decisions (decode-only, prefill-decode), by model.",
-            ["model_name", "decision_type"],
-            registry=r,
-        )
-        self.epp_disagg_decisions = Counter(
-            "llm_d_epp_disagg_decision",
-            "Prefill/decode disaggregation decisions, by the profile handler that made them.",
-            ["plugin_name", "plugin_type", "model_name", "decision_type"],
+        self.fallback_served = Counter(
+            "epp_fallback_endpoint_served",
+            "Requests that Envoy reported a fallback endpoint (not the primary) served.",
             registry=r,
         )
         self.scrape_errors = Counter(
@@ -163,7 +146,6 @@ class EppMetrics:
         )
         self._model_children: dict[tuple[str, str], ModelMetrics] = {}
         self._plugin_children: dict[tuple[str, str, str], Histogram] = {}
-        self._disagg_children: dict[tuple[str, str, str, str], tuple[Counter, Counter]] = {}
 
     def for_model(self, model: str, target: str) -> ModelMetrics:
         key = (model, target)
@@ -185,14 +167,3 @@ class EppMetrics:
         if child is None:  # labels() is slow; cache the child per plugin
             child = self._plugin_children[key] = self.plugin_duration.labels(point, plugin_type, plugin_name)
         child.observe(seconds)
-
-    def count_disagg_decision(self, handler_name: str, handler_type: str, model: str, decision: str) -> None:
-        key = (handler_name, handler_type, model or "unknown", decision)
-        children = self._disagg_children.get(key)
-        if children is None:
-            children = self._disagg_children[key] = (
-                self.disagg_decisions.labels(key[2], decision),
-                self.epp_disagg_decisions.labels(*key),
-            )
-        children[0].inc()
-        children[1].inc()

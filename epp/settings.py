@@ -12,11 +12,12 @@ from typing import NoReturn
 from epp.discovery.pool import (
     POOL_VERSIONS,
     V1_GROUP,
-    PoolSpecError,
     default_namespace,
     parse_ports_flag,
     parse_selector_flag,
 )
+from epp.errors import PoolSpecError
+from epp.ports import port_number
 
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -46,12 +47,9 @@ def parse_duration(text: str) -> float:
 
 def _port(text: str) -> int:
     try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port must be an integer, got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
-    return port
+        return port_number(text, allow_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,19 @@
-"""Helpers for testing scheduling plugins: build endpoints and requests, score, run a profile,
-route through a whole config. Public and stable: third-party plugin packages use them in their
-own unit tests.
+"""Helpers for testing scheduling plugins: build endpoints, requests and plugins, score, run a
+profile, route through a whole config. Public and stable: third-party plugin packages use them
+in their own unit tests.
 
-    from epp.testing import make_endpoint, make_request, run_profile, score
+    from epp.testing import build, make_endpoint, make_request, run_profile, score
 
     a = make_endpoint("a", waiting=3, kv=0.2)
     b = make_endpoint("b", waiting=0, kv=0.9)
-    assert score(MyScorer(), [a, b]) == [0.8, 0.1]
-    run = run_profile([(MyScorer(), 2.0), (QueueScorer(), 1.0)], [a, b])
+    mine = build(MyScorer, {"threshold": 4})       # parsed as the config loader would
+    assert score(mine, [a, b]) == [0.8, 0.1]
+    run = run_profile([(mine, 2.0), (build(QueueScorer), 1.0)], [a, b])
     assert run.picked == ["b"] and run.scores["my-scorer"] == {"a": 0.8, "b": 0.1}
 
 Endpoints are named; an endpoint's address is its name, so its key is `name:port`. Plugins that
 read producers' data (prefix match, in-flight load) get the default producers automatically, as
-the config loader would add them.
+the config loader would add them. Plugins come from the installed `epp.plugins` entry points.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
-from epp.config import load_config
 from epp.framework import (
     ROLE_LABEL,
     Api,
+    ConfigError,
     CycleState,
-    DataConsumer,
     DataProducer,
     Endpoint,
     EndpointMetrics,
@@ -37,24 +37,40 @@ from epp.framework import (
     InferenceRequest,
     Params,
     Picker,
+    Plugin,
+    PluginHandle,
+    PluginRegistry,
     SchedulingResult,
     Scorer,
 )
-from epp.scheduling.pickers import MaxScorePicker
-from epp.scheduling.profile import SchedulerProfile, WeightedScorer, plugin_name
-from epp.scheduling.registry import PluginRegistry, builtin_registry
+from epp.framework.registry import installed_registry
+from epp.scheduling.loader import load_config
+from epp.scheduling.profile import SchedulerProfile, WeightedScorer
 from epp.scheduling.scheduler import Scheduler
 
 __all__ = [
     "ProfileRun",
+    "build",
     "complete",
     "load_scheduler",
     "make_endpoint",
     "make_request",
+    "plugin_class",
     "route",
     "run_profile",
     "score",
 ]
+
+P = TypeVar("P", bound=Plugin)
+
+_registry: PluginRegistry | None = None
+
+
+def _installed() -> PluginRegistry:
+    global _registry  # the entry points are read once per process
+    if _registry is None:
+        _registry = installed_registry()
+    return _registry
 
 
 def make_endpoint(
@@ -70,14 +86,15 @@ def make_endpoint(
     max_loras: int = 0,
     block_size: int | None = None,
     num_gpu_blocks: int | None = None,
-    active_requests: int = 0,
+    inflight_requests: int = 0,
+    inflight_tokens: int = 0,
     namespace: str = "",
     address: str | None = None,
     port: int = 8000,
     updated_at: float = 1.0,
 ) -> Endpoint:
     """An endpoint with the given scraped metrics (`waiting` queue, `running` requests, `kv` cache
-    usage 0..1, LoRA adapters) and pod labels (`role` sets `llm-d.ai/role`)."""
+    usage 0..1, LoRA adapters), in-flight counts and pod labels (`role` sets `llm-d.ai/role`)."""
     all_labels = dict(labels or {})
     if role is not None:
         all_labels[ROLE_LABEL] = role
@@ -93,7 +110,8 @@ def make_endpoint(
         num_gpu_blocks=num_gpu_blocks,
         updated_at=updated_at,
     )
-    ep.active_requests = active_requests
+    ep.inflight_requests = inflight_requests
+    ep.inflight_tokens = inflight_tokens
     return ep
 
 
@@ -126,19 +144,45 @@ def make_request(
     )
 
 
-def _default_producers(plugins: Iterable[Any], registry: PluginRegistry | None = None) -> list[Any]:
+def plugin_class(type_name: str) -> type[Plugin]:
+    """The installed plugin class registered under `type_name`."""
+    cls = _installed().get(type_name)
+    if cls is None:
+        raise KeyError(f"no installed plugin type {type_name!r}")
+    return cls
+
+
+def build(
+    cls: type[P] | str,
+    parameters: Mapping[str, Any] | None = None,
+    *,
+    name: str = "",
+    handle: PluginHandle | None = None,
+) -> P:
+    """A plugin built from a config's `parameters` exactly as the loader builds it (so a bad or
+    unknown parameter raises ConfigError). `cls` is a class or an installed type name."""
+    klass: Any = plugin_class(cls) if isinstance(cls, str) else cls
+    name = name or klass.type_name
+    params = Params(parameters, name)
+    plugin: P = klass.from_params(name, params, handle or PluginHandle())
+    unread = params.unread()
+    if unread:
+        raise ConfigError(f"unknown parameter {unread[0]!r}")
+    return plugin
+
+
+def _default_producers(plugins: Iterable[Plugin], handle: PluginHandle) -> list[DataProducer]:
     """Producers (default parameters) for the data `plugins` consume and do not produce."""
-    registry = registry or builtin_registry()
+    registry = _installed()
     produced = {k for p in plugins if isinstance(p, DataProducer) for k in p.produces()}
-    producers = []
+    producers: list[DataProducer] = []
     for plugin in plugins:
-        if not isinstance(plugin, DataConsumer):
-            continue
         for key in plugin.consumes():
             type_name = registry.default_producer(key)
             if key in produced or type_name is None:
                 continue
-            producer = registry.create(type_name, type_name, Params(None, type_name))
+            producer: Plugin = build(type_name, handle=handle)
+            assert isinstance(producer, DataProducer)
             producers.append(producer)
             produced.update(producer.produces())
     return producers
@@ -154,27 +198,9 @@ def score(
     """The scorer's raw scores for `endpoints` (after running any producer it needs)."""
     request = request or make_request()
     cycle = cycle or CycleState()
-    for producer in _default_producers([scorer]):
+    for producer in _default_producers([scorer], PluginHandle()):
         producer.produce(cycle, request, endpoints)
     return list(scorer.score(cycle, request, endpoints))
-
-
-class _Recording:
-    """Wraps a scorer to keep what it returned."""
-
-    def __init__(self, scorer: Scorer) -> None:
-        self.scorer = scorer
-        self.name = plugin_name(scorer)
-        self.type_name = getattr(scorer, "type_name", type(scorer).__name__)
-        self.endpoints: Sequence[Endpoint] = ()
-        self.scores: list[float] = []
-
-    def score(
-        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
-    ) -> Sequence[float]:
-        self.endpoints = endpoints
-        self.scores = list(self.scorer.score(cycle, request, endpoints))
-        return self.scores
 
 
 @dataclass
@@ -206,47 +232,49 @@ def run_profile(
 
     `picker` defaults to max-score-picker with a seeded random tie-break. Producers the plugins need
     are added (pass your own in `producers` to keep their state, e.g. a prefix index, between
-    calls)."""
+    calls). The scores are the ones the profile recorded, as epp's debug log shows them."""
     request = request or make_request()
-    recorders = [(_Recording(s), w) for s, w in scorers]
-    plugins = [*filters, *(s for s, _ in scorers), *producers]
+    plugins: list[Plugin] = [*filters, *(s for s, _ in scorers), *producers]
     cycle = CycleState()
-    for producer in [*producers, *_default_producers(plugins)]:
+    for producer in [*producers, *_default_producers(plugins, PluginHandle())]:
         producer.produce(cycle, request, endpoints)
-    chosen_picker = picker or MaxScorePicker(params=None, rng=random.Random(seed))
-    profile = SchedulerProfile("test", filters, [WeightedScorer(r, w) for r, w in recorders], chosen_picker)
+    if picker is None:
+        max_score: Any = plugin_class("max-score-picker")
+        picker = max_score(rng=random.Random(seed))
+        assert isinstance(picker, Picker)
+    profile = SchedulerProfile("test", filters, [WeightedScorer(s, w) for s, w in scorers], picker)
     result = profile.run(cycle, request, endpoints)
     run = ProfileRun(endpoints=list(result.endpoints) if result else [], cycle=cycle)
     if result is None:
         return run
-    candidates: Sequence[Endpoint] = recorders[0][0].endpoints if recorders else endpoints
-    run.candidates = [ep.name for ep in candidates]
-    totals = [0.0] * len(candidates)
-    for recorder, weight in recorders:
-        run.scores[recorder.name] = {ep.name: s for ep, s in zip(candidates, recorder.scores, strict=True)}
-        totals = [t + weight * min(1.0, max(0.0, s)) for t, s in zip(totals, recorder.scores, strict=True)]
-    run.totals = {ep.name: t for ep, t in zip(candidates, totals, strict=True)}
+    run.candidates = [ep.name for ep in result.candidates]
+    run.scores = {
+        scorer: {ep.name: s for ep, s in zip(result.candidates, values, strict=True)}
+        for scorer, values in result.scorer_scores.items()
+    }
+    run.totals = {ep.name: t for ep, t in zip(result.candidates, result.totals, strict=True)}
     return run
 
 
 def load_scheduler(config_yaml: str, registry: PluginRegistry | None = None) -> Scheduler:
     """The scheduler an EndpointPickerConfig describes; in-tree plugins plus those installed
-    through the `epp.plugins` entry points."""
-    if registry is None:
-        registry = builtin_registry()
-        registry.load_entry_points()
-    return load_config(config_yaml, registry, "test config").scheduler
+    through the `epp.plugins` entry points. Its plugins share `scheduler.handle` (metrics registry,
+    in-flight ledger)."""
+    return load_config(config_yaml, registry or _installed(), "test config").scheduler
 
 
 def route(scheduler: Scheduler, endpoints: Sequence[Endpoint], request: InferenceRequest) -> SchedulingResult:
-    """Schedule one request and run the after-pick hooks (e.g. the prefix index learns where the
-    prompt went), as epp does for a real request. Raises EppError when nothing can serve it."""
+    """Schedule one request, charge it to the in-flight ledger and run the after-pick hooks (e.g.
+    the prefix index learns where the prompt went), as epp does for a real request. Raises
+    EppError when nothing can serve it."""
     cycle = CycleState()
     result = scheduler.schedule(cycle, request, endpoints)
+    scheduler.handle.ledger.charge(request, result.targets())
     scheduler.pre_request(cycle, request, result)
     return result
 
 
 def complete(scheduler: Scheduler, request: InferenceRequest, result: SchedulingResult) -> None:
-    """The response of a routed request completed (in-flight counts drop)."""
+    """The response of a routed request completed: its in-flight charge is released."""
+    scheduler.handle.ledger.release(request)
     scheduler.response_complete(request, result.primary.endpoints[0])

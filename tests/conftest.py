@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.sim import SimConfig, Simulator, start_simulator
+from epp_bench.sim import SimConfig, Simulator, start_simulator
 
 SIM_MODEL = "sim-model"
 StartSim = Callable[..., Awaitable[Simulator]]

@@ -29,40 +29,11 @@ from kubernetes_asyncio.client import ApiClient, Configuration
 from kubernetes_asyncio.config import load_incluster_config, load_kube_config, refresh_token
 from kubernetes_asyncio.config.kube_config import KubeConfigLoader, KubeConfigMerger
 
-from epp.discovery.static import EndpointSpecError
+from epp.errors import KubeApiError, KubeConfigError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KUBECONFIG = "~/.kube/config"
-
-
-class KubeConfigError(EndpointSpecError):
-    """No usable client configuration. An EndpointSpecError so that the `epp` command reports it
-    in one line and exits 1, like any other unusable endpoint source."""
-
-
-class KubeApiError(Exception):
-    """A non-2xx answer (or an ERROR watch event) from the API server, with its Status fields."""
-
-    def __init__(self, status: int, reason: str = "", message: str = "") -> None:
-        super().__init__(f"HTTP {status} {reason}: {message}".rstrip(": "))
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-    @classmethod
-    def from_status(cls, status: int, body: Any) -> KubeApiError:
-        """From a `metav1.Status` object (dict) or raw response bytes."""
-        if isinstance(body, bytes | str):
-            try:
-                body = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                return cls(status, "", str(body[:200]))
-        if isinstance(body, Mapping):
-            return cls(
-                int(body.get("code") or status), str(body.get("reason", "")), str(body.get("message", ""))
-            )
-        return cls(status)
 
 
 @dataclass(frozen=True, slots=True)

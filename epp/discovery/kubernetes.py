@@ -38,10 +38,11 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio.client import CoreV1Api, CustomObjectsApi
 
-from epp.datastore import Datastore
+from epp.datalayer.datastore import Datastore
 from epp.discovery.kubeclient import KubeClient, check_config_source, raw_response
-from epp.discovery.pool import POOL_PLURAL, PoolRef, PoolSpec, PoolSpecError, parse_pool
+from epp.discovery.pool import POOL_PLURAL, PoolRef, PoolSpec, parse_pool
 from epp.discovery.reflector import Backoff, Reflector
+from epp.errors import PoolSpecError
 from epp.framework import Endpoint
 
 log = logging.getLogger(__name__)

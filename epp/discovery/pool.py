@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from epp.errors import PoolSpecError
+from epp.ports import port_number
+
 V1_GROUP = "inference.networking.k8s.io"
 V1ALPHA2_GROUP = "inference.networking.x-k8s.io"
 # The API version epp reads for each accepted group.
@@ -26,10 +29,6 @@ POOL_PLURAL = "inferencepools"
 MAX_TARGET_PORTS = 8
 
 SERVICE_ACCOUNT_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-
-
-class PoolSpecError(ValueError):
-    """A pool spec or a selector/ports flag that cannot be used. The message says why."""
 
 
 def default_namespace(path: Path = SERVICE_ACCOUNT_NAMESPACE_FILE) -> str:
@@ -79,9 +78,10 @@ class PoolSpec:
 
 
 def _port(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise PoolSpecError(f"{where}: port must be an integer 1-65535, got {value!r}")
-    return value
+    try:  # pool specs are JSON: a port is a number, never text
+        return port_number(value, allow_text=isinstance(value, str) and where.startswith("--"))
+    except ValueError as exc:
+        raise PoolSpecError(f"{where}: {exc}") from None
 
 
 def _check_ports(ports: list[int], where: str) -> tuple[int, ...]:

@@ -26,7 +26,8 @@ from typing import Any
 
 import aiohttp
 
-from epp.discovery.kubeclient import KubeApiError, read_events, read_json
+from epp.discovery.kubeclient import read_events, read_json
+from epp.errors import KubeApiError
 
 log = logging.getLogger(__name__)
 

@@ -19,28 +19,21 @@ from typing import Any
 
 import yaml
 
-from epp.datastore import Datastore
+from epp.datalayer.datastore import Datastore
+from epp.errors import EndpointSpecError
 from epp.framework import Endpoint
+from epp.ports import port_number
 
 log = logging.getLogger(__name__)
 
 _ENDPOINT_KEYS = {"address", "port", "name", "labels"}
 
 
-class EndpointSpecError(ValueError):
-    pass
-
-
 def _port(value: Any, where: str) -> int:
-    if isinstance(value, bool):
-        raise EndpointSpecError(f"{where}: port must be an integer 1-65535, got {value!r}")
     try:
-        port = int(value)
-    except (TypeError, ValueError):
-        raise EndpointSpecError(f"{where}: port must be an integer 1-65535, got {value!r}") from None
-    if not 1 <= port <= 65535 or (isinstance(value, float) and value != port):
-        raise EndpointSpecError(f"{where}: port must be an integer 1-65535, got {value!r}")
-    return port
+        return port_number(value)
+    except ValueError as exc:
+        raise EndpointSpecError(f"{where}: {exc}") from None
 
 
 def _check_unique(endpoints: list[Endpoint], where: str) -> list[Endpoint]:

@@ -21,12 +21,12 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from epp.director import Decision, Director
 from epp.errors import EppError, ErrorCode
 from epp.extproc import messages
-from epp.extproc.usage import UsageReader
 from epp.framework import Api, InferenceRequest
-from epp.request import api_for_path, parse_request
+from epp.requestcontrol.director import Decision, Director
+from epp.requestcontrol.parsing import api_for_path, parse_request
+from epp.requestcontrol.usage import UsageReader
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,21 @@ def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
     if messages.SUBSET_HINT_KEY not in fields:
         return None
     return [v.string_value for v in fields[messages.SUBSET_HINT_KEY].list_value.values]
+
+
+def _served_endpoint(msg: pb.ProcessingRequest) -> str | None:
+    """The endpoint Envoy reports it sent the request to (`envoy.lb` /
+    `x-gateway-destination-endpoint-served`), on the response headers; None when not reported."""
+    if not msg.HasField("metadata_context"):
+        return None
+    namespaces = msg.metadata_context.filter_metadata
+    if messages.LB_METADATA_NAMESPACE not in namespaces:
+        return None
+    fields = namespaces[messages.LB_METADATA_NAMESPACE].fields
+    if messages.DESTINATION_SERVED_KEY not in fields:
+        return None
+    value = fields[messages.DESTINATION_SERVED_KEY].string_value
+    return value or None
 
 
 class RequestStream:
@@ -94,7 +109,7 @@ class RequestStream:
             if kind == "request_trailers":
                 return self._on_request_trailers()
             if kind == "response_headers":
-                return self._on_response_headers(msg.response_headers)
+                return self._on_response_headers(msg.response_headers, _served_endpoint(msg))
             if kind == "response_body":
                 return self._on_response_body(msg.response_body.body, msg.response_body.end_of_stream)
             if kind == "response_trailers":
@@ -176,11 +191,12 @@ class RequestStream:
         replies.extend(messages.body_replies(raw, request=True, end_of_stream=body_end_of_stream))
         return replies
 
-    def _on_response_headers(self, headers: Any) -> list[pb.ProcessingResponse]:
+    def _on_response_headers(self, headers: Any, served: str | None) -> list[pb.ProcessingResponse]:
         response_headers = _headers_dict(headers.headers)
         if self._usage is not None and "text/event-stream" in response_headers.get("content-type", ""):
             self._usage.streaming = True
-        added = self._director.response_headers(self.decision) if self.decision is not None else None
+        decision = self.decision
+        added = self._director.response_headers(decision, served) if decision is not None else None
         if headers.end_of_stream:
             self._finish(completed=True)
         return [messages.response_headers_reply(added)]

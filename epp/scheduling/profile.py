@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -20,14 +19,6 @@ _VECTORISE_FROM = 16
 
 # (extension point, plugin type, plugin name, seconds) -> None; feeds the plugin-duration histogram.
 PluginTimer = Callable[[str, str, str, float], None]
-
-
-def plugin_type(plugin: Any) -> str:
-    return str(getattr(plugin, "type_name", type(plugin).__name__))
-
-
-def plugin_name(plugin: Any) -> str:
-    return str(getattr(plugin, "name", plugin_type(plugin)))
 
 
 @dataclass(slots=True)
@@ -51,15 +42,10 @@ class SchedulerProfile:
         self.picker = picker
         self._timer = timer
         self._weights = np.array([s.weight for s in self.scorers], dtype=np.float64)
-        # Resolved once: the metric labels of every plugin.
-        self._labels = {
-            id(p): (plugin_type(p), plugin_name(p)) for p in [*filters, *[s.scorer for s in scorers], picker]
-        }
 
-    def _observe(self, point: str, plugin: object, started: float) -> None:
+    def _observe(self, point: str, plugin: Filter | Scorer | Picker, started: float) -> None:
         if self._timer is not None:
-            kind, name = self._labels[id(plugin)]
-            self._timer(point, kind, name, time.perf_counter() - started)
+            self._timer(point, plugin.type_name, plugin.name, time.perf_counter() - started)
 
     def _weighted_totals(self, all_scores: list[Sequence[float]], n: int) -> list[float]:
         """sum over scorers of weight x clamp(score, 0, 1). Clamping keeps a scorer that strays
@@ -83,7 +69,8 @@ class SchedulerProfile:
     def run(
         self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]
     ) -> ProfileResult | None:
-        """The chosen endpoints, or None when the filters left no candidate."""
+        """The chosen endpoints and the scores behind them, or None when the filters left no
+        candidate."""
         for flt in self.filters:
             started = time.perf_counter()
             candidates = flt.filter(cycle, request, candidates)
@@ -93,38 +80,37 @@ class SchedulerProfile:
         if not candidates:  # no filters and nothing to choose from
             return None
         n = len(candidates)
-        debug = log.isEnabledFor(logging.DEBUG)
         per_scorer: dict[str, Sequence[float]] = {}
         all_scores: list[Sequence[float]] = []
         for weighted in self.scorers:
+            scorer = weighted.scorer
             started = time.perf_counter()
-            scores = weighted.scorer.score(cycle, request, candidates)
-            self._observe("Scorer", weighted.scorer, started)
+            scores = scorer.score(cycle, request, candidates)
+            self._observe("Scorer", scorer, started)
             if len(scores) != n:
-                raise RuntimeError(
-                    f"scorer {plugin_name(weighted.scorer)} returned {len(scores)} scores for {n} endpoints"
-                )
+                raise RuntimeError(f"scorer {scorer.name} returned {len(scores)} scores for {n} endpoints")
             all_scores.append(scores)
-            if debug:
-                per_scorer[plugin_name(weighted.scorer)] = scores
+            per_scorer[scorer.name] = scores
         totals = self._weighted_totals(all_scores, n)
         started = time.perf_counter()
         chosen = self.picker.pick(cycle, candidates, totals)
         self._observe("Picker", self.picker, started)
-        if debug:
-            log.debug(
-                "request %s profile %s: %s -> %s",
-                request.request_id,
-                self.name,
-                {
-                    ep.key: {
-                        "total": round(totals[i], 4),
-                        **{k: round(v[i], 4) for k, v in per_scorer.items()},
-                    }
-                    for i, ep in enumerate(candidates)
-                },
-                [ep.key for ep in chosen],
-            )
-        return ProfileResult(
-            self.name, chosen, {ep.key: totals[i] for i, ep in enumerate(candidates)} if debug else {}
-        )
+        result = ProfileResult(self.name, chosen, candidates, totals, per_scorer)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s profile %s: %s", request.request_id, self.name, describe(result))
+        return result
+
+
+def describe(result: ProfileResult) -> dict[str, object]:
+    """A profile's decision as the debug log prints it: per candidate the total and each scorer's
+    raw score, and the endpoints chosen."""
+    return {
+        "scores": {
+            ep.key: {
+                "total": round(result.totals[i], 4),
+                **{name: round(scores[i], 4) for name, scores in result.scorer_scores.items()},
+            }
+            for i, ep in enumerate(result.candidates)
+        },
+        "picked": [ep.key for ep in result.endpoints],
+    }

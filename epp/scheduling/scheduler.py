@@ -6,34 +6,41 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
-from epp.errors import EppError, ErrorCode
 from epp.framework import (
-    DATA_PRODUCER_POINT,
-    PRE_REQUEST_POINT,
-    PROFILE_PICKER_POINT,
-    RESPONSE_COMPLETE_POINT,
-    RESPONSE_RECEIVED_POINT,
     CycleState,
     DataProducer,
     Endpoint,
     EndpointListener,
+    EppError,
+    ErrorCode,
     InferenceRequest,
+    Plugin,
+    PluginHandle,
     PreRequest,
     ProfileHandler,
     ProfileResult,
     ResponseComplete,
     ResponseHeaders,
-    RoutingHeaders,
     SchedulingResult,
+    ServedElsewhere,
 )
-from epp.scheduling.profile import PluginTimer, SchedulerProfile, plugin_name, plugin_type
+from epp.scheduling.profile import PluginTimer, SchedulerProfile
 
 log = logging.getLogger(__name__)
 
 _MAX_ROUNDS = 8  # a handler that never stops asking must not hang a request
+
+# Extension points, as the `extension_point` label of the plugin-duration histogram.
+DATA_PRODUCER_POINT = "DataProducer"
+PROFILE_PICKER_POINT = "ProfilePicker"
+PRE_REQUEST_POINT = "PreRequest"
+RESPONSE_RECEIVED_POINT = "ResponseReceived"
+RESPONSE_COMPLETE_POINT = "ResponseComplete"
+
+P = TypeVar("P", bound=Plugin)
 
 
 class Scheduler:
@@ -41,8 +48,9 @@ class Scheduler:
         self,
         handler: ProfileHandler,
         profiles: Mapping[str, SchedulerProfile],
-        plugins: Sequence[Any] = (),
+        plugins: Sequence[Plugin] = (),
         timer: PluginTimer | None = None,
+        handle: PluginHandle | None = None,
     ) -> None:
         if not profiles:
             raise ValueError("a scheduler needs at least one profile")
@@ -50,21 +58,24 @@ class Scheduler:
         self.profiles = dict(profiles)
         self._profile_names = list(self.profiles)
         self._timer = timer
-        # Every plugin instance, and its hooks resolved once.
         self.plugins = list(plugins)
-        self.producers = [p for p in self.plugins if isinstance(p, DataProducer)]
-        self.pre_request_hooks = [p for p in self.plugins if isinstance(p, PreRequest)]
-        self.response_header_hooks = [p for p in self.plugins if isinstance(p, ResponseHeaders)]
-        self.response_complete_hooks = [p for p in self.plugins if isinstance(p, ResponseComplete)]
-        self.endpoint_listeners = [p for p in self.plugins if isinstance(p, EndpointListener)]
-        # A P/D handler tells the decode pod where to prefill; a single-profile one has nothing to say.
-        self._routing_headers = handler if isinstance(handler, RoutingHeaders) else None
-        self._labels = {id(p): (plugin_type(p), plugin_name(p)) for p in [*self.plugins, handler]}
+        # What the plugins were built with: their metrics registry and the in-flight ledger.
+        self.handle = handle or PluginHandle()
 
-    def _observe(self, point: str, plugin: object, started: float) -> None:
+        def of(kind: type[P]) -> list[P]:
+            return [p for p in self.plugins if isinstance(p, kind)]
+
+        # Every hook resolved once, by the base class the plugin derives from.
+        self.producers = of(DataProducer)
+        self.pre_request_hooks = of(PreRequest)
+        self.response_header_hooks = of(ResponseHeaders)
+        self.served_elsewhere_hooks = of(ServedElsewhere)
+        self.response_complete_hooks = of(ResponseComplete)
+        self.endpoint_listeners = of(EndpointListener)
+
+    def _observe(self, point: str, plugin: Plugin, seconds: float) -> None:
         if self._timer is not None:
-            kind, name = self._labels.get(id(plugin)) or (plugin_type(plugin), plugin_name(plugin))
-            self._timer(point, kind, name, time.perf_counter() - started)
+            self._timer(point, plugin.type_name, plugin.name, seconds)
 
     def schedule(
         self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]
@@ -72,12 +83,13 @@ class Scheduler:
         for producer in self.producers:
             started = time.perf_counter()
             producer.produce(cycle, request, candidates)
-            self._observe(DATA_PRODUCER_POINT, producer, started)
+            self._observe(DATA_PRODUCER_POINT, producer, time.perf_counter() - started)
         results: dict[str, ProfileResult | None] = {}
-        in_handler = 0.0  # the handler's time over all rounds: one observation per request
+        handler = self.handler
+        in_handler = 0.0  # the handler's own time over all rounds: one observation per request
         for _ in range(_MAX_ROUNDS):
             started = time.perf_counter()
-            names = self.handler.pick_profiles(cycle, request, self._profile_names, results)
+            names = handler.pick_profiles(cycle, request, self._profile_names, results)
             in_handler += time.perf_counter() - started
             if not names:
                 break
@@ -86,8 +98,8 @@ class Scheduler:
         if not results:
             raise EppError(ErrorCode.INTERNAL, "profile handler ran no profile")
         started = time.perf_counter()
-        primary = self.handler.primary_profile(results)
-        self._observe(PROFILE_PICKER_POINT, self.handler, started - in_handler)
+        primary = handler.primary_profile(results)
+        self._observe(PROFILE_PICKER_POINT, handler, in_handler + time.perf_counter() - started)
         primary_result = results.get(primary)
         if primary_result is None or not primary_result.endpoints:
             raise EppError(
@@ -95,49 +107,55 @@ class Scheduler:
             )
         chosen = {k: v for k, v in results.items() if v is not None and v.endpoints}
         result = SchedulingResult(primary, chosen)
-        if self._routing_headers is not None:
-            result.headers = self._routing_headers.routing_headers(request, result)
+        result.headers = handler.routing_headers(request, result)
         return result
 
     # --- request lifecycle (called by the director) ----------------------------------------------
 
-    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
-        for hook in self.pre_request_hooks:
+    def _each(self, point: str, hooks: Sequence[P], call: Callable[[P], object]) -> None:
+        """Run one hook of every plugin that has it; a failing plugin is logged, never fatal."""
+        for hook in hooks:
             started = time.perf_counter()
             try:
-                hook.pre_request(cycle, request, result)
+                call(hook)
             except Exception:
-                log.exception("pre_request hook of %s failed", plugin_name(hook))
-            self._observe(PRE_REQUEST_POINT, hook, started)
+                log.exception("%s hook of plugin %s failed", point, hook.name)
+            self._observe(point, hook, time.perf_counter() - started)
+
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        self._each(PRE_REQUEST_POINT, self.pre_request_hooks, lambda h: h.pre_request(cycle, request, result))
 
     def response_headers(
         self, request: InferenceRequest, result: SchedulingResult | None, endpoint: Endpoint
     ) -> dict[str, str]:
         """Headers the plugins add to the response the client sees (later plugins win)."""
         added: dict[str, str] = {}
-        for hook in self.response_header_hooks:
-            started = time.perf_counter()
-            try:
-                headers = hook.response_headers(request, result, endpoint)
-                if headers:
-                    added.update(headers)
-            except Exception:
-                log.exception("response_headers hook of %s failed", plugin_name(hook))
-            self._observe(RESPONSE_RECEIVED_POINT, hook, started)
+
+        def run(hook: ResponseHeaders) -> None:
+            headers = hook.response_headers(request, result, endpoint)
+            if headers:
+                added.update(headers)
+
+        self._each(RESPONSE_RECEIVED_POINT, self.response_header_hooks, run)
         return added
 
+    def served_elsewhere(self, request: InferenceRequest, planned: Endpoint, served: Endpoint) -> None:
+        self._each(
+            RESPONSE_RECEIVED_POINT,
+            self.served_elsewhere_hooks,
+            lambda h: h.served_elsewhere(request, planned, served),
+        )
+
     def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
-        for hook in self.response_complete_hooks:
-            started = time.perf_counter()
-            try:
-                hook.response_complete(request, endpoint)
-            except Exception:
-                log.exception("response_complete hook of %s failed", plugin_name(hook))
-            self._observe(RESPONSE_COMPLETE_POINT, hook, started)
+        self._each(
+            RESPONSE_COMPLETE_POINT,
+            self.response_complete_hooks,
+            lambda h: h.response_complete(request, endpoint),
+        )
 
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         for listener in self.endpoint_listeners:
             try:
                 listener.endpoint_removed(endpoint)
             except Exception:
-                log.exception("endpoint_removed hook of %s failed", plugin_name(listener))
+                log.exception("endpoint_removed hook of plugin %s failed", listener.name)

@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from epp.config import DEFAULT_CONFIG, load_config
 from epp.framework import Api, CycleState, Endpoint, EndpointMetrics, InferenceRequest
-from epp.scheduling.registry import builtin_registry
+from epp.framework.registry import installed_registry
+from epp.scheduling.loader import DEFAULT_CONFIG, load_config
 
 
 def make_endpoints(n: int, rng: random.Random) -> list[Endpoint]:
@@ -33,7 +33,7 @@ def make_endpoints(n: int, rng: random.Random) -> list[Endpoint]:
 @pytest.mark.parametrize("n_endpoints", [8, 100])
 def test_pick_with_10kb_prompt(benchmark, n_endpoints: int) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(1)
-    scheduler = load_config(DEFAULT_CONFIG, builtin_registry()).scheduler
+    scheduler = load_config(DEFAULT_CONFIG, installed_registry()).scheduler
     endpoints = make_endpoints(n_endpoints, rng)
     system_prompts = ["".join(rng.choice("abcdefgh ") for _ in range(8_000)) for _ in range(16)]
 

@@ -17,7 +17,10 @@ def headers_msg(
     end_of_stream: bool = False,
     subset: list[str] | None = None,
     response: bool = False,
+    served: str | None = None,
 ) -> pb.ProcessingRequest:
+    """A headers message; `subset` adds Envoy's subset hint, `served` (response headers) the
+    `envoy.lb` / `x-gateway-destination-endpoint-served` metadata naming the endpoint that served."""
     hm = core_pb.HeaderMap(
         headers=[core_pb.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()]
     )
@@ -31,6 +34,10 @@ def headers_msg(
         hint = struct_pb2.Struct()
         hint.update({"x-gateway-destination-endpoint-subset": subset})
         msg.metadata_context.filter_metadata["envoy.lb.subset_hint"].CopyFrom(hint)
+    if served is not None:
+        lb = struct_pb2.Struct()
+        lb.update({"x-gateway-destination-endpoint-served": served})
+        msg.metadata_context.filter_metadata["envoy.lb"].CopyFrom(lb)
     return msg
 
 

@@ -10,25 +10,49 @@ requests that will share it:
 
 Parameters:
     countWaiting (bool, default true): count queued requests as sharing the headroom too.
+
+How a plugin is written (the pattern every epp plugin follows):
+
+- derive from the base class of its kind (`epp.framework.Scorer` here): the base class is what
+  makes it a scorer;
+- `type_name` is the name configs use, and the entry point's name in pyproject.toml;
+- `parameters` documents each config parameter (`ParamDoc`);
+- the constructor is plain and typed (`KvHeadroomScorer(count_waiting=False)` in code and tests);
+- `from_params` parses the config's `parameters` mapping (`Params` getters raise `ConfigError`
+  on bad values; a key it never reads is reported as an unknown parameter) and calls it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Self
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, Params
+from epp.framework import CycleState, Endpoint, InferenceRequest, ParamDoc, Params, PluginHandle, Scorer
 
 __all__ = ["KvHeadroomScorer"]
 
 
-class KvHeadroomScorer:
-    type_name: ClassVar[str] = "kv-headroom-scorer"
+class KvHeadroomScorer(Scorer):
+    """Prefers endpoints with the most free KV cache per request sharing it:
+    (1 - kv usage) / (1 + running [+ waiting]), relative to the best candidate."""
 
-    def __init__(self, name: str = type_name, params: Params | None = None) -> None:
-        params = params or Params(None, name)
-        self.name = name
-        self.count_waiting = params.get_bool("countWaiting", True)
+    type_name = "kv-headroom-scorer"
+    parameters = (
+        ParamDoc(
+            "countWaiting",
+            "bool",
+            "true",
+            "Count queued (waiting) requests as sharing the free KV cache too.",
+        ),
+    )
+
+    def __init__(self, name: str = "", *, count_waiting: bool = True) -> None:
+        super().__init__(name)
+        self.count_waiting = count_waiting
+
+    @classmethod
+    def from_params(cls, name: str, params: Params, handle: PluginHandle) -> Self:
+        return cls(name, count_waiting=params.get_bool("countWaiting", True))
 
     def score(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]

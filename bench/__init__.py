@@ -1,1 +1,0 @@
-"""Benchmarks and the tools they run against (e.g. the vLLM-compatible simulator in bench.sim)."""

@@ -1,0 +1,1 @@
+"""Benchmarks and the tools they run against (e.g. the vLLM-compatible simulator in epp_bench.sim)."""

@@ -1,0 +1,248 @@
+"""Run one workload once per routing policy, each on fresh simulators, and compare.
+
+Per policy: start N simulators (one subprocess), the policy's router (Envoy + epp, Envoy alone,
+or vllm-router), send the workload through it, read the simulators' own prefix-cache counters,
+stop everything. All processes bind 127.0.0.1 on free ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from epp_bench.gateway import (
+    REPO_ROOT,
+    EnvoyGateway,
+    EppProcess,
+    GatewayError,
+    announcing_process,
+    free_port,
+    terminate,
+)
+from epp_bench.load import LoadResult, run_load
+from epp_bench.workloads import Workload, oracle_hit_rate
+
+LOAD_ONLY_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: queue-scorer, weight: 2}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+"""
+
+PREFIX_ONLY_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 1}
+"""
+
+# Policy name -> epp config text (None = epp's built-in default config).
+EPP_POLICIES: dict[str, str | None] = {
+    "epp": None,
+    "epp-load-only": LOAD_ONLY_CONFIG,
+    "epp-prefix-only": PREFIX_ONLY_CONFIG,
+}
+BASELINE_POLICIES = ("round-robin", "vllm-router")
+ALL_POLICIES = ("round-robin", "epp", "epp-load-only", "epp-prefix-only", "vllm-router")
+
+
+@dataclass
+class PolicyResult:
+    name: str
+    summary: dict[str, Any]
+    hit_rate: float
+    served_by: dict[str, int]
+    load: LoadResult
+
+
+@dataclass
+class BenchConfig:
+    workload: Workload
+    policies: Sequence[str] = ALL_POLICIES
+    simulators: int = 8
+    model: str = "sim-model"
+    sim_args: Sequence[str] = ()
+    max_seconds: float = 120.0
+    custom_configs: dict[str, Path] = field(default_factory=dict)  # extra policies: name -> epp config file
+    epp_args: Sequence[str] = ()
+
+
+def tools_bin(name: str) -> Path:
+    """A binary from .venv-tools (vllm-router), or PATH."""
+    candidate = REPO_ROOT / ".venv-tools" / "bin" / name
+    if candidate.exists():
+        return candidate
+    found = shutil.which(name)
+    if found is None:
+        raise GatewayError(f"{name} not found: run `make tools`")
+    return Path(found)
+
+
+@contextlib.asynccontextmanager
+async def simulators(count: int, model: str, extra: Sequence[str]) -> AsyncIterator[list[str]]:
+    """N simulators in one subprocess; yields their host:port addresses."""
+    args = [
+        sys.executable,
+        "-m",
+        "epp_bench.sim",
+        "--count",
+        str(count),
+        "--base-port",
+        "0",
+        "--model",
+        model,
+        *extra,
+    ]
+    async with announcing_process(args, count, "simulators", column=1) as addresses:
+        yield addresses
+
+
+@contextlib.asynccontextmanager
+async def vllm_router(backends: Sequence[str]) -> AsyncIterator[str]:
+    """The peer router with its cache-aware policy over the same simulators; yields its base URL."""
+    port = free_port()
+    log = open(os.devnull, "wb")  # noqa: SIM115 (closed below)
+    proc = await asyncio.create_subprocess_exec(
+        str(tools_bin("vllm-router")), "--host", "127.0.0.1", "--port", str(port),
+        "--worker-urls", *[f"http://{b}" for b in backends], "--policy", "cache_aware",
+        "--prometheus-port", str(free_port()), "--prometheus-host", "127.0.0.1", "--log-level", "warning",
+        "--worker-startup-timeout-secs", "30",
+        stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while True:
+                if proc.returncode is not None:
+                    raise GatewayError("vllm-router exited during start-up")
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(f"{url}/v1/models") as resp:
+                        if resp.status == 200:
+                            break
+                if time.monotonic() > deadline:
+                    raise GatewayError("vllm-router did not become ready in 60 s")
+                await asyncio.sleep(0.2)
+        yield url
+    finally:
+        await terminate(proc, 10)
+        log.close()
+
+
+@contextlib.asynccontextmanager
+async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> AsyncIterator[str]:
+    """Start the policy's routing path in front of the backends; yields the URL clients use."""
+    if policy == "round-robin":
+        async with EnvoyGateway("round-robin", backends=backends) as gw:
+            yield gw.url
+        return
+    if policy == "vllm-router":
+        async with vllm_router(backends) as url:
+            yield url
+        return
+    if policy in cfg.custom_configs:
+        config_args = ["--config-file", str(cfg.custom_configs[policy])]
+    elif policy in EPP_POLICIES:
+        text = EPP_POLICIES[policy]
+        config_args = [] if text is None else ["--config-text", text]
+    else:
+        raise ValueError(
+            f"unknown policy {policy!r} (known: {', '.join((*ALL_POLICIES, *cfg.custom_configs))})"
+        )
+    async with (
+        EppProcess(backends, extra_args=[*config_args, "--log-level", "warning", *cfg.epp_args]) as epp,
+        EnvoyGateway("epp", epp_grpc_port=epp.grpc_port) as gw,
+    ):
+        yield gw.url
+
+
+async def prefix_cache_counters(backends: Sequence[str]) -> tuple[float, float]:
+    """Sum of the simulators' vllm:prefix_cache_hits_total and queries_total (tokens)."""
+    hits = queries = 0.0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for backend in backends:
+            async with session.get(f"http://{backend}/metrics") as resp:
+                text = await resp.text()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "vllm:prefix_cache_hits_total":
+                        hits += sample.value
+                    elif sample.name == "vllm:prefix_cache_queries_total":
+                        queries += sample.value
+    return hits, queries
+
+
+async def run_policy(
+    policy: str, cfg: BenchConfig, progress: Callable[[int], object] | None = None
+) -> PolicyResult:
+    async with (
+        simulators(cfg.simulators, cfg.model, cfg.sim_args) as backends,
+        router(policy, backends, cfg) as url,
+    ):
+        load = await run_load(cfg.workload, url, cfg.model, cfg.max_seconds, progress)
+        hits, queries = await prefix_cache_counters(backends)
+    served: dict[str, int] = {}
+    for r in load.results:
+        if r.ok:
+            served[r.served_by] = served.get(r.served_by, 0) + 1
+    return PolicyResult(policy, load.summary(), hits / queries if queries else 0.0, served, load)
+
+
+async def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Every policy in turn; the result document of `python -m epp_bench run --out`.
+
+    The progress bar is tqdm's (the `plots` extra); without tqdm there is none."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        show_progress = False
+
+    requests = len(cfg.workload.turns())
+    policies: dict[str, Any] = {}
+    oracle: float | None = None
+    for policy in cfg.policies:
+        if not show_progress:
+            result = await run_policy(policy, cfg)
+        else:
+            bar = tqdm(
+                total=requests,
+                desc=f"{policy:>16}",
+                unit="req",
+                leave=True,
+                file=sys.stderr,
+            )
+            try:
+                result = await run_policy(policy, cfg, bar.update)
+            finally:
+                bar.close()
+        policies[policy] = {**result.summary, "hit_rate": result.hit_rate, "served_by": result.served_by}
+        if oracle is None and result.load.prompts:
+            oracle = oracle_hit_rate(result.load.prompts)
+    return {
+        "policies": policies,
+        "oracle_hit_rate": oracle if oracle is not None else 0.0,
+        "workload": cfg.workload.describe(),
+        "simulators": cfg.simulators,
+        "sim_args": list(cfg.sim_args),
+    }

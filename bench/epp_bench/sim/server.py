@@ -1,0 +1,357 @@
+"""The HTTP face of one simulated instance: vLLM's OpenAI endpoints, /metrics, /health.
+
+Every response names the instance in `x-served-by`. Streaming answers are SSE `data:` lines, one
+token per event, several events per write when tokens arrived together, then an optional usage chunk
+and `data: [DONE]`. A client that disconnects aborts its request (its slot and blocks are freed).
+
+P/D: `kv_transfer_params.do_remote_decode` (sent to a prefill instance, usually with max_tokens 1)
+answers with the `kv_transfer_params` a decode instance needs; `kv_transfer_params.do_remote_prefill`
+(sent to a decode instance) has the prompt's KV transferred rather than computed. Each is refused
+by the role that cannot do it.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from epp_bench.sim.config import SimConfig
+from epp_bench.sim.engine import Engine, QueueFull, RequestTooLarge, SimRequest, SimStats
+from epp_bench.sim.metrics import SimMetrics
+from epp_bench.sim.text import WORD_JSON, WORDS, answer_text, chat_prompt, token_ids_text
+
+SERVED_BY = "x-served-by"
+DONE = b"data: [DONE]\n\n"
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def error_response(status: int, message: str, kind: str) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def completion_prompt(body: Mapping[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        return token_ids_text(prompt)
+    raise BadRequest("prompt must be a string or a list of token ids (batches of several are not supported)")
+
+
+def chat_messages_prompt(body: Mapping[str, Any]) -> str:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise BadRequest("messages must be a non-empty list of message objects")
+    try:
+        return chat_prompt(messages)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+def requested_max_tokens(body: Mapping[str, Any], default: int) -> int:
+    value = body.get("max_completion_tokens")
+    if value is None:
+        value = body.get("max_tokens")
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BadRequest("max_tokens must be a positive integer")
+    return value
+
+
+def kv_transfer_flags(body: Mapping[str, Any], role: str) -> tuple[bool, bool]:
+    """(do_remote_prefill, do_remote_decode) from vLLM's `kv_transfer_params`, checked against the
+    instance's role."""
+    params = body.get("kv_transfer_params")
+    if params is None:
+        return False, False
+    if not isinstance(params, dict):
+        raise BadRequest("kv_transfer_params must be an object")
+    remote_prefill = params.get("do_remote_prefill") is True
+    remote_decode = params.get("do_remote_decode") is True
+    if remote_prefill and remote_decode:
+        raise BadRequest("kv_transfer_params: do_remote_prefill and do_remote_decode are exclusive")
+    if remote_prefill and role == "prefill":
+        raise BadRequest("this is a prefill instance: it does not take remote KV (do_remote_prefill)")
+    if remote_decode and role == "decode":
+        raise BadRequest("this is a decode instance: it does not prefill for others (do_remote_decode)")
+    return remote_prefill, remote_decode
+
+
+def usage(req: SimRequest) -> dict[str, Any]:
+    return {
+        "prompt_tokens": req.prompt_tokens,
+        "completion_tokens": req.generated,
+        "total_tokens": req.prompt_tokens + req.generated,
+        "prompt_tokens_details": {"cached_tokens": req.cached_tokens},
+    }
+
+
+async def listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0 = a free port); returns the runner and the bound port.
+
+    handler_cancellation: a client that hangs up cancels its handler, which aborts its request
+    (otherwise work would run to the end for nobody). Raises OSError, cleaned up, when the port
+    cannot be bound."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        await runner.cleanup()
+        raise
+    await web.SockSite(runner, sock, backlog=1024).start()
+    return runner, int(sock.getsockname()[1])
+
+
+class Simulator:
+    """One vLLM-like instance: engine + metrics + aiohttp server. Use `start_simulator` to make one."""
+
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        self.engine = Engine(cfg)
+        self.metrics = SimMetrics(self.engine)
+        self.host = ""
+        self.port = 0
+        self._model_json = orjson.dumps(cfg.model)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def stats(self) -> SimStats:
+        """Live counters (tokens, requests, prefix-cache hits/queries) of this instance."""
+        return self.engine.stats
+
+    @property
+    def address(self) -> str:
+        """host:port, as the EPP's static endpoint list wants it."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def reset_prefix_cache(self) -> int:
+        return self.engine.reset_prefix_cache()
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.on_response_prepare.append(self._tag_response)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/reset_prefix_cache", self._reset_prefix_cache)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.engine.start()
+        try:
+            self._runner, self.port = await listen(self.make_app(), host, port)
+        except OSError:
+            await self.engine.stop()
+            raise
+        self.host = host
+
+    async def stop(self) -> None:
+        await self.engine.stop()  # first, so streams still open end instead of hanging the cleanup
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # -- handlers -------------------------------------------------------------------------------------
+    async def _tag_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[SERVED_BY] = self.cfg.name
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = {
+            "id": self.cfg.model,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "vllm",
+            "root": self.cfg.model,
+            "parent": None,
+            "max_model_len": self.cfg.kv_cache_blocks * 16,
+        }
+        return web.Response(
+            body=orjson.dumps({"object": "list", "data": [model]}), content_type="application/json"
+        )
+
+    async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
+        self.engine.reset_prefix_cache()
+        return web.Response(status=200)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return error_response(400, "request body is not valid JSON", "BadRequestError")
+        if not isinstance(body, dict):
+            return error_response(400, "request body must be a JSON object", "BadRequestError")
+        model = body.get("model", self.cfg.model)
+        if model != self.cfg.model:
+            return error_response(404, f"The model `{model}` does not exist.", "NotFoundError")
+        try:
+            prompt = chat_messages_prompt(body) if chat else completion_prompt(body)
+            max_tokens = requested_max_tokens(body, self.cfg.default_max_tokens)
+            remote_prefill, remote_decode = kv_transfer_flags(body, self.cfg.role)
+        except BadRequest as exc:
+            return error_response(400, str(exc), "BadRequestError")
+        stream = bool(body.get("stream"))
+        req = self.engine.new_request(prompt, max_tokens, stream, remote_prefill)
+        try:
+            self.engine.submit(req)
+        except RequestTooLarge as exc:
+            return error_response(400, str(exc), "BadRequestError")
+        except QueueFull as exc:
+            return error_response(429, str(exc), "TooManyRequests")
+        try:
+            if stream:
+                options = body.get("stream_options")
+                include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+                return await self._stream(request, req, chat, include_usage)
+            return await self._respond(req, chat, remote_decode)
+        finally:
+            self.engine.abort(req)  # no-op once finished; frees the slot if the client went away
+
+    def _kv_transfer_params(self, req: SimRequest) -> dict[str, Any]:
+        """What a vLLM prefill instance returns for the decode instance to pull the KV from."""
+        return {
+            "do_remote_decode": False,
+            "do_remote_prefill": True,
+            "remote_engine_id": self.cfg.name,
+            "remote_block_ids": list(range(len(req.hashes))),
+            "remote_host": self.host,
+            "remote_port": self.port,
+            "tp_size": 1,
+        }
+
+    async def _respond(self, req: SimRequest, chat: bool, remote_decode: bool = False) -> web.Response:
+        while not req.done:
+            req.wakeup.clear()
+            await req.wakeup.wait()
+        if req.error is not None:
+            return error_response(503, f"request {req.error}", "ServiceUnavailableError")
+        text = answer_text(req.answer_seed, req.generated)
+        choice: dict[str, Any] = {
+            "index": 0,
+            "logprobs": None,
+            "finish_reason": "remote_decode" if remote_decode else "length",
+            "stop_reason": None,
+        }
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        payload = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{req.rid}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.cfg.model,
+            "choices": [choice],
+            "usage": usage(req),
+        }
+        if remote_decode:
+            payload["kv_transfer_params"] = self._kv_transfer_params(req)
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+    async def _stream(
+        self, request: web.Request, req: SimRequest, chat: bool, include_usage: bool
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        # Every token event is head + word + tail: built from pre-encoded pieces, no JSON per token.
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{req.rid}".encode()
+        obj = b"chat.completion.chunk" if chat else b"text_completion"
+        envelope = b'{"id":"%s","object":"%s","created":%d,"model":%s,"choices":' % (
+            rid,
+            obj,
+            int(time.time()),
+            self._model_json,
+        )
+        close = b"}" if chat else b""  # a chat token sits inside "delta":{...}
+        tail = close + b',"logprobs":null,"finish_reason":null}]}\n\n'
+        last_tail = close + b',"logprobs":null,"finish_reason":"length"}]}\n\n'
+        pending: list[bytes] = []
+        if chat:
+            head = b"data: " + envelope + b'[{"index":0,"delta":{"content":'
+            pending.append(head + b'"","role":"assistant"' + tail)  # vLLM's first chat chunk names the role
+        else:
+            head = b"data: " + envelope + b'[{"index":0,"text":'
+        seed, n_words, last = req.answer_seed, len(WORDS), req.max_tokens - 1
+        sent = 0
+        while True:
+            if req.generated == sent and not req.done:  # else tokens arrived while we were writing
+                req.wakeup.clear()
+                await req.wakeup.wait()
+            upto = req.generated
+            for i in range(sent, upto):
+                pending.append(head + WORD_JSON[(seed + i) % n_words] + (last_tail if i == last else tail))
+            sent = upto
+            if req.done:
+                break
+            if pending:
+                await resp.write(b"".join(pending))
+                pending.clear()
+        if req.error is not None:
+            error = {"error": {"message": f"request {req.error}", "type": "ServiceUnavailableError"}}
+            pending.append(b"data: " + orjson.dumps(error) + b"\n\n")
+        elif include_usage:
+            pending.append(b"data: " + envelope + b'[],"usage":' + orjson.dumps(usage(req)) + b"}\n\n")
+        pending.append(DONE)
+        await resp.write(b"".join(pending))
+        await resp.write_eof()
+        return resp
+
+
+async def start_simulator(cfg: SimConfig, host: str = "127.0.0.1", port: int = 0) -> Simulator:
+    """Start one instance listening on host:port (0 = a free port, see `.port`)."""
+    sim = Simulator(cfg)
+    await sim.start(host, port)
+    return sim
+
+
+async def start_simulators(
+    cfgs: Sequence[SimConfig], host: str = "127.0.0.1", base_port: int = 0
+) -> list[Simulator]:
+    """Start several instances: consecutive ports from `base_port`, or free ports if it is 0."""
+    sims: list[Simulator] = []
+    try:
+        for i, cfg in enumerate(cfgs):
+            sims.append(await start_simulator(cfg, host, base_port + i if base_port else 0))
+    except BaseException:
+        for sim in sims:
+            await sim.stop()
+        raise
+    return sims

@@ -1,0 +1,86 @@
+"""The public plugin API: everything a plugin author needs, and all that `epp_scorers` (the
+in-tree plugins) imports from epp.
+
+- data model: `Endpoint`, `EndpointMetrics`, `InferenceRequest`, `Api`, `ProfileResult`,
+  `SchedulingResult`, `ROLE_LABEL`
+- cycle state: `CycleState`, `DataKey[T]`
+- parameters: `Params`, `ConfigError`, `ParamDoc`
+- plugin bases (a plugin's kind is its base class): `Filter`, `Scorer`, `Picker`,
+  `ProfileHandler`, `DataProducer`, `PdDecider`, `Parser`, `DataSource`; lifecycle hooks
+  `PreRequest`, `ResponseHeaders`, `ServedElsewhere`, `ResponseComplete`, `EndpointListener`
+- `PluginHandle`: metrics, the `InFlightLedger`, peers by name
+- `PluginRegistry`: what an `epp.plugins` entry point's register function receives
+- `EppError` / `ErrorCode`: fail a request with an HTTP status
+"""
+
+from epp.errors import ConfigError, EppError, ErrorCode
+from epp.framework.cycle import CycleState, DataKey
+from epp.framework.datamodel import (
+    EMPTY_METRICS,
+    ROLE_LABEL,
+    Api,
+    Endpoint,
+    EndpointMetrics,
+    InferenceRequest,
+    ProfileResult,
+    SchedulingResult,
+)
+from epp.framework.handle import PluginHandle
+from epp.framework.inflight import InFlightLedger
+from epp.framework.params import Params
+from epp.framework.plugin import (
+    DataProducer,
+    DataSource,
+    EndpointListener,
+    Filter,
+    ParamDoc,
+    Parser,
+    PdDecider,
+    Picker,
+    Plugin,
+    PluginKind,
+    PreRequest,
+    ProfileHandler,
+    ResponseComplete,
+    ResponseHeaders,
+    Scorer,
+    ServedElsewhere,
+)
+from epp.framework.registry import ENTRY_POINT_GROUP, PluginRegistry
+
+__all__ = [
+    "EMPTY_METRICS",
+    "ENTRY_POINT_GROUP",
+    "ROLE_LABEL",
+    "Api",
+    "ConfigError",
+    "CycleState",
+    "DataKey",
+    "DataProducer",
+    "DataSource",
+    "Endpoint",
+    "EndpointListener",
+    "EndpointMetrics",
+    "EppError",
+    "ErrorCode",
+    "Filter",
+    "InFlightLedger",
+    "InferenceRequest",
+    "ParamDoc",
+    "Params",
+    "Parser",
+    "PdDecider",
+    "Picker",
+    "Plugin",
+    "PluginHandle",
+    "PluginKind",
+    "PluginRegistry",
+    "PreRequest",
+    "ProfileHandler",
+    "ProfileResult",
+    "ResponseComplete",
+    "ResponseHeaders",
+    "SchedulingResult",
+    "Scorer",
+    "ServedElsewhere",
+]

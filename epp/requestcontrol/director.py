@@ -1,0 +1,199 @@
+"""One request's orchestration between the ext_proc stream and the scheduler.
+
+The director picks candidates (ready endpoints, narrowed by Envoy's subset hint, fresh metrics
+preferred), runs the scheduler, charges the request to the in-flight ledger, moves the charge
+when Envoy reports that a fallback served, and releases it when the response completes.
+Protocol details stay in `epp.extproc`; scheduling in `epp.scheduling`; what a plugin does with
+a request is the plugin's business (the director knows none by name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from epp.datalayer.datastore import Datastore
+from epp.framework import (
+    CycleState,
+    Endpoint,
+    EppError,
+    ErrorCode,
+    InferenceRequest,
+    InFlightLedger,
+    SchedulingResult,
+)
+from epp.observability import EppMetrics, ModelMetrics
+from epp.requestcontrol.usage import Usage
+from epp.scheduling.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Decision:
+    """A scheduled request, held by its stream until the response completes."""
+
+    request: InferenceRequest
+    result: SchedulingResult | None  # None for a headers-only request (no scheduling ran)
+    endpoints: list[Endpoint]  # primary first, then fallbacks
+    started: float
+    metrics: ModelMetrics  # the request's model's metric children
+    released: bool = False
+    usage: Usage = field(default_factory=Usage)
+    # The pre_request hooks run just after the reply, with the cycle state of the pick (dropped
+    # once they ran); nothing later in the request may overtake them.
+    pending_cycle: CycleState | None = None
+    served: Endpoint | None = None  # the endpoint that served, once Envoy said (else the primary)
+
+    @property
+    def destination(self) -> str:
+        """x-gateway-destination-endpoint: primary first, then fallbacks for Envoy's retries."""
+        return ",".join(ep.key for ep in self.endpoints)
+
+    @property
+    def serving_endpoint(self) -> Endpoint:
+        return self.served if self.served is not None else self.endpoints[0]
+
+
+class Director:
+    def __init__(
+        self,
+        datastore: Datastore,
+        scheduler: Scheduler,
+        metrics: EppMetrics,
+        ledger: InFlightLedger,
+        staleness_threshold_s: float = 2.0,
+        pool_name: str = "standalone",
+    ) -> None:
+        self.datastore = datastore
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.ledger = ledger
+        self.staleness_threshold_s = staleness_threshold_s
+        self.pool_name = pool_name
+        self._rng = random.Random()
+        datastore.subscribe(lambda ep: None, scheduler.endpoint_removed)
+
+    def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
+        endpoints: Sequence[Endpoint] = self.datastore.endpoints()
+        if subset is not None:
+            # Envoy's subset hint names "ip:port" (or bare IPs): only those may serve.
+            allowed = set(subset)
+            endpoints = [ep for ep in endpoints if ep.key in allowed or ep.address in allowed]
+        if not endpoints:
+            raise EppError(ErrorCode.SERVICE_UNAVAILABLE, "no ready endpoint for this request")
+        # Prefer endpoints whose metrics are fresh: a pod that stopped answering /metrics is likely
+        # down or overloaded. When none are fresh (start-up, scraper lagging), use them all.
+        cutoff = time.monotonic() - self.staleness_threshold_s
+        fresh = [ep for ep in endpoints if ep.metrics.updated_at >= cutoff]
+        return fresh if fresh else list(endpoints)
+
+    def schedule(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
+        """Raises EppError; the stream counts it (once, whatever raised)."""
+        model_metrics = self.metrics.for_model(request.model, request.target_model)
+        model_metrics.requests.inc()
+        candidates = self.candidates(subset)
+        cycle = CycleState()
+        started = time.perf_counter()
+        result = self.scheduler.schedule(cycle, request, candidates)
+        self.metrics.scheduler_e2e.observe(time.perf_counter() - started)
+        decision = Decision(request, result, list(result.primary.endpoints), time.monotonic(), model_metrics)
+        self._admit(decision, result.targets())
+        # What plugins do after the pick (e.g. the prefix index learning where the prompt went) is
+        # not needed for the reply: run it after the reply has been handed to gRPC.
+        if self.scheduler.pre_request_hooks:
+            decision.pending_cycle = cycle
+            asyncio.get_running_loop().call_soon(self._pre_request, decision)
+        return decision
+
+    def pick_any(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
+        """Headers-only requests carry nothing to schedule on: least-loaded of the candidates."""
+        model_metrics = self.metrics.for_model(request.model, request.target_model)
+        model_metrics.requests.inc()
+        candidates = self.candidates(subset)
+        low = min(ep.inflight_requests for ep in candidates)
+        endpoint = self._rng.choice([ep for ep in candidates if ep.inflight_requests == low])
+        decision = Decision(request, None, [endpoint], time.monotonic(), model_metrics)
+        self._admit(decision, [endpoint])
+        return decision
+
+    def _admit(self, decision: Decision, targets: Sequence[Endpoint]) -> None:
+        self.ledger.charge(decision.request, targets)
+        decision.metrics.running.inc()
+
+    def _pre_request(self, decision: Decision) -> None:
+        """Run the pre_request hooks once (scheduled after the reply, or earlier if the response
+        overtakes them); if the stream already ended, complete the request now, in order."""
+        cycle, decision.pending_cycle = decision.pending_cycle, None
+        if cycle is None or decision.result is None:
+            return
+        self.scheduler.pre_request(cycle, decision.request, decision.result)
+        if decision.released:
+            self.scheduler.response_complete(decision.request, decision.serving_endpoint)
+
+    def response_headers(self, decision: Decision, served_key: str | None) -> dict[str, str]:
+        """The model server answered. `served_key` is the endpoint Envoy reports it sent the request
+        to (`envoy.lb` / `x-gateway-destination-endpoint-served`), when it says. Returns the headers
+        plugins add to the client's response (e.g. a session token)."""
+        if served_key:
+            self._note_served(decision, served_key)
+        if not self.scheduler.response_header_hooks:
+            return {}
+        return self.scheduler.response_headers(decision.request, decision.result, decision.serving_endpoint)
+
+    def _note_served(self, decision: Decision, served_key: str) -> None:
+        planned = decision.endpoints[0]
+        if served_key == planned.key or decision.served is not None or decision.released:
+            return
+        served = self._endpoint_for(decision, served_key)
+        if served is None:
+            log.debug(
+                "request %s served by %s, which epp does not know", decision.request.request_id, served_key
+            )
+            return
+        decision.served = served
+        if self.ledger.move(decision.request, planned, served):
+            self.metrics.fallback_served.inc()
+        if decision.result is not None:
+            self._pre_request(decision)  # the hooks must record the primary before it moves
+            self.scheduler.served_elsewhere(decision.request, planned, served)
+
+    def _endpoint_for(self, decision: Decision, key: str) -> Endpoint | None:
+        for ep in decision.endpoints:
+            if ep.key == key:
+                return ep
+        return self.datastore.get(key)
+
+    def release(self, decision: Decision, completed: bool) -> None:
+        """The response ended (completed=True) or the stream went away. Idempotent."""
+        if decision.released:
+            return
+        decision.released = True
+        self.ledger.release(decision.request)
+        m = decision.metrics
+        m.running.dec()
+        if completed:
+            m.duration.observe(time.monotonic() - decision.started)
+            if decision.usage.prompt_tokens:
+                m.input_tokens.observe(decision.usage.prompt_tokens)
+            if decision.usage.completion_tokens:
+                m.output_tokens.observe(decision.usage.completion_tokens)
+        if decision.pending_cycle is None:
+            self.scheduler.response_complete(decision.request, decision.serving_endpoint)
+
+    def refresh_pool_metrics(self) -> None:
+        endpoints = self.datastore.endpoints()
+        name = self.pool_name
+        self.metrics.pool_ready.labels(name).set(len(endpoints))
+        if endpoints:
+            n = len(endpoints)
+            self.metrics.pool_kv_cache.labels(name).set(
+                sum(ep.metrics.kv_cache_usage for ep in endpoints) / n
+            )
+            self.metrics.pool_queue.labels(name).set(
+                sum(ep.metrics.waiting_queue_size for ep in endpoints) / n
+            )

@@ -1,0 +1,165 @@
+"""`prefix-cache-affinity-filter`: keep only the endpoints that hold most of the prompt's prefix.
+
+Narrows the candidates to the "sticky" ones: endpoints holding at least `affinityThreshold` of
+the prompt's prefix blocks (by the prefix producer's match). If none is sticky, or there is at
+most one candidate, all are kept; `affinityThreshold` 0 disables the filter. With probability
+`explorationProbability` the gate is skipped, so other endpoints get to warm their caches.
+
+TTFT load gate: when the best sticky endpoint's estimated TTFT (its in-flight tokens /
+`peakPrefillThroughput`, in ms) exceeds the best non-sticky one's by more than
+`maxTTFTPenaltyMs`, stickiness is broken and all are kept (0 = always stick). `ttftSource`
+`latencyPredictor` is rejected: epp has no latency predictor.
+
+Consumes: the prefix match (`prefix-cache-match` of `prefixMatchInfoProducerName`) and, when
+`maxTTFTPenaltyMs` > 0, the in-flight load (`inflight-load` of `inFlightLoadProducerName`, whose
+producer puts this request's token estimates in the in-flight counts). Produces: nothing.
+
+Parameters: `affinityThreshold` (float <= 1, default 0.80), `explorationProbability` (float in
+[0, 1], default 0), `maxTTFTPenaltyMs` (float >= 0, default 18000), `ttftSource`
+(prefillThroughput), `peakPrefillThroughput` (tokens/s, default 15928; > 0 when the TTFT gate is
+on), `prefixMatchInfoProducerName`, `inFlightLoadProducerName`, and
+`latencyPredictionInfoProducerName` (accepted, ignored with a warning).
+
+    plugins:
+    - type: prefix-cache-affinity-filter
+      parameters:
+        affinityThreshold: 0.8
+        explorationProbability: 0.05
+        maxTTFTPenaltyMs: 5000
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any, Self
+
+from epp.framework import (
+    ConfigError,
+    CycleState,
+    DataKey,
+    Endpoint,
+    Filter,
+    InferenceRequest,
+    ParamDoc,
+    Params,
+    PluginHandle,
+)
+from epp_scorers.data import (
+    DEFAULT_INFLIGHT_PRODUCER,
+    DEFAULT_PREFIX_PRODUCER,
+    INFLIGHT_LOAD,
+    PREFIX_MATCH,
+)
+
+
+class PrefixCacheAffinityFilter(Filter):
+    """Narrows the candidates to the "sticky" ones: endpoints holding at least `affinityThreshold`
+    of the prompt's prefix blocks. If none is sticky, all are kept. With probability
+    `explorationProbability` the gate is skipped. TTFT load gate: when the best sticky endpoint's
+    estimated TTFT (in-flight tokens / `peakPrefillThroughput`, in ms) exceeds the best
+    non-sticky one's by more than `maxTTFTPenaltyMs`, stickiness is broken and all are kept
+    (0 = always stick)."""
+
+    type_name = "prefix-cache-affinity-filter"
+    parameters = (
+        ParamDoc(
+            "affinityThreshold", "float", "0.8", "Share of the prefix blocks that makes an endpoint sticky."
+        ),
+        ParamDoc("explorationProbability", "float", "0.0", "Probability of skipping the filter, in [0, 1]."),
+        ParamDoc(
+            "maxTTFTPenaltyMs",
+            "float",
+            "18000.0",
+            "TTFT (ms) the best sticky endpoint may exceed the best other one by; 0: always stick.",
+        ),
+        ParamDoc(
+            "ttftSource", "string", "prefillThroughput", "Only prefillThroughput (no latency predictor)."
+        ),
+        ParamDoc(
+            "peakPrefillThroughput",
+            "float",
+            "15928.0",
+            "Prefill tokens/s that turn in-flight tokens into TTFT.",
+        ),
+        ParamDoc(
+            "prefixMatchInfoProducerName", "string", DEFAULT_PREFIX_PRODUCER, "Producer of the prefix match."
+        ),
+        ParamDoc(
+            "inFlightLoadProducerName", "string", DEFAULT_INFLIGHT_PRODUCER, "Producer of the in-flight load."
+        ),
+        ParamDoc("latencyPredictionInfoProducerName", "string", "", "Not implemented by epp; ignored."),
+    )
+
+    def __init__(
+        self,
+        name: str = "",
+        *,
+        affinity_threshold: float = 0.80,
+        exploration_probability: float = 0.0,
+        max_ttft_penalty_ms: float = 18000.0,
+        peak_prefill_throughput: float = 15928.0,
+        prefix_producer: str = DEFAULT_PREFIX_PRODUCER,
+        inflight_producer: str = DEFAULT_INFLIGHT_PRODUCER,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.threshold = affinity_threshold
+        self.exploration = exploration_probability
+        self.max_penalty_ms = max_ttft_penalty_ms
+        self.peak_prefill_tps = peak_prefill_throughput
+        self._prefix_key = PREFIX_MATCH.for_producer(prefix_producer)
+        self._load_key = INFLIGHT_LOAD.for_producer(inflight_producer)
+        self._rng = rng or random.Random()
+
+    @classmethod
+    def from_params(cls, name: str, params: Params, handle: PluginHandle) -> Self:
+        threshold = params.get_float("affinityThreshold", 0.80, maximum=1.0)
+        exploration = params.get_float("explorationProbability", 0.0, minimum=0.0, maximum=1.0)
+        max_penalty_ms = params.get_float("maxTTFTPenaltyMs", 18000.0, minimum=0.0)
+        source = params.get_str("ttftSource", "prefillThroughput", ("prefillThroughput", "latencyPredictor"))
+        if source == "latencyPredictor":
+            raise ConfigError("ttftSource 'latencyPredictor' is not implemented by epp (it has no predictor)")
+        peak_prefill_tps = params.get_float("peakPrefillThroughput", 15928.0, minimum=0.0)
+        if max_penalty_ms > 0 and peak_prefill_tps == 0:
+            raise ConfigError("peakPrefillThroughput must be > 0 when ttftSource is prefillThroughput")
+        params.unimplemented("latencyPredictionInfoProducerName", reason="no latency predictor")
+        return cls(
+            name,
+            affinity_threshold=threshold,
+            exploration_probability=exploration,
+            max_ttft_penalty_ms=max_penalty_ms,
+            peak_prefill_throughput=peak_prefill_tps,
+            prefix_producer=params.get_str("prefixMatchInfoProducerName", "") or DEFAULT_PREFIX_PRODUCER,
+            inflight_producer=params.get_str("inFlightLoadProducerName", "") or DEFAULT_INFLIGHT_PRODUCER,
+        )
+
+    def consumes(self) -> tuple[DataKey[Any], ...]:
+        if self.max_penalty_ms > 0:
+            return (self._prefix_key, self._load_key)
+        return (self._prefix_key,)
+
+    def filter(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
+    ) -> Sequence[Endpoint]:
+        if len(endpoints) <= 1 or self.threshold <= 0:
+            return endpoints
+        if self.exploration and self._rng.random() < self.exploration:
+            return endpoints
+        match = cycle.read(self._prefix_key)
+        if match is None:
+            return endpoints
+        threshold = self.threshold
+        sticky = [ep for ep in endpoints if match.ratio(ep) >= threshold]
+        if not sticky:
+            return endpoints
+        if self.max_penalty_ms > 0 and len(sticky) < len(endpoints):
+            load = cycle.read(self._load_key)
+            if load is not None:
+                chosen = {id(ep) for ep in sticky}
+                per_token_ms = 1000.0 / self.peak_prefill_tps
+                best_sticky = min(load.tokens(ep) for ep in sticky) * per_token_ms
+                best_other = min(load.tokens(ep) for ep in endpoints if id(ep) not in chosen) * per_token_ms
+                if best_sticky - best_other > self.max_penalty_ms:
+                    return endpoints
+        return sticky

@@ -1,0 +1,250 @@
+"""`session-affinity-scorer`: keep a session on the endpoint that served it before.
+
+Two strategies (`strategy`), as in the Go EPP:
+
+- `encoded_endpoint_header` (default, stateless): the response carries header `x-session-token`
+  (`encodedEndpointHeaderConfig.header`) = base64 of the serving endpoint's `namespace/name`; a
+  client that sends it back scores 1 on that endpoint, 0 elsewhere.
+- `session_id` (stateful): the client sends an opaque id (`sessionIdConfig.sources`, default header
+  `x-session-id`); epp remembers which endpoint the id was routed to and scores that endpoint 1
+  while it is a candidate. An unbound id scores 0 everywhere. A binding moves only when its
+  endpoint was not a candidate; it expires after `evictionTtlSeconds` (300) unused.
+
+`profileName` (P/D): token and binding name that profile's endpoint instead of the primary's.
+
+Consumes: request headers. Produces: nothing. Hooks: pre-request (binds a session id, strategy
+`session_id`), response headers (adds the session token, strategy `encoded_endpoint_header`).
+Parameters: `strategy`, `profileName`, `encodedEndpointHeaderConfig.header`,
+`sessionIdConfig.sources` (a list of `{header: <name>}`; `attribute` sources are not implemented),
+`sessionIdConfig.evictionTtlSeconds` (300), `sessionIdConfig.evictionSweepSeconds` (10).
+
+    plugins:
+    - type: session-affinity-scorer
+      parameters:
+        strategy: session_id
+        sessionIdConfig:
+          sources:
+          - header: x-conversation-id
+          evictionTtlSeconds: 600
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Self
+
+from epp.framework import (
+    ConfigError,
+    CycleState,
+    DataKey,
+    Endpoint,
+    InferenceRequest,
+    ParamDoc,
+    Params,
+    PluginHandle,
+    PreRequest,
+    ResponseHeaders,
+    SchedulingResult,
+    Scorer,
+)
+
+DEFAULT_TOKEN_HEADER = "x-session-token"
+DEFAULT_SESSION_ID_HEADER = "x-session-id"
+STRATEGY_ENCODED = "encoded_endpoint_header"
+STRATEGY_SESSION_ID = "session_id"
+
+
+def encode_token(endpoint: Endpoint) -> str:
+    """The session token naming `endpoint`: base64 (standard alphabet, padded) of its
+    `namespace/name`, as the Go EPP writes it."""
+    return base64.b64encode(endpoint.namespaced_name.encode()).decode()
+
+
+def decode_token(token: str) -> str:
+    """The endpoint name in a token; "" when the token is not valid base64."""
+    if not token:
+        return ""
+    try:
+        return base64.b64decode(token, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+
+
+def _header_name(value: str) -> str:
+    return value.strip().lower() or DEFAULT_TOKEN_HEADER
+
+
+class SessionAffinityScorer(Scorer, PreRequest, ResponseHeaders):
+    """Keeps a session on the endpoint that served it before: 1 on that endpoint, 0 elsewhere. The
+    endpoint is named by a base64 token the response carries (`encoded_endpoint_header`) or
+    remembered per session id (`session_id`)."""
+
+    type_name = "session-affinity-scorer"
+    parameters = (
+        ParamDoc(
+            "strategy",
+            "string",
+            STRATEGY_ENCODED,
+            f"`{STRATEGY_ENCODED}` (stateless token in a response header) or `{STRATEGY_SESSION_ID}`"
+            " (epp remembers the endpoint of each session id).",
+        ),
+        ParamDoc(
+            "profileName",
+            "string",
+            "",
+            "Profile whose endpoint the token or binding names (P/D); default: the primary's.",
+        ),
+        ParamDoc(
+            "encodedEndpointHeaderConfig.header",
+            "string",
+            DEFAULT_TOKEN_HEADER,
+            "Header carrying the session token, in the response and in later requests.",
+        ),
+        ParamDoc(
+            "sessionIdConfig.sources",
+            "list of mappings",
+            f"[{{header: {DEFAULT_SESSION_ID_HEADER}}}]",
+            "Where the session id is read, first present wins: `{header: <name>}` entries.",
+        ),
+        ParamDoc(
+            "sessionIdConfig.evictionTtlSeconds",
+            "float",
+            "300",
+            "Seconds an unused session binding lives.",
+        ),
+        ParamDoc(
+            "sessionIdConfig.evictionSweepSeconds",
+            "float",
+            "10",
+            "Least interval between sweeps of expired bindings.",
+        ),
+    )
+
+    def __init__(
+        self,
+        name: str = "",
+        *,
+        strategy: str = STRATEGY_ENCODED,
+        profile_name: str = "",
+        token_header: str = DEFAULT_TOKEN_HEADER,
+        session_id_headers: Sequence[str] = (DEFAULT_SESSION_ID_HEADER,),
+        eviction_ttl_seconds: float = 300.0,
+        eviction_sweep_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name)
+        self.strategy = strategy
+        self.profile_name = profile_name
+        self.token_header = _header_name(token_header)
+        self.id_headers: list[str] = [h.strip().lower() for h in session_id_headers] or [
+            DEFAULT_SESSION_ID_HEADER
+        ]
+        self.ttl_s = eviction_ttl_seconds
+        self.sweep_s = eviction_sweep_seconds
+        self._clock = clock
+        self._bindings: dict[str, tuple[str, float]] = {}  # session id -> (endpoint name, last seen)
+        self._last_sweep = clock()
+        self._present_key = DataKey[bool](f"{self.type_name}/bound-present", self.name)
+
+    @classmethod
+    def from_params(cls, name: str, params: Params, handle: PluginHandle) -> Self:
+        strategy = params.get_str("strategy", STRATEGY_ENCODED, (STRATEGY_ENCODED, STRATEGY_SESSION_ID))
+        profile_name = params.get_str("profileName", "")
+        encoded = params.sub("encodedEndpointHeaderConfig")
+        token_header = encoded.get_str("header", DEFAULT_TOKEN_HEADER)
+        session = params.sub("sessionIdConfig")
+        id_headers: list[str] = []
+        for i, source in enumerate(session.get_list("sources")):
+            where = f"sessionIdConfig.sources[{i}]"
+            if not isinstance(source, Mapping) or set(source) - {"header", "attribute", "producer"}:
+                raise ConfigError(f"{where} must be a mapping with 'header' or 'attribute'")
+            header, attribute = source.get("header") or "", source.get("attribute") or ""
+            if bool(header) == bool(attribute):
+                raise ConfigError(f"{where}: exactly one of header or attribute must be set")
+            if attribute:
+                raise ConfigError(f"{where}: attribute sources are not implemented by epp; use a header")
+            if not isinstance(header, str):
+                raise ConfigError(f"{where}.header must be a string")
+            id_headers.append(header)
+        ttl_s = session.get_float("evictionTtlSeconds", 300.0)
+        sweep_s = session.get_float("evictionSweepSeconds", 10.0)
+        if strategy == STRATEGY_SESSION_ID and (ttl_s <= 0 or sweep_s <= 0):
+            raise ConfigError("evictionTtlSeconds and evictionSweepSeconds must be > 0")
+        return cls(
+            name,
+            strategy=strategy,
+            profile_name=profile_name,
+            token_header=token_header,
+            session_id_headers=id_headers,
+            eviction_ttl_seconds=ttl_s,
+            eviction_sweep_seconds=sweep_s,
+        )
+
+    # --- scoring ---------------------------------------------------------------------------------
+
+    def _session_id(self, request: InferenceRequest) -> str:
+        for header in self.id_headers:
+            value = request.headers.get(header, "").strip()
+            if value:
+                return value
+        return ""
+
+    def _wanted(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> str:
+        if self.strategy == STRATEGY_ENCODED:
+            return decode_token(request.headers.get(self.token_header, ""))
+        session = self._session_id(request)
+        binding = self._bindings.get(session) if session else None
+        if binding is None or self._clock() - binding[1] > self.ttl_s:
+            return ""
+        present = any(ep.namespaced_name == binding[0] for ep in endpoints)
+        cycle.write(self._present_key, present)
+        return binding[0]
+
+    def score(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
+    ) -> list[float]:
+        wanted = self._wanted(cycle, request, endpoints)
+        if not wanted:
+            return [0.0] * len(endpoints)
+        return [1.0 if ep.namespaced_name == wanted else 0.0 for ep in endpoints]
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def _target(self, result: SchedulingResult | None, endpoint: Endpoint | None) -> Endpoint | None:
+        if not self.profile_name:
+            return endpoint if endpoint is not None or result is None else result.primary.endpoints[0]
+        profile = result.profiles.get(self.profile_name) if result is not None else None
+        return profile.endpoints[0] if profile is not None and profile.endpoints else None
+
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        if self.strategy != STRATEGY_SESSION_ID:
+            return
+        session = self._session_id(request)
+        target = self._target(result, None)
+        if not session or target is None:
+            return
+        now = self._clock()
+        if now - self._last_sweep >= self.sweep_s:
+            self._last_sweep = now
+            ttl = self.ttl_s
+            for sid in [s for s, (_, seen) in self._bindings.items() if now - seen > ttl]:
+                del self._bindings[sid]
+        name = target.namespaced_name
+        existing = self._bindings.get(session)
+        if existing is None or existing[0] == name or now - existing[1] > self.ttl_s:
+            self._bindings[session] = (name, now)
+        elif cycle.read(self._present_key) is False:
+            self._bindings[session] = (name, now)  # the bound endpoint was gone: the session moves
+
+    def response_headers(
+        self, request: InferenceRequest, result: SchedulingResult | None, endpoint: Endpoint
+    ) -> Mapping[str, str] | None:
+        if self.strategy != STRATEGY_ENCODED:
+            return None
+        target = self._target(result, endpoint)
+        if target is None:
+            return None
+        return {self.token_header: encode_token(target)}

@@ -1,0 +1,93 @@
+"""The bench: workloads are repeatable and bounded; a short real run reports every figure."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from epp_bench.workloads import (
+    Arrivals,
+    MultiTurn,
+    SharedPrefix,
+    Workload,
+    conversation_prompt,
+    oracle_hit_rate,
+)
+
+FIGURES = {
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "ttft_p99_s",
+    "itl_mean_s",
+    "output_tokens_per_s",
+    "requests_per_s",
+    "errors",
+    "hit_rate",
+}
+
+
+def test_shared_prefix_is_repeatable_and_sized() -> None:
+    spec = SharedPrefix(groups=3, prompts_per_group=4, system_tokens=100, question_tokens=10, output_tokens=5)
+    a = Workload(spec, Arrivals(rate=5), seed=7).turns()
+    b = Workload(spec, Arrivals(rate=5), seed=7).turns()
+    assert [(t.at, t.prompt) for t in a] == [(t.at, t.prompt) for t in b]
+    assert len(a) == 12 and all(len(t.prompt) == 110 * 4 for t in a)
+    assert len({t.prompt[:400] for t in a}) == 3  # three system prompts
+    assert [t.at for t in a] == sorted(t.at for t in a)
+    assert Workload(spec, Arrivals(rate=5), seed=8).turns()[0].prompt != a[0].prompt
+    assert len(Workload(spec, Arrivals(rate=5), seed=7, max_requests=5).turns()) == 5
+
+
+def test_poisson_rate_and_ladder() -> None:
+    times = Arrivals(rate=50).times(5000, random.Random(1))
+    assert abs(5000 / times[-1] - 50) < 3
+    ladder = Arrivals(ladder=((10, 2.0), (40, 1.0))).times(10_000, random.Random(1))
+    assert ladder[-1] <= 3.0  # the ladder ends the arrivals
+    assert 40 < len(ladder) < 80  # ~20 + ~40
+
+
+def test_multi_turn_rounds_and_prompt_growth() -> None:
+    wl = Workload(MultiTurn(users=2, rounds=3, system_tokens=20), Arrivals(rate=1), seed=1)
+    turns = wl.turns()
+    assert sorted((t.user, t.round) for t in turns) == [(u, r) for u in range(2) for r in range(3)]
+    first = conversation_prompt(wl.system_prompts[0], [], "q1")
+    second = conversation_prompt(wl.system_prompts[0], [("q1", "a1")], "q2")
+    assert second.startswith(first.removesuffix("Assistant:"))
+
+
+def test_oracle_counts_the_longest_earlier_prefix() -> None:
+    a = "a" * 128 + "b" * 64
+    b = "a" * 128 + "c" * 64
+    assert oracle_hit_rate([a]) == 0.0
+    assert oracle_hit_rate([a, b]) == 128 / (192 * 2)
+    assert oracle_hit_rate([a, a]) == 192 / 384
+
+
+def test_short_run_of_two_policies_reports_every_figure(tmp_path: Path) -> None:
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "epp_bench", "run", "--policy", "round-robin", "--policy", "epp",
+         "--simulators", "2",
+         "--groups", "2", "--prompts-per-group", "4", "--system-tokens", "512", "--question-tokens", "16",
+         "--output-tokens", "8", "--rate", "20", "--max-seconds", "30", "--sim-arg=--time-factor=0.2",
+         "--out", str(out), "--plot", str(png), "--no-progress"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["policies"]) == {"round-robin", "epp"}
+    for name, figures in doc["policies"].items():
+        assert set(figures) >= FIGURES, name
+        assert figures["errors"] == 0, name
+        assert figures["requests"] == 8
+        assert figures["ttft_p50_s"] > 0 and figures["output_tokens_per_s"] > 0
+        assert 0 <= figures["hit_rate"] <= 1
+    assert 0 < doc["oracle_hit_rate"] <= 1
+    assert doc["workload"]["kind"] == "shared-prefix"
+    # Sticky prefix routing reuses the cache at least as well as spreading does.
+    assert doc["policies"]["epp"]["hit_rate"] >= doc["policies"]["round-robin"]["hit_rate"]
+    assert png.stat().st_size > 10_000
+    assert "TTFT p50" in result.stdout and "oracle" in result.stdout

@@ -1,0 +1,117 @@
+"""The epp command's flags and standalone endpoint discovery."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from epp.discovery.static import parse_endpoints_flag, parse_endpoints_yaml
+from epp.errors import EndpointSpecError
+from epp.settings import parse_duration, parse_settings
+from tests.support.epp_app import running_epp, wait_until
+from tests.support.fake_vllm import FakeVllm
+
+
+def run_epp(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "epp", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grpc-port", "x", "--endpoints", "a:1"], "port must be an integer"),
+        (["--grpc-port", "70000", "--endpoints", "a:1"], "0-65535"),
+        (["--refresh-metrics-interval", "fast", "--endpoints", "a:1"], "invalid duration"),
+        (["--no-such-flag"], "unrecognized arguments"),
+        ([], "no endpoints"),
+        (["--endpoints", "hostonly"], "not host:port"),
+        (["--endpoints", "a:1,a:1"], "listed twice"),
+        (["--endpoints-file", "/nonexistent/eps.yaml"], "cannot read"),
+        (["--endpoints", "a:1", "--config-text", "kind: Nope"], "apiVersion"),
+    ],
+)
+def test_bad_flags_exit_non_zero_with_one_line(args: list[str], message: str) -> None:
+    result = run_epp(*args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+
+
+def test_defaults_match_the_go_epp() -> None:
+    s = parse_settings(["--endpoints", "a:1"])
+    assert (s.grpc_port, s.grpc_health_port, s.metrics_port) == (9002, 9003, 9090)
+    assert s.refresh_metrics_interval_s == 0.05 and s.metrics_staleness_threshold_s == 2.0
+    # Go's single-dash flags are accepted too.
+    assert parse_settings(["-grpc-port=9100", "-endpoints", "a:1"]).grpc_port == 9100
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("50ms", 0.05), ("2s", 2.0), ("1m30s", 90.0), ("250us", 0.00025), ("1.5", 1.5)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_endpoint_specs() -> None:
+    eps = parse_endpoints_flag("10.0.0.1:8000, [::1]:9000")
+    assert [(e.address, e.port, e.key) for e in eps] == [
+        ("10.0.0.1", 8000, "10.0.0.1:8000"),
+        ("::1", 9000, "[::1]:9000"),
+    ]
+    yaml_eps = parse_endpoints_yaml(
+        "- {address: 10.0.0.2, port: 8000, name: vllm-0, labels: {llm-d.ai/role: decode}}\n", "f.yaml"
+    )
+    assert yaml_eps[0].name == "vllm-0" and yaml_eps[0].role == "decode"
+    for bad, msg in [
+        ("{a: 1}", "YAML list"),
+        ("- {port: 1}", "address"),
+        ("- {address: x}", "'port'"),
+        ("- {address: x, port: 0}", "1-65535"),
+        ("- {address: x, port: 1, colour: red}", "unknown key"),
+        ("- [1]", "mapping"),
+        ("- {address: x, port: 1, labels: [a]}", "labels"),
+    ]:
+        with pytest.raises(EndpointSpecError, match=msg):
+            parse_endpoints_yaml(bad, "f.yaml")
+
+
+async def test_endpoints_file_edits_are_picked_up_live(tmp_path: Path) -> None:
+    fakes = [await FakeVllm(f"s{i}").start() for i in range(3)]
+    path = tmp_path / "endpoints.yaml"
+
+    def write(servers: list[FakeVllm], extra: str = "") -> None:
+        lines = [f"- {{address: 127.0.0.1, port: {f.port}, name: {f.name}}}" for f in servers]
+        path.write_text("\n".join(lines) + "\n" + extra)
+
+    try:
+        write(fakes[:2])
+        async with running_epp("--endpoints-file", str(path)) as epp:
+            store = epp.app.datastore
+            assert {e.key for e in store.endpoints()} == {fakes[0].address, fakes[1].address}
+            removed = store.get(fakes[0].address)
+            assert removed is not None
+            prefix_plugin = next(p for p in epp.app.config.scheduler.plugins if hasattr(p, "index"))
+            prefix_plugin.index.add(removed.key, [1, 2, 3])
+
+            write(fakes[1:])
+            await wait_until(lambda: store.get(fakes[2].address) is not None, what="file reload")
+            assert store.get(fakes[0].address) is None
+            assert prefix_plugin.index.match([1]) == {}  # the removed endpoint's blocks are purged
+            assert fakes[0].address not in epp.app.scraper._tasks  # and its scrape stopped
+
+            path.write_text("- {address: 127.0.0.1, port: not-a-port}\n")  # a bad edit loses nothing
+            await wait_until(
+                lambda: (
+                    epp.app.discovery._last_stamp is not None
+                    and path.stat().st_mtime == epp.app.discovery._last_stamp[0]
+                ),
+                what="bad file seen",
+            )
+            assert {e.key for e in store.endpoints()} == {fakes[1].address, fakes[2].address}
+    finally:
+        for f in fakes:
+            await f.stop()

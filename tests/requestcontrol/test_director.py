@@ -1,0 +1,113 @@
+"""The director on its own: candidates, scheduling, the in-flight ledger, fallbacks, release."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from epp.datalayer.datastore import Datastore
+from epp.errors import EppError, ErrorCode
+from epp.framework import Endpoint, InFlightLedger
+from epp.observability import EppMetrics
+from epp.requestcontrol.director import Director
+from epp.scheduling.loader import DEFAULT_CONFIG
+from epp.testing import load_scheduler, make_endpoint, make_request
+
+PD_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefill-filter
+- type: decode-filter
+- type: always-disagg-pd-decider
+- type: disagg-profile-handler
+  parameters:
+    deciders: {prefill: always-disagg-pd-decider}
+- type: queue-scorer
+schedulingProfiles:
+- name: prefill
+  plugins: [{pluginRef: prefill-filter}, {pluginRef: queue-scorer}]
+- name: decode
+  plugins: [{pluginRef: decode-filter}, {pluginRef: queue-scorer}]
+"""
+
+
+def fresh(ep: Endpoint) -> Endpoint:
+    ep.metrics = type(ep.metrics)(updated_at=time.monotonic())
+    return ep
+
+
+def director_for(endpoints: list[Endpoint], config: str = DEFAULT_CONFIG) -> tuple[Director, InFlightLedger]:
+    store = Datastore()
+    store.replace_all(endpoints)
+    scheduler = load_scheduler(config)
+    ledger = scheduler.handle.ledger
+    return Director(store, scheduler, EppMetrics(), ledger), ledger
+
+
+def test_subset_hint_matches_ip_port_or_bare_ip_and_empty_is_503() -> None:
+    a, b = make_endpoint("a", address="10.0.0.1"), make_endpoint("b", address="10.0.0.2")
+    director, _ = director_for([a, b])
+    assert director.candidates(["10.0.0.2:8000"]) == [b]
+    assert director.candidates(["10.0.0.1"]) == [a]
+    assert director.candidates(None) == [a, b]
+    with pytest.raises(EppError) as err:
+        director.candidates([])
+    assert err.value.code is ErrorCode.SERVICE_UNAVAILABLE
+
+
+def test_fresh_endpoints_are_preferred_and_all_used_when_none_is_fresh() -> None:
+    stale, live = make_endpoint("stale", updated_at=0.0), fresh(make_endpoint("live"))
+    director, _ = director_for([stale, live])
+    assert director.candidates(None) == [live]
+    live.metrics = type(live.metrics)(updated_at=0.0)
+    assert director.candidates(None) == [stale, live]
+
+
+async def test_schedule_charges_every_profile_primary_and_release_frees_them() -> None:
+    prefill = fresh(make_endpoint("p", role="prefill"))
+    decode = fresh(make_endpoint("d", role="decode"))
+    director, ledger = director_for([prefill, decode], PD_CONFIG)
+    request = make_request("a prompt")
+    decision = director.schedule(request, None)
+    assert decision.destination == decode.key
+    assert decision.result is not None and decision.result.headers == {"x-prefiller-host-port": prefill.key}
+    assert (decode.inflight_requests, prefill.inflight_requests) == (1, 1)
+    await asyncio.sleep(0)  # the pre_request hooks run after the reply
+    director.release(decision, completed=True)
+    director.release(decision, completed=True)  # idempotent
+    assert (decode.inflight_requests, prefill.inflight_requests) == (0, 0) and len(ledger) == 0
+
+
+async def test_served_elsewhere_moves_the_charge_once() -> None:
+    a, b = fresh(make_endpoint("a")), fresh(make_endpoint("b"))
+    director, _ = director_for([a, b])
+    decision = director.schedule(make_request("hello " * 100), None)
+    primary = decision.endpoints[0]
+    other = b if primary is a else a
+    director.response_headers(decision, other.key)
+    assert (primary.inflight_requests, other.inflight_requests) == (0, 1)
+    assert decision.serving_endpoint is other
+    director.response_headers(decision, primary.key)  # a second report changes nothing
+    assert (primary.inflight_requests, other.inflight_requests) == (0, 1)
+    assert director.metrics.registry.get_sample_value("epp_fallback_endpoint_served_total") == 1.0
+    director.release(decision, completed=True)
+    assert (primary.inflight_requests, other.inflight_requests) == (0, 0)
+
+
+async def test_headers_only_requests_go_to_the_least_loaded() -> None:
+    busy, idle = make_endpoint("busy", inflight_requests=3), make_endpoint("idle")
+    director, _ = director_for([busy, idle])
+    decision = director.pick_any(make_request(), None)
+    assert decision.endpoints == [idle] and idle.inflight_requests == 1
+    director.release(decision, completed=False)
+    assert idle.inflight_requests == 0
+
+
+async def test_no_endpoint_passing_the_filters_is_429() -> None:
+    director, ledger = director_for([fresh(make_endpoint("p", role="prefill"))], PD_CONFIG)
+    with pytest.raises(EppError) as err:
+        director.schedule(make_request(), None)
+    assert err.value.code is ErrorCode.RESOURCE_EXHAUSTED and len(ledger) == 0
