@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.scraper import Scraper
+from epp.datalayer.scraper import ScrapeConfig, Scraper
 from epp.discovery.static import StaticDiscovery, parse_endpoints_flag
 from epp.extproc.handler import ExtProcService
 from epp.framework import ConfigError, InFlightLedger, PluginHandle
@@ -85,10 +85,13 @@ class App:
             self.ledger,
             staleness_threshold_s=settings.metrics_staleness_threshold_s,
             pool_name=settings.metrics_pool_name,
+            use_subset_hint=not settings.disable_endpoint_subset_filter,
+            emit_scores=settings.emit_endpoint_scores,
         )
         self.scraper = Scraper(
             self.datastore,
             settings.refresh_metrics_interval_s,
+            self._scrape_config(),
             on_error=lambda ep: self.metrics.scrape_errors.labels(ep.key).inc(),
         )
         # Pods come and go (a restart is a new IP): drop a departed endpoint's series.
@@ -109,6 +112,16 @@ class App:
         self._metrics_http: web.AppRunner | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
+
+    def _scrape_config(self) -> ScrapeConfig:
+        """Where each model server's metrics are read: the --model-server-metrics-* flags."""
+        s = self.settings
+        return ScrapeConfig(
+            path=s.model_server_metrics_path,
+            scheme=s.model_server_metrics_scheme,
+            port=s.model_server_metrics_port,
+            https_insecure_skip_verify=s.model_server_metrics_https_insecure_skip_verify,
+        )
 
     def _build_kubernetes(self) -> tuple[KubernetesDiscovery, LeaderElector | None]:
         # Imported here: kubernetes-asyncio takes about a second to import, which only

@@ -34,13 +34,23 @@ class ErrorCode(enum.Enum):
         return self.value[1]
 
 
-class EppError(Exception):
-    """A request-level failure with the code the client will see."""
+# The response header naming why a request was dropped before reaching a model server, and its
+# values (the Go EPP's `x-llm-d-request-dropped-reason`).
+DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
+DROPPED_NO_ENDPOINTS = "rejected-no-endpoints"
+DROPPED_SHUTTING_DOWN = "rejected-shutting-down"
+DROPPED_SATURATED = "rejected-saturated"
 
-    def __init__(self, code: ErrorCode, message: str):
+
+class EppError(Exception):
+    """A request-level failure with the code the client will see, and, for a request dropped
+    before dispatch, the reason (sent in `x-llm-d-request-dropped-reason`)."""
+
+    def __init__(self, code: ErrorCode, message: str, dropped_reason: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.dropped_reason = dropped_reason
 
     @property
     def body(self) -> bytes:

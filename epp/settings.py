@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -45,11 +47,61 @@ def parse_duration(text: str) -> float:
     return total
 
 
+_GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_GO_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+def parse_go_bool(text: str) -> bool:
+    """A boolean flag's value as Go's strconv.ParseBool reads it (pflag: `--flag=false`)."""
+    if text in _GO_TRUE:
+        return True
+    if text in _GO_FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (use true or false)")
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "k": 1000,
+    "K": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+    "Ti": 1024**4,
+}
+
+
+def parse_size(text: str) -> int:
+    """A byte size as the Go EPP reads it (a Kubernetes quantity; a trailing B is dropped):
+    `4194304`, `25MB`, `10MiB`, `512Ki`."""
+    value = text.strip()
+    if len(value) > 1 and value[-1] in "Bb":
+        value = value[:-1]
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKMGT]i?|)", value)
+    if not m or m.group(2) not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 4194304, 25MB, 10MiB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
 def _port(text: str) -> int:
     try:
         return port_number(text, allow_zero=True)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Logging, from the Go EPP's zap flags (and epp's --log-level)."""
+
+    level: str = "info"  # debug, info, warning, error
+    encoder: str = "console"  # console (text) or json (zap's field names)
+    development: bool = False
+    stacktrace_level: str = "error"
+    time_encoding: str = "iso8601"
 
 
 @dataclass(frozen=True)
@@ -78,6 +130,41 @@ class Settings:
     ha_lease_duration_s: float = 15.0
     ha_renew_deadline_s: float = 10.0
     ha_retry_period_s: float = 2.0
+    # --- serving ---------------------------------------------------------------------------------
+    drain_timeout_s: float = 30.0  # after SIGTERM: not-serving, in-flight streams finish
+    grpc_max_recv_msg_size: int | None = None  # bytes; None: epp's default
+    grpc_max_send_msg_size: int | None = None
+    enable_cert_reload: bool = False
+    tls_min_version: str = "1.2"
+    tls_cipher_suites: tuple[str, ...] = ()
+    health_checking: bool = False
+    # --- routing ---------------------------------------------------------------------------------
+    disable_endpoint_subset_filter: bool = False
+    emit_endpoint_scores: bool = False
+    # --- model-server metrics --------------------------------------------------------------------
+    # Metric-name overrides in the Go flags' spec form (`name` or `name{label="v"}`); None: the
+    # engine's own names.
+    total_queued_requests_metric: str | None = None
+    total_running_requests_metric: str | None = None
+    kv_cache_usage_percentage_metric: str | None = None
+    lora_info_metric: str | None = None
+    cache_info_metric: str | None = None
+    model_server_metrics_path: str = "/metrics"
+    model_server_metrics_scheme: str = "http"
+    model_server_metrics_port: int | None = None  # None: the endpoint's own port
+    model_server_metrics_https_insecure_skip_verify: bool = True
+    # --- observability ---------------------------------------------------------------------------
+    tracing: bool = True
+    metrics_endpoint_auth: bool = True
+    metrics_client_ca_file: Path | None = None
+    metrics_cert_dir: Path | None = None
+    enable_grpc_stream_metrics: bool = False
+    logging: LogSettings = field(default_factory=LogSettings)
+    # Identity, from the environment as the Go EPP reads it (NAMESPACE, POD_NAME).
+    namespace_env: str | None = None
+    pod_name_env: str | None = None
+    # Go flags accepted with no meaning in epp: (flag, why), warned about once at start.
+    ignored_flags: tuple[tuple[str, str], ...] = ()
     # Not flags: the Kubernetes API retry backoff (capped, jittered) and how long one watch
     # request lasts before it is renewed. Tests shorten them.
     kube_backoff_initial_s: float = 0.2
@@ -99,6 +186,21 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"epp: error: {message}\n")
+
+
+def _bool_flag(group: argparse._ActionsContainer, name: str, default: bool, help: str) -> None:
+    """A pflag boolean: `--name` (true), `--name=true|false`; never consumes the next argument."""
+    group.add_argument(
+        name, type=parse_go_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help
+    )
+
+
+# Go EPP flags epp accepts and does not act on, and why (a one-line warning each at start).
+_NO_MEANING = {
+    "--enable-pprof": "no pprof in a Python process (use py-spy)",
+    "--refresh-prometheus-metrics-interval": "epp's pool gauges refresh every second and on change",
+    "--allow-experimental-plugins": "epp has no experimental-only plugins",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_argument("--pool-name", help="InferencePool to take endpoints from (Kubernetes mode)")
     k8s.add_argument(
         "--pool-namespace",
-        help="namespace of the pool and its pods (default: epp's own namespace, else 'default')",
+        help="namespace of the pool and its pods (default: $NAMESPACE, epp's own namespace, else 'default')",
     )
     k8s.add_argument(
         "--pool-group",
@@ -143,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k8s.add_argument(
         "--endpoint-selector",
-        help="without the InferencePool CRD: pods labelled k=v,... are the endpoints",
+        help="without the InferencePool CRD: pods matching this label selector are the endpoints",
     )
     k8s.add_argument(
         "--endpoint-target-ports", help="with --endpoint-selector: the pods' serving ports, e.g. 8000,8001"
@@ -153,10 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="kubeconfig for running outside the cluster (default: $KUBECONFIG, in-cluster, ~/.kube/config)",
     )
-    k8s.add_argument(
+    _bool_flag(
+        k8s,
         "--ha-enable-leader-election",
-        action="store_true",
-        help="active-passive HA: only the holder of a coordination.k8s.io Lease reports ready",
+        False,
+        "active-passive HA: only the holder of a coordination.k8s.io Lease reports ready",
     )
     k8s.add_argument(
         "--ha-lease-duration",
@@ -176,35 +279,149 @@ def build_parser() -> argparse.ArgumentParser:
         default=2.0,
         help="lease renew/acquire interval (default 2s)",
     )
-    p.add_argument(
+    srv = p.add_argument_group("Serving")
+    _bool_flag(
+        srv,
         "--secure-serving",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="serve ext_proc over TLS (needs --cert-path)",
+        True,
+        "serve ext_proc over TLS (default true; self-signed without --cert-path)",
     )
-    p.add_argument("--cert-path", type=Path, help="directory holding tls.crt and tls.key")
+    srv.add_argument("--cert-path", type=Path, help="directory holding tls.crt and tls.key")
+    _bool_flag(srv, "--enable-cert-reload", False, "reload --cert-path's certificate when it changes")
+    srv.add_argument("--tls-min-version", default="1.2", choices=["1.2", "1.3"], help="TLS minimum version")
+    srv.add_argument(
+        "--tls-cipher-suites", default="", help="comma-separated TLS 1.2 cipher suites (Go names)"
+    )
+    srv.add_argument(
+        "--drain-timeout",
+        type=parse_duration,
+        default=30.0,
+        help="on SIGTERM: report not serving, take no new streams, let in-flight ones finish (default 30s)",
+    )
+    srv.add_argument(
+        "--grpc-max-recv-msg-size", type=parse_size, help="largest gRPC message received (e.g. 10MiB)"
+    )
+    srv.add_argument(
+        "--grpc-max-send-msg-size", type=parse_size, help="largest gRPC message sent (e.g. 10MiB)"
+    )
+    _bool_flag(srv, "--health-checking", False, "accepted for the Go EPP (epp always serves gRPC health)")
+    route = p.add_argument_group("Routing")
+    _bool_flag(route, "--disable-endpoint-subset-filter", False, "ignore Envoy's endpoint subset hint")
+    _bool_flag(
+        route, "--emit-endpoint-scores", False, "return each candidate's scores in the envoy.lb metadata"
+    )
+    msm = p.add_argument_group("Model-server metrics")
+    for flag, what in (
+        ("--total-queued-requests-metric", "queued requests (default vllm:num_requests_waiting)"),
+        ("--total-running-requests-metric", "running requests (default vllm:num_requests_running)"),
+        ("--kv-cache-usage-percentage-metric", "KV-cache usage 0..1 (default vllm:kv_cache_usage_perc)"),
+        ("--lora-info-metric", "LoRA info (default vllm:lora_requests_info)"),
+        ("--cache-info-metric", "cache config info (default vllm:cache_config_info)"),
+    ):
+        msm.add_argument(flag, help=f'metric for {what}; name or name{{label="value"}}')
+    msm.add_argument(
+        "--model-server-metrics-path", default="/metrics", help="path of /metrics (default /metrics)"
+    )
+    msm.add_argument("--model-server-metrics-scheme", default="http", choices=["http", "https"])
+    msm.add_argument(
+        "--model-server-metrics-port", type=_port, help="port of /metrics (default: the endpoint's)"
+    )
+    _bool_flag(
+        msm,
+        "--model-server-metrics-https-insecure-skip-verify",
+        True,
+        "with https: do not verify the model server's certificate (default true)",
+    )
+    obs = p.add_argument_group("Observability")
+    _bool_flag(
+        obs, "--tracing", True, "OpenTelemetry traces, configured by the OTEL_* environment (default true)"
+    )
+    _bool_flag(
+        obs,
+        "--metrics-endpoint-auth",
+        True,
+        "/metrics needs a bearer token the Kubernetes API authorizes (default true; off outside Kubernetes)",
+    )
+    obs.add_argument(
+        "--metrics-client-ca-file", type=Path, help="PEM CA: /metrics requires verified client certs"
+    )
+    obs.add_argument("--metrics-cert-dir", type=Path, help="tls.crt and tls.key: serve /metrics over TLS")
+    _bool_flag(
+        obs, "--enable-grpc-stream-metrics", False, "ext_proc stream metrics (in flight, duration, codes)"
+    )
+    obs.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    obs.add_argument("--v", type=int, default=None, help="Go-style verbosity; 4 or more means debug")
+    obs.add_argument("--zap-encoder", choices=["json", "console"], default="console", help="log format")
+    obs.add_argument("--zap-log-level", help="debug, info, error, or a verbosity number (>= 4: debug)")
+    _bool_flag(obs, "--zap-devel", False, "zap development mode: console logs at debug level")
+    obs.add_argument("--zap-stacktrace-level", default="error", choices=["info", "error", "panic"])
+    obs.add_argument(
+        "--zap-time-encoding",
+        default="iso8601",
+        choices=["epoch", "millis", "nano", "iso8601", "rfc3339", "rfc3339nano"],
+    )
+    for flag, why in _NO_MEANING.items():
+        p.add_argument(flag, default=None, nargs="?", const="true", help=f"accepted, no effect: {why}")
     p.add_argument(
         "--check-config",
         action="store_true",
         help="validate the config and exit 0 (valid) or 1 (invalid) without serving",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--v", type=int, default=None, help="Go-style verbosity; 4 or more means debug")
     return p
 
 
+def _bool_flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {
+        opt
+        for a in parser._actions
+        if a.type is parse_go_bool
+        for opt in a.option_strings
+        if opt.startswith("--")
+    }
+
+
 def _normalise_go_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """Accept Go's single-dash form (-grpc-port=9002) too, as Go EPP manifests may use it."""
+    """pflag syntax: Go's single-dash form (-grpc-port=9002) too, and a bare boolean flag never
+    takes the next argument as its value (`--tracing false` is not `--tracing=false` in Go)."""
     longs = {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+    booleans = _bool_flags(parser)
     out = []
     for arg in argv:
         if arg.startswith("-") and not arg.startswith("--") and f"-{arg.split('=', 1)[0]}" in longs:
             arg = "-" + arg
+        if arg in booleans:
+            arg += "=true"
         out.append(arg)
     return out
 
 
-def parse_settings(argv: list[str] | None = None) -> Settings:
+def _log_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LogSettings:
+    level = args.log_level
+    if args.v is not None and args.v >= 4:
+        level = "debug"
+    zap_level = args.zap_log_level
+    if zap_level is not None:
+        if zap_level.isdigit():
+            level = "debug" if int(zap_level) >= 4 else "info"
+        elif zap_level in ("debug", "info", "error"):
+            level = zap_level
+        elif zap_level in ("panic", "dpanic", "fatal"):
+            level = "error"
+        else:
+            parser.error(f"--zap-log-level {zap_level!r}: use debug, info, error or a number")
+    if args.zap_devel and zap_level is None and args.v is None:
+        level = "debug"
+    return LogSettings(
+        level=level,
+        encoder=args.zap_encoder,
+        development=args.zap_devel,
+        stacktrace_level=args.zap_stacktrace_level,
+        time_encoding=args.zap_time_encoding,
+    )
+
+
+def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
     parser = build_parser()
     args = parser.parse_args(_normalise_go_flags(list(sys.argv[1:] if argv is None else argv), parser))
     if args.refresh_metrics_interval <= 0:
@@ -246,9 +463,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         parser.error(
             "leader election needs 0 < --ha-retry-period < --ha-renew-deadline < --ha-lease-duration"
         )
-    if args.secure_serving and args.cert_path is None:
-        parser.error("--secure-serving needs --cert-path (a directory with tls.crt and tls.key)")
-    log_level = "debug" if args.v is not None and args.v >= 4 else args.log_level
+    if args.metrics_client_ca_file is not None and args.metrics_cert_dir is None:
+        parser.error('"metrics-client-ca-file" requires "metrics-cert-dir"')
+    ciphers = tuple(c.strip() for c in args.tls_cipher_suites.split(",") if c.strip())
+    ignored = tuple(
+        (flag, why) for flag, why in _NO_MEANING.items() if getattr(args, flag[2:].replace("-", "_"))
+    )
     return Settings(
         grpc_port=args.grpc_port,
         grpc_health_port=args.grpc_health_port,
@@ -264,8 +484,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         secure_serving=args.secure_serving,
         cert_path=args.cert_path,
         check_config=args.check_config,
-        log_level=log_level,
-        pool_namespace=args.pool_namespace or default_namespace(),
+        log_level=_log_settings(args, parser).level,
+        pool_namespace=args.pool_namespace or env.get("NAMESPACE") or default_namespace(),
         pool_group=args.pool_group,
         kubeconfig=args.kubeconfig,
         endpoint_selector=selector,
@@ -274,4 +494,31 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         ha_lease_duration_s=args.ha_lease_duration,
         ha_renew_deadline_s=args.ha_renew_deadline,
         ha_retry_period_s=args.ha_retry_period,
+        drain_timeout_s=args.drain_timeout,
+        grpc_max_recv_msg_size=args.grpc_max_recv_msg_size,
+        grpc_max_send_msg_size=args.grpc_max_send_msg_size,
+        enable_cert_reload=args.enable_cert_reload,
+        tls_min_version=args.tls_min_version,
+        tls_cipher_suites=ciphers,
+        health_checking=args.health_checking,
+        disable_endpoint_subset_filter=args.disable_endpoint_subset_filter,
+        emit_endpoint_scores=args.emit_endpoint_scores,
+        total_queued_requests_metric=args.total_queued_requests_metric,
+        total_running_requests_metric=args.total_running_requests_metric,
+        kv_cache_usage_percentage_metric=args.kv_cache_usage_percentage_metric,
+        lora_info_metric=args.lora_info_metric,
+        cache_info_metric=args.cache_info_metric,
+        model_server_metrics_path=args.model_server_metrics_path,
+        model_server_metrics_scheme=args.model_server_metrics_scheme,
+        model_server_metrics_port=args.model_server_metrics_port,
+        model_server_metrics_https_insecure_skip_verify=args.model_server_metrics_https_insecure_skip_verify,
+        tracing=args.tracing,
+        metrics_endpoint_auth=args.metrics_endpoint_auth,
+        metrics_client_ca_file=args.metrics_client_ca_file,
+        metrics_cert_dir=args.metrics_cert_dir,
+        enable_grpc_stream_metrics=args.enable_grpc_stream_metrics,
+        logging=_log_settings(args, parser),
+        namespace_env=env.get("NAMESPACE") or None,
+        pod_name_env=env.get("POD_NAME") or None,
+        ignored_flags=ignored,
     )

@@ -652,6 +652,8 @@ class EppProcess:
             "--metrics-port", str(self.metrics_port),
             "--bind-address", "127.0.0.1",
             "--refresh-metrics-interval", self.refresh_metrics_interval,
+            # The bench's Envoy talks plaintext to epp on loopback (epp's default is TLS).
+            "--secure-serving=false",
             *self.extra_args,
         ]  # fmt: skip
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

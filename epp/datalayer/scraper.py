@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -22,19 +23,40 @@ from epp.framework import Endpoint
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ScrapeConfig:
+    """Where and how each model server's metrics page is read (the Go EPP's
+    --model-server-metrics-* flags)."""
+
+    path: str = "/metrics"
+    scheme: str = "http"
+    port: int | None = None  # None: the endpoint's own port
+    https_insecure_skip_verify: bool = True
+
+    def url(self, ep: Endpoint) -> str:
+        host = (
+            ep.key
+            if self.port is None
+            else f"[{ep.address}]:{self.port}"
+            if ":" in ep.address
+            else f"{ep.address}:{self.port}"
+        )
+        return f"{self.scheme}://{host}{self.path}"
+
+
 class Scraper:
     def __init__(
         self,
         datastore: Datastore,
         interval_s: float,
+        config: ScrapeConfig | None = None,
         timeout_s: float = 1.0,
-        metrics_path: str = "/metrics",
         on_error: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self._datastore = datastore
         self._interval = interval_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._path = metrics_path
+        self.config = config or ScrapeConfig()
         self._on_error = on_error
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -71,7 +93,7 @@ class Scraper:
     async def scrape_once(self, ep: Endpoint) -> bool:
         """One poll. True when a fresh snapshot was stored."""
         assert self._session is not None
-        url = f"http://{ep.key}{self._path}"
+        url = self.config.url(ep)
         try:
             async with self._session.get(url) as resp:
                 if resp.status != 200:

@@ -43,6 +43,8 @@ def _headers_dict(headers: Any) -> dict[str, str]:
 
 
 def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
+    """Envoy's endpoint subset hint (a list of "ip:port"), or None when there is none. A hint that
+    is not a list is ignored, as the Go EPP ignores it."""
     if not msg.HasField("metadata_context"):
         return None
     namespaces = msg.metadata_context.filter_metadata
@@ -51,7 +53,11 @@ def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
     fields = namespaces[messages.SUBSET_HINT_NAMESPACE].fields
     if messages.SUBSET_HINT_KEY not in fields:
         return None
-    return [v.string_value for v in fields[messages.SUBSET_HINT_KEY].list_value.values]
+    value = fields[messages.SUBSET_HINT_KEY]
+    if value.WhichOneof("kind") != "list_value":
+        log.debug("ignoring a subset hint that is not a list: %s", value.WhichOneof("kind"))
+        return None
+    return [v.string_value for v in value.list_value.values if v.WhichOneof("kind") == "string_value"]
 
 
 def _served_endpoint(msg: pb.ProcessingRequest) -> str | None:
@@ -187,7 +193,12 @@ class RequestStream:
         routing = self.decision.result.headers if self.decision.result is not None else None
         if routing:  # P/D: x-prefiller-host-port for the decode pod's sidecar
             extra = {**routing, **extra} if extra else routing
-        replies = [messages.request_headers_reply(self.decision.destination, len(raw), extra)]
+        scores = (
+            self.decision.result.primary.scores
+            if self._director.emit_scores and self.decision.result
+            else None
+        )
+        replies = [messages.request_headers_reply(self.decision.destination, len(raw), extra, scores)]
         replies.extend(messages.body_replies(raw, request=True, end_of_stream=body_end_of_stream))
         return replies
 

@@ -9,10 +9,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from epp.errors import EppError
+from epp.errors import DROPPED_REASON_HEADER, EppError
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 DESTINATION_SERVED_KEY = "x-gateway-destination-endpoint-served"
+DESTINATION_SCORES_KEY = "x-gateway-destination-endpoint-scores"  # with --emit-endpoint-scores
 LB_METADATA_NAMESPACE = "envoy.lb"
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
@@ -26,11 +27,16 @@ def _header(key: str, value: str) -> core_pb.HeaderValueOption:
 
 
 def request_headers_reply(
-    destination: str, content_length: int | None, extra_headers: Mapping[str, str | None] | None = None
+    destination: str,
+    content_length: int | None,
+    extra_headers: Mapping[str, str | None] | None = None,
+    scores: Mapping[str, float] | None = None,
 ) -> pb.ProcessingResponse:
     """Route the request: destination header + envoy.lb metadata, and clear the route cache so
     Envoy re-evaluates the route with the new header. `extra_headers` are set on the upstream
-    request, or removed from it when the value is None (e.g. P/D's x-prefiller-host-port)."""
+    request, or removed from it when the value is None (e.g. P/D's x-prefiller-host-port).
+    `scores` (endpoint key -> score) go in the envoy.lb metadata too, as the Go EPP's
+    --emit-endpoint-scores does."""
     headers = [_header(DESTINATION_HEADER, destination)]
     if content_length is not None:
         headers.append(_header("content-length", str(content_length)))
@@ -42,7 +48,10 @@ def request_headers_reply(
             else:
                 headers.append(_header(key, value))
     metadata = struct_pb2.Struct()
-    metadata.update({LB_METADATA_NAMESPACE: {DESTINATION_HEADER: destination}})
+    lb: dict[str, object] = {DESTINATION_HEADER: destination}
+    if scores is not None:
+        lb[DESTINATION_SCORES_KEY] = dict(scores)
+    metadata.update({LB_METADATA_NAMESPACE: lb})
     return pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(
@@ -98,11 +107,15 @@ def trailers_reply(*, request: bool) -> pb.ProcessingResponse:
 
 
 def immediate_reply(error: EppError) -> pb.ProcessingResponse:
-    """End the request at Envoy with an HTTP status and a readable body."""
+    """End the request at Envoy with an HTTP status and a readable body (and, for a request dropped
+    before dispatch, `x-llm-d-request-dropped-reason`)."""
+    headers = [_header("content-type", "text/plain; charset=utf-8")]
+    if error.dropped_reason:
+        headers.append(_header(DROPPED_REASON_HEADER, error.dropped_reason))
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=error.code.http_status),
-            headers=pb.HeaderMutation(set_headers=[_header("content-type", "text/plain; charset=utf-8")]),
+            headers=pb.HeaderMutation(set_headers=headers),
             body=error.body,
             details=error.code.label,
         )

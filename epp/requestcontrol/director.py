@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from epp.datalayer.datastore import Datastore
+from epp.errors import DROPPED_NO_ENDPOINTS
 from epp.framework import (
     CycleState,
     Endpoint,
@@ -59,6 +60,17 @@ class Decision:
         return self.served if self.served is not None else self.endpoints[0]
 
 
+def _host_of(entry: str) -> str:
+    """The IP of a subset-hint entry: "10.0.0.1:8000" -> "10.0.0.1", "[fd00::1]:8000" -> "fd00::1",
+    a bare IP as it is."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        return entry[1:].split("]", 1)[0]
+    if entry.count(":") == 1:
+        return entry.split(":", 1)[0]
+    return entry  # a bare IPv4 or IPv6 address
+
+
 class Director:
     def __init__(
         self,
@@ -68,6 +80,8 @@ class Director:
         ledger: InFlightLedger,
         staleness_threshold_s: float = 2.0,
         pool_name: str = "standalone",
+        use_subset_hint: bool = True,
+        emit_scores: bool = False,
     ) -> None:
         self.datastore = datastore
         self.scheduler = scheduler
@@ -75,17 +89,22 @@ class Director:
         self.ledger = ledger
         self.staleness_threshold_s = staleness_threshold_s
         self.pool_name = pool_name
+        self.use_subset_hint = use_subset_hint  # --disable-endpoint-subset-filter turns it off
+        self.emit_scores = emit_scores  # --emit-endpoint-scores
         self._rng = random.Random()
         datastore.subscribe(lambda ep: None, scheduler.endpoint_removed)
 
     def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
         endpoints: Sequence[Endpoint] = self.datastore.endpoints()
-        if subset is not None:
-            # Envoy's subset hint names "ip:port" (or bare IPs): only those may serve.
-            allowed = set(subset)
-            endpoints = [ep for ep in endpoints if ep.key in allowed or ep.address in allowed]
+        if subset is not None and self.use_subset_hint:
+            # Envoy's subset hint names "ip:port" entries; as in the Go EPP only the IP counts, so
+            # every port of a named pod is a candidate.
+            allowed = {_host_of(entry) for entry in subset}
+            endpoints = [ep for ep in endpoints if ep.address in allowed]
         if not endpoints:
-            raise EppError(ErrorCode.SERVICE_UNAVAILABLE, "no ready endpoint for this request")
+            raise EppError(
+                ErrorCode.SERVICE_UNAVAILABLE, "no ready endpoint for this request", DROPPED_NO_ENDPOINTS
+            )
         # Prefer endpoints whose metrics are fresh: a pod that stopped answering /metrics is likely
         # down or overloaded. When none are fresh (start-up, scraper lagging), use them all.
         cutoff = time.monotonic() - self.staleness_threshold_s

@@ -8,6 +8,7 @@ import grpc
 import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.epp_app import RunningEpp, running_epp, wait_until
@@ -97,17 +98,61 @@ async def test_all_apis_are_routed(epp: RunningEpp) -> None:
         assert replies[0].HasField("request_headers"), path
 
 
-async def test_subset_hint_restricts_candidates(epp: RunningEpp, fakes: list[FakeVllm]) -> None:
-    only = fakes[2].address
-    for _ in range(10):
-        replies = await one_request(epp.stub, request_headers(), completion(), subset=[only])
-        assert set_headers(replies[0])[DEST] == only
+MULTI_PORT = "127.0.0.2:8000,127.0.0.3:8000,127.0.0.3:8001"  # the pod at .3 serves on two ports
 
 
-async def test_empty_subset_hint_is_503(epp: RunningEpp) -> None:
+async def test_subset_hint_is_matched_on_the_ip_like_go() -> None:
+    """Every port of a pod the hint names is a candidate (the hint's port is not compared)."""
+    async with running_epp("--endpoints", MULTI_PORT) as epp:
+        seen = set()
+        for _ in range(24):
+            replies = await one_request(epp.stub, request_headers(), completion(), subset=["127.0.0.3:9999"])
+            seen.add(set_headers(replies[0])[DEST])
+        assert seen == {"127.0.0.3:8000", "127.0.0.3:8001"}
+
+
+async def test_a_malformed_subset_hint_is_ignored_and_the_filter_can_be_disabled() -> None:
+    async with running_epp("--endpoints", MULTI_PORT) as epp:
+        client = ExtProcClient(epp.stub)
+        msg = headers_msg(request_headers())
+        hint = struct_pb2.Struct()
+        hint.update({"x-gateway-destination-endpoint-subset": "127.0.0.2:8000"})  # a string, not a list
+        msg.metadata_context.filter_metadata["envoy.lb.subset_hint"].CopyFrom(hint)
+        client.send([msg, *body_msgs(completion(), 100)])
+        (reply, _) = await client.read(2)
+        assert set_headers(reply)[DEST] in MULTI_PORT.split(",")
+        await client.close()
+    async with running_epp("--endpoints", MULTI_PORT, "--disable-endpoint-subset-filter") as epp:
+        replies = await one_request(epp.stub, request_headers(), completion(), subset=[])
+        assert set_headers(replies[0])[DEST] in MULTI_PORT.split(",")
+
+
+async def test_empty_subset_hint_is_503_with_the_dropped_reason(epp: RunningEpp) -> None:
     replies = await one_request(epp.stub, request_headers(), completion(), subset=[])
-    assert replies[0].immediate_response.status.code == 503
-    assert b"ServiceUnavailable" in replies[0].immediate_response.body
+    response = replies[0].immediate_response
+    assert response.status.code == 503
+    assert b"ServiceUnavailable" in response.body
+    headers = {h.header.key: h.header.raw_value.decode() for h in response.headers.set_headers}
+    assert headers["x-llm-d-request-dropped-reason"] == "rejected-no-endpoints"
+
+
+async def test_emit_endpoint_scores_puts_every_candidates_score_in_the_lb_metadata() -> None:
+    async with running_epp("--endpoints", MULTI_PORT, "--emit-endpoint-scores") as epp:
+        replies = await one_request(epp.stub, request_headers(), completion())
+        lb = replies[0].dynamic_metadata.fields["envoy.lb"].struct_value.fields
+        scores = {
+            k: v.number_value
+            for k, v in lb["x-gateway-destination-endpoint-scores"].struct_value.fields.items()
+        }
+        assert set(scores) == set(MULTI_PORT.split(","))
+        assert lb[DEST].string_value in scores
+        assert scores[lb[DEST].string_value] == max(scores.values())
+    async with running_epp("--endpoints", MULTI_PORT) as epp:  # off by default
+        replies = await one_request(epp.stub, request_headers(), completion())
+        assert (
+            "x-gateway-destination-endpoint-scores"
+            not in replies[0].dynamic_metadata.fields["envoy.lb"].struct_value.fields
+        )
 
 
 async def test_no_endpoints_is_503(tmp_path: object) -> None:

@@ -47,15 +47,21 @@ def director_for(endpoints: list[Endpoint], config: str = DEFAULT_CONFIG) -> tup
     return Director(store, scheduler, EppMetrics(), ledger), ledger
 
 
-def test_subset_hint_matches_ip_port_or_bare_ip_and_empty_is_503() -> None:
+def test_subset_hint_matches_on_the_ip_and_empty_is_503() -> None:
     a, b = make_endpoint("a", address="10.0.0.1"), make_endpoint("b", address="10.0.0.2")
-    director, _ = director_for([a, b])
-    assert director.candidates(["10.0.0.2:8000"]) == [b]
+    b2 = make_endpoint("b2", address="10.0.0.2", port=8001)  # the same pod's second port
+    v6 = make_endpoint("v6", address="fd00::1")
+    director, _ = director_for([a, b, b2, v6])
+    assert director.candidates(["10.0.0.2:8000"]) == [b, b2]  # the port is not compared (as in Go)
     assert director.candidates(["10.0.0.1"]) == [a]
-    assert director.candidates(None) == [a, b]
+    assert director.candidates(["[fd00::1]:9000"]) == [v6]
+    assert director.candidates(None) == [a, b, b2, v6]
     with pytest.raises(EppError) as err:
         director.candidates([])
     assert err.value.code is ErrorCode.SERVICE_UNAVAILABLE
+    assert err.value.dropped_reason == "rejected-no-endpoints"
+    director.use_subset_hint = False  # --disable-endpoint-subset-filter
+    assert director.candidates([]) == [a, b, b2, v6]
 
 
 def test_fresh_endpoints_are_preferred_and_all_used_when_none_is_fresh() -> None:

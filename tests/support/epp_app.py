@@ -42,6 +42,7 @@ async def running_epp(*flags: str, **overrides: Any) -> AsyncIterator[RunningEpp
             "0",
             "--bind-address",
             "127.0.0.1",
+            "--secure-serving=false",  # the test channel is plaintext; TLS tests pass --secure-serving
             *flags,
         ]
     )
