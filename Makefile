@@ -62,7 +62,7 @@ image:
 
 # inference-perf (PyPI; needs Python >= 3.12) in its own venv, plus a tokenizer directory it loads offline
 # (bench/epp_bench/make_tokenizer.py, standard library only: run from the source tree with PYTHONPATH=bench,
-# since epp_bench is not installed there). Not part of install/test; README.md, Load-testing the gateway with inference-perf shows how to use it.
+# since epp_bench is not installed there). Not part of install/test; docs/benchmarks.md shows how to use it.
 PERF_VENV ?= .venv-perf
 INFERENCE_PERF_VERSION ?= 0.7.0
 # The first Python >= 3.12 among python3.12, python3.13 and pyenv's 3.12 / 3.13 (override: PERF_PYTHON=...).

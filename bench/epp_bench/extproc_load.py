@@ -119,6 +119,7 @@ def main() -> None:
             "1s",
             "--log-level",
             "error",
+            "--secure-serving=false",  # the load client speaks plaintext gRPC
         ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
