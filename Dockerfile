@@ -5,7 +5,7 @@
 #   docker run --rm --entrypoint python epp:dev -m epp_bench.sim --count 1 --base-port 8000 --host 0.0.0.0
 #
 # Runs as uid 65532 with a read-only root filesystem: nothing is written at run time except
-# under /tmp (mount an emptyDir there) and the TLS certificate directory (deploy/base).
+# under /tmp (mount an emptyDir there). epp makes its self-signed TLS certificate in memory.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -26,18 +26,16 @@ COPY bench ./bench
 # The bench distribution without extras (no plots): the simulator (epp_bench.sim) for CPU-only clusters;
 # its dependencies (aiohttp, prometheus-client, ...) are epp's own.
 # Bytecode is compiled here, since the root filesystem is read-only at run time.
+# xds-protos installs an old copy of OpenTelemetry's protos over opentelemetry-proto's (the OTLP
+# exporter of --tracing needs the latter): they are put back.
 RUN pip install --upgrade pip \
  && pip install . ./bench \
+ && pip install --no-deps --force-reinstall \
+      "opentelemetry-proto==$(python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')" \
  && python -m compileall -q /opt/venv/lib
 
 # ---- runtime ---------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
-# openssl makes the self-signed ext_proc certificate in deploy/base's init container
-# (the slim image has it through ca-certificates; install it if a base image lacks it).
-RUN command -v openssl >/dev/null \
- || (apt-get update \
-     && apt-get install -y --no-install-recommends openssl \
-     && rm -rf /var/lib/apt/lists/*)
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml bench/pyproject.toml examples/epp-example-sco
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]' -e './bench[plots]'
+	# xds-protos installs an old copy of OpenTelemetry's protos over opentelemetry-proto's (the OTLP
+	# exporter of --tracing needs the latter): put them back.
+	$(VENV)/bin/pip install -q --no-deps --force-reinstall "opentelemetry-proto==$$($(VENV)/bin/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	$(VENV)/bin/pip install -q -e examples/epp-example-scorer
 	touch $@
 

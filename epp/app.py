@@ -1,4 +1,15 @@
-"""The composition root: builds every component from Settings and runs the servers."""
+"""The composition root: builds every component from Settings and runs the servers.
+
+Serving, as the Go EPP serves (docs/configuration.md, "Serving"):
+- ext_proc on --grpc-port, over TLS unless --secure-serving=false (epp.tls), with the gRPC
+  message limits of --grpc-max-recv-msg-size / --grpc-max-send-msg-size, and gRPC health on it
+  too (Envoy's health checks ask there); gRPC health, plaintext, on --grpc-health-port
+  (epp.health); Prometheus on --metrics-port (epp.metrics_server).
+- Shutdown (`stop`, and SIGTERM in `serve`) drains: every health name but `liveness` goes
+  NOT_SERVING at once, the leader Lease is released, the ext_proc server refuses new streams
+  and gives those in flight up to --drain-timeout to finish; then everything stops. A second
+  SIGTERM or SIGINT cuts the drain short.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +18,11 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.scraper import ScrapeConfig, Scraper
@@ -23,10 +31,13 @@ from epp.extproc.handler import ExtProcService
 from epp.framework import ConfigError, InFlightLedger, PluginHandle
 from epp.framework.registry import installed_registry
 from epp.health import Health
+from epp.metrics_server import MetricsAuth, MetricsServer, MetricsTls
 from epp.observability import EppMetrics
 from epp.requestcontrol.director import Director
 from epp.scheduling.loader import DEFAULT_CONFIG, LoadedConfig, load_config
 from epp.settings import Settings
+from epp.tls import ServingTls, serving_tls
+from epp.tracing import build_tracer
 
 if TYPE_CHECKING:
     from epp.discovery.kubernetes import KubernetesDiscovery
@@ -34,13 +45,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # each way, unless --grpc-max-*-msg-size says otherwise
+
 _GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a port already taken must fail loudly, not be shared
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
 ]
+
+
+def ext_proc_grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The ext_proc server's channel options. A message size of None or 0 keeps epp's default
+    (Go's EPP also reads 0 as "gRPC's default")."""
+    recv = settings.grpc_max_recv_msg_size or DEFAULT_MAX_MESSAGE_BYTES
+    send = settings.grpc_max_send_msg_size or DEFAULT_MAX_MESSAGE_BYTES
+    limits = {"grpc.max_receive_message_length": recv, "grpc.max_send_message_length": send}
+    return [(key, limits.get(key, value)) for key, value in _GRPC_OPTIONS]
 
 
 def load_scheduler_config(
@@ -87,12 +109,14 @@ class App:
             pool_name=settings.metrics_pool_name,
             use_subset_hint=not settings.disable_endpoint_subset_filter,
             emit_scores=settings.emit_endpoint_scores,
+            tracer=build_tracer(settings.tracing),
+            grpc_stream_metrics=settings.enable_grpc_stream_metrics,
         )
         self.scraper = Scraper(
             self.datastore,
             settings.refresh_metrics_interval_s,
             self._scrape_config(),
-            on_error=lambda ep: self.metrics.scrape_errors.labels(ep.key).inc(),
+            on_error=self.metrics.count_scrape_error,
         )
         # Pods come and go (a restart is a new IP): drop a departed endpoint's series.
         self.datastore.subscribe(lambda ep: None, self.metrics.forget_endpoint)
@@ -107,21 +131,42 @@ class App:
         else:
             fixed = parse_endpoints_flag(settings.endpoints) if settings.endpoints else []
             self.discovery = StaticDiscovery(self.datastore, fixed, settings.endpoints_file)
-        self.health = Health()
-        self._servers: list[grpc.aio.Server] = []
-        self._metrics_http: web.AppRunner | None = None
+        self.health = Health(leader_election=self.leader is not None)
+        self.tls: ServingTls | None = self._serving_tls()
+        self.metrics_server = self._metrics_server()
+        self._ext_proc: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._cutting: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
 
     def _scrape_config(self) -> ScrapeConfig:
-        """Where each model server's metrics are read: the --model-server-metrics-* flags."""
+        """Where and how each model server's metrics are read. As in the Go EPP, lowest first: the
+        defaults; the --model-server-metrics-* and *-metric flags; the config's metrics data
+        source and extractor (`metrics-data-source` / `core-metrics-extractor` parameters, as
+        the config's data layer wires them). Raises ConfigError for an unusable combination."""
+        from epp.datalayer.model_server_metrics import MetricOverrides
+
         s = self.settings
-        return ScrapeConfig(
+        flags = ScrapeConfig(
             path=s.model_server_metrics_path,
             scheme=s.model_server_metrics_scheme,
             port=s.model_server_metrics_port,
             https_insecure_skip_verify=s.model_server_metrics_https_insecure_skip_verify,
         )
+        overrides = MetricOverrides(
+            waiting=s.total_queued_requests_metric,
+            running=s.total_running_requests_metric,
+            kv_usage=s.kv_cache_usage_percentage_metric,
+            lora_info=s.lora_info_metric,
+            cache_info=s.cache_info_metric,
+        )
+        layer = self.config.data_layer
+        try:
+            return flags.with_source(layer.source, layer.extractor, overrides)
+        except ValueError as exc:
+            raise ConfigError(f"model-server metrics: {exc}") from None
 
     def _build_kubernetes(self) -> tuple[KubernetesDiscovery, LeaderElector | None]:
         # Imported here: kubernetes-asyncio takes about a second to import, which only
@@ -158,13 +203,64 @@ class App:
         leader = LeaderElector(client, s.pool_namespace, lease, identity, timing, self._status_changed.set)
         return discovery, leader
 
-    def _server_credentials(self) -> grpc.ServerCredentials | None:
-        if not self.settings.secure_serving:
+    def _serving_tls(self) -> ServingTls | None:
+        """The ext_proc server's TLS; raises epp.tls.TlsConfigError (a ConfigError) for
+        certificate files or TLS flags that cannot be served."""
+        s = self.settings
+        if not s.secure_serving:
+            given = [
+                flag
+                for flag, value in (
+                    ("--cert-path", s.cert_path is not None),
+                    ("--enable-cert-reload", s.enable_cert_reload),
+                    ("--tls-min-version", s.tls_min_version not in ("", "1.2")),
+                    ("--tls-cipher-suites", bool(s.tls_cipher_suites)),
+                )
+                if value
+            ]
+            if given:
+                log.warning(
+                    "%s: no effect with --secure-serving=false (ext_proc is plaintext)", ", ".join(given)
+                )
             return None
-        cert_dir = self.settings.cert_path or Path(".")
-        return grpc.ssl_server_credentials(
-            [((cert_dir / "tls.key").read_bytes(), (cert_dir / "tls.crt").read_bytes())]
+        hosts = [s.bind_address, *([s.pod_name_env] if s.pod_name_env else [])]
+        tls = serving_tls(
+            s.cert_path,
+            enable_cert_reload=s.enable_cert_reload,
+            min_version=s.tls_min_version,
+            cipher_suite_names=s.tls_cipher_suites,
+            hosts=hosts,
         )
+        for warning in tls.warnings:
+            log.warning("%s", warning)
+        return tls
+
+    def _metrics_server(self) -> MetricsServer:
+        s = self.settings
+        if s.metrics_client_ca_file is not None and s.metrics_cert_dir is None:
+            raise ConfigError('"metrics-client-ca-file" requires "metrics-cert-dir"')
+        if (
+            s.metrics_cert_dir is not None
+            and s.metrics_client_ca_file is None
+            and not s.metrics_endpoint_auth
+        ):
+            # The Go EPP's rule: HTTPS without any client authentication is refused.
+            raise ConfigError(
+                '"metrics-cert-dir" enables metrics TLS without authentication; '
+                'set "metrics-client-ca-file" or "metrics-endpoint-auth"'
+            )
+        tls = MetricsTls(s.metrics_cert_dir, s.metrics_client_ca_file) if s.metrics_cert_dir else None
+        auth: MetricsAuth | None = None
+        self._metrics_auth_off: str | None = None
+        if s.metrics_endpoint_auth:
+            if self.kubernetes is not None:
+                auth = MetricsAuth(self.kubernetes.client)
+            else:  # said once, at start
+                self._metrics_auth_off = (
+                    "metrics endpoint auth is off: epp runs outside Kubernetes (standalone endpoints), "
+                    "so there is no API server to review bearer tokens; /metrics is open"
+                )
+        return MetricsServer(self.metrics.registry, s.bind_address, s.metrics_port, auth=auth, tls=tls)
 
     def _bind(self, server: grpc.aio.Server, port: int, creds: grpc.ServerCredentials | None) -> int:
         address = f"{self.settings.bind_address}:{port}"
@@ -176,24 +272,26 @@ class App:
     async def start(self) -> BoundPorts:
         if not self.datastore.synced:
             self.discovery.load_initial()
-        await self.health.start()
-        creds = self._server_credentials()
+        self.health.set_ready(False)
 
-        ext_proc = grpc.aio.server(options=_GRPC_OPTIONS)
+        ext_proc = grpc.aio.server(options=ext_proc_grpc_options(self.settings))
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExtProcService(self.director), ext_proc)
         # Health on the ext_proc port too: Envoy's gRPC health checks of the cluster ask there.
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, ext_proc)
-        grpc_port = self._bind(ext_proc, self.settings.grpc_port, creds)
+        grpc_port = self._bind(ext_proc, self.settings.grpc_port, self.tls.credentials if self.tls else None)
 
         health_server = grpc.aio.server(options=_GRPC_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, health_server)
         health_port = self._bind(health_server, self.settings.grpc_health_port, None)
 
-        metrics_port = await self._start_metrics_http()
+        metrics_port = await self.metrics_server.start()
+        if self._metrics_auth_off:
+            log.info("%s", self._metrics_auth_off)
 
-        for server in (ext_proc, health_server):
-            await server.start()
-            self._servers.append(server)
+        await ext_proc.start()
+        self._ext_proc = ext_proc
+        await health_server.start()
+        self._health_server = health_server
         await self.scraper.start()
         self.discovery.start()
         if self.leader is not None:
@@ -202,28 +300,31 @@ class App:
         await self._refresh_status()
         self.ports = BoundPorts(grpc_port, health_port, metrics_port)
         log.info(
-            "epp serving: ext_proc :%d, health :%d, metrics :%d, %d endpoints",
+            "epp serving: ext_proc :%d (%s), health :%d, metrics :%d (%s), %d endpoints",
             grpc_port,
+            self._describe_tls(),
             health_port,
             metrics_port,
+            self._describe_metrics(),
             len(self.datastore),
         )
         return self.ports
 
-    async def _start_metrics_http(self) -> int:
-        registry = self.metrics.registry
+    def _describe_tls(self) -> str:
+        if self.tls is None:
+            return "plaintext"
+        if self.tls.self_signed:
+            return "TLS, self-signed certificate"
+        reload = ", reloaded on change" if self.tls.reloader else ""
+        return f"TLS, certificate from {self.settings.cert_path}{reload}"
 
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        http = web.Application()
-        http.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(http, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.settings.bind_address, self.settings.metrics_port)
-        await site.start()
-        self._metrics_http = runner
-        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    def _describe_metrics(self) -> str:
+        scheme = "https" if self.metrics_server.tls else "http"
+        if self.metrics_server.tls and self.metrics_server.tls.client_ca_file:
+            scheme += " with client certificates"
+        return (
+            f"{scheme}, {'bearer tokens reviewed by Kubernetes' if self.metrics_server.auth else 'no auth'}"
+        )
 
     def is_ready(self) -> bool:
         """Standalone: some endpoints are loaded. Kubernetes: the pool exists and its first full
@@ -235,7 +336,7 @@ class App:
         return ready and (self.leader is None or self.leader.is_leader)
 
     async def _refresh_status(self) -> None:
-        await self.health.set_ready(self.is_ready())
+        self.health.set_ready(self.is_ready())
         self.director.refresh_pool_metrics()
 
     async def _housekeep(self) -> None:
@@ -249,27 +350,62 @@ class App:
             except Exception:
                 log.exception("housekeeping failed")
 
-    async def stop(self, grace_s: float = 1.0) -> None:
+    async def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Drain, then stop everything (see the module's docstring). In-flight ext_proc streams
+        get `drain_timeout_s` (default --drain-timeout) to finish; those still open then are
+        cancelled. Returns as soon as they are done. Calling it again waits for the same stop."""
+        if self._stopping is None:
+            timeout = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+            self._stopping = asyncio.get_running_loop().create_task(self._drain_and_stop(timeout))
+        await asyncio.shield(self._stopping)
+
+    def cut_drain(self) -> None:
+        """End a drain now: in-flight streams are cancelled (a second SIGTERM does this)."""
+        if self._ext_proc is not None and self._cutting is None:
+            self._cutting = asyncio.get_running_loop().create_task(self._ext_proc.stop(None))
+
+    async def _drain_and_stop(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        await self.health.shutdown()
+        self.health.drain()  # every name but liveness NOT_SERVING, at once
+        # grpc.aio's stop(grace) refuses new streams at once (GOAWAY, listener closed) and waits
+        # up to `grace` for those in flight. Discovery, scraping and metrics keep running meanwhile:
+        # a stream in flight may still need to pick an endpoint.
+        ext_proc_stopped = loop.create_task(self._ext_proc.stop(timeout_s)) if self._ext_proc else None
         if self.leader is not None:
             await self.leader.stop()  # releases the Lease: a standby takes over at once
+        if ext_proc_stopped is not None:
+            log.info("draining: no new ext_proc streams; those in flight have up to %gs", timeout_s)
+            await ext_proc_stopped
+            log.info("ext_proc server stopped after %.1fs", loop.time() - started)
         await self.discovery.stop()
+        await self.scraper.close()
+        await self.metrics_server.stop()  # before the client its auth uses is closed
         if self.kubernetes is not None:
             await self.kubernetes.client.close()
-        await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
-        await self.scraper.close()
-        if self._metrics_http is not None:
-            await self._metrics_http.cleanup()
+        if self._health_server is not None:
+            await self._health_server.stop(None)
 
 
 async def serve(app: App) -> None:
     await app.start()
-    stop = asyncio.Event()
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await app.stop()
+        loop.add_signal_handler(sig, signalled.set)
+    await signalled.wait()
+    signalled.clear()
+    log.info(
+        "shutting down: draining for up to %gs (a second signal stops at once)", app.settings.drain_timeout_s
+    )
+    stopping = loop.create_task(app.stop())
+    again = loop.create_task(signalled.wait())
+    done, _ = await asyncio.wait({stopping, again}, return_when=asyncio.FIRST_COMPLETED)
+    if again in done:
+        log.warning("second signal: cancelling the streams still in flight")
+        app.cut_drain()
+    else:
+        again.cancel()
+    await stopping

@@ -8,15 +8,40 @@ import sys
 
 from epp.errors import EndpointSpecError
 from epp.framework import ConfigError
+from epp.logsetup import configure, warn_ignored_flags
 from epp.settings import parse_settings
+
+log = logging.getLogger("epp")
+
+
+class _Report:
+    """What the command tells its user on stderr: `epp: ...` lines, or with `--zap-encoder json`
+    log records, so that every stderr line is JSON."""
+
+    def __init__(self, as_log: bool) -> None:
+        self.as_log = as_log
+
+    def warning(self, text: str) -> None:
+        if self.as_log:
+            log.warning(text, stacklevel=2)
+        else:
+            print(f"epp: warning: {text}", file=sys.stderr)
+
+    def error(self, what: str, exc: BaseException) -> None:
+        if self.as_log:
+            log.error(what, extra={"error": str(exc)}, stacklevel=2)
+        else:
+            print(f"epp: {what}: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(settings.logging)
+    report = _Report(settings.logging.encoder == "json")
+    warn_ignored_flags(settings.ignored_flags)
+    from epp.tls import export_cipher_suites  # gRPC reads its cipher list once, when first imported:
+
+    export_cipher_suites(settings.tls_cipher_suites, enabled=settings.secure_serving)  # before epp.app
     from epp.app import App, load_scheduler_config, serve
 
     if settings.check_config:
@@ -24,22 +49,22 @@ def main(argv: list[str] | None = None) -> int:
         try:
             loaded = load_scheduler_config(settings)
         except ConfigError as exc:
-            print(f"epp: invalid config: {exc}", file=sys.stderr)
+            report.error("invalid config", exc)
             return 1
         for warning in loaded.warnings:
-            print(f"epp: warning: {warning}", file=sys.stderr)
+            report.warning(warning)
         print("config is valid")
         return 0
     try:
         app = App(settings)
         app.discovery.load_initial()  # fail fast, with the reason, before binding ports
     except (ConfigError, EndpointSpecError) as exc:
-        print(f"epp: error: {exc}", file=sys.stderr)
+        report.error("error", exc)
         return 1
     try:
         asyncio.run(serve(app))
     except OSError as exc:
-        print(f"epp: error: {exc}", file=sys.stderr)
+        report.error("error", exc)
         return 1
     except KeyboardInterrupt:
         pass

@@ -18,6 +18,7 @@ from epp.discovery.pool import (
     parse_ports_flag,
     parse_selector_flag,
 )
+from epp.discovery.selector import Selector
 from epp.errors import PoolSpecError
 from epp.ports import port_number
 
@@ -101,7 +102,7 @@ class LogSettings:
     encoder: str = "console"  # console (text) or json (zap's field names)
     development: bool = False
     stacktrace_level: str = "error"
-    time_encoding: str = "iso8601"
+    time_encoding: str = "epoch"  # as the Go EPP writes `ts`: seconds since the epoch
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class Settings:
     pool_namespace: str = "default"
     pool_group: str = V1_GROUP
     kubeconfig: Path | None = None
-    endpoint_selector: dict[str, str] | None = None  # selector discovery (no CRD) when set
+    endpoint_selector: Selector | None = None  # selector discovery (no CRD) when set
     endpoint_target_ports: tuple[int, ...] = ()
     ha_enable_leader_election: bool = False
     ha_lease_duration_s: float = 15.0
@@ -245,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k8s.add_argument(
         "--endpoint-selector",
-        help="without the InferencePool CRD: pods matching this label selector are the endpoints",
+        help="without the InferencePool CRD: pods matching this Kubernetes label selector are the "
+        "endpoints (k=v, k!=v, 'k in (a,b)', 'k notin (a,b)', k, !k; comma = and)",
     )
     k8s.add_argument(
         "--endpoint-target-ports", help="with --endpoint-selector: the pods' serving ports, e.g. 8000,8001"
@@ -288,7 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--cert-path", type=Path, help="directory holding tls.crt and tls.key")
     _bool_flag(srv, "--enable-cert-reload", False, "reload --cert-path's certificate when it changes")
-    srv.add_argument("--tls-min-version", default="1.2", choices=["1.2", "1.3"], help="TLS minimum version")
+    srv.add_argument(  # Go's spelling too; what gRPC can enforce is checked in epp.tls
+        "--tls-min-version",
+        default="1.2",
+        choices=["1.0", "1.1", "1.2", "1.3", *(f"VersionTLS1{n}" for n in range(4))],
+        help="TLS minimum version",
+    )
     srv.add_argument(
         "--tls-cipher-suites", default="", help="comma-separated TLS 1.2 cipher suites (Go names)"
     )
@@ -357,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     obs.add_argument("--zap-stacktrace-level", default="error", choices=["info", "error", "panic"])
     obs.add_argument(
         "--zap-time-encoding",
-        default="iso8601",
+        default="epoch",
         choices=["epoch", "millis", "nano", "iso8601", "rfc3339", "rfc3339nano"],
     )
     for flag, why in _NO_MEANING.items():
@@ -428,10 +435,10 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         parser.error("--refresh-metrics-interval must be positive")
     if args.metrics_staleness_threshold <= 0:
         parser.error("--metrics-staleness-threshold must be positive")
-    selector: dict[str, str] | None = None
+    selector: Selector | None = None
     target_ports: tuple[int, ...] = ()
     try:
-        if args.endpoint_selector is not None:
+        if args.endpoint_selector:  # as in Go, an empty value is no selector
             selector = parse_selector_flag(args.endpoint_selector)
             if args.endpoint_target_ports is None:
                 parser.error("--endpoint-selector needs --endpoint-target-ports")

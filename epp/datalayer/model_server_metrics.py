@@ -1,5 +1,14 @@
 """Read a model server's Prometheus text into an EndpointMetrics snapshot.
 
+Which series hold each value depends on the engine, as in the Go EPP's `core-metrics-extractor`
+(llm-d-router `pkg/epp/framework/plugins/datalayer/extractor/metrics`): built-in mappings for
+vLLM, SGLang, trtllm-serve, Triton with TensorRT-LLM and plain Triton; the engine is the pod label
+`llm-d.ai/engine-type` (or the older `inference.networking.k8s.io/engine-type`), and a pod
+without it, or with an engine that has no mapping, is read with the default engine's (vLLM unless
+the config's `defaultEngine` says otherwise). Each value is a metric spec in PromQL selector form,
+`name` or `name{label="value",...}`; the config's `engineConfigs` and the Go `*-metric` flags
+replace them (`build_engine_table`).
+
 The text is parsed by prometheus-client's parser. vLLM's /metrics is large (histograms for every
 latency), and the parser is slow in Python, so lines are first narrowed to the few families epp
 reads: a cheap byte-prefix test that keeps the parse proportional to what is used.
@@ -8,28 +17,102 @@ reads: a cheap byte-prefix test that keeps the parse proportional to what is use
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from epp.errors import MetricsParseError
 from epp.framework import EndpointMetrics
 
+ENGINE_LABEL = "llm-d.ai/engine-type"
+# The Gateway API Inference Extension's label, still read when the llm-d one is absent (as Go does).
+LEGACY_ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
+DEFAULT_ENGINE = "vllm"
+# The Go extractor registers the default engine's mapping under this name; a config may not use it.
+RESERVED_ENGINE_NAME = "default"
+
+# --- metric specs ------------------------------------------------------------------------------
+
+_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_SPEC_RE = re.compile(rf"^\s*({_METRIC_NAME})\s*(?:\{{([^}}]*)\}})?\s*$")
+_LABEL_PAIR_RE = re.compile(r'^\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*(?:"([^"]*)"|([^",}\s]+))\s*$')
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One series selector: a metric name and labels the series must carry with these values."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.labels)
+
+    def __str__(self) -> str:
+        if not self.labels:
+            return self.name
+        return self.name + "{" + ",".join(f'{k}="{v}"' for k, v in self.labels) + "}"
+
+
+def parse_metric_spec(text: str) -> MetricSpec:
+    """`name` or `name{label="value",...}` (quotes optional), as the Go EPP reads its `*Spec`
+    parameters and `*-metric` flags. Raises ValueError naming the spec."""
+    m = _SPEC_RE.match(text)
+    if m is None:
+        raise ValueError(f'not a valid metric specification: {text!r} (use name or name{{label="value"}})')
+    labels: list[tuple[str, str]] = []
+    block = (m.group(2) or "").strip()
+    if block:
+        for pair in block.split(","):
+            lm = _LABEL_PAIR_RE.match(pair)
+            if lm is None:
+                raise ValueError(f"invalid label pair {pair.strip()!r} in metric specification {text!r}")
+            labels.append((lm.group(1), lm.group(2) if lm.group(2) is not None else lm.group(3)))
+    return MetricSpec(m.group(1), tuple(labels))
+
+
+def _spec(text: str) -> MetricSpec:
+    return parse_metric_spec(text)
+
+
+# --- one engine's mapping ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class MetricNames:
-    """Which series hold each value, per engine (pod label llm-d.ai/engine-type)."""
+    """Which series hold each value for one engine. A value with no spec is not read (it stays 0);
+    several specs for one value are tried in order (vLLM renamed its KV-cache metric)."""
 
-    waiting: tuple[str, ...]
-    running: tuple[str, ...]
-    kv_usage: tuple[str, ...]
-    lora_info: str | None = None
-    cache_config: str | None = None
+    waiting: tuple[MetricSpec, ...]
+    running: tuple[MetricSpec, ...]
+    kv_usage: tuple[MetricSpec, ...]
+    lora_info: MetricSpec | None = None
+    # An info-style gauge whose labels carry the KV block size and the number of blocks ...
+    cache_info: MetricSpec | None = None
+    block_size_label: str = "block_size"
+    num_blocks_label: str = "num_gpu_blocks"
+    # ... or, for engines that export them as values, one gauge each.
+    block_size: MetricSpec | None = None
+    num_blocks: MetricSpec | None = None
+    # Go's `customMetrics` (attribute key -> spec): parsed and checked; no epp plugin reads them.
+    custom: tuple[tuple[str, MetricSpec], ...] = field(default=(), compare=False)
+
+    def specs(self) -> tuple[MetricSpec, ...]:
+        single = (self.lora_info, self.cache_info, self.block_size, self.num_blocks)
+        return self.waiting + self.running + self.kv_usage + tuple(s for s in single if s is not None)
 
     def all_names(self) -> tuple[str, ...]:
-        extra = tuple(n for n in (self.lora_info, self.cache_config) if n)
-        return self.waiting + self.running + self.kv_usage + extra
+        return tuple(dict.fromkeys(s.name for s in self.specs()))
 
+    @cached_property
+    def wanted(self) -> frozenset[str]:
+        return frozenset(self.all_names())
+
+    @cached_property
     def line_prefixes(self) -> tuple[str, ...]:
         """Lines worth handing to the parser: the samples and TYPE/HELP of the families read."""
         names = self.all_names()
@@ -37,33 +120,234 @@ class MetricNames:
 
 
 VLLM = MetricNames(
-    waiting=("vllm:num_requests_waiting",),
-    running=("vllm:num_requests_running",),
+    waiting=(_spec("vllm:num_requests_waiting"),),
+    running=(_spec("vllm:num_requests_running"),),
     # Newer vLLM renamed gpu_cache_usage_perc; either is accepted, the newer wins.
-    kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-    lora_info="vllm:lora_requests_info",
-    cache_config="vllm:cache_config_info",
+    kv_usage=(_spec("vllm:kv_cache_usage_perc"), _spec("vllm:gpu_cache_usage_perc")),
+    lora_info=_spec("vllm:lora_requests_info"),
+    cache_info=_spec("vllm:cache_config_info"),
 )
 SGLANG = MetricNames(
-    waiting=("sglang:num_queue_reqs",),
-    running=("sglang:num_running_reqs",),
-    kv_usage=("sglang:token_usage",),
+    waiting=(_spec("sglang:num_queue_reqs"),),
+    running=(_spec("sglang:num_running_reqs"),),
+    kv_usage=(_spec("sglang:token_usage"),),
+    cache_info=_spec("sglang:cache_config_info"),
+    block_size_label="page_size",
+    num_blocks_label="num_pages",
 )
-ENGINES = {"vllm": VLLM, "sglang": SGLANG}
-ENGINE_LABEL = "llm-d.ai/engine-type"
+TRTLLM_SERVE = MetricNames(
+    waiting=(_spec("trtllm_num_requests_waiting"),),
+    running=(_spec("trtllm_num_requests_running"),),
+    kv_usage=(_spec("trtllm_kv_cache_utilization"),),
+    block_size=_spec("trtllm_kv_cache_tokens_per_block"),
+    num_blocks=_spec("trtllm_kv_cache_max_blocks"),
+)
+TRITON_TENSORRT_LLM = MetricNames(
+    waiting=(_spec("nv_trt_llm_request_metrics{request_type=waiting}"),),
+    running=(_spec("nv_trt_llm_request_metrics{request_type=scheduled}"),),
+    kv_usage=(_spec("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}"),),
+    block_size=_spec("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=tokens_per}"),
+    num_blocks=_spec("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=max}"),
+)
+# Triton Inference Server for non-LLM models (no KV cache).
+TRITON = MetricNames(
+    waiting=(_spec("nv_inference_pending_request_count"),),
+    running=(_spec("nv_inference_exec_count"),),
+    kv_usage=(),
+)
+BUILTIN_ENGINES: Mapping[str, MetricNames] = {
+    "vllm": VLLM,
+    "sglang": SGLANG,
+    "trtllm-serve": TRTLLM_SERVE,
+    "triton-tensorrt-llm": TRITON_TENSORRT_LLM,
+    "triton": TRITON,
+}
+# Kept for callers that know the two engines epp started with.
+ENGINES = BUILTIN_ENGINES
+
+
+# --- the engine table ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineTable:
+    """Every engine's mapping, the default one, and the pod label naming an endpoint's engine."""
+
+    engines: Mapping[str, MetricNames]
+    default_engine: str = DEFAULT_ENGINE
+    label_key: str = ENGINE_LABEL
+
+    @property
+    def default(self) -> MetricNames:
+        return self.engines[self.default_engine]
+
+    def lookup(self, engine: str | None) -> MetricNames:
+        """The mapping of an engine name; a missing or unknown one gets the default engine's.
+        Built-in names also match case-insensitively (`SGLang`)."""
+        if engine:
+            names = self.engines.get(engine) or self.engines.get(engine.lower())
+            if names is not None:
+                return names
+        return self.default
+
+    def for_labels(self, labels: Mapping[str, str]) -> MetricNames:
+        return self.lookup(labels.get(self.label_key) or labels.get(LEGACY_ENGINE_LABEL))
+
+
+DEFAULT_ENGINES = EngineTable(BUILTIN_ENGINES)
 
 
 def names_for_engine(engine: str | None) -> MetricNames:
-    return ENGINES.get((engine or "vllm").lower(), VLLM)
+    """The built-in mapping for an engine label value (vLLM's when absent or unknown)."""
+    return DEFAULT_ENGINES.lookup(engine)
 
 
-# Per engine, computed once: names read and the line prefixes that keep them.
-_WANTED = {id(n): (frozenset(n.all_names()), n.line_prefixes()) for n in (VLLM, SGLANG)}
+@dataclass(frozen=True)
+class MetricOverrides:
+    """The Go EPP's `--total-queued-requests-metric`, `--total-running-requests-metric`,
+    `--kv-cache-usage-percentage-metric`, `--lora-info-metric` and `--cache-info-metric`, each a
+    spec or None (not given)."""
+
+    waiting: str | None = None
+    running: str | None = None
+    kv_usage: str | None = None
+    lora_info: str | None = None
+    cache_info: str | None = None
+
+    def given(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.waiting, self.running, self.kv_usage, self.lora_info, self.cache_info)
+        )
+
+    def apply(self, names: MetricNames) -> MetricNames:
+        """`names` with every given flag's spec in place of the engine's own."""
+        changes: dict[str, Any] = {}
+        for attr, flag in (
+            ("waiting", "total-queued-requests-metric"),
+            ("running", "total-running-requests-metric"),
+            ("kv_usage", "kv-cache-usage-percentage-metric"),
+        ):
+            text = getattr(self, attr)
+            if text is not None:
+                changes[attr] = (_flag_spec(flag, text),)
+        if self.lora_info is not None:
+            changes["lora_info"] = _flag_spec("lora-info-metric", self.lora_info)
+        if self.cache_info is not None:
+            changes["cache_info"] = _flag_spec("cache-info-metric", self.cache_info)
+        return replace(names, **changes) if changes else names
 
 
-def _wanted(names: MetricNames) -> tuple[frozenset[str], tuple[str, ...]]:
-    cached = _WANTED.get(id(names))
-    return cached if cached is not None else (frozenset(names.all_names()), names.line_prefixes())
+def _flag_spec(flag: str, text: str) -> MetricSpec:
+    try:
+        return parse_metric_spec(text)
+    except ValueError as exc:
+        raise ValueError(f"--{flag}: {exc}") from None
+
+
+# Go's engineConfigs fields: (config key, MetricNames attribute).
+ENGINE_CONFIG_SPECS = (
+    ("queuedRequestsSpec", "waiting"),
+    ("runningRequestsSpec", "running"),
+    ("kvUsageSpec", "kv_usage"),
+    ("loraSpec", "lora_info"),
+    ("cacheInfoSpec", "cache_info"),
+    ("cacheBlockSizeSpec", "block_size"),
+    ("cacheNumBlocksSpec", "num_blocks"),
+)
+ENGINE_CONFIG_LABELS = (
+    ("cacheBlockSizeLabelName", "block_size_label"),
+    ("cacheNumBlocksLabelName", "num_blocks_label"),
+)
+ENGINE_CONFIG_FIELDS = (
+    "name",
+    *(k for k, _ in ENGINE_CONFIG_SPECS),
+    *(k for k, _ in ENGINE_CONFIG_LABELS),
+    "customMetrics",
+)
+_TUPLE_ATTRS = frozenset({"waiting", "running", "kv_usage"})
+
+
+def engine_from_config(config: Mapping[str, Any]) -> MetricNames:
+    """One `engineConfigs` entry (Go field names; a spec left out or empty is not read), as the
+    Go extractor builds it. Raises ValueError naming what is wrong."""
+    name = config.get("name")
+    values: dict[str, Any] = {}
+    errors: list[str] = []
+    for key, attr in ENGINE_CONFIG_SPECS:
+        text = config.get(key) or ""
+        spec: MetricSpec | None = None
+        if text:
+            try:
+                spec = parse_metric_spec(text)
+            except ValueError as exc:
+                errors.append(f"{key}: {exc}")
+        if attr in _TUPLE_ATTRS:
+            values[attr] = (spec,) if spec is not None else ()
+        else:
+            values[attr] = spec
+    for key, attr in ENGINE_CONFIG_LABELS:
+        values[attr] = config.get(key) or MetricNames.__dataclass_fields__[attr].default
+    custom: list[tuple[str, MetricSpec]] = []
+    seen: set[str] = set()
+    for entry in config.get("customMetrics") or ():
+        key = entry.get("attributeKey") or ""
+        if not key:
+            errors.append("custom metric attributeKey cannot be empty")
+            continue
+        if key in seen:
+            errors.append(f"custom metric attributeKey {key!r} is duplicated")
+            continue
+        seen.add(key)
+        text = entry.get("metricSpec") or ""
+        if not text:
+            errors.append(f"custom metric {key!r} spec cannot be empty")
+            continue
+        try:
+            custom.append((key, parse_metric_spec(text)))
+        except ValueError as exc:
+            errors.append(f"custom metric {key!r}: {exc}")
+    if errors:
+        raise ValueError(f"engine {name!r}: {'; '.join(errors)}")
+    return MetricNames(custom=tuple(custom), **values)
+
+
+def build_engine_table(
+    engine_configs: Sequence[Mapping[str, Any]] = (),
+    default_engine: str | None = None,
+    label_key: str | None = None,
+    overrides: MetricOverrides | None = None,
+) -> EngineTable:
+    """The engines a `core-metrics-extractor`'s parameters describe, over the built-in ones.
+
+    Precedence, lowest first (as the Go EPP ranks its built-in defaults, its deprecated flags and
+    the config): the built-in mapping; the `*-metric` flags (`overrides`), which the Go EPP applied
+    to every model server it read; an `engineConfigs` entry, which replaces that engine's mapping
+    whole. Raises ValueError (an empty or reserved engine name, a bad spec, a `defaultEngine`
+    with no mapping)."""
+    overrides = overrides or MetricOverrides()
+    engines: dict[str, MetricNames] = {}
+    for config in engine_configs:
+        name = config.get("name") or ""
+        if not name:
+            raise ValueError("engine config name cannot be empty")
+        if name == RESERVED_ENGINE_NAME:
+            raise ValueError(f"engine config name cannot be {RESERVED_ENGINE_NAME!r} (reserved)")
+        if name in engines:
+            raise ValueError(f"mapping for engine type {name!r} already exists")
+        engines[name] = engine_from_config(config)
+    for name, names in BUILTIN_ENGINES.items():
+        if name not in engines:
+            engines[name] = overrides.apply(names)
+    default = default_engine or DEFAULT_ENGINE
+    if default not in engines:
+        raise ValueError(
+            f"defaultEngine {default!r} not found in engineConfigs (known: {', '.join(engines)})"
+        )
+    return EngineTable(engines, default, label_key or ENGINE_LABEL)
+
+
+# --- parsing -------------------------------------------------------------------------------------
 
 
 def _keep_lines(text: str, prefixes: tuple[str, ...]) -> str:
@@ -75,37 +359,67 @@ def _split_adapters(value: str) -> frozenset[str]:
 
 
 def parse_metrics(text: str, names: MetricNames, now: float) -> EndpointMetrics:
-    """Build a snapshot from Prometheus text. Raises MetricsParseError when nothing usable is there."""
-    wanted, prefixes = _wanted(names)
+    """Build a snapshot from Prometheus text. Raises MetricsParseError when nothing usable is there.
+
+    Several series matching one spec (e.g. one per `model_name`) are summed: a pod serves them all.
+    For the LoRA info gauge, whose value is a timestamp, the newest matching series wins."""
     try:
-        families = list(text_string_to_metric_families(_keep_lines(text, prefixes)))
+        families = list(text_string_to_metric_families(_keep_lines(text, names.line_prefixes)))
     except Exception as exc:  # the parser raises ValueError and others on malformed text
         raise MetricsParseError(f"bad Prometheus text: {exc}") from None
-    values: dict[str, float] = {}
-    lora_best: tuple[float, dict[str, str]] | None = None
-    cache_labels: dict[str, str] | None = None
+    summed: dict[MetricSpec, float] = {}
+    by_name: dict[str, list[MetricSpec]] = {}
+    for spec in (*names.waiting, *names.running, *names.kv_usage, names.block_size, names.num_blocks):
+        if spec is not None and spec not in by_name.get(spec.name, ()):
+            by_name.setdefault(spec.name, []).append(spec)
+    lora_best: tuple[float, Mapping[str, str]] | None = None
+    cache_labels: Mapping[str, str] | None = None
+    wanted = names.wanted
     for family in families:
+        # prometheus-client names a counter's samples <family>_total; the Go parser, which the
+        # specs are written for, keeps the name the page gives (`nv_inference_exec_count`).
+        counter_name = family.name if family.type == "counter" and family.name in wanted else None
         for sample in family.samples:
-            if sample.name == names.lora_info:
-                if lora_best is None or sample.value > lora_best[0]:
-                    lora_best = (sample.value, sample.labels)
-            elif sample.name == names.cache_config:
+            name = sample.name
+            if name not in wanted:
+                if counter_name is None or name != counter_name + "_total":
+                    continue
+                name = counter_name
+            lora = names.lora_info
+            if (
+                lora is not None
+                and name == lora.name
+                and lora.matches(sample.labels)
+                and (lora_best is None or sample.value > lora_best[0])
+            ):
+                lora_best = (sample.value, sample.labels)
+            cache = names.cache_info
+            if cache is not None and name == cache.name and cache.matches(sample.labels):
                 cache_labels = sample.labels
-            elif sample.name in wanted:
-                if not math.isfinite(sample.value):  # NaN/inf would poison every score
-                    raise MetricsParseError(f"{sample.name} is {sample.value}")
-                # Several series (e.g. per model_name label): sum them, as a pod serves them all.
-                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+            for spec in by_name.get(name, ()):
+                if spec.matches(sample.labels):
+                    if not math.isfinite(sample.value):  # NaN/inf would poison every score
+                        raise MetricsParseError(f"{spec} is {sample.value}")
+                    summed[spec] = summed.get(spec, 0.0) + sample.value
 
-    def first(candidates: tuple[str, ...]) -> float | None:
-        for name in candidates:
-            if name in values:
-                return values[name]
+    def first(specs: Iterable[MetricSpec]) -> float | None:
+        for spec in specs:
+            if spec in summed:
+                return summed[spec]
         return None
 
     waiting, running, kv = first(names.waiting), first(names.running), first(names.kv_usage)
-    if waiting is None and running is None and kv is None:
-        raise MetricsParseError("no queue, running or KV-cache metric found")
+    if (
+        waiting is None
+        and running is None
+        and kv is None
+        and (names.waiting or names.running or names.kv_usage)
+    ):
+        raise MetricsParseError(
+            "no queue, running or KV-cache metric found (looked for "
+            + ", ".join(str(s) for s in (*names.waiting, *names.running, *names.kv_usage))
+            + ")"
+        )
     running_loras: frozenset[str] = frozenset()
     waiting_loras: frozenset[str] = frozenset()
     max_loras = 0
@@ -116,8 +430,12 @@ def parse_metrics(text: str, names: MetricNames, now: float) -> EndpointMetrics:
         max_loras = _int_or(labels.get("max_lora"), 0) or 0
     block_size = num_blocks = None
     if cache_labels is not None:
-        block_size = _int_or(cache_labels.get("block_size"), None)
-        num_blocks = _int_or(cache_labels.get("num_gpu_blocks"), None)
+        block_size = _int_or(cache_labels.get(names.block_size_label), None)
+        num_blocks = _int_or(cache_labels.get(names.num_blocks_label), None)
+    if names.block_size is not None and names.block_size in summed:
+        block_size = _int_or(str(summed[names.block_size]), None)
+    if names.num_blocks is not None and names.num_blocks in summed:
+        num_blocks = _int_or(str(summed[names.num_blocks]), None)
     return EndpointMetrics(
         waiting_queue_size=int(waiting or 0),
         running_requests=int(running or 0),

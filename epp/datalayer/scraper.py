@@ -3,35 +3,94 @@
 One asyncio task per endpoint, started and stopped as the datastore changes. A failed poll keeps
 the last snapshot (its `updated_at` does not advance, so the endpoint ages into staleness) and
 counts the error.
+
+Where and how a page is read (`ScrapeConfig`) comes, as in the Go EPP, from built-in defaults,
+then the `--model-server-metrics-*` flags, then the config's `metrics-data-source` parameters
+(the highest wins); which series are read, per engine, from the `core-metrics-extractor`
+parameters and the `*-metric` flags (`model_server_metrics.build_engine_table`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
 from epp.datalayer.datastore import Datastore
-from epp.datalayer.model_server_metrics import ENGINE_LABEL, names_for_engine, parse_metrics
+from epp.datalayer.model_server_metrics import (
+    DEFAULT_ENGINES,
+    EngineTable,
+    MetricOverrides,
+    build_engine_table,
+    parse_metrics,
+)
 from epp.errors import MetricsParseError
 from epp.framework import Endpoint
 
 log = logging.getLogger(__name__)
 
+SCHEMES = ("http", "https")
+
+
+@runtime_checkable
+class MetricsSourceParams(Protocol):
+    """What a metrics data-source plugin (the Go type `metrics-data-source`) was configured with.
+    None: not given in the config (the flag, else the default, applies)."""
+
+    scheme: str | None
+    path: str | None
+    port: int | None
+    insecure_skip_verify: bool | None
+    ca_cert_path: str | None
+    client_cert_path: str | None
+    client_key_path: str | None
+    interval_s: float | None
+
+
+@runtime_checkable
+class MetricsExtractorParams(Protocol):
+    """What a metrics extractor plugin (the Go type `core-metrics-extractor`) was configured with:
+    the engine label, the default engine (None: vllm), and `engineConfigs` entries in Go's field
+    names."""
+
+    engine_label_key: str | None
+    default_engine: str | None
+    engine_configs: Sequence[Mapping[str, Any]]
+
+
+def engines_of(
+    extractor: MetricsExtractorParams | None, overrides: MetricOverrides | None = None
+) -> EngineTable:
+    """The engine table an extractor's parameters and the `*-metric` flags describe. Raises
+    ValueError."""
+    if extractor is None:
+        if overrides is None or not overrides.given():
+            return DEFAULT_ENGINES
+        return build_engine_table(overrides=overrides)
+    return build_engine_table(
+        extractor.engine_configs, extractor.default_engine, extractor.engine_label_key, overrides
+    )
+
 
 @dataclass(frozen=True)
 class ScrapeConfig:
-    """Where and how each model server's metrics page is read (the Go EPP's
-    --model-server-metrics-* flags)."""
+    """Where and how each model server's metrics page is read, and which series hold what."""
 
     path: str = "/metrics"
     scheme: str = "http"
     port: int | None = None  # None: the endpoint's own port
     https_insecure_skip_verify: bool = True
+    ca_cert_path: str | None = None  # PEM bundle to verify the server with (ignored when skipping)
+    client_cert_path: str | None = None  # mTLS: a client certificate and its key, both or neither
+    client_key_path: str | None = None
+    interval_s: float | None = None  # None: the scraper's own interval (--refresh-metrics-interval)
+    engines: EngineTable = DEFAULT_ENGINES
 
     def url(self, ep: Endpoint) -> str:
         host = (
@@ -42,6 +101,65 @@ class ScrapeConfig:
             else f"{ep.address}:{self.port}"
         )
         return f"{self.scheme}://{host}{self.path}"
+
+    def with_source(
+        self,
+        source: MetricsSourceParams | None,
+        extractor: MetricsExtractorParams | None = None,
+        overrides: MetricOverrides | None = None,
+    ) -> ScrapeConfig:
+        """This config (the flags' values) with what the config's data source and extractor set
+        on top. Raises ValueError for an unusable result (bad scheme, a bad metric spec, a
+        certificate that cannot be loaded)."""
+        changes: dict[str, Any] = {"engines": engines_of(extractor, overrides)}
+        if source is not None:
+            given = {
+                "scheme": source.scheme,
+                "path": source.path,
+                "port": source.port,
+                "https_insecure_skip_verify": source.insecure_skip_verify,
+                "ca_cert_path": source.ca_cert_path,
+                "client_cert_path": source.client_cert_path,
+                "client_key_path": source.client_key_path,
+                "interval_s": source.interval_s,
+            }
+            changes.update({k: v for k, v in given.items() if v is not None})
+        config = replace(self, **changes)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raise ValueError when this config cannot be used."""
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unsupported scheme {self.scheme!r} (use http or https)")
+        if not self.path.startswith("/"):
+            raise ValueError(f"path {self.path!r} must start with /")
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise ValueError(f"invalid port {self.port}: must be between 1 and 65535")
+        if self.interval_s is not None and self.interval_s < 0:
+            raise ValueError(f"interval must not be negative, got {self.interval_s}s")
+        self.ssl_context()
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS settings of an https scrape (None for http), as the Go data source builds
+        them: the system CAs or `ca_cert_path`, no verification at all when
+        `https_insecure_skip_verify`, and a client certificate for mTLS. Raises ValueError."""
+        if self.scheme != "https":
+            return None
+        if bool(self.client_cert_path) != bool(self.client_key_path):
+            raise ValueError("clientCertPath and clientKeyPath go together")
+        try:
+            if self.https_insecure_skip_verify:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            else:
+                context = ssl.create_default_context(cafile=self.ca_cert_path or None)
+            if self.client_cert_path and self.client_key_path:
+                context.load_cert_chain(self.client_cert_path, self.client_key_path)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the scrape TLS files: {exc}") from None
+        return context
 
 
 class Scraper:
@@ -54,9 +172,12 @@ class Scraper:
         on_error: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self._datastore = datastore
-        self._interval = interval_s
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.config = config or ScrapeConfig()
+        self._interval = interval_s
+        if self.config.interval_s:
+            # The Go data layer rounds a source's interval to a multiple of its base tick.
+            self._interval = max(1, round(self.config.interval_s / interval_s)) * interval_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._on_error = on_error
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -64,9 +185,13 @@ class Scraper:
 
     async def start(self) -> None:
         # One connection pool for all endpoints; keep-alive avoids a TCP handshake per poll.
-        self._session = aiohttp.ClientSession(
-            timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
+        context = self.config.ssl_context()
+        connector = (
+            aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, ssl=context)
+            if context is not None
+            else aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
         )
+        self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
         for ep in self._datastore.endpoints():
             self._start(ep)
 
@@ -99,12 +224,18 @@ class Scraper:
                 if resp.status != 200:
                     raise MetricsParseError(f"HTTP {resp.status}")
                 text = await resp.text()
-            ep.metrics = parse_metrics(text, names_for_engine(ep.labels.get(ENGINE_LABEL)), time.monotonic())
+            ep.metrics = parse_metrics(text, self.config.engines.for_labels(ep.labels), time.monotonic())
             ep.scrape_errors = 0  # failures in a row: the next outage is logged again at once
             return True
         except asyncio.CancelledError:
             raise
-        except (aiohttp.ClientError, TimeoutError, MetricsParseError, UnicodeDecodeError) as exc:
+        except (
+            aiohttp.ClientError,
+            TimeoutError,
+            MetricsParseError,
+            UnicodeDecodeError,
+            ssl.SSLError,
+        ) as exc:
             ep.scrape_errors += 1
             if self._on_error is not None:
                 self._on_error(ep)

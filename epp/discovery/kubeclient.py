@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.client import ApiClient, AuthenticationV1Api, AuthorizationV1Api, Configuration
 from kubernetes_asyncio.config import load_incluster_config, load_kube_config, refresh_token
 from kubernetes_asyncio.config.kube_config import KubeConfigLoader, KubeConfigMerger
 
@@ -113,6 +113,38 @@ class KubeClient:
                 self._api = api
                 log.info("Kubernetes API server %s (%s)", config.host, self.source.describe())
             return self._api
+
+    async def create_token_review(self, token: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        """POST an authentication.k8s.io/v1 TokenReview: whom the bearer `token` belongs to. The
+        answer's `status` holds `authenticated` and `user` (username, uid, groups, extra)."""
+        body: Any = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token},
+        }
+        resp = await raw_response(
+            AuthenticationV1Api(await self.api()).create_token_review(
+                body, _preload_content=False, _request_timeout=aiohttp.ClientTimeout(total=timeout_s)
+            )
+        )
+        return await read_json(resp)
+
+    async def create_subject_access_review(
+        self, spec: Mapping[str, Any], timeout_s: float = 10.0
+    ) -> dict[str, Any]:
+        """POST an authorization.k8s.io/v1 SubjectAccessReview with `spec` (user, groups, and
+        resourceAttributes or nonResourceAttributes); the answer's `status.allowed` decides."""
+        body: Any = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": dict(spec),
+        }
+        resp = await raw_response(
+            AuthorizationV1Api(await self.api()).create_subject_access_review(
+                body, _preload_content=False, _request_timeout=aiohttp.ClientTimeout(total=timeout_s)
+            )
+        )
+        return await read_json(resp)
 
     async def close(self) -> None:
         if self._refresher is not None:

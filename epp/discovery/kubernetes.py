@@ -4,8 +4,9 @@ Two reflectors (see `reflector.py`) feed a local cache:
 - the pool: `inferencepools` in the pool's namespace with `fieldSelector=metadata.name=<pool>`
   (absent in `--endpoint-selector` mode, where flags give the selector and ports);
 - its pods: `pods` in the same namespace with the pool's selector as a server-side
-  `labelSelector`. A selector change restarts this reflector, so the new selector is listed
-  afresh; a port change needs no new list.
+  `labelSelector` (canonical form of a `selector.Selector`: a pool's matchLabels as `k=v` terms,
+  or `--endpoint-selector` in full syntax, set-based terms included). A selector change restarts
+  this reflector, so the new selector is listed afresh; a port change needs no new list.
 
 Reconciliation is from the cache, not incremental: after every change the desired endpoint list
 is recomputed by a pure function of (pool spec, cached pods) and applied with
@@ -17,11 +18,12 @@ left behind. Per-pod results are memoised, so an event costs one pod's parse plu
 dictionary pass; events arriving together are coalesced into one pass.
 
 Pod rules (as the Go EPP): a pod counts when it has no deletionTimestamp, a Ready=True condition, a
-pod IP and labels matching the selector; it then gives one endpoint per target port, narrowed by
-its `llm-d.ai/active-ports` annotation (legacy `inference.networking.k8s.io/active-ports`): a
-comma-separated list of ports, of which only those among the target ports are used. Endpoint
-names are the pod name with one target port, `<pod>:<port>` with several; endpoint labels are
-the pod's labels, so filters see `llm-d.ai/role` and friends.
+pod IP and labels matching the selector (checked again locally, with the API server's rules); it
+then gives one endpoint per target port, narrowed by its `llm-d.ai/active-ports` annotation
+(legacy `inference.networking.k8s.io/active-ports`): a comma-separated list of ports, of which
+only those among the target ports are used. Endpoint names are the pod name with one target
+port, `<pod>:<port>` with several; endpoint labels are the pod's labels, so filters see
+`llm-d.ai/role` and friends.
 
 `ready` is true once the pool exists and its pods have been listed once. A deleted pool clears
 every endpoint and makes `ready` false until the pool is back and listed again.

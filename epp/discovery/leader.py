@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 import random
 import socket
 import uuid
@@ -46,8 +47,13 @@ def lease_name_for_pool(namespace: str, name: str) -> str:
     return f"epp-{namespace}-{name}.gateway-api-inference-extension.sigs.k8s.io"
 
 
-def default_identity() -> str:
-    return f"{socket.gethostname()}_{uuid.uuid4()}"
+def default_identity(pod_name: str | None = None) -> str:
+    """This replica's holder identity: `<pod>_<uuid>`, the form client-go writes (hostname + "_" +
+    a UUID, and a pod's hostname is its name). The pod is `pod_name`, else $POD_NAME (the Downward
+    API, as the Go EPP's manifests set it), else the hostname. The UUID keeps a restarted container
+    from taking the Lease its previous incarnation held as its own."""
+    pod = pod_name or os.environ.get("POD_NAME") or socket.gethostname()
+    return f"{pod}_{uuid.uuid4()}"
 
 
 def _micro_time(now: datetime.datetime) -> str:

@@ -6,18 +6,21 @@ Two shapes of `InferencePool` are accepted (epp-protocol.md section 2):
 - `inference.networking.x-k8s.io/v1alpha2`: `spec.selector` (a flat map) and
   `spec.targetPortNumber: 8000`.
 Only the selector and the ports matter for discovery; the rest of the spec is the gateway's.
-Without the CRD, `--endpoint-selector k=v,...` and `--endpoint-target-ports 8000,...` give the same
-two things. This module is pure (no I/O but `default_namespace`), so flag parsing can use it.
+Without the CRD, `--endpoint-selector` (a Kubernetes label selector in full syntax: `k=v`, `k!=v`,
+`k in (a,b)`, `k notin (a,b)`, `k`, `!k`; see `selector.py`) and `--endpoint-target-ports 8000,...`
+give the same two things. This module is pure (no I/O but `default_namespace`), so flag parsing
+can use it.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from epp.discovery.selector import Selector, SelectorError, parse_selector
 from epp.errors import PoolSpecError
 from epp.ports import port_number
 
@@ -58,18 +61,24 @@ class PoolRef:
 
 @dataclass(frozen=True, slots=True)
 class PoolSpec:
-    """The part of a pool that decides the endpoint set: which pods, which ports."""
+    """The part of a pool that decides the endpoint set: which pods, which ports.
 
-    selector: Mapping[str, str] = field(hash=False)
+    `selector` may be given as a map of labels (a pool's matchLabels); it is kept as a Selector."""
+
+    selector: Selector
     target_ports: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        if isinstance(self.selector, Mapping):
+            object.__setattr__(self, "selector", Selector.from_labels(self.selector))
+
     def matches(self, labels: Mapping[str, str]) -> bool:
-        """Label selection as the API server applies it: every selector label, equal value."""
-        return all(labels.get(k) == v for k, v in self.selector.items())
+        """Label selection as the API server applies it."""
+        return self.selector.matches(labels)
 
     def label_selector(self) -> str:
-        """The `labelSelector` query value (equality-based, sorted so it is stable)."""
-        return ",".join(f"{k}={v}" for k, v in sorted(self.selector.items()))
+        """The `labelSelector` query value (canonical, so it is stable)."""
+        return self.selector.to_query()
 
     def stable_id(self) -> str:
         """A short name for this selector and ports, the same in every replica given the same flags."""
@@ -92,12 +101,15 @@ def _check_ports(ports: list[int], where: str) -> tuple[int, ...]:
     return tuple(ports)
 
 
-def _check_selector(selector: Any, where: str) -> dict[str, str]:
+def _check_selector(selector: Any, where: str) -> Selector:
     if not isinstance(selector, Mapping) or not selector:
         raise PoolSpecError(f"{where}: the selector must be a non-empty map of labels")
     if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in selector.items()):
         raise PoolSpecError(f"{where}: selector labels and values must be strings")
-    return dict(selector)
+    try:
+        return Selector.from_labels(selector)
+    except SelectorError as exc:
+        raise PoolSpecError(f"{where}: selector: {exc}") from None
 
 
 def parse_pool(obj: Mapping[str, Any]) -> PoolSpec:
@@ -127,27 +139,17 @@ def parse_pool(obj: Mapping[str, Any]) -> PoolSpec:
     return PoolSpec(_check_selector(selector, where), _check_ports(ports, where))
 
 
-def parse_selector_flag(text: str) -> dict[str, str]:
-    """`--endpoint-selector app=vllm,tier=gpu` (equality only, as in a pool's matchLabels)."""
-    selector: dict[str, str] = {}
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or value.startswith("="):
-            raise PoolSpecError(f"--endpoint-selector: {item!r} is not key=value")
-        if key in selector and selector[key] != value:
-            raise PoolSpecError(f"--endpoint-selector: label {key!r} is given twice")
-        selector[key] = value
-    if not selector:
-        raise PoolSpecError("--endpoint-selector: no label given (use key=value,...)")
-    return selector
+def parse_selector_flag(text: str) -> Selector:
+    """`--endpoint-selector`: a Kubernetes label selector in full syntax, as the Go EPP reads it
+    (`app=vllm,tier!=canary`, `app in (vllm,sglang)`, `!experimental`, ...). Raises
+    SelectorError (a PoolSpecError) reading `invalid endpoint-selector "…": …`."""
+    return parse_selector(text, "endpoint-selector")
 
 
 def parse_ports_flag(text: str) -> tuple[int, ...]:
-    """`--endpoint-target-ports 8000,8001`."""
-    ports = []
+    """`--endpoint-target-ports 8000,8001`. A port given twice counts once (the Go EPP's
+    removeDuplicatePorts, applied before its 1-8 check), first occurrence first."""
+    ports: list[int] = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
             continue
@@ -155,5 +157,7 @@ def parse_ports_flag(text: str) -> tuple[int, ...]:
             value = int(item)
         except ValueError:
             raise PoolSpecError(f"--endpoint-target-ports: {item!r} is not a port number") from None
-        ports.append(_port(value, "--endpoint-target-ports"))
+        port = _port(value, "--endpoint-target-ports")
+        if port not in ports:
+            ports.append(port)
     return _check_ports(ports, "--endpoint-target-ports")

@@ -43,7 +43,7 @@ _READ_GRACE_S = 30.0  # on top of the watch's own timeout before a silent stream
 _EVENT_TYPES = frozenset({"ADDED", "MODIFIED", "DELETED"})
 _HINTS = {
     401: "the credentials were refused",
-    403: "epp's service account lacks get/list/watch on this resource: see the RBAC in deploy/base/rbac.yaml and docs/kubernetes.md",
+    403: "epp's service account lacks get/list/watch on this resource: see deploy/base/rbac.yaml",
     404: "the API server does not serve this resource: is the InferencePool CRD installed in this version?",
 }
 

@@ -7,15 +7,19 @@ FULL_DUPLEX_STREAMED protocol, as the Go EPP speaks it:
   response headers  -> headers response
   response body     -> each chunk echoed at once; usage read on the way
   trailers          -> trailers response
-The stream owns only protocol state; what a request means is the director's business.
+The stream owns only protocol state; what a request means is the director's business. It times
+the request and response phases for epp's metrics, holds the request's trace span
+(`gateway.request`), and, with --enable-grpc-stream-metrics, counts the stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -24,9 +28,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from epp.errors import EppError, ErrorCode
 from epp.extproc import messages
 from epp.framework import Api, InferenceRequest
+from epp.observability import DEFAULT_FAIRNESS_ID, DEFAULT_PRIORITY, fairness_id
 from epp.requestcontrol.director import Decision, Director
 from epp.requestcontrol.parsing import api_for_path, parse_request
 from epp.requestcontrol.usage import UsageReader
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +91,11 @@ class RequestStream:
         "_body_size",
         "_director",
         "_generated_request_id",
+        "_received",
         "_request",
+        "_request_timed",
+        "_response_time",
+        "_span",
         "_usage",
         "decision",
         "done",
@@ -94,6 +106,10 @@ class RequestStream:
 
     def __init__(self, director: Director) -> None:
         self._director = director
+        self._received = 0.0  # perf_counter() at the request headers
+        self._request_timed = False  # request processing time observed (once per request)
+        self._response_time = 0.0  # time spent handling the response's messages
+        self._span: Span | None = None  # the stream's trace span (gateway.request)
         self.headers: dict[str, str] = {}
         self.request_id = ""
         self._generated_request_id = False
@@ -132,18 +148,35 @@ class RequestStream:
         """Every error ends here, so each is counted once, whichever layer raised it."""
         self.done = True
         request = self._request
-        model, target = (request.model, request.target_model) if request is not None else ("", "")
-        self._director.metrics.count_error(model, target, exc.code.label)
+        if request is not None:
+            model, target, fairness = request.model, request.target_model, fairness_id(request.headers)
+        else:
+            model, target, fairness = "", "", DEFAULT_FAIRNESS_ID
+        director = self._director
+        director.metrics.count_error(model, target, exc.code.label, fairness, DEFAULT_PRIORITY)
+        self._request_processed()
+        if self._span is not None and director.tracer is not None:
+            director.tracer.fail(self._span, exc, exc.message)
         log.debug("request %s rejected: %s", self.request_id, exc.message)
         return [messages.immediate_reply(exc)]
 
+    def _request_processed(self) -> None:
+        """The request phase is over (routed, or failed): its processing time, once."""
+        if not self._request_timed and self._received:
+            self._request_timed = True
+            self._director.metrics.request_processing.observe(time.perf_counter() - self._received)
+
     def _on_request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        self._received = time.perf_counter()
         self.headers = _headers_dict(msg.request_headers.headers)
         self.subset = _subset_hint(msg)
         self.request_id = self.headers.get(messages.REQUEST_ID_HEADER, "")
         if not self.request_id:
             self.request_id = uuid.uuid4().hex
             self._generated_request_id = True
+        tracer = self._director.tracer
+        if tracer is not None and self._span is None:
+            self._span = tracer.start_request(self.headers, self.request_id)
         if not msg.request_headers.end_of_stream:
             return []  # wait for the body
         # No body: nothing to schedule on, route on load alone.
@@ -155,7 +188,8 @@ class RequestStream:
             headers=self.headers,
             body={},
         )
-        self.decision = self._director.pick_any(request, self.subset)
+        self.decision = self._director.pick_any(request, self.subset, received=self._received)
+        self._request_processed()
         return [messages.request_headers_reply(self.decision.destination, None, self._extra_headers())]
 
     def _extra_headers(self) -> dict[str, str] | None:
@@ -187,7 +221,9 @@ class RequestStream:
         request = self._request = parse_request(
             self.request_id, self.headers.get(":path", ""), self.headers, raw
         )
-        self.decision = self._director.schedule(request, self.subset)
+        self.decision = self._director.schedule(
+            request, self.subset, received=self._received, request_size=len(raw), span=self._span
+        )
         self._usage = UsageReader(streaming=request.streaming or request.api is Api.OTHER)
         extra: Mapping[str, str | None] | None = self._extra_headers()
         routing = self.decision.result.headers if self.decision.result is not None else None
@@ -200,24 +236,35 @@ class RequestStream:
         )
         replies = [messages.request_headers_reply(self.decision.destination, len(raw), extra, scores)]
         replies.extend(messages.body_replies(raw, request=True, end_of_stream=body_end_of_stream))
+        self._request_processed()
         return replies
 
     def _on_response_headers(self, headers: Any, served: str | None) -> list[pb.ProcessingResponse]:
+        started = time.perf_counter()
         response_headers = _headers_dict(headers.headers)
-        if self._usage is not None and "text/event-stream" in response_headers.get("content-type", ""):
-            self._usage.streaming = True
         decision = self.decision
+        if "text/event-stream" in response_headers.get("content-type", ""):
+            if self._usage is not None:
+                self._usage.streaming = True
+            if decision is not None:
+                decision.streaming = True
         added = self._director.response_headers(decision, served) if decision is not None else None
         if headers.end_of_stream:
             self._finish(completed=True)
+        self._response_time += time.perf_counter() - started
         return [messages.response_headers_reply(added)]
 
     def _on_response_body(self, chunk: bytes, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        started = time.perf_counter()
+        if chunk and self.decision is not None:
+            self.decision.response_chunk(len(chunk), started)
         if self._usage is not None:
             self._usage.feed(chunk)
         if end_of_stream:
             self._finish(completed=True)
-        return messages.body_replies(chunk, request=False, end_of_stream=end_of_stream)
+        replies = messages.body_replies(chunk, request=False, end_of_stream=end_of_stream)
+        self._response_time += time.perf_counter() - started
+        return replies
 
     def _finish(self, completed: bool) -> None:
         decision = self.decision
@@ -229,10 +276,19 @@ class RequestStream:
                 decision.usage = usage
         self._director.release(decision, completed)
 
-    def close(self) -> None:
-        """The stream ended, normally or because Envoy or the client went away: free its state."""
+    def close(self) -> bool:
+        """The stream ended, normally or because Envoy or the client went away: free its state.
+        True when it went away with its request in flight (the response not finished)."""
+        abandoned = self.decision is not None and not self.decision.released and not self.done
         self._finish(completed=False)
         self._body = []
+        if self._response_time:  # the request reached its response phase
+            self._director.metrics.response_processing.observe(self._response_time)
+            self._response_time = 0.0
+        if self._span is not None:
+            self._span.end()
+            self._span = None
+        return abandoned
 
 
 class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -243,11 +299,58 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         stream = RequestStream(self._director)
+        streams = self._director.metrics.streams  # --enable-grpc-stream-metrics
+        if streams is not None:
+            streams.started()
+        started = time.perf_counter()
+        code = "OK"
         try:
             async for msg in request_iterator:
                 for reply in stream.handle(msg):
                     yield reply
                 if stream.done:
                     return
+        except BaseException as exc:
+            code = _code_of(exc, context)
+            raise
         finally:
-            stream.close()
+            abandoned = stream.close()
+            if streams is not None:
+                # gRPC in Python ends the request stream of a cancelled call as if half-closed:
+                # a stream that ends with its request in flight was cancelled.
+                if code == "OK" and (abandoned or context.cancelled()):
+                    code = "Canceled"
+                streams.finished(code, time.perf_counter() - started)
+
+
+# gRPC status codes as Go's codes.Code.String() spells them (the extproc_streams_total label).
+_GO_CODE_NAMES = {
+    grpc.StatusCode.OK: "OK",
+    grpc.StatusCode.CANCELLED: "Canceled",
+    grpc.StatusCode.UNKNOWN: "Unknown",
+    grpc.StatusCode.INVALID_ARGUMENT: "InvalidArgument",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded",
+    grpc.StatusCode.NOT_FOUND: "NotFound",
+    grpc.StatusCode.ALREADY_EXISTS: "AlreadyExists",
+    grpc.StatusCode.PERMISSION_DENIED: "PermissionDenied",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "ResourceExhausted",
+    grpc.StatusCode.FAILED_PRECONDITION: "FailedPrecondition",
+    grpc.StatusCode.ABORTED: "Aborted",
+    grpc.StatusCode.OUT_OF_RANGE: "OutOfRange",
+    grpc.StatusCode.UNIMPLEMENTED: "Unimplemented",
+    grpc.StatusCode.INTERNAL: "Internal",
+    grpc.StatusCode.UNAVAILABLE: "Unavailable",
+    grpc.StatusCode.DATA_LOSS: "DataLoss",
+    grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
+}
+
+
+def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
+    """The gRPC code a stream ended with, from what ended the handler."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "Canceled"  # Envoy or the client went away
+    if isinstance(exc, grpc.aio.AbortError):  # context.abort(code, ...)
+        return _GO_CODE_NAMES.get(context.code(), "Unknown")
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return _GO_CODE_NAMES.get(exc.code(), "Unknown")
+    return "Unknown"

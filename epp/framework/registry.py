@@ -36,7 +36,8 @@ class PluginRegistry:
         self._classes: dict[str, type[Plugin]] = {}
         self._default_producers: dict[DataKey[Any], str] = {}  # data key -> producer type
 
-    def register(self, cls: type[Plugin]) -> None:
+    def register(self, cls: type[Any]) -> None:
+        """Register a plugin class (a `Plugin` subclass; an older duck-typed class is adapted)."""
         type_name = getattr(cls, "type_name", None)
         if not isinstance(type_name, str) or not type_name:
             raise ConfigError(f"{cls!r} has no `type_name` string to register it under")

@@ -2,7 +2,8 @@
 
 The director picks candidates (ready endpoints, narrowed by Envoy's subset hint, fresh metrics
 preferred), runs the scheduler, charges the request to the in-flight ledger, moves the charge
-when Envoy reports that a fallback served, and releases it when the response completes.
+when Envoy reports that a fallback served, and releases it when the response completes. It
+records the request's metrics (epp.observability) and its scheduling trace span (epp.tracing).
 Protocol details stay in `epp.extproc`; scheduling in `epp.scheduling`; what a plugin does with
 a request is the plugin's business (the director knows none by name).
 """
@@ -15,6 +16,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from epp.datalayer.datastore import Datastore
 from epp.errors import DROPPED_NO_ENDPOINTS
@@ -27,9 +29,13 @@ from epp.framework import (
     InFlightLedger,
     SchedulingResult,
 )
-from epp.observability import EppMetrics, ModelMetrics
+from epp.observability import DEFAULT_PRIORITY, EppMetrics, PoolSummary, RequestMetrics, fairness_id
 from epp.requestcontrol.usage import Usage
-from epp.scheduling.scheduler import Scheduler
+from epp.scheduling.scheduler import PROFILE_RUNS, Scheduler
+from epp.tracing import RequestTracer
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +47,28 @@ class Decision:
     request: InferenceRequest
     result: SchedulingResult | None  # None for a headers-only request (no scheduling ran)
     endpoints: list[Endpoint]  # primary first, then fallbacks
-    started: float
-    metrics: ModelMetrics  # the request's model's metric children
+    started: float  # time.perf_counter() when the request arrived (its headers)
+    metrics: RequestMetrics  # the request's metric children
     released: bool = False
     usage: Usage = field(default_factory=Usage)
     # The pre_request hooks run just after the reply, with the cycle state of the pick (dropped
     # once they ran); nothing later in the request may overtake them.
     pending_cycle: CycleState | None = None
     served: Endpoint | None = None  # the endpoint that served, once Envoy said (else the primary)
+    # The response, as the stream sees it pass (for TTFT, inter-token latency, sizes).
+    streaming: bool = False  # the model server streams (stream: true, or an event-stream reply)
+    first_chunk: float = 0.0  # perf_counter() of the first non-empty response body chunk
+    last_chunk: float = 0.0
+    response_bytes: int = 0
+
+    def response_chunk(self, size: int, now: float) -> None:
+        """A response body chunk of `size` bytes went by at `now`."""
+        self.response_bytes += size
+        if not self.first_chunk:
+            self.first_chunk = now
+        elif self.streaming:
+            self.metrics.itl.observe(now - self.last_chunk)
+        self.last_chunk = now
 
     @property
     def destination(self) -> str:
@@ -82,6 +102,8 @@ class Director:
         pool_name: str = "standalone",
         use_subset_hint: bool = True,
         emit_scores: bool = False,
+        tracer: RequestTracer | None = None,
+        grpc_stream_metrics: bool = False,
     ) -> None:
         self.datastore = datastore
         self.scheduler = scheduler
@@ -91,8 +113,21 @@ class Director:
         self.pool_name = pool_name
         self.use_subset_hint = use_subset_hint  # --disable-endpoint-subset-filter turns it off
         self.emit_scores = emit_scores  # --emit-endpoint-scores
+        self.tracer = tracer  # --tracing with an OTEL exporter configured; None: no spans
+        if grpc_stream_metrics:  # --enable-grpc-stream-metrics
+            metrics.enable_stream_metrics()
         self._rng = random.Random()
         datastore.subscribe(lambda ep: None, scheduler.endpoint_removed)
+        metrics.watch_endpoints(pool_name, datastore.endpoints)
+
+    @property
+    def tracer(self) -> RequestTracer | None:
+        return self._tracer
+
+    @tracer.setter
+    def tracer(self, tracer: RequestTracer | None) -> None:
+        self._tracer = tracer
+        self.scheduler.trace_profiles = tracer is not None  # time each profile for its span
 
     def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
         endpoints: Sequence[Endpoint] = self.datastore.endpoints()
@@ -111,16 +146,60 @@ class Director:
         fresh = [ep for ep in endpoints if ep.metrics.updated_at >= cutoff]
         return fresh if fresh else list(endpoints)
 
-    def schedule(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
-        """Raises EppError; the stream counts it (once, whatever raised)."""
-        model_metrics = self.metrics.for_model(request.model, request.target_model)
-        model_metrics.requests.inc()
-        candidates = self.candidates(subset)
+    def schedule(
+        self,
+        request: InferenceRequest,
+        subset: Sequence[str] | None,
+        *,
+        received: float | None = None,
+        request_size: int = 0,
+        span: Span | None = None,
+    ) -> Decision:
+        """Raises EppError; the stream counts it (once, whatever raised). `received` is when the
+        request arrived (perf_counter), `request_size` its body's bytes, `span` the stream's
+        trace span (the scheduling span is its child)."""
+        tracer = self._tracer
+        orchestration = tracer.start_orchestration(span, request, 0) if tracer is not None else None
         cycle = CycleState()
-        started = time.perf_counter()
-        result = self.scheduler.schedule(cycle, request, candidates)
-        self.metrics.scheduler_e2e.observe(time.perf_counter() - started)
-        decision = Decision(request, result, list(result.primary.endpoints), time.monotonic(), model_metrics)
+        candidates: list[Endpoint] = []
+        result: SchedulingResult | None = None
+        try:
+            candidates = self.candidates(subset)
+            started = time.perf_counter()
+            try:
+                result = self.scheduler.schedule(cycle, request, candidates)
+            except Exception:
+                self.metrics.count_schedule_attempt(request.target_model, None)
+                raise
+            finally:
+                self.metrics.scheduler_e2e.observe(time.perf_counter() - started)
+            self.metrics.count_schedule_attempt(request.target_model, result.primary.endpoints[0])
+            if orchestration is not None and tracer is not None:
+                runs = cycle.read(PROFILE_RUNS)
+                tracer.record_scheduling(
+                    orchestration, len(candidates), runs, result, result.primary.endpoints
+                )
+        except Exception as exc:
+            if orchestration is not None and tracer is not None:
+                tracer.record_scheduling(orchestration, len(candidates), cycle.read(PROFILE_RUNS), None)
+                tracer.fail(orchestration, exc, exc.message if isinstance(exc, EppError) else repr(exc))
+            raise
+        finally:
+            if orchestration is not None:
+                orchestration.end()
+        metrics = self.metrics.for_request(
+            request.model, request.target_model, fairness_id(request.headers), DEFAULT_PRIORITY
+        )
+        metrics.requests.inc()
+        metrics.request_size.observe(request_size)
+        decision = Decision(
+            request,
+            result,
+            list(result.primary.endpoints),
+            time.perf_counter() if received is None else received,
+            metrics,
+            streaming=request.streaming,
+        )
         self._admit(decision, result.targets())
         # What plugins do after the pick (e.g. the prefix index learning where the prompt went) is
         # not needed for the reply: run it after the reply has been handed to gRPC.
@@ -129,20 +208,26 @@ class Director:
             asyncio.get_running_loop().call_soon(self._pre_request, decision)
         return decision
 
-    def pick_any(self, request: InferenceRequest, subset: Sequence[str] | None) -> Decision:
+    def pick_any(
+        self, request: InferenceRequest, subset: Sequence[str] | None, *, received: float | None = None
+    ) -> Decision:
         """Headers-only requests carry nothing to schedule on: least-loaded of the candidates."""
-        model_metrics = self.metrics.for_model(request.model, request.target_model)
-        model_metrics.requests.inc()
         candidates = self.candidates(subset)
         low = min(ep.inflight_requests for ep in candidates)
         endpoint = self._rng.choice([ep for ep in candidates if ep.inflight_requests == low])
-        decision = Decision(request, None, [endpoint], time.monotonic(), model_metrics)
+        metrics = self.metrics.for_request(
+            request.model, request.target_model, fairness_id(request.headers), DEFAULT_PRIORITY
+        )
+        metrics.requests.inc()
+        started = time.perf_counter() if received is None else received
+        decision = Decision(request, None, [endpoint], started, metrics)
         self._admit(decision, [endpoint])
         return decision
 
     def _admit(self, decision: Decision, targets: Sequence[Endpoint]) -> None:
         self.ledger.charge(decision.request, targets)
-        decision.metrics.running.inc()
+        if decision.metrics.running is not None:
+            decision.metrics.running.inc()
 
     def _pre_request(self, decision: Decision) -> None:
         """Run the pre_request hooks once (scheduled after the reply, or earlier if the response
@@ -194,25 +279,43 @@ class Director:
         decision.released = True
         self.ledger.release(decision.request)
         m = decision.metrics
-        m.running.dec()
+        if m.running is not None:
+            m.running.dec()
         if completed:
-            m.duration.observe(time.monotonic() - decision.started)
-            if decision.usage.prompt_tokens:
-                m.input_tokens.observe(decision.usage.prompt_tokens)
-            if decision.usage.completion_tokens:
-                m.output_tokens.observe(decision.usage.completion_tokens)
+            self._observe_response(decision, time.perf_counter())
         if decision.pending_cycle is None:
             self.scheduler.response_complete(decision.request, decision.serving_endpoint)
 
+    @staticmethod
+    def _observe_response(decision: Decision, now: float) -> None:
+        """A completed response's metrics, as the Go EPP records them at its end."""
+        m = decision.metrics
+        e2e = now - decision.started
+        m.duration.observe(e2e)
+        m.response_size.observe(decision.response_bytes)
+        usage = decision.usage
+        if usage.prompt_tokens > 0:
+            m.input_tokens.observe(usage.prompt_tokens)
+        output = usage.completion_tokens
+        if output > 0:
+            m.output_tokens.observe(output)
+            m.ntpot.observe(e2e / output)
+        if usage.cached_tokens > 0:
+            m.cached_tokens.observe(usage.cached_tokens)
+        first = decision.first_chunk
+        if not first:
+            return  # no response body: no first token
+        if decision.streaming:
+            ttft = first - decision.started
+            m.ttft(True).observe(ttft)
+            if output > 1 and now > first:
+                m.tpot.observe((e2e - ttft) / (output - 1))
+        else:  # the Go EPP reads a non-streaming body whole: its first token is its end
+            m.ttft(False).observe(e2e)
+
     def refresh_pool_metrics(self) -> None:
-        endpoints = self.datastore.endpoints()
-        name = self.pool_name
-        self.metrics.pool_ready.labels(name).set(len(endpoints))
-        if endpoints:
-            n = len(endpoints)
-            self.metrics.pool_kv_cache.labels(name).set(
-                sum(ep.metrics.kv_cache_usage for ep in endpoints) / n
-            )
-            self.metrics.pool_queue.labels(name).set(
-                sum(ep.metrics.waiting_queue_size for ep in endpoints) / n
-            )
+        """The pool gauges, over the endpoints whose metrics are fresh (as the Go EPP counts its
+        ready endpoints)."""
+        cutoff = time.monotonic() - self.staleness_threshold_s
+        fresh = [ep for ep in self.datastore.endpoints() if ep.metrics.updated_at >= cutoff]
+        self.metrics.set_pool(self.pool_name, PoolSummary(fresh))

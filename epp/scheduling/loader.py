@@ -1,10 +1,13 @@
 """EndpointPickerConfig loader: YAML -> plugin instances -> a Scheduler.
 
 Follows the Go loader (llm-d-router `pkg/epp/config/loader`):
-- `apiVersion: llm-d.ai/v1alpha1` (the older `inference.networking.x-k8s.io/v1alpha1` with a
-  warning), `kind: EndpointPickerConfig`; fields are decoded strictly: an unknown field or plugin
-  parameter is an error, a Go field that epp does not implement is a warning;
-- unknown plugin types, duplicate names and dangling references are errors;
+- `apiVersion: llm-d.ai/v1alpha1` or `llm-d.ai/v1` (the older
+  `inference.networking.x-k8s.io/v1alpha1` with a warning), `kind: EndpointPickerConfig`; fields
+  are decoded strictly: an unknown field or plugin parameter is an error, a Go setting that epp
+  does not implement is a warning;
+- plugin types epp does not have are reported first, all of them in one message (before any
+  apiVersion or parameter error), so a config written for the Go EPP says at once what is
+  missing; duplicate names and dangling references are errors;
 - a plugin's name defaults to its type; a scorer without a weight gets 1;
 - no `schedulingProfiles`: one profile `default` with every filter, scorer and picker;
 - a profile without a picker gets the config's (first) picker, else `max-score-picker`;
@@ -12,13 +15,22 @@ Follows the Go loader (llm-d-router `pkg/epp/config/loader`):
 - a plugin that names other plugins or profiles (a P/D profile handler naming its decider) has
   them resolved once every plugin exists; a dangling name is an error;
 - a plugin that consumes data no configured plugin produces gets that data's default producer
-  (e.g. `prefix-cache-scorer` -> `approx-prefix-cache-producer`), named after its type.
-epp adds one rule of its own: a scorer that no profile uses is an error (it would do nothing).
+  (e.g. `prefix-cache-scorer` -> `approx-prefix-cache-producer`), named after its type;
+- a scorer that no profile uses is loaded and reported with a warning (it does nothing);
+- `requestHandler.parsers` (and the deprecated top-level `parser`) must name parser plugins; a
+  parser type named but not declared is added, as Go adds it;
+- `flowControl.saturationDetector` (and the deprecated top-level `saturationDetector`) must name a
+  saturation detector; with the `flowControl` feature gate on, the flow-control policy
+  references must name policies. epp has neither (issue 15): such a reference names a type epp
+  does not have, or a plugin of the wrong kind; the other flow-control settings are warned about;
+- `dataLayer` wires data sources to extractors as in Go; epp scrapes with the
+  `metrics-data-source` and `core-metrics-extractor` it selects (`LoadedConfig.data_layer`).
 Every message names the source, the plugin and the problem.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import re
@@ -28,11 +40,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from epp.datalayer.scraper import MetricsExtractorParams, MetricsSourceParams, ScrapeConfig, engines_of
 from epp.framework import (
     ConfigError,
     DataProducer,
+    DataSource,
     Filter,
     Params,
+    Parser,
     Picker,
     Plugin,
     PluginHandle,
@@ -46,6 +61,7 @@ from epp.scheduling.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 API_VERSION = "llm-d.ai/v1alpha1"
+API_VERSIONS = ("llm-d.ai/v1alpha1", "llm-d.ai/v1")
 LEGACY_API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1",)
 KIND = "EndpointPickerConfig"
 DEFAULT_PROFILE = "default"
@@ -72,24 +88,98 @@ schedulingProfiles:
     weight: 3
 """
 
-_IMPLEMENTED_FIELDS = ("apiVersion", "kind", "plugins", "schedulingProfiles")
-# Go EPP fields that epp accepts and ignores, and why.
-_UNIMPLEMENTED_FIELDS = {
-    "featureGates": "no feature gates",
-    "dataLayer": "epp scrapes metrics itself",
-    "flowControl": "no flow control or saturation-based admission",
-    "saturationDetector": "no saturation-based admission",
-    "requestHandler": "epp parses the OpenAI API itself",
-    "parser": "epp parses the OpenAI API itself",
-}
+_TOP_FIELDS = (
+    "apiVersion",
+    "kind",
+    "featureGates",
+    "plugins",
+    "schedulingProfiles",
+    "dataLayer",
+    "flowControl",
+    "requestHandler",
+    "saturationDetector",
+    "parser",
+)
 _PLUGIN_FIELDS = ("type", "name", "parameters")
 _PROFILE_FIELDS = ("name", "plugins")
 _REF_FIELDS = ("pluginRef", "weight")
+_PLUGIN_REF_FIELDS = ("pluginRef",)
+_REQUEST_HANDLER_FIELDS = ("parsers",)
+_DATA_LAYER_FIELDS = (
+    "injectDefaults",
+    "sources",
+    "discovery",
+    "peerDiscovery",
+    "crossReplicaSyncerPluginRef",
+    "crossReplicaSyncInterval",
+)
+_DATA_SOURCE_FIELDS = ("pluginRef", "extractors")
+_FLOW_CONTROL_FIELDS = (
+    "maxBytes",
+    "maxRequests",
+    "defaultRequestTTL",
+    "noEndpointRequestTTL",
+    "defaultPriorityBand",
+    "defaultNegativePriorityBand",
+    "priorityBands",
+    "usageLimitPolicyPluginRef",
+    "saturationDetector",
+    "enableEviction",
+)
+_PRIORITY_BAND_FIELDS = ("priority", "maxBytes", "maxRequests", "fairnessPolicyRef", "orderingPolicyRef")
+
+# The feature gates the Go EPP registers (llm-d-router cmd/epp/runner), with their defaults.
+FLOW_CONTROL_GATE = "flowControl"
+FEATURE_GATES = {FLOW_CONTROL_GATE: False, "haPopulateNonLeaderDatastore": True}
+_GO_TRUE = {"1", "t", "true"}
+_GO_FALSE = {"0", "f", "false"}
+
+# Go parser types: a parser reference that names one of these without declaring it makes the Go
+# loader add it (registerDefaultPlugin), so epp reports the ones it does not have as missing.
+GO_PARSER_TYPES = (
+    "openai-parser",
+    "anthropic-parser",
+    "vllmhttp-parser",
+    "vllmgrpc-parser",
+    "sglanghttp-parser",
+    "vertexai-parser",
+    "passthrough-parser",
+)
+# What the Go loader adds when these are referenced and not declared.
+DEFAULT_SATURATION_DETECTOR = "utilization-detector"
+DEFAULT_FLOW_CONTROL_POLICIES = (
+    "global-strict-fairness-policy",
+    "fcfs-ordering-policy",
+    "static-usage-limit-policy",
+)
+METRICS_SOURCE_NAME = "metrics-data-source"
+METRICS_EXTRACTOR_NAME = "core-metrics-extractor"
+
+# Kubernetes quantities ("10Gi", "1k", "500") and Go durations ("60s", "1m30s"), as the Go
+# decoder accepts them.
+_QUANTITY = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+|[KMGTPE]i|[numkMGTPE])?$")
+_DURATION = re.compile(r"^[+-]?(?:0|(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+)$")
+
+# prefix-cache-affinity-filter's default peakPrefillThroughput (tokens/s), to read the removed
+# maxTokensInFlightPenalty.
+_PEAK_PREFILL_DEFAULT = 15928.0
 
 
 class _YamlLoader(yaml.SafeLoader):
     """YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string; Go's decoder, which
-    the config format comes from, reads it as a number."""
+    the config format comes from, reads it as a number. A key given twice in one mapping is an
+    error, as in Go's strict decoder (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == "tag:yaml.org,2002:str":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -99,13 +189,36 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+@dataclass(frozen=True)
+class MetricsDataLayer:
+    """The metrics data source and extractor the config wires for epp's scraper (None: the Go
+    EPP's default ones, i.e. the defaults and the flags)."""
+
+    source: MetricsSourceParams | None = None
+    extractor: MetricsExtractorParams | None = None
+
+
 @dataclass
 class LoadedConfig:
     scheduler: Scheduler
     handle: PluginHandle
     warnings: list[str] = field(default_factory=list)
-    # Plugins the loader added: default producers, picker, profile handler (by name).
+    # Plugins the loader added: default producers, picker, profile handler, parsers (by name).
     implicit_plugins: list[str] = field(default_factory=list)
+    data_layer: MetricsDataLayer = field(default_factory=MetricsDataLayer)
+
+
+def _as_mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _ref_of(value: Any) -> str:
+    ref = _as_mapping(value).get("pluginRef")
+    return ref if isinstance(ref, str) else ""
 
 
 class _Loader:
@@ -120,6 +233,7 @@ class _Loader:
         self.implicit: list[str] = []
         self.instances: dict[str, Plugin] = {}
         self.types: dict[str, str] = {}
+        self.gates: dict[str, bool] = dict(FEATURE_GATES)
 
     # --- messages --------------------------------------------------------------------------------
 
@@ -134,31 +248,154 @@ class _Loader:
             if key not in allowed:
                 raise self.error(f"{where}: unknown field {key!r} (allowed: {', '.join(allowed)})")
 
+    def _mapping(self, value: Any, allowed: tuple[str, ...], where: str) -> Mapping[str, Any]:
+        """A nested object of the config, decoded strictly (None: absent, an empty mapping)."""
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.error(f"{where} must be a mapping, got {value!r}")
+        self._check_fields(value, allowed, where)
+        return value
+
+    def _ref(self, value: Any, where: str, required: bool = True) -> str:
+        spec = self._mapping(value, _PLUGIN_REF_FIELDS, where)
+        ref = spec.get("pluginRef")
+        if ref is None and not required:
+            return ""
+        if not isinstance(ref, str) or (required and not ref):
+            raise self.error(f"{where} needs a 'pluginRef' string")
+        return ref
+
+    def _describe(self, name: str) -> str:
+        return f"plugin {name!r} ({self.types.get(name, '?')})"
+
     # --- document --------------------------------------------------------------------------------
 
-    def document(self, text: str) -> dict[str, Any]:
+    def read(self, text: str) -> dict[str, Any]:
         try:
             doc = yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise self.error(f"not valid YAML: {exc}".replace("\n", " ")) from None
         if not isinstance(doc, dict):
             raise self.error("must be a YAML mapping with kind EndpointPickerConfig")
+        return doc
+
+    def missing_types(self, doc: Mapping[str, Any]) -> None:
+        """Every plugin type the config needs and epp does not have, in one error, before anything
+        else is checked: the declared plugins' types, and the types Go would add for a parser,
+        saturation-detector or flow-control reference that names a type and declares no plugin."""
+        missing: dict[str, None] = {}
+        declared: set[str] = set()
+        for spec in _as_list(doc.get("plugins")):
+            type_name = _as_mapping(spec).get("type")
+            if not isinstance(type_name, str) or not type_name:
+                continue
+            name = _as_mapping(spec).get("name") or type_name
+            declared.add(name if isinstance(name, str) else type_name)
+            if type_name not in self.registry:
+                missing[type_name] = None
+        refs: list[tuple[str, tuple[str, ...]]] = [
+            (_ref_of(p), GO_PARSER_TYPES)
+            for p in _as_list(_as_mapping(doc.get("requestHandler")).get("parsers"))
+        ]
+        if not refs:  # the deprecated fields count only when the new ones are not set, as in Go
+            refs.append((_ref_of(doc.get("parser")), GO_PARSER_TYPES))
+        flow = _as_mapping(doc.get("flowControl"))
+        detector = flow.get("saturationDetector")
+        if detector is None:
+            detector = doc.get("saturationDetector")
+        refs.append((_ref_of(detector), (DEFAULT_SATURATION_DETECTOR,)))
+        if self._gate_on(doc.get("featureGates"), FLOW_CONTROL_GATE):
+            for ref in self._policy_refs(flow).values():
+                refs.append((ref, DEFAULT_FLOW_CONTROL_POLICIES))
+        for ref, go_types in refs:
+            if ref and ref not in declared and ref in go_types and ref not in self.registry:
+                missing[ref] = None
+        if not missing:
+            return
+        names = []
+        for type_name in missing:
+            close = difflib.get_close_matches(type_name, self.registry.types(), n=1, cutoff=0.85)
+            names.append(f"{type_name} (did you mean {close[0]}?)" if close else type_name)
+        raise self.error(
+            f"plugin types epp does not have: {', '.join(names)} (docs/plugins.md lists the types epp has)"
+        )
+
+    @staticmethod
+    def _gate_on(gates: Any, gate: str) -> bool:
+        value = FEATURE_GATES.get(gate, False)
+        for entry in _as_list(gates):
+            if isinstance(entry, str):
+                name, _, setting = entry.partition("=")
+                if name.strip() == gate:
+                    value = setting.strip().lower() not in _GO_FALSE if setting else True
+        return value
+
+    @staticmethod
+    def _policy_refs(flow: Mapping[str, Any]) -> dict[str, str]:
+        """The flow-control policy references, by where they are (non-empty strings only)."""
+        refs: dict[str, str] = {}
+        usage = flow.get("usageLimitPolicyPluginRef")
+        if isinstance(usage, str) and usage:
+            refs["flowControl.usageLimitPolicyPluginRef"] = usage
+        bands: list[tuple[str, Any]] = [
+            ("flowControl.defaultPriorityBand", flow.get("defaultPriorityBand")),
+            ("flowControl.defaultNegativePriorityBand", flow.get("defaultNegativePriorityBand")),
+        ]
+        bands += [
+            (f"flowControl.priorityBands[{i}]", b) for i, b in enumerate(_as_list(flow.get("priorityBands")))
+        ]
+        for where, band in bands:
+            for key in ("fairnessPolicyRef", "orderingPolicyRef"):
+                ref = _as_mapping(band).get(key)
+                if isinstance(ref, str) and ref:
+                    refs[f"{where}.{key}"] = ref
+        return refs
+
+    def document(self, doc: Mapping[str, Any]) -> None:
         api_version = doc.get("apiVersion")
         if api_version in LEGACY_API_VERSIONS:
             self.warn(f"apiVersion {api_version} is deprecated; use {API_VERSION}")
-        elif api_version != API_VERSION:
-            raise self.error(f"apiVersion must be {API_VERSION}, got {api_version!r}")
+        elif api_version not in API_VERSIONS:
+            raise self.error(f"apiVersion must be {' or '.join(API_VERSIONS)}, got {api_version!r}")
         if doc.get("kind") != KIND:
             raise self.error(f"kind must be {KIND}, got {doc.get('kind')!r}")
         for key in doc:
-            if key in _IMPLEMENTED_FIELDS:
+            if key not in _TOP_FIELDS:
+                raise self.error(f"unknown field {key!r} (known: {', '.join(_TOP_FIELDS)})")
+        self.feature_gates(doc.get("featureGates"))
+
+    def feature_gates(self, value: Any) -> None:
+        """Go's gates: `name` or `name=bool`. A malformed value is an error, as in Go; a gate the Go
+        EPP does not register (older releases had others) is warned about and ignored (current Go
+        rejects it)."""
+        if value is None:
+            return
+        if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
+            raise self.error(f"featureGates must be a list of strings, got {value!r}")
+        for gate in value:
+            name, eq, setting = gate.partition("=")
+            name = name.strip()
+            enabled = True
+            if eq:
+                word = setting.strip().lower()
+                if word not in _GO_TRUE | _GO_FALSE:
+                    raise self.error(
+                        f"featureGates: {setting!r} is not a valid value for the feature gate {name}"
+                    )
+                enabled = word in _GO_TRUE
+            if name not in FEATURE_GATES:
+                self.warn(
+                    f"feature gate {name!r} is not one the Go EPP registers ({', '.join(FEATURE_GATES)}); "
+                    "current Go rejects it, epp ignores it"
+                )
                 continue
-            reason = _UNIMPLEMENTED_FIELDS.get(key)
-            if reason is None:
-                known = ", ".join((*_IMPLEMENTED_FIELDS, *_UNIMPLEMENTED_FIELDS))
-                raise self.error(f"unknown field {key!r} (known: {known})")
-            self.warn(f"field {key!r} is not implemented by epp and is ignored ({reason})")
-        return doc
+            self.gates[name] = enabled
+        if not self.gates["haPopulateNonLeaderDatastore"]:
+            self.warn(
+                "feature gate haPopulateNonLeaderDatastore=false is not implemented by epp: a standby "
+                "replica always keeps its endpoints and metrics current"
+            )
 
     def _list(self, value: Any, what: str) -> list[Any]:
         if value is None:
@@ -166,6 +403,50 @@ class _Loader:
         if not isinstance(value, list):
             raise self.error(f"{what} must be a list")
         return value
+
+    # --- removed Go parameters that upstream configs still carry -----------------------------------
+
+    def _legacy_parameters(self, type_name: str, name: str, raw: Any) -> Any:
+        """Translate `prefix-cache-affinity-filter`'s `maxTokensInFlightPenalty`, which llm-d-router
+        removed (#1547) and its optimized-baseline guide still sets: its gate (break stickiness when
+        the best sticky endpoint has that many more in-flight tokens than the best other one) is
+        the current TTFT gate with `maxTTFTPenaltyMs` = tokens / `peakPrefillThroughput` x 1000.
+        Current Go rejects the parameter; epp loads it as that gate, with a warning."""
+        if type_name != "prefix-cache-affinity-filter" or not isinstance(raw, Mapping):
+            return raw
+        if "maxTokensInFlightPenalty" not in raw:
+            return raw
+        tokens = raw["maxTokensInFlightPenalty"]
+        where = f"plugin {name!r} ({type_name})"
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise self.error(f"{where}: maxTokensInFlightPenalty must be an integer >= 0, got {tokens!r}")
+        params = {k: v for k, v in raw.items() if k != "maxTokensInFlightPenalty"}
+        if tokens == 0:
+            self.warn(f"{where}: maxTokensInFlightPenalty (removed from the Go EPP) is 0, which disabled it")
+            return params
+        if params.get("ttftSource") not in (None, "prefillThroughput"):
+            raise self.error(
+                f"{where}: maxTokensInFlightPenalty (removed from the Go EPP) cannot be combined with "
+                f"ttftSource {params['ttftSource']!r}; use maxTTFTPenaltyMs with peakPrefillThroughput"
+            )
+        peak = params.get("peakPrefillThroughput", _PEAK_PREFILL_DEFAULT)
+        if isinstance(peak, bool) or not isinstance(peak, int | float) or peak <= 0:
+            raise self.error(f"{where}: peakPrefillThroughput must be a positive number, got {peak!r}")
+        penalty_ms = round(tokens / peak * 1000.0, 3)
+        old_ttft = params.get("maxTTFTPenaltyMs")
+        params["maxTTFTPenaltyMs"] = penalty_ms
+        replaced = (
+            f" (its maxTTFTPenaltyMs {old_ttft} was the predicted-latency gate, which needs a latency "
+            "predictor epp does not have)"
+            if old_ttft
+            else ""
+        )
+        self.warn(
+            f"{where}: maxTokensInFlightPenalty was removed from the Go EPP (llm-d-router #1547; current "
+            f"Go rejects it); epp reads it as the same gate in the current form: maxTTFTPenaltyMs "
+            f"{penalty_ms:g} = {tokens} tokens / peakPrefillThroughput {peak:g} tokens/s{replaced}"
+        )
+        return params
 
     # --- plugins ---------------------------------------------------------------------------------
 
@@ -204,7 +485,8 @@ class _Loader:
             replacement = cls.deprecated_by if cls is not None else ""
             if replacement:
                 self.warn(f"plugin {name!r}: type {type_name!r} is deprecated; use {replacement}")
-            self.instances[name] = self._create(type_name, name, spec.get("parameters"))
+            raw = self._legacy_parameters(type_name, name, spec.get("parameters"))
+            self.instances[name] = self._create(type_name, name, raw)
             self.types[name] = type_name
 
     def bind_references(self, profile_specs: list[Any]) -> None:
@@ -348,11 +630,13 @@ class _Loader:
             if name in self.referenced:
                 continue
             if isinstance(plugin, Scorer):
-                raise self.error(
+                # The Go EPP loads it; it does nothing.
+                self.warn(
                     f"plugin {name!r} ({self.types.get(name, plugin.type_name)}) is a scorer but no "
-                    "profile uses it; add it to a schedulingProfiles entry with a weight, or remove it"
+                    "profile uses it, so it does nothing; add it to a schedulingProfiles entry with a "
+                    "weight, or remove it"
                 )
-            if isinstance(plugin, Filter):
+            elif isinstance(plugin, Filter):
                 self.warn(f"plugin {name!r} is a filter but no profile uses it")
             elif isinstance(plugin, Picker) and id(plugin) not in used_pickers:
                 self.warn(f"plugin {name!r} is a picker but no profile uses it")
@@ -387,6 +671,261 @@ class _Loader:
         self.implicit.append(type_name)
         return plugin
 
+    # --- request handling ------------------------------------------------------------------------
+
+    def request_handler(self, doc: Mapping[str, Any]) -> None:
+        """`requestHandler.parsers` (else the deprecated `parser`) must name parser plugins. A
+        reference to a parser type epp has that no plugin declares adds it, as Go does. epp parses
+        requests itself (the parser plugins say how it differs); no list means Go's defaults."""
+        handler = self._mapping(doc.get("requestHandler"), _REQUEST_HANDLER_FIELDS, "requestHandler")
+        entries = self._list(handler.get("parsers"), "requestHandler.parsers")
+        where = "requestHandler.parsers"
+        if doc.get("parser") is not None:
+            legacy = self._ref(doc.get("parser"), "parser")
+            if entries:
+                self.warn("top-level 'parser' is deprecated and ignored: requestHandler.parsers is set")
+            else:
+                self.warn("top-level 'parser' is deprecated; use requestHandler.parsers")
+                entries, where = [{"pluginRef": legacy}], "parser"
+        for i, entry in enumerate(entries):
+            ref = self._ref(entry, f"{where}[{i}]" if where != "parser" else where)
+            plugin = self.instances.get(ref)
+            if plugin is None:
+                cls = self.registry.get(ref)
+                if cls is None:
+                    raise self.error(f"{where} references undefined plugin {ref!r}")
+                plugin = self._implicit(ref, Plugin)
+                self.types[ref] = ref
+            if not isinstance(plugin, Parser):
+                raise self.error(f"{where}: {self._describe(ref)} is not a parser plugin")
+
+    # --- saturation detection and flow control (epp has neither: issue 15) -------------------------
+
+    def flow_control(self, doc: Mapping[str, Any]) -> None:
+        flow = self._mapping(doc.get("flowControl"), _FLOW_CONTROL_FIELDS, "flowControl")
+        self._flow_control_shapes(flow)
+        detector_spec, where = flow.get("saturationDetector"), "flowControl.saturationDetector"
+        if doc.get("saturationDetector") is not None:
+            legacy = self._ref(doc.get("saturationDetector"), "saturationDetector", required=False)
+            if detector_spec is None:
+                self.warn("top-level 'saturationDetector' is deprecated; use flowControl.saturationDetector")
+                detector_spec, where = {"pluginRef": legacy}, "saturationDetector"
+            else:
+                self.warn(
+                    "top-level 'saturationDetector' is deprecated and ignored: "
+                    "flowControl.saturationDetector is set"
+                )
+        # An empty reference means Go's default detector, which the Go loader adds itself.
+        detector = self._ref(detector_spec, where, required=False) if detector_spec is not None else ""
+        if detector:
+            self._flow_plugin(detector, where, "saturation detector")
+        settings = [k for k in flow if k != "saturationDetector"]
+        if self.gates[FLOW_CONTROL_GATE]:
+            for ref_where, ref in self._policy_refs(flow).items():
+                kind = (
+                    "usage limit policy"
+                    if ref_where.endswith("usageLimitPolicyPluginRef")
+                    else "fairness policy"
+                    if ref_where.endswith("fairnessPolicyRef")
+                    else "ordering policy"
+                )
+                self._flow_plugin(ref, ref_where, kind)
+            self.warn(
+                "feature gate flowControl: flow control is not implemented by epp (issue 15): requests "
+                "are never queued"
+                + (f"; flowControl settings {', '.join(settings)} are ignored" if settings else "")
+            )
+        elif settings:
+            # The Go EPP's own warning: without the gate only the saturation detector is used.
+            self.warn(
+                "the flowControl section is set but the flowControl feature gate is disabled; its "
+                f"settings (other than saturationDetector) are ignored: {', '.join(settings)}"
+            )
+
+    def _flow_plugin(self, ref: str, where: str, kind: str) -> None:
+        """A reference to a saturation detector or flow-control policy. epp has no such plugins:
+        a declared plugin is of the wrong kind (one whose type epp lacks was reported earlier)."""
+        if ref not in self.instances:
+            raise self.error(f"{where} references undefined plugin {ref!r}")
+        raise self.error(
+            f"{where}: {self._describe(ref)} is not a {kind} (epp has no {kind} plugins yet: issue 15)"
+        )
+
+    def _flow_control_shapes(self, flow: Mapping[str, Any]) -> None:
+        """The field types the Go decoder enforces (quantities, durations, bands)."""
+        for key in ("maxBytes", "maxRequests"):
+            self._quantity(flow.get(key), f"flowControl.{key}")
+        for key in ("defaultRequestTTL", "noEndpointRequestTTL"):
+            self._duration(flow.get(key), f"flowControl.{key}")
+        if "enableEviction" in flow and not isinstance(flow["enableEviction"], bool):
+            raise self.error(
+                f"flowControl.enableEviction must be true or false, got {flow['enableEviction']!r}"
+            )
+        usage = flow.get("usageLimitPolicyPluginRef")
+        if usage is not None and not isinstance(usage, str):
+            raise self.error(f"flowControl.usageLimitPolicyPluginRef must be a string, got {usage!r}")
+        bands: list[tuple[str, Any]] = [
+            ("flowControl.defaultPriorityBand", flow.get("defaultPriorityBand")),
+            ("flowControl.defaultNegativePriorityBand", flow.get("defaultNegativePriorityBand")),
+        ]
+        bands += [
+            (f"flowControl.priorityBands[{i}]", b)
+            for i, b in enumerate(self._list(flow.get("priorityBands"), "flowControl.priorityBands"))
+        ]
+        for where, value in bands:
+            band = self._mapping(value, _PRIORITY_BAND_FIELDS, where)
+            priority = band.get("priority", 0)
+            if isinstance(priority, bool) or not isinstance(priority, int):
+                raise self.error(f"{where}.priority must be an integer, got {priority!r}")
+            for key in ("maxBytes", "maxRequests"):
+                self._quantity(band.get(key), f"{where}.{key}")
+            for key in ("fairnessPolicyRef", "orderingPolicyRef"):
+                if band.get(key) is not None and not isinstance(band[key], str):
+                    raise self.error(f"{where}.{key} must be a string, got {band[key]!r}")
+
+    def _quantity(self, value: Any, where: str) -> None:
+        if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+            return
+        if not isinstance(value, str) or not _QUANTITY.match(value.strip()):
+            raise self.error(f"{where} must be a quantity (e.g. 500, 1k, 10Gi), got {value!r}")
+
+    def _duration(self, value: Any, where: str) -> None:
+        if value is not None and (not isinstance(value, str) or not _DURATION.match(value.strip())):
+            raise self.error(f"{where} must be a duration (e.g. 60s, 1m30s), got {value!r}")
+
+    # --- data layer -----------------------------------------------------------------------------
+
+    def check_data_plugins(self) -> None:
+        """Metric specs, the default engine and https files of every metrics data source and
+        extractor, checked when the plugin is built (as Go's factories check them)."""
+        for name, plugin in self.instances.items():
+            try:
+                if isinstance(plugin, MetricsExtractorParams):
+                    engines_of(plugin)
+                if isinstance(plugin, MetricsSourceParams):
+                    ScrapeConfig().with_source(plugin)
+            except ValueError as exc:
+                raise self.error(f"{self._describe(name)}: {exc}") from None
+
+    def data_layer(self, doc: Mapping[str, Any]) -> MetricsDataLayer:
+        """Go's data layer: the listed sources with their extractors, plus (unless
+        `injectDefaults: false`, or a source is the plugin named `metrics-data-source`) the plugins
+        named `metrics-data-source` and `core-metrics-extractor`, declared or default. epp scrapes
+        one metrics page per endpoint, with the first metrics source and its extractor."""
+        layer = self._mapping(doc.get("dataLayer"), _DATA_LAYER_FIELDS, "dataLayer")
+        inject = layer.get("injectDefaults", True)
+        if not isinstance(inject, bool):
+            raise self.error(f"dataLayer.injectDefaults must be true or false, got {inject!r}")
+        chosen: list[tuple[MetricsSourceParams | None, MetricsExtractorParams | None, str]] = []
+        wired: set[str] = set()
+        source_refs: list[str] = []
+        for i, entry in enumerate(self._list(layer.get("sources"), "dataLayer.sources")):
+            where = f"dataLayer.sources[{i}]"
+            spec = self._mapping(entry, _DATA_SOURCE_FIELDS, where)
+            ref = self._ref({"pluginRef": spec.get("pluginRef")}, where)
+            source_refs.append(ref)
+            plugin = self.instances.get(ref)
+            if plugin is None:
+                raise self.error(f"{where} references undefined plugin {ref!r}")
+            if not isinstance(plugin, DataSource) or isinstance(plugin, MetricsExtractorParams):
+                raise self.error(f"{where}: {self._describe(ref)} is not a data source")
+            extractors: list[str] = []
+            for j, ext in enumerate(self._list(spec.get("extractors"), f"{where}.extractors")):
+                ext_ref = self._ref(ext, f"{where}.extractors[{j}]")
+                if ext_ref not in self.instances:
+                    raise self.error(f"{where}.extractors[{j}] references undefined plugin {ext_ref!r}")
+                extractors.append(ext_ref)
+            wired.update((ref, *extractors))
+            if not isinstance(plugin, MetricsSourceParams):
+                self.warn(
+                    f"{where}: {self._describe(ref)} is not run by epp (it scrapes model-server metrics only)"
+                )
+                continue
+            metric_extractors = []
+            for ext_ref in extractors:
+                candidate = self.instances[ext_ref]
+                if not isinstance(candidate, MetricsExtractorParams):
+                    raise self.error(
+                        f"{where}: {self._describe(ext_ref)} cannot extract the metrics of "
+                        f"{self._describe(ref)}"
+                    )
+                metric_extractors.append(candidate)
+            if not metric_extractors:
+                self.warn(
+                    f"{where}: {self._describe(ref)} has no extractor (the Go EPP would read no metrics "
+                    "from it); epp reads it with the built-in engine mappings"
+                )
+            chosen.append((plugin, metric_extractors[0] if metric_extractors else None, ref))
+        if inject and METRICS_SOURCE_NAME not in source_refs:
+            default_source = self.instances.get(METRICS_SOURCE_NAME)
+            default_extractor = self.instances.get(METRICS_EXTRACTOR_NAME)
+            for default_name, declared, kind in (
+                (METRICS_SOURCE_NAME, default_source, MetricsSourceParams),
+                (METRICS_EXTRACTOR_NAME, default_extractor, MetricsExtractorParams),
+            ):
+                if declared is not None and not isinstance(declared, kind):
+                    raise self.error(
+                        f"{self._describe(default_name)} takes the name of the default {default_name}, "
+                        "which the data layer adds; rename it"
+                    )
+                wired.add(default_name)
+            chosen.append(
+                (
+                    default_source if isinstance(default_source, MetricsSourceParams) else None,
+                    default_extractor if isinstance(default_extractor, MetricsExtractorParams) else None,
+                    METRICS_SOURCE_NAME,
+                )
+            )
+        for name, plugin in self.instances.items():
+            if name not in wired and isinstance(plugin, MetricsSourceParams | MetricsExtractorParams):
+                self.warn(
+                    f"{self._describe(name)} is not in the data layer, so neither the Go EPP nor epp "
+                    "uses it; list it under dataLayer.sources, or name it after its type"
+                )
+        self._data_layer_extras(layer)
+        if not chosen:
+            self.warn(
+                "dataLayer.injectDefaults is false and no metrics-data-source is listed: the Go EPP "
+                "would collect no metrics; epp scrapes each endpoint's /metrics with the flags' settings"
+            )
+            return MetricsDataLayer()
+        if len(chosen) > 1:
+            self.warn(
+                f"epp reads one metrics page per endpoint: it uses {chosen[0][2]!r} and ignores "
+                + ", ".join(repr(c[2]) for c in chosen[1:])
+            )
+        source_plugin, extractor_plugin, _ = chosen[0]
+        try:
+            ScrapeConfig().with_source(source_plugin, extractor_plugin)
+        except ValueError as exc:
+            raise self.error(f"dataLayer: {exc}") from None
+        return MetricsDataLayer(source_plugin, extractor_plugin)
+
+    def _data_layer_extras(self, layer: Mapping[str, Any]) -> None:
+        """Endpoint discovery, peer discovery and cross-replica sync by plugin: epp has none of
+        those plugin kinds, so a reference names an undefined plugin or one of the wrong kind."""
+        for key, kind in (("discovery", "endpoint discovery"), ("peerDiscovery", "peer discovery")):
+            if layer.get(key) is not None:
+                ref = self._ref(layer[key], f"dataLayer.{key}")
+                self._wrong_kind(ref, f"dataLayer.{key}", kind)
+        syncer = layer.get("crossReplicaSyncerPluginRef")
+        if syncer is not None:
+            if not isinstance(syncer, str):
+                raise self.error(f"dataLayer.crossReplicaSyncerPluginRef must be a string, got {syncer!r}")
+            if syncer:
+                self._wrong_kind(syncer, "dataLayer.crossReplicaSyncerPluginRef", "cross-replica syncer")
+        if layer.get("crossReplicaSyncInterval") is not None:
+            self._duration(layer["crossReplicaSyncInterval"], "dataLayer.crossReplicaSyncInterval")
+            self.warn(
+                "dataLayer.crossReplicaSyncInterval is not implemented by epp and is ignored "
+                "(no cross-replica syncer)"
+            )
+
+    def _wrong_kind(self, ref: str, where: str, kind: str) -> None:
+        if ref not in self.instances:
+            raise self.error(f"{where} references undefined plugin {ref!r}")
+        raise self.error(f"{where}: {self._describe(ref)} is not a {kind} plugin (epp has none)")
+
 
 K = TypeVar("K", bound=Plugin)
 
@@ -402,15 +941,21 @@ def load_config(
     `handle` gives the plugins their metrics registry and in-flight ledger (a fresh one if None)."""
     handle = handle or PluginHandle()
     loader = _Loader(registry, source, timer, handle)
-    doc = loader.document(text)
+    doc = loader.read(text)
+    loader.missing_types(doc)
+    loader.document(doc)
     loader.plugins(loader._list(doc.get("plugins"), "plugins"))
+    loader.check_data_plugins()
     profile_specs = loader._list(doc.get("schedulingProfiles"), "schedulingProfiles")
     loader.bind_references(profile_specs)
     loader.default_producers()
     profiles = loader.profiles(profile_specs)
     loader.unused(profiles)
     handler = loader.handler(profiles)
+    loader.request_handler(doc)
+    loader.flow_control(doc)
+    data_layer = loader.data_layer(doc)
     for warning in loader.warnings:
         log.warning("%s", warning)
     scheduler = Scheduler(handler, profiles, list(loader.instances.values()), timer, handle)
-    return LoadedConfig(scheduler, handle, loader.warnings, loader.implicit)
+    return LoadedConfig(scheduler, handle, loader.warnings, loader.implicit, data_layer)

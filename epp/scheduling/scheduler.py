@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from epp.framework import (
     CycleState,
+    DataKey,
     DataProducer,
     Endpoint,
     EndpointListener,
@@ -28,6 +29,7 @@ from epp.framework import (
     ServedElsewhere,
 )
 from epp.scheduling.profile import PluginTimer, SchedulerProfile
+from epp.tracing import ProfileRun
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,16 @@ _MAX_ROUNDS = 8  # a handler that never stops asking must not hang a request
 
 # Extension points, as the `extension_point` label of the plugin-duration histogram.
 DATA_PRODUCER_POINT = "DataProducer"
-PROFILE_PICKER_POINT = "ProfilePicker"
+PROFILE_PICKER_POINT = "ProfilePicker"  # each pick_profiles round
+PROCESS_RESULTS_POINT = "ProcessProfilesResults"  # primary_profile and routing_headers
 PRE_REQUEST_POINT = "PreRequest"
 RESPONSE_RECEIVED_POINT = "ResponseReceived"
 RESPONSE_COMPLETE_POINT = "ResponseComplete"
 
 P = TypeVar("P", bound=Plugin)
+
+# With `Scheduler.trace_profiles` on, each profile run, timed for its trace span (epp.tracing).
+PROFILE_RUNS: DataKey[list[ProfileRun]] = DataKey("profile-runs", "scheduler")
 
 
 class Scheduler:
@@ -58,6 +64,7 @@ class Scheduler:
         self.profiles = dict(profiles)
         self._profile_names = list(self.profiles)
         self._timer = timer
+        self.trace_profiles = False  # record PROFILE_RUNS in the cycle state (tracing is on)
         self.plugins = list(plugins)
         # What the plugins were built with: their metrics registry and the in-flight ledger.
         self.handle = handle or PluginHandle()
@@ -86,20 +93,27 @@ class Scheduler:
             self._observe(DATA_PRODUCER_POINT, producer, time.perf_counter() - started)
         results: dict[str, ProfileResult | None] = {}
         handler = self.handler
-        in_handler = 0.0  # the handler's own time over all rounds: one observation per request
+        runs: list[ProfileRun] | None = None
+        if self.trace_profiles:
+            runs = []
+            cycle.write(PROFILE_RUNS, runs)
         for _ in range(_MAX_ROUNDS):
             started = time.perf_counter()
             names = handler.pick_profiles(cycle, request, self._profile_names, results)
-            in_handler += time.perf_counter() - started
+            self._observe(PROFILE_PICKER_POINT, handler, time.perf_counter() - started)
             if not names:
                 break
             for name in names:
-                results[name] = self.profiles[name].run(cycle, request, candidates)
+                if runs is None:
+                    results[name] = self.profiles[name].run(cycle, request, candidates)
+                else:
+                    start_ns = time.time_ns()
+                    run = results[name] = self.profiles[name].run(cycle, request, candidates)
+                    runs.append((name, start_ns, time.time_ns(), run))
         if not results:
             raise EppError(ErrorCode.INTERNAL, "profile handler ran no profile")
         started = time.perf_counter()
         primary = handler.primary_profile(results)
-        self._observe(PROFILE_PICKER_POINT, handler, in_handler + time.perf_counter() - started)
         primary_result = results.get(primary)
         if primary_result is None or not primary_result.endpoints:
             raise EppError(
@@ -108,6 +122,7 @@ class Scheduler:
         chosen = {k: v for k, v in results.items() if v is not None and v.endpoints}
         result = SchedulingResult(primary, chosen)
         result.headers = handler.routing_headers(request, result)
+        self._observe(PROCESS_RESULTS_POINT, handler, time.perf_counter() - started)
         return result
 
     # --- request lifecycle (called by the director) ----------------------------------------------

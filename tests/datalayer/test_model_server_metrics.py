@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from epp.datalayer.model_server_metrics import SGLANG, VLLM, names_for_engine, parse_metrics
+from epp.datalayer.model_server_metrics import (
+    DEFAULT_ENGINES,
+    SGLANG,
+    TRITON,
+    TRITON_TENSORRT_LLM,
+    TRTLLM_SERVE,
+    VLLM,
+    MetricOverrides,
+    MetricSpec,
+    build_engine_table,
+    names_for_engine,
+    parse_metric_spec,
+    parse_metrics,
+)
 from epp.errors import MetricsParseError
 
 VLLM_TEXT = """\
@@ -70,3 +83,106 @@ def test_non_finite_values_are_rejected_not_passed_to_scorers(value: str) -> Non
 def test_absurd_label_values_do_not_break_the_snapshot() -> None:
     text = VLLM_TEXT.replace('num_gpu_blocks="27000"', 'num_gpu_blocks="inf"')
     assert parse_metrics(text, VLLM, now=1).num_gpu_blocks is None
+
+
+# --- metric specs and engine mappings (the Go core-metrics-extractor's) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("vllm:num_requests_waiting", MetricSpec("vllm:num_requests_waiting")),
+        (' q { tier = "gold" } ', MetricSpec("q", (("tier", "gold"),))),
+        ("q{tier=gold,zone=a}", MetricSpec("q", (("tier", "gold"), ("zone", "a")))),
+        ("q{}", MetricSpec("q")),
+    ],
+)
+def test_metric_specs_as_go_reads_them(text: str, spec: MetricSpec) -> None:
+    assert parse_metric_spec(text) == spec
+
+
+@pytest.mark.parametrize("text", ["", "9lives", "q{tier}", "q{tier=gold", "q{tier=gold,}", "a b"])
+def test_bad_metric_specs_are_errors(text: str) -> None:
+    with pytest.raises(ValueError, match="metric specification"):
+        parse_metric_spec(text)
+
+
+def test_label_selected_series_and_gauge_cache_info() -> None:
+    text = (
+        'nv_trt_llm_request_metrics{model="m",request_type="waiting"} 5\n'
+        'nv_trt_llm_request_metrics{model="m",request_type="scheduled"} 3\n'
+        'nv_trt_llm_request_metrics{model="m",request_type="context"} 99\n'
+        'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction"} 0.25\n'
+        'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="tokens_per"} 32\n'
+        'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max"} 1000\n'
+    )
+    m = parse_metrics(text, TRITON_TENSORRT_LLM, now=1)
+    assert (m.waiting_queue_size, m.running_requests, m.kv_cache_usage) == (5, 3, 0.25)
+    assert (m.block_size, m.num_gpu_blocks) == (32, 1000)
+    trt = "trtllm_num_requests_waiting 1\ntrtllm_kv_cache_tokens_per_block 64\ntrtllm_kv_cache_max_blocks 8\n"
+    m = parse_metrics(trt, TRTLLM_SERVE, now=1)
+    assert (m.waiting_queue_size, m.block_size, m.num_gpu_blocks) == (1, 64, 8)
+
+
+def test_sglang_cache_info_uses_its_own_label_names() -> None:
+    text = 'sglang:num_queue_reqs 1\nsglang:cache_config_info{page_size="1",num_pages="50000"} 1\n'
+    m = parse_metrics(text, SGLANG, now=1)
+    assert (m.block_size, m.num_gpu_blocks) == (1, 50000)
+
+
+def test_the_engine_comes_from_the_pod_label_else_the_default_engine() -> None:
+    assert DEFAULT_ENGINES.for_labels({}) is VLLM
+    assert DEFAULT_ENGINES.for_labels({"llm-d.ai/engine-type": "sglang"}) is SGLANG
+    assert DEFAULT_ENGINES.for_labels({"inference.networking.k8s.io/engine-type": "sglang"}) is SGLANG
+    assert DEFAULT_ENGINES.for_labels({"llm-d.ai/engine-type": "tgi"}) is VLLM  # unknown: the default
+    table = build_engine_table(default_engine="sglang", label_key="engine")
+    # An SGLang pool without the label is read with SGLang's names.
+    assert table.for_labels({}) is SGLANG and table.for_labels({"engine": "vllm"}) is VLLM
+    assert table.for_labels({"llm-d.ai/engine-type": "vllm"}) is SGLANG  # the configured key only
+
+
+def test_engine_configs_replace_a_mapping_whole_and_add_engines() -> None:
+    table = build_engine_table(
+        [
+            {"name": "vllm", "queuedRequestsSpec": "vllm:num_requests_waiting"},
+            {"name": "tgi", "queuedRequestsSpec": "tgi_queue_size", "kvUsageSpec": "tgi_kv{kind=used}"},
+        ],
+        default_engine="tgi",
+    )
+    assert table.engines["vllm"].running == () and table.engines["vllm"].lora_info is None
+    text = 'tgi_queue_size 4\ntgi_kv{kind="used"} 0.5\ntgi_kv{kind="free"} 0.5\n'
+    m = parse_metrics(text, table.for_labels({}), now=1)
+    assert (m.waiting_queue_size, m.running_requests, m.kv_cache_usage) == (4, 0, 0.5)
+    with pytest.raises(ValueError, match="defaultEngine 'nope' not found"):
+        build_engine_table(default_engine="nope")
+    with pytest.raises(ValueError, match="already exists"):
+        build_engine_table([{"name": "a"}, {"name": "a"}])
+
+
+def test_metric_flags_override_the_built_in_names_and_yield_to_the_config() -> None:
+    flags = MetricOverrides(waiting='my_queue{tier="gold"}', kv_usage="my_kv")
+    table = build_engine_table(overrides=flags)
+    text = 'my_queue{tier="gold"} 2\nmy_queue{tier="free"} 40\nmy_kv 0.3\nvllm:num_requests_running 1\n'
+    m = parse_metrics(text, table.for_labels({}), now=1)
+    assert (m.waiting_queue_size, m.running_requests, m.kv_cache_usage) == (2, 1, 0.3)
+    assert table.engines["sglang"].waiting == (MetricSpec("my_queue", (("tier", "gold"),)),)
+    # An engineConfigs entry wins over the flags (config > flags > defaults, as in Go).
+    configured = build_engine_table([{"name": "vllm", "queuedRequestsSpec": "cfg_queue"}], overrides=flags)
+    assert configured.engines["vllm"].waiting == (MetricSpec("cfg_queue"),)
+    with pytest.raises(ValueError, match="--total-running-requests-metric: not a valid metric specification"):
+        build_engine_table(overrides=MetricOverrides(running="bad{"))
+
+
+def test_triton_counters_are_read_by_the_name_the_page_gives() -> None:
+    # prometheus-client calls the samples of counter `x` `x_total`; Go's parser, whose specs these
+    # are, keeps `x`. A spec given twice (queue and running) is counted once for each.
+    text = (
+        "# TYPE nv_inference_pending_request_count gauge\n"
+        'nv_inference_pending_request_count{model="a"} 3\nnv_inference_pending_request_count{model="b"} 1\n'
+        "# TYPE nv_inference_exec_count counter\n"
+        'nv_inference_exec_count{model="a"} 12\n'
+    )
+    m = parse_metrics(text, TRITON, now=1)
+    assert (m.waiting_queue_size, m.running_requests) == (4, 12)
+    same = build_engine_table([{"name": "x", "queuedRequestsSpec": "q", "runningRequestsSpec": "q"}], "x")
+    assert parse_metrics("q 5\n", same.default, now=1).running_requests == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from epp.discovery.kubeclient import KubeConfigSource, resolve_config_source
+from epp.discovery.leader import default_identity
 from epp.discovery.pool import default_namespace
+from epp.discovery.selector import Selector
 from epp.errors import KubeConfigError
 from epp.settings import parse_settings
 
@@ -35,13 +38,37 @@ def test_pool_mode_flags_and_defaults() -> None:
     sel = parse_settings(
         ["--endpoint-selector", "app=vllm, tier=gpu", "--endpoint-target-ports", "8000,8001"]
     )
-    assert sel.endpoint_selector == {"app": "vllm", "tier": "gpu"} and sel.endpoint_target_ports == (
-        8000,
-        8001,
-    )
+    assert sel.endpoint_selector == Selector.from_labels({"app": "vllm", "tier": "gpu"})
+    assert sel.endpoint_target_ports == (8000, 8001)
     assert sel.uses_kubernetes and sel.metrics_pool_name == "standalone"
     standalone = parse_settings(["--endpoints", "a:1"])
     assert not standalone.uses_kubernetes and standalone.metrics_pool_name == "standalone"
+
+
+def test_namespace_and_pod_name_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NAMESPACE and POD_NAME, as the chart sets them from the Downward API and Go reads them."""
+    env = {"NAMESPACE": "llm", "POD_NAME": "router-epp-7d9f8b6c5d-x2k4q"}
+    s = parse_settings(["--pool-name", "p"], environ=env)
+    assert s.pool_namespace == "llm"  # no --pool-namespace: $NAMESPACE
+    assert (s.namespace_env, s.pod_name_env) == ("llm", "router-epp-7d9f8b6c5d-x2k4q")
+    assert (
+        parse_settings(["--pool-name", "p", "--pool-namespace", "other"], environ=env).pool_namespace
+        == "other"
+    )
+    standalone = ["--endpoint-selector", "app=vllm", "--endpoint-target-ports", "8000"]
+    assert parse_settings(standalone, environ=env).pool_namespace == "llm"
+    unset = parse_settings(["--pool-name", "p"], environ={"NAMESPACE": ""})
+    assert unset.namespace_env is None and unset.pod_name_env is None
+    # The leader-election identity: <pod>_<uuid>, as client-go writes it (a pod's hostname is its name).
+    first, second = (
+        default_identity("router-epp-7d9f8b6c5d-x2k4q"),
+        default_identity("router-epp-7d9f8b6c5d-x2k4q"),
+    )
+    assert first.startswith("router-epp-7d9f8b6c5d-x2k4q_") and first != second  # fresh per start
+    monkeypatch.setenv("POD_NAME", "from-env")
+    assert default_identity().startswith("from-env_")
+    monkeypatch.delenv("POD_NAME")
+    assert default_identity().startswith(socket.gethostname() + "_")
 
 
 def test_pool_namespace_defaults_to_the_service_account_namespace(tmp_path: Path) -> None:
@@ -64,7 +91,10 @@ def test_pool_namespace_defaults_to_the_service_account_namespace(tmp_path: Path
         ),
         (["--endpoint-selector", "app=x"], "needs --endpoint-target-ports"),
         (["--endpoint-target-ports", "8000"], "goes with --endpoint-selector"),
-        (["--endpoint-selector", "app", "--endpoint-target-ports", "8000"], "not key=value"),
+        (
+            ["--endpoint-selector", "app in vllm", "--endpoint-target-ports", "8000"],
+            'invalid endpoint-selector "app in vllm": unable to parse requirement',
+        ),
         (["--endpoint-selector", "a=b", "--endpoint-target-ports", "80,x"], "not a port number"),
         (["--endpoint-selector", "a=b", "--endpoint-target-ports", "1,2,3,4,5,6,7,8,9"], "1-8"),
         (["--pool-name", "p", "--pool-group", "example.com"], "--pool-group"),

@@ -28,7 +28,7 @@ from epp_bench.workloads import make_text
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
 MODEL = "sim-model"
-DECISIONS = "llm_d_inference_scheduler_disagg_decision_total"
+DECISIONS = "llm_d_epp_disagg_decision_total"
 
 
 @dataclass

@@ -16,6 +16,8 @@ from tests.support.extproc_client import ExtProcClient, body_msgs, headers_msg, 
 from tests.support.fake_vllm import FakeVllm
 
 DEST = "x-gateway-destination-endpoint"
+# The labels of a request's metrics (llm_d_epp_request_*) for model "m" without a fairness header.
+REQUEST_LABELS = {"model_name": "m", "target_model_name": "m", "fairness_id": "default-flow", "priority": "0"}
 
 
 @pytest.fixture
@@ -205,18 +207,8 @@ async def test_full_exchange_with_sse_response(epp: RunningEpp) -> None:
     assert trailers.HasField("response_trailers")
     assert endpoint.inflight_requests == 0
     metrics = epp.app.metrics.registry
-    assert (
-        metrics.get_sample_value(
-            "inference_objective_output_tokens_sum", {"model_name": "m", "target_model_name": "m"}
-        )
-        == 5
-    )
-    assert (
-        metrics.get_sample_value(
-            "inference_objective_input_tokens_sum", {"model_name": "m", "target_model_name": "m"}
-        )
-        == 11
-    )
+    assert metrics.get_sample_value("llm_d_epp_request_output_tokens_sum", REQUEST_LABELS) == 5
+    assert metrics.get_sample_value("llm_d_epp_request_input_tokens_sum", REQUEST_LABELS) == 11
     await client.close()
 
 
@@ -236,10 +228,7 @@ async def test_json_response_usage_and_end_of_stream_release(epp: RunningEpp) ->
     assert replies[-1].response_body.response.body_mutation.streamed_response.end_of_stream
     assert endpoint.inflight_requests == 0
     assert (
-        epp.app.metrics.registry.get_sample_value(
-            "inference_objective_output_tokens_sum", {"model_name": "m", "target_model_name": "m"}
-        )
-        == 9
+        epp.app.metrics.registry.get_sample_value("llm_d_epp_request_output_tokens_sum", REQUEST_LABELS) == 9
     )
     await client.close()
 
@@ -252,10 +241,7 @@ async def test_abandoned_stream_frees_its_request(epp: RunningEpp) -> None:
     assert endpoint is not None and endpoint.inflight_requests == 1
     client.cancel()  # the client (Envoy) goes away mid-request
     await wait_until(lambda: endpoint.inflight_requests == 0, what="in-flight count released")
-    assert (
-        epp.app.metrics.registry.get_sample_value("inference_objective_running_requests", {"model_name": "m"})
-        == 0
-    )
+    assert epp.app.metrics.registry.get_sample_value("llm_d_epp_request_running", REQUEST_LABELS) == 0
 
 
 async def test_body_ended_by_trailers(epp: RunningEpp) -> None:
@@ -291,8 +277,8 @@ async def test_request_id_is_generated_when_absent(epp: RunningEpp) -> None:
 
 
 def error_count(epp: RunningEpp, code: str, model: str = "") -> float:
-    labels = {"model_name": model, "target_model_name": model, "error_code": code}
-    return epp.app.metrics.registry.get_sample_value("inference_objective_request_error_total", labels) or 0.0
+    labels = {**REQUEST_LABELS, "model_name": model, "target_model_name": model, "error_code": code}
+    return epp.app.metrics.registry.get_sample_value("llm_d_epp_request_error_total", labels) or 0.0
 
 
 async def test_every_error_is_counted_once_with_its_code(epp: RunningEpp) -> None:

@@ -45,7 +45,9 @@ COMMON_PLUGINS = """\
 - type: queue-scorer
 - type: prefix-cache-scorer
 """
-DECISIONS = "llm_d_inference_scheduler_disagg_decision_total"
+DECISIONS = "llm_d_epp_disagg_decision_total"
+# Its labels besides model_name and decision_type: the handler that decided.
+HANDLER = {"plugin_name": "disagg-profile-handler", "plugin_type": "disagg-profile-handler"}
 
 
 def pd_config(non_cached: int = 128, prompt_tokens: int = 0, decider: str = "prefix-based-pd-decider") -> str:
@@ -78,7 +80,7 @@ def picks(result: SchedulingResult) -> dict[str, str]:
 def handle_decisions(scheduler: Scheduler, kind: str, model: str = "model") -> float:
     """The disagg decision counter, which the handler registers in the scheduler's handle registry."""
     value = scheduler.handle.registry.get_sample_value(
-        DECISIONS, {"model_name": model, "decision_type": kind}
+        DECISIONS, {**HANDLER, "model_name": model, "decision_type": kind}
     )
     return value or 0.0
 
@@ -513,7 +515,8 @@ def endpoints_file(tmp_path: Path, pods: dict[str, FakeVllm], names: list[str]) 
 
 
 def decisions(epp: RunningEpp, kind: str) -> float:
-    value = epp.app.metrics.registry.get_sample_value(DECISIONS, {"model_name": "m", "decision_type": kind})
+    labels = {**HANDLER, "model_name": "m", "decision_type": kind}
+    value = epp.app.metrics.registry.get_sample_value(DECISIONS, labels)
     return value or 0.0
 
 

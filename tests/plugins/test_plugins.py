@@ -41,6 +41,7 @@ from epp.observability import EppMetrics
 from epp.requestcontrol.director import Director
 from epp.scheduling.loader import DEFAULT_CONFIG, load_config
 from epp.testing import complete, load_scheduler, make_endpoint, make_request, route, run_profile, score
+from epp_scorers.filters.prefix_affinity import PrefixCacheAffinityFilter
 from epp_scorers.filters.roles import DecodeFilter
 from epp_scorers.pickers.base import BasePicker
 from epp_scorers.pickers.max_score import MaxScorePicker
@@ -205,11 +206,7 @@ def test_a_config_with_every_plugin_type_loads_and_schedules() -> None:
 
 def test_the_realistic_llm_d_config_loads_and_schedules() -> None:
     loaded = load_config(REALISTIC_CONFIG.read_text(), installed_registry(), str(REALISTIC_CONFIG))
-    assert [w.split(": ", 1)[1][:40] for w in loaded.warnings] == [
-        "field 'dataLayer' is not implemented by ",
-        "plugin 'metrics-data-source' (metrics-da",
-        "plugin 'core-metrics-extractor' (core-me",
-    ]
+    assert loaded.warnings == []  # the data layer it declares is what epp scrapes with
     assert loaded.implicit_plugins == ["max-score-picker", "single-profile-handler"]
     scheduler = loaded.scheduler
     endpoints = [make_endpoint(n) for n in "abcd"]
@@ -223,12 +220,16 @@ def test_the_realistic_llm_d_config_loads_and_schedules() -> None:
         )
 
 
-def test_the_guides_stale_parameter_is_rejected_as_upstream_does() -> None:
+def test_the_guides_removed_parameter_is_read_as_the_current_gate() -> None:
+    # llm-d-router removed it (#1547) and rejects it; its guide still sets it. epp loads it as the
+    # same gate in the current form (tokens / peakPrefillThroughput), with a warning.
     text = REALISTIC_CONFIG.read_text().replace(
         "    maxTTFTPenaltyMs: 0", "    maxTokensInFlightPenalty: 286720"
     )
-    with pytest.raises(Exception, match="unknown parameter 'maxTokensInFlightPenalty'"):
-        load_config(text, installed_registry(), "guide.yaml")
+    loaded = load_config(text, installed_registry(), "guide.yaml")
+    (affinity,) = [p for p in loaded.scheduler.plugins if isinstance(p, PrefixCacheAffinityFilter)]
+    assert affinity.max_penalty_ms == pytest.approx(286720 / 15928 * 1000, abs=0.001)
+    assert any("maxTokensInFlightPenalty was removed" in w for w in loaded.warnings)
 
 
 # --- pickers ----------------------------------------------------------------------------------------
@@ -664,7 +665,7 @@ def test_plugin_duration_histogram_has_every_extension_point() -> None:
         ("PreRequest", "approx-prefix-cache-producer"),
     ]:
         labels = {"extension_point": point, "plugin_type": kind, "plugin_name": kind}
-        count = metrics.registry.get_sample_value("inference_extension_plugin_duration_seconds_count", labels)
+        count = metrics.registry.get_sample_value("llm_d_epp_plugin_duration_seconds_count", labels)
         assert count and count >= 1, (point, kind)
 
 

@@ -28,10 +28,24 @@ class RunningEpp:
         assert self.app.ports is not None
         return self.app.ports.grpc
 
+    @property
+    def health_port(self) -> int:
+        assert self.app.ports is not None
+        return self.app.ports.health
+
+    @property
+    def metrics_port(self) -> int:
+        assert self.app.ports is not None
+        return self.app.ports.metrics
+
 
 @asynccontextmanager
-async def running_epp(*flags: str, **overrides: Any) -> AsyncIterator[RunningEpp]:
-    """epp in-process on free loopback ports; `overrides` replace Settings fields flags don't reach."""
+async def running_epp(
+    *flags: str, ca_pem: bytes | None = None, **overrides: Any
+) -> AsyncIterator[RunningEpp]:
+    """epp in-process on free loopback ports; `overrides` replace Settings fields flags don't reach.
+    With `--secure-serving` the channel is TLS, trusting `ca_pem` (default: the certificate epp
+    serves, which is how a client trusts a self-signed one)."""
     settings = parse_settings(
         [
             "--grpc-port",
@@ -48,12 +62,17 @@ async def running_epp(*flags: str, **overrides: Any) -> AsyncIterator[RunningEpp
     )
     app = App(dataclasses.replace(settings, **overrides) if overrides else settings)
     ports = await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}")
+    target = f"127.0.0.1:{ports.grpc}"
+    if app.tls is not None:
+        root = ca_pem or app.tls.certificate_pem
+        channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root))
+    else:
+        channel = grpc.aio.insecure_channel(target)
     try:
         yield RunningEpp(app, channel, pb_grpc.ExternalProcessorStub(channel))
     finally:
         await channel.close()
-        await app.stop(grace_s=0.1)
+        await app.stop(drain_timeout_s=0.1)
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:

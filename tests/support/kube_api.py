@@ -4,9 +4,10 @@ What it emulates (enough of the API server's list/watch contract to test a refle
 - namespaced resources under `/api/v1/...` and `/apis/<group>/<version>/...`: list, get, create
   (POST), replace (PUT, 409 Conflict on a stale `metadata.resourceVersion`), and watch;
 - one global, increasing `resourceVersion`; lists carry it in `metadata.resourceVersion`;
-- `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`) and `fieldSelector` (`metadata.name`,
-  `metadata.namespace`), applied to lists and watches; under a label selector an object that
-  starts or stops matching is ADDED or DELETED, as the API server's watch cache does;
+- `labelSelector` (`k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k`, `!k`, `k>n`, `k<n`)
+  and `fieldSelector` (`metadata.name`, `metadata.namespace`), applied to lists and watches;
+  under a label selector an object that starts or stops matching is ADDED or DELETED, as the
+  API server's watch cache does;
 - watch: `?watch=true` streams one JSON event a line over chunked HTTP, replaying the history after
   `resourceVersion` (or synthetic ADDED events without one), then live events; BOOKMARK events
   every `bookmark_interval_s` when `allowWatchBookmarks=true`; ends at `timeoutSeconds`;
@@ -17,12 +18,17 @@ What it emulates (enough of the API server's list/watch contract to test a refle
   in history), `down()` / `up()` stop and restart the whole server on the same port, and
   `partition(agent)` answers 503 to every request whose User-Agent contains `agent`.
 Objects are plain dicts; tests change them synchronously with `put` / `delete`.
+- reviews (what epp's /metrics auth asks): POST `authentication.k8s.io/v1` TokenReview, answered
+  from `tokens` (token -> KubeUser; others are not authenticated), and `authorization.k8s.io/v1`
+  SubjectAccessReview, allowed for a non-resource (path, verb) that `grant` gave the user or one
+  of its groups; `reviews` counts both kinds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -84,22 +90,77 @@ def _status_response(code: int, reason: str, message: str) -> web.Response:
 Predicate = Callable[[Mapping[str, Any]], bool]
 
 
+_WORD = r"[^\s=!(),<>]+"
+_LABEL_TERM = re.compile(
+    rf"""!\s*(?P<absent>{_WORD})
+    | (?P<key>{_WORD}) (?:
+        \s*(?P<op>==|=|!=)\s*(?P<value>{_WORD})?
+      | \s+(?P<setop>in|notin)\s*\((?P<set>[^()]*)\)
+      | \s*(?P<cmp>[<>])\s*(?P<number>[+-]?[0-9]+)
+    )?""",
+    re.VERBOSE,
+)
+
+
+def _selector_terms(text: str) -> list[str]:
+    """`text` split at the commas outside parentheses."""
+    terms, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            terms.append(text[start:i])
+            start = i + 1
+    terms.append(text[start:])
+    return terms
+
+
 def parse_label_selector(text: str) -> Predicate:
+    """The API server's label selection: `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`,
+    `k`, `!k`, `k>n`, `k<n`; comma = and. `!=` and `notin` also match objects without the label.
+    Written apart from epp's parser (term by term, with one regular expression), so the two check
+    each other; ValueError (400 BadRequest) for what the API server would refuse."""
+    if not text.strip():
+        return lambda obj: True
     tests: list[Callable[[Mapping[str, str]], bool]] = []
-    for term in (t.strip() for t in text.split(",")):
-        if not term:
+    for term in _selector_terms(text):
+        m = _LABEL_TERM.fullmatch(term.strip())
+        if m is None:
+            raise ValueError(f"unable to parse requirement: {term.strip()!r}")
+        if m["absent"]:
+            tests.append(lambda labels, k=m["absent"]: k not in labels)
             continue
-        if "!=" in term:
-            k, v = (s.strip() for s in term.split("!=", 1))
-            tests.append(lambda labels, k=k, v=v: labels.get(k) != v)
-        elif "=" in term:
-            k, v = (s.strip() for s in term.replace("==", "=").split("=", 1))
-            tests.append(lambda labels, k=k, v=v: labels.get(k) == v)
-        elif term.startswith("!"):
-            absent = term[1:].strip()
-            tests.append(lambda labels, k=absent: k not in labels)
+        key = m["key"]
+        if m["op"]:
+            value = m["value"] or ""
+            if m["op"] == "!=":
+                tests.append(lambda labels, k=key, v=value: labels.get(k) != v)
+            else:
+                tests.append(lambda labels, k=key, v=value: k in labels and labels[k] == v)
+        elif m["setop"]:
+            values = {v.strip() for v in m["set"].split(",")}
+            if any(" " in v or "\t" in v for v in values):
+                raise ValueError(f"unable to parse requirement: {term.strip()!r}")
+            if m["setop"] == "in":
+                tests.append(lambda labels, k=key, vs=values: k in labels and labels[k] in vs)
+            else:
+                tests.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
+        elif m["cmp"]:
+
+            def compare(
+                labels: Mapping[str, str],
+                k: str = key,
+                gt: bool = m["cmp"] == ">",
+                bound: int = int(m["number"]),
+            ) -> bool:
+                try:
+                    have = int(labels[k])
+                except (KeyError, ValueError):
+                    return False
+                return have > bound if gt else have < bound
+
+            tests.append(compare)
         else:
-            tests.append(lambda labels, k=term: k in labels)
+            tests.append(lambda labels, k=key: k in labels)
 
     def match(obj: Mapping[str, Any]) -> bool:
         labels = obj.get("metadata", {}).get("labels") or {}
@@ -241,6 +302,15 @@ class RecordedRequest:
     authorization: str
 
 
+@dataclass(frozen=True)
+class KubeUser:
+    """Whom a token belongs to, as a TokenReview reports it."""
+
+    username: str
+    uid: str = ""
+    groups: tuple[str, ...] = ()
+
+
 class KubeApiServer:
     def __init__(
         self,
@@ -256,6 +326,10 @@ class KubeApiServer:
         self.history: list[_Event] = []
         self.requests: list[RecordedRequest] = []
         self.partitioned: set[str] = set()
+        self.tokens: dict[str, KubeUser] = {}  # TokenReview: which tokens are valid, and whose
+        self.grants: set[tuple[str, str, str]] = set()  # SubjectAccessReview: (user or group, verb, path)
+        self.reviews = {"TokenReview": 0, "SubjectAccessReview": 0}
+        self.access_reviews: list[dict[str, Any]] = []  # the SubjectAccessReview specs received
         self.gone_served = 0  # watches answered with 410 Gone
         self.port = 0
         self._watchers: set[_Watcher] = set()
@@ -275,6 +349,10 @@ class KubeApiServer:
             app.router.add_route("POST", base, self._create)
             app.router.add_route("GET", base + "/{name}", self._get)
             app.router.add_route("PUT", base + "/{name}", self._replace)
+        app.router.add_route("POST", "/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
+        app.router.add_route(
+            "POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", self._access_review
+        )
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
@@ -564,6 +642,42 @@ class KubeApiServer:
             )
         body["metadata"]["namespace"] = info["namespace"]
         return web.json_response(self.put(resource, body))
+
+    # -- reviews --------------------------------------------------------------------------------
+
+    def grant(self, subject: str, verb: str = "get", path: str = "/metrics") -> None:
+        """Let a user or group `verb` the non-resource URL `path` (a ClusterRole and its binding)."""
+        self.grants.add((subject, verb, path))
+
+    async def _token_review(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("kind") != "TokenReview" or not isinstance(body.get("spec"), dict):
+            return _status_response(400, "BadRequest", "expected a TokenReview with a spec")
+        self.reviews["TokenReview"] += 1
+        user = self.tokens.get(str(body["spec"].get("token", "")))
+        if user is None:
+            review_status: dict[str, Any] = {"authenticated": False, "error": "invalid bearer token"}
+        else:
+            info: dict[str, Any] = {"username": user.username, "groups": list(user.groups)}
+            if user.uid:
+                info["uid"] = user.uid
+            review_status = {"authenticated": True, "user": info}
+        return web.json_response({**body, "status": review_status}, status=201)
+
+    async def _access_review(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        spec = body.get("spec")
+        if body.get("kind") != "SubjectAccessReview" or not isinstance(spec, dict):
+            return _status_response(400, "BadRequest", "expected a SubjectAccessReview with a spec")
+        self.reviews["SubjectAccessReview"] += 1
+        self.access_reviews.append(spec)
+        attrs = spec.get("nonResourceAttributes") or {}
+        subjects = [spec.get("user", ""), *(spec.get("groups") or [])]
+        allowed = any((who, attrs.get("verb"), attrs.get("path")) in self.grants for who in subjects)
+        review_status: dict[str, Any] = {"allowed": allowed}
+        if not allowed:
+            review_status["reason"] = "no RBAC policy matched"
+        return web.json_response({**body, "status": review_status}, status=201)
 
 
 # -- running epp against it ------------------------------------------------------------------------

@@ -1,17 +1,30 @@
 """Go EPP request-parser types whose job epp does natively: `openai-parser` and `vllmhttp-parser`.
 
-The Go EPP's Helm chart declares request parsing as a plugin. epp always parses the OpenAI API
-(completions, chat completions, embeddings, responses) itself, outside the plugin system, so
-these types are accepted so that such configs load, do nothing, and are reported with a warning
-that names any parameters given (all are ignored).
+The Go EPP declares request parsing as plugins, listed in the config's `requestHandler.parsers`
+(which the loader checks as Go does: every entry names a parser plugin). epp parses every
+request itself, outside the plugin system: a JSON body with a `model` string, the prompt taken
+from the OpenAI API's fields (completions, chat completions, embeddings, responses) for the
+prefix index, any other path routed on load alone.
 
-- `openai-parser`: the OpenAI API.
-- `vllmhttp-parser`: the OpenAI-compatible vLLM HTTP API.
+- `openai-parser`: the OpenAI API; what epp does. Takes no parameters (any given are ignored,
+  with a warning).
+- `vllmhttp-parser`: the Go type parses vLLM's `/inference/v1/generate` (pre-tokenized
+  `token_ids`) and rejects other paths. epp routes a generate request like any other JSON
+  request with a `model` (the Go type does not require one), on load: its token ids are not
+  prefix-matched. Listed alone, the Go EPP rejects OpenAI paths; epp serves them. Reported with
+  a warning.
 
-Consumes: nothing. Produces: nothing. Parameters: any, all ignored.
+Parser types that change what epp would have to read (`vllmgrpc-parser`: vLLM's gRPC API;
+`passthrough-parser`: any payload, not parsed; `anthropic-parser`, `sglanghttp-parser`,
+`vertexai-parser`) are not accepted: the loader names them as types epp does not have.
+
+Consumes: nothing. Produces: nothing.
 
     plugins:
     - type: openai-parser
+    requestHandler:
+      parsers:
+      - pluginRef: openai-parser
 """
 
 from __future__ import annotations
@@ -21,36 +34,40 @@ from typing import ClassVar, Self
 from epp.framework import Params, Parser, PluginHandle
 
 
-def warn_built_in(params: Params, instead: str) -> None:
-    """Accept every parameter of a Go type that epp covers natively, and warn that the entry (and
-    any parameter given) has no effect; `instead` says what epp does."""
+def warn_ignored_parameters(params: Params, what: str) -> None:
+    """Accept (and warn about) any parameters of a Go type whose work epp does itself."""
     given = sorted(params.raw())
-    note = f"built into epp ({instead}); the entry has no effect"
     if given:
-        note += f" and its parameters {', '.join(given)} are ignored"
-    params.warn(note)
+        params.warn(f"{what}; its parameters {', '.join(given)} are ignored")
 
 
 class OpenAIParser(Parser):
-    """Accepted for Go EPP configs and ignored: epp parses the OpenAI API itself."""
+    """The OpenAI API, which epp parses itself: accepted for Go EPP configs."""
 
     type_name = "openai-parser"
     built_in: ClassVar[str] = "epp parses the OpenAI API itself"
 
     @classmethod
     def from_params(cls, name: str, params: Params, handle: PluginHandle) -> Self:
-        warn_built_in(params, cls.built_in)
+        warn_ignored_parameters(params, cls.built_in)
         return cls(name)
 
 
 class VllmHttpParser(Parser):
-    """Accepted for Go EPP configs and ignored: epp parses the OpenAI-compatible vLLM HTTP API
-    itself."""
+    """vLLM's `/inference/v1/generate`: epp routes it like any JSON request with a `model`, on load
+    (its token ids are not prefix-matched). Accepted for Go EPP configs, with a warning."""
 
     type_name = "vllmhttp-parser"
-    built_in: ClassVar[str] = "epp parses the OpenAI-compatible vLLM HTTP API itself"
+    built_in: ClassVar[str] = (
+        "epp routes /inference/v1/generate like any JSON request with a 'model' (on load: token_ids "
+        "are not prefix-matched) and keeps serving OpenAI paths"
+    )
 
     @classmethod
     def from_params(cls, name: str, params: Params, handle: PluginHandle) -> Self:
-        warn_built_in(params, cls.built_in)
+        given = sorted(params.raw())
+        note = f"parsed by epp itself: {cls.built_in}"
+        if given:
+            note += f"; its parameters {', '.join(given)} are ignored"
+        params.warn(note)
         return cls(name)

@@ -21,9 +21,12 @@ to the planned endpoint are taken back.
 Consumes: the prompt; with `autoTune`, the scraped `block_size` and `num_gpu_blocks`.
 Produces: `prefix-cache-match` (a `PrefixMatch`). Hooks: pre-request (records the blocks),
 served-elsewhere (moves them), response-complete (drops the request's record), endpoint removal
-(purges the endpoint). Metrics: `inference_extension_prefix_indexer_size` (entries in the index)
-and `inference_extension_prefix_indexer_hit_ratio` (share of the prompt's blocks found on the
-chosen endpoint, once per request whose prompt has a block).
+(purges the endpoint). Metrics, by `plugin_name` and `plugin_type`:
+`llm_d_epp_prefix_indexer_size` (entries in the index), `llm_d_epp_prefix_indexer_hit_ratio`
+(share of the prompt's blocks found on the chosen endpoint) and `llm_d_epp_prefix_indexer_hit_bytes`
+(the matched prefix, at 4 bytes a token), the last two once per request whose prompt has a block;
+each also under its deprecated unlabelled name `inference_extension_prefix_indexer_*` (the size
+summed over producers).
 
 Parameters: `autoTune` (bool, true), `blockSizeTokens` (int, 16, raised to 64),
 `maxPrefixBlocksToMatch` (int, 2048), `maxPrefixTokensToMatch` (int, 131072),
@@ -42,10 +45,13 @@ on `prefix-cache-scorer`, which passes them on.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import weakref
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any, Self
 
-from prometheus_client import Histogram
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from epp.framework import (
     ConfigError,
@@ -79,12 +85,96 @@ DEFAULT_MAX_PREFIX_BLOCKS = 2048
 DEFAULT_MAX_PREFIX_TOKENS = 131_072
 _UNLIMITED_BLOCKS = 1 << 40
 
-INDEXER_SIZE_METRIC = "inference_extension_prefix_indexer_size"
-HIT_RATIO_METRIC = "inference_extension_prefix_indexer_hit_ratio"
+# llm-d-router's names (labelled by plugin_name, plugin_type) and their deprecated, unlabelled
+# `inference_extension_*` twins, both written.
+INDEXER_SIZE_METRIC = "llm_d_epp_prefix_indexer_size"
+HIT_RATIO_METRIC = "llm_d_epp_prefix_indexer_hit_ratio"
+HIT_BYTES_METRIC = "llm_d_epp_prefix_indexer_hit_bytes"
+OLD_INDEXER_SIZE_METRIC = "inference_extension_prefix_indexer_size"
+OLD_HIT_RATIO_METRIC = "inference_extension_prefix_indexer_hit_ratio"
+OLD_HIT_BYTES_METRIC = "inference_extension_prefix_indexer_hit_bytes"
 HIT_RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+HIT_BYTES_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+_PLUGIN_LABELS = ("plugin_name", "plugin_type")
+_SIZE_HELP = "[ALPHA] Size of the prefix indexer."
+_RATIO_HELP = "[ALPHA] Ratio of prefix length matched to total prefix length in the cache lookup."
+_BYTES_HELP = "[ALPHA] Length of the prefix match in number of bytes in the cache lookup."
 
 # Requests whose placement is remembered for a fallback report, at most (in flight, in practice).
 MAX_OPEN_PLACEMENTS = 65_536
+
+
+class PrefixIndexMetrics:
+    """One producer's hit-ratio and hit-bytes children (canonical and deprecated), resolved once."""
+
+    __slots__ = ("_bytes", "_ratio")
+
+    def __init__(self, handle: PluginHandle, producer: ApproxPrefixCacheProducer) -> None:
+        name, type_name = producer.name, producer.type_name
+
+        def both(
+            canonical: str, old: str, text: str, buckets: Sequence[float]
+        ) -> tuple[Histogram, Histogram]:
+            return (
+                handle.histogram(canonical, text, _PLUGIN_LABELS, buckets).labels(name, type_name),
+                handle.histogram(
+                    old, text.replace("[ALPHA]", f"[ALPHA] [Deprecated: Use {canonical}]"), (), buckets
+                ),
+            )
+
+        self._ratio = both(HIT_RATIO_METRIC, OLD_HIT_RATIO_METRIC, _RATIO_HELP, HIT_RATIO_BUCKETS)
+        self._bytes = both(HIT_BYTES_METRIC, OLD_HIT_BYTES_METRIC, _BYTES_HELP, HIT_BYTES_BUCKETS)
+        _IndexSizes.of(handle).track(producer)
+        handle.gauge_sum(
+            OLD_INDEXER_SIZE_METRIC,
+            f"[ALPHA] [Deprecated: Use {INDEXER_SIZE_METRIC}] Size of the prefix indexer (all producers).",
+            producer.index.entries,
+        )
+
+    def observe(self, match: PrefixMatch, endpoint: Endpoint) -> None:
+        """The match on the chosen endpoint: its share of the prompt's blocks, and its length in
+        bytes (4 a token, as the Go EPP estimates it)."""
+        matched = match.matched.get(endpoint.key, 0)
+        length = float(matched * match.block_size_tokens * CHARS_PER_TOKEN)
+        for histogram in self._bytes:
+            histogram.observe(length)
+        if match.total_blocks:
+            ratio = matched / match.total_blocks
+            for histogram in self._ratio:
+                histogram.observe(ratio)
+
+
+class _IndexSizes(Collector):
+    """`llm_d_epp_prefix_indexer_size{plugin_name, plugin_type}`: each producer's index entries,
+    read when /metrics is scraped; one collector per metrics registry."""
+
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _IndexSizes] = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self._producers: dict[tuple[str, str], ApproxPrefixCacheProducer] = {}
+
+    @classmethod
+    def of(cls, handle: PluginHandle) -> _IndexSizes:
+        sizes = cls._by_registry.get(handle.registry)
+        if sizes is None:
+            sizes = cls._by_registry[handle.registry] = cls()
+            handle.registry.register(sizes)
+        return sizes
+
+    def track(self, producer: ApproxPrefixCacheProducer) -> None:
+        self._producers[(producer.name, producer.type_name)] = producer
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(INDEXER_SIZE_METRIC, _SIZE_HELP, labels=_PLUGIN_LABELS)
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for (name, type_name), producer in self._producers.items():
+            family.add_metric([name, type_name], producer.index.entries())
+        yield family
 
 
 class _Placement:
@@ -152,7 +242,6 @@ class ApproxPrefixCacheProducer(
         max_prefix_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS,
         max_prefix_tokens: int = DEFAULT_MAX_PREFIX_TOKENS,
         lru_capacity_per_server: int = DEFAULT_LRU_CAPACITY_PER_SERVER,
-        hit_ratio: Histogram | None = None,
     ) -> None:
         super().__init__(name)
         self.auto_tune = auto_tune
@@ -161,7 +250,7 @@ class ApproxPrefixCacheProducer(
         self.max_tokens = max_prefix_tokens
         self.lru_capacity = lru_capacity_per_server
         self.index = PrefixIndex(lru_capacity_per_server)
-        self.hit_ratio = hit_ratio
+        self.metrics: PrefixIndexMetrics | None = None  # from_params registers them
         self._hasher = PromptHasher()
         self.key = PREFIX_MATCH.for_producer(self.name)
         self._hashes_key = DataKey[list[int]](f"{self.type_name}/hashes", self.name)
@@ -206,15 +295,8 @@ class ApproxPrefixCacheProducer(
             max_prefix_blocks=max_blocks,
             max_prefix_tokens=max_tokens,
             lru_capacity_per_server=lru_capacity,
-            hit_ratio=handle.histogram(
-                HIT_RATIO_METRIC,
-                "Share of a request's prefix blocks found on the chosen endpoint.",
-                buckets=HIT_RATIO_BUCKETS,
-            ),
         )
-        handle.gauge_sum(
-            INDEXER_SIZE_METRIC, "Entries (block, endpoint) in the prefix index.", producer.index.entries
-        )
+        producer.metrics = PrefixIndexMetrics(handle, producer)
         return producer
 
     def produces(self) -> Collection[DataKey[Any]]:
@@ -271,8 +353,8 @@ class ApproxPrefixCacheProducer(
         if not hashes:
             return
         match = cycle.read(self.key)
-        if match is not None and self.hit_ratio is not None and result.primary.endpoints:
-            self.hit_ratio.observe(match.ratio(result.primary.endpoints[0]))
+        if match is not None and self.metrics is not None and result.primary.endpoints:
+            self.metrics.observe(match, result.primary.endpoints[0])
         # Every profile's pick ends up holding the prompt's KV: the decode pod, and under P/D the
         # prefill pod that computed it (whatever the profiles are named).
         placement = _Placement(

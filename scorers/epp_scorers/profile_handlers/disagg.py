@@ -15,8 +15,11 @@ One request runs up to two profiles:
    profile's filters the request is served decode-only, not failed.
 
 The handler counts its decision (`decode-only` / `prefill-decode`) in
-`llm_d_inference_scheduler_disagg_decision_total` (by model) and `llm_d_epp_disagg_decision_total`
-(by handler and model), and writes it in the cycle state under `DISAGG_DECISION`. A
+`llm_d_epp_disagg_decision_total{plugin_name, plugin_type, model_name, decision_type}` and its
+deprecated twin `llm_d_inference_scheduler_disagg_decision_total{model_name, decision_type}`
+(`pd-profile-handler`, as in llm-d-router: `llm_d_epp_pd_decision_total` and
+`llm_d_inference_scheduler_pd_decision_total`); past 1000 distinct model names a handler counts
+new ones as "other". It writes the decision in the cycle state under `DISAGG_DECISION`. A
 client-supplied `x-prefiller-host-port` is removed from decode-only requests, so a client cannot
 point the sidecar at a host of its choosing.
 
@@ -87,24 +90,41 @@ DISAGG_DECISION: DataKey[str] = DataKey("disagg-decision", "profile-handler")
 DISAGG_DECODE_ONLY = "decode-only"
 DISAGG_PREFILL_DECODE = "prefill-decode"
 
-DECISIONS_METRIC = "llm_d_inference_scheduler_disagg_decision"
+# The decision counters, as llm-d-router names them: the canonical `llm_d_epp_*` (by handler and
+# model) and the deprecated `llm_d_inference_scheduler_*` (by model), both written.
+# disagg-profile-handler counts in `*_disagg_decision_total`, pd-profile-handler in
+# `*_pd_decision_total`.
 HANDLER_DECISIONS_METRIC = "llm_d_epp_disagg_decision"
+DECISIONS_METRIC = "llm_d_inference_scheduler_disagg_decision"
+PD_HANDLER_DECISIONS_METRIC = "llm_d_epp_pd_decision"
+PD_DECISIONS_METRIC = "llm_d_inference_scheduler_pd_decision"
+# Distinct model-name label values a handler counts under their own name; later ones are "other"
+# (llm-d-router caps request-derived model labels at 1000 the same way).
+MAX_MODEL_LABELS = 1000
+OTHER_MODEL = "other"
 
 _HEADERS_NOTE = "disagg-profile-handler, which sets x-prefiller-host-port itself (this entry has no effect)"
 
 
-def decision_counters(handle: PluginHandle) -> tuple[Counter, Counter]:
-    """The two decision counters (by model; by handler and model), registered through `handle`."""
+def decision_counters(handle: PluginHandle, pd: bool = False) -> tuple[Counter, Counter]:
+    """The deprecated (by model) and the canonical (by handler and model) decision counters of
+    disagg-profile-handler, or with `pd` of pd-profile-handler, registered through `handle`."""
+    canonical, old = (
+        (PD_HANDLER_DECISIONS_METRIC, PD_DECISIONS_METRIC)
+        if pd
+        else (HANDLER_DECISIONS_METRIC, DECISIONS_METRIC)
+    )
+    text = (
+        "Total number of P/D disaggregation decisions made"
+        if pd
+        else "Total number of disaggregation routing decisions made"
+    )
     return (
         handle.counter(
-            DECISIONS_METRIC,
-            "Prefill/decode disaggregation decisions (decode-only, prefill-decode), by model.",
-            ("model_name", "decision_type"),
+            old, f"[ALPHA] [Deprecated: Use {canonical}_total] {text}", ("model_name", "decision_type")
         ),
         handle.counter(
-            HANDLER_DECISIONS_METRIC,
-            "Prefill/decode disaggregation decisions, by the profile handler that made them.",
-            ("plugin_name", "plugin_type", "model_name", "decision_type"),
+            canonical, f"[ALPHA] {text}", ("plugin_name", "plugin_type", "model_name", "decision_type")
         ),
     )
 
@@ -156,6 +176,7 @@ class DisaggHandlerBase(ProfileHandler):
         self._by_model = decisions_by_model
         self._by_handler = decisions_by_handler
         self._decision_children: dict[tuple[str, str], list[Counter]] = {}
+        self._decision_models: set[str] = set()
 
     # --- configuration ---------------------------------------------------------------------------
 
@@ -205,6 +226,14 @@ class DisaggHandlerBase(ProfileHandler):
             return
         model = request.target_model or "unknown"
         children = self._decision_children.get((model, decision))
+        if children is None:
+            models = self._decision_models
+            if model not in models:  # the model label comes from the request: capped
+                if len(models) >= MAX_MODEL_LABELS:
+                    model = OTHER_MODEL
+                else:
+                    models.add(model)
+            children = self._decision_children.get((model, decision))
         if children is None:
             children = []
             if self._by_model is not None:
@@ -445,7 +474,7 @@ class PdProfileHandler(DisaggHandlerBase):
                 f"parameters 'threshold'/'hashBlockSize' are the first pd-profile-handler layout; mapped to "
                 f"{mapped}; hashBlockSize is ignored (the prefix producer's block size applies)"
             )
-        by_model, by_handler = decision_counters(handle)
+        by_model, by_handler = decision_counters(handle, pd=True)
         return cls(
             name,
             decode_profile=decode,

@@ -1,0 +1,162 @@
+"""Graceful shutdown (--drain-timeout): at SIGTERM (or App.stop) epp reports NOT_SERVING, releases
+its Lease, refuses new ext_proc streams, and lets those in flight finish within the timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import orjson
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from tests.serving.support import epp_command, health_status
+from tests.support.epp_app import RunningEpp, running_epp, wait_until
+from tests.support.extproc_client import ExtProcClient, body_msgs, headers_msg, one_request, request_headers
+from tests.support.fake_vllm import FakeVllm
+from tests.support.kube_api import LEASES, PODS, POOLS_V1, KubeApiServer, inference_pool, pod, running_k8s_epp
+
+BODY = orjson.dumps({"model": "m", "prompt": "hello"})
+LEASE = "epp-default-pool.gateway-api-inference-extension.sigs.k8s.io"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeVllm]:
+    server = await FakeVllm("s0").start()
+    yield server
+    await server.stop()
+
+
+def open_stream(stub: pb_grpc.ExternalProcessorStub) -> ExtProcClient:
+    """A request in flight: its headers sent, epp waiting for the body (as Envoy streams it)."""
+    client = ExtProcClient(stub)
+    client.send([headers_msg(request_headers())])
+    return client
+
+
+async def finish(client: ExtProcClient) -> list[str]:
+    """Send the body and end the stream: what epp answered."""
+    client.send(body_msgs(BODY, 1000))
+    replies = await client.read(2)
+    await client.close()
+    return [r.WhichOneof("response") for r in replies]
+
+
+async def assert_refused(stub: pb_grpc.ExternalProcessorStub) -> None:
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await one_request(stub, request_headers(), BODY)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < 2.0  # refused, not left waiting
+
+
+async def drain_status(epp: RunningEpp) -> dict[str, str]:
+    return {
+        n: await health_status(epp.health_port, n) for n in ("inference-extension", "readiness", "liveness")
+    }
+
+
+async def test_in_flight_streams_finish_and_new_ones_are_refused(fake: FakeVllm) -> None:
+    async with running_epp("--endpoints", fake.address, "--drain-timeout", "10s") as epp:
+        in_flight = [open_stream(epp.stub) for _ in range(3)]
+        await asyncio.sleep(0.1)  # the streams have reached epp
+        started = time.monotonic()
+        stopping = asyncio.create_task(epp.app.stop())  # --drain-timeout's 10 s
+        await wait_until(lambda: epp.app.health.draining, what="draining")
+        assert await drain_status(epp) == {
+            "inference-extension": "NOT_SERVING",
+            "readiness": "NOT_SERVING",
+            "liveness": "SERVING",
+        }
+        await assert_refused(epp.stub)  # on the channel that was already connected
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{epp.grpc_port}") as fresh:
+            await assert_refused(pb_grpc.ExternalProcessorStub(fresh))
+        assert not stopping.done()  # waiting for the streams in flight
+        for client in in_flight:
+            assert await finish(client) == ["request_headers", "request_body"]
+        await asyncio.wait_for(stopping, 5)
+        assert time.monotonic() - started < 5  # as soon as they were done, not after 10 s
+
+
+async def test_streams_still_open_at_the_drain_timeout_are_cut(fake: FakeVllm) -> None:
+    async with running_epp("--endpoints", fake.address) as epp:
+        client = open_stream(epp.stub)
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await asyncio.wait_for(epp.app.stop(drain_timeout_s=0.5), 5)
+        assert 0.4 < time.monotonic() - started < 3
+        with pytest.raises(grpc.aio.AioRpcError):
+            await finish(client)
+
+
+async def test_the_leader_releases_its_lease_at_once_while_streams_finish(tmp_path: Path) -> None:
+    api = await KubeApiServer().start()
+    try:
+        api.put(POOLS_V1, inference_pool("pool", {"app": "vllm"}, [8000]))
+        api.put(PODS, pod("a", "127.0.1.1", {"app": "vllm"}))
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        ha = ("--pool-name", "pool", "--ha-enable-leader-election", "--ha-retry-period", "100ms")
+        async with running_k8s_epp(kubeconfig, *ha, "--drain-timeout", "10s") as epp:
+            await wait_until(lambda: epp.app.is_ready(), what="leader and synced")
+            client = open_stream(epp.stub)
+            await asyncio.sleep(0.1)
+            stopping = asyncio.create_task(epp.app.stop())
+
+            def released() -> bool:
+                lease = api.get(LEASES, LEASE)
+                return lease is not None and not lease["spec"].get("holderIdentity")
+
+            await wait_until(released, timeout=3, what="lease released")
+            assert not stopping.done()  # the stream in flight is still being served
+            assert await health_status(epp.health_port, "readiness") == "NOT_SERVING"
+            assert await finish(client) == ["request_headers", "request_body"]
+            await asyncio.wait_for(stopping, 5)
+    finally:
+        await api.stop()
+
+
+async def test_sigterm_drains_the_epp_command_and_exits_0(fake: FakeVllm, tmp_path: Path) -> None:
+    flags = ("--endpoints", fake.address, "--secure-serving=false", "--drain-timeout", "20s")
+    async with epp_command(tmp_path, *flags) as epp:
+        await epp.wait_serving()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{epp.grpc_port}") as channel:
+            stub = pb_grpc.ExternalProcessorStub(channel)
+            in_flight = [open_stream(stub) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            epp.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while await health_status(epp.health_port, "inference-extension") != "NOT_SERVING":
+                assert time.monotonic() < deadline, epp.log
+                await asyncio.sleep(0.02)
+            assert await health_status(epp.health_port, "liveness") == "SERVING"
+            await assert_refused(stub)
+            assert epp.proc.returncode is None  # still serving the streams in flight
+            for client in in_flight:
+                assert await finish(client) == ["request_headers", "request_body"]
+            assert await epp.wait_exit(10) == 0, epp.log
+            assert time.monotonic() - started < 10
+    assert "draining" in epp.log
+
+
+async def test_a_second_sigterm_ends_the_drain_at_once(fake: FakeVllm, tmp_path: Path) -> None:
+    flags = ("--endpoints", fake.address, "--secure-serving=false", "--drain-timeout", "60s")
+    async with epp_command(tmp_path, *flags) as epp:
+        await epp.wait_serving()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{epp.grpc_port}") as channel:
+            client = open_stream(pb_grpc.ExternalProcessorStub(channel))
+            await asyncio.sleep(0.2)
+            epp.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert epp.proc.returncode is None  # draining, for up to 60 s
+            started = time.monotonic()
+            epp.proc.send_signal(signal.SIGTERM)
+            assert await epp.wait_exit(10) == 0, epp.log
+            assert time.monotonic() - started < 5
+            with pytest.raises(grpc.aio.AioRpcError):
+                await finish(client)
+    assert "second signal" in epp.log
