@@ -173,7 +173,13 @@ class App:
         # Kubernetes mode should pay.
         from epp.discovery.kubeclient import KubeClient, resolve_config_source
         from epp.discovery.kubernetes import KubernetesDiscovery
-        from epp.discovery.leader import LeaderElector, LeaseTiming, default_identity, lease_name_for_pool
+        from epp.discovery.leader import (
+            LeaderElector,
+            LeaseTiming,
+            default_identity,
+            deployment_of_pod,
+            lease_name_for_pool,
+        )
         from epp.discovery.pool import PoolRef, PoolSpec
         from epp.discovery.reflector import Backoff
 
@@ -187,7 +193,9 @@ class App:
         else:
             assert s.endpoint_selector is not None
             pool = PoolSpec(s.endpoint_selector, s.endpoint_target_ports)
-            lease = lease_name_for_pool(s.pool_namespace, "selector-" + pool.stable_id())
+            # As Go: named after this pod's Deployment; outside a Deployment, after the selector.
+            owner = deployment_of_pod(s.pod_name_env) or "selector-" + pool.stable_id()
+            lease = lease_name_for_pool(s.pool_namespace, owner)
         discovery = KubernetesDiscovery(
             self.datastore,
             client,

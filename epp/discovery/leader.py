@@ -24,6 +24,7 @@ import datetime
 import logging
 import os
 import random
+import re
 import socket
 import uuid
 from collections.abc import Callable
@@ -43,8 +44,22 @@ _JITTER = 1.2  # a standby waits retry_period x U(1, 1.2) between attempts
 
 
 def lease_name_for_pool(namespace: str, name: str) -> str:
-    """The Go EPP's lease name, so a mixed or migrating deployment contends for the same Lease."""
-    return f"epp-{namespace}-{name}.gateway-api-inference-extension.sigs.k8s.io"
+    """The Go EPP's lease name (llm-d-router: `epp-<namespace>-<name>.llm-d.ai`), so a mixed or
+    migrating deployment contends for the same Lease."""
+    return f"epp-{namespace}-{name}.llm-d.ai"
+
+
+# A Deployment's pod: <deployment>-<pod-template-hash>-<5 random characters>.
+_DEPLOYMENT_POD = re.compile(r"^(?P<deployment>[a-z0-9]([-a-z0-9]*[a-z0-9])?)-[a-z0-9]{5,10}-[a-z0-9]{5}$")
+
+
+def deployment_of_pod(pod_name: str | None) -> str | None:
+    """The Deployment a pod belongs to, from its name (as the Go EPP names the Lease in selector
+    mode); None when the name does not have a Deployment pod's shape."""
+    if not pod_name:
+        return None
+    m = _DEPLOYMENT_POD.match(pod_name)
+    return m.group("deployment") if m else None
 
 
 def default_identity(pod_name: str | None = None) -> str:

@@ -27,7 +27,7 @@ from tests.support.kube_api import (
     wait_for_health,
 )
 
-LEASE = "epp-default-pool.gateway-api-inference-extension.sigs.k8s.io"  # the Go EPP's name
+LEASE = "epp-default-pool.llm-d.ai"  # the Go EPP's name (llm-d-router)
 HA = ("--pool-name", "pool", "--ha-enable-leader-election", "--ha-retry-period", "100ms")
 FAST_LEASE = (*HA, "--ha-lease-duration", "1s", "--ha-renew-deadline", "600ms")
 
@@ -154,3 +154,10 @@ async def test_racing_electors_one_wins(api: KubeApiServer, kubeconfig: Path) ->
         assert api.get(LEASES, "race")["spec"]["holderIdentity"] == winner.identity  # type: ignore[index]
     finally:
         await client.close()
+
+
+def test_selector_mode_lease_is_named_after_the_pods_deployment() -> None:
+    from epp.discovery.leader import deployment_of_pod
+
+    assert deployment_of_pod("vllm-epp-7d4b9c8f6d-x2x9z") == "vllm-epp"
+    assert deployment_of_pod("epp-0") is None and deployment_of_pod(None) is None

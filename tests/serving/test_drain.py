@@ -21,7 +21,7 @@ from tests.support.fake_vllm import FakeVllm
 from tests.support.kube_api import LEASES, PODS, POOLS_V1, KubeApiServer, inference_pool, pod, running_k8s_epp
 
 BODY = orjson.dumps({"model": "m", "prompt": "hello"})
-LEASE = "epp-default-pool.gateway-api-inference-extension.sigs.k8s.io"
+LEASE = "epp-default-pool.llm-d.ai"
 
 
 @pytest.fixture

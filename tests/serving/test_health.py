@@ -117,7 +117,7 @@ async def test_the_charts_ha_probes_and_the_go_answer_for_inference_extension(
             # With leader election the Go EPP knows only those names: anything else, the
             # single-replica probe's name included, is SERVICE_UNKNOWN.
             assert await health_status(epp.health_port, "inference-extension") == "SERVICE_UNKNOWN"
-        lease = api.get(LEASES, "epp-default-pool.gateway-api-inference-extension.sigs.k8s.io")
+        lease = api.get(LEASES, "epp-default-pool.llm-d.ai")
         assert lease is not None and lease["spec"]["holderIdentity"]
 
 
