@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 from epp.errors import EndpointSpecError
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     configure(settings.logging)
     report = _Report(settings.logging.encoder == "json")
     warn_ignored_flags(settings.ignored_flags)
+    # gRPC's C core logs in its own text format, past Python logging (e.g. an INFO line per failed
+    # TLS handshake): keep it to errors unless the operator asks otherwise. Read at grpc's import.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from epp.tls import export_cipher_suites  # gRPC reads its cipher list once, when first imported:
 
     export_cipher_suites(settings.tls_cipher_suites, enabled=settings.secure_serving)  # before epp.app

@@ -4,11 +4,14 @@ Every overlay, and every combination of gateway x model-server component (with t
 components), renders with the real kustomize (kubectl's); core kinds validate against the
 Kubernetes OpenAPI schemas (kubernetes-validate, strict); custom resources validate against the
 upstream CRDs in ../shared/crds (schema, strict, and their CEL rules); the epp config passes
-`epp --check-config`; epp's and the simulator's arguments parse with their real parsers; names,
-labels and ports agree across objects; no container runs as root; Roles grant no writes beyond
-the HA Lease. Last, the data path the manifests describe runs for real: Envoy configured from the
-EnvoyFilter (with the DestinationRule's TLS), epp with the Deployment's flags and the init
-container's certificate, and a simulator pod's arguments.
+`epp --check-config`; epp's and the simulator's arguments parse with their real parsers; epp's
+container runs the upstream chart's argument vector and probes (tests/deploy/chart.py) plus only
+the documented additions of components/plaintext and components/tls-secret; names, labels and
+ports agree across objects; no container runs as root; Roles grant no writes beyond the HA Lease.
+Last, the data path the manifests describe runs for real: Envoy configured from the EnvoyFilter
+(with the DestinationRule's TLS), epp with the Deployment's flags (TLS with its own self-signed
+certificate), and a simulator pod's arguments. tests/deploy/test_chart_args.py runs epp with the
+chart's vector against the loopback Kubernetes API server.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import asyncio
 import dataclasses
 import itertools
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -30,6 +32,14 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.deploy.chart import (
+    CHART_ARGS,
+    HA_FLAG,
+    UPSTREAM_README,
+    chart_args,
+    chart_probes,
+    readme_chart_args,
+)
 from tests.support.kustomize_render import (
     BASE,
     COMPONENTS,
@@ -67,6 +77,12 @@ TLS_ONLY_GATEWAYS = ("gateway-kgateway", "gateway-gke")
 NO_CRD_KINDS = {("networking.gke.io/v1", "HealthCheckPolicy"), ("networking.gke.io/v1", "GCPBackendPolicy")}
 READ_VERBS = {"get", "list", "watch"}
 EPP_IMAGE = "epp:dev"
+# What a component appends to the chart's argument vector (deploy/README.md says why), and nothing
+# else does.
+ARG_ADDITIONS = {
+    "plaintext": ["--secure-serving=false"],
+    "tls-secret": ["--cert-path=/certs", "--enable-cert-reload"],
+}
 
 
 def _combination_components(gateway: str, model: str, extras: tuple[str, ...]) -> list[str]:
@@ -75,7 +91,7 @@ def _combination_components(gateway: str, model: str, extras: tuple[str, ...]) -
 
 
 def _combinations() -> list[tuple[str, str, tuple[str, ...]]]:
-    out = []
+    out: list[tuple[str, str, tuple[str, ...]]] = []
     for gateway, model in itertools.product(GATEWAYS, MODEL_SERVERS):
         out.append((gateway, model, ()))
         out.append((gateway, model, ("monitoring", "ha")))
@@ -365,8 +381,19 @@ def test_epp_flags_agree_with_the_objects(every_render: dict[str, list[Obj]]) ->
         assert ports == {"grpc": 9002, "grpc-health": 9003, "metrics": 9090}, where
         for probe in ("readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == settings.grpc_health_port, (where, probe)
-        assert container["readinessProbe"]["grpc"]["service"] == "readiness"
-        assert container["livenessProbe"]["grpc"]["service"] == "liveness"
+        # The chart's probe names are the ones epp answers for this mode (epp.health).
+        names = (
+            ("readiness", "liveness") if settings.ha_enable_leader_election else ("inference-extension",) * 2
+        )
+        probed = (
+            container["readinessProbe"]["grpc"]["service"],
+            container["livenessProbe"]["grpc"]["service"],
+        )
+        assert probed == names, where
+        env = {
+            v["name"]: v.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for v in container["env"]
+        }
+        assert env == {"NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}, where
         # The pool's endpoint picker is this Service and port, which reaches epp's ext_proc port.
         ref = pool["spec"]["endpointPickerRef"]
         assert (ref.get("group", ""), ref.get("kind", "Service"), ref["name"]) == ("", "Service", "epp")
@@ -378,21 +405,76 @@ def test_epp_flags_agree_with_the_objects(every_render: dict[str, list[Obj]]) ->
         for other, other_template in pod_templates(objs):
             if other is not workload:
                 assert not selects(service["spec"]["selector"], other_template["metadata"]["labels"]), where
-        # TLS: the certificate directory is mounted, and the init container writes it.
-        if settings.secure_serving:
-            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        # TLS: epp's own self-signed certificate (no init container, no certificate volume), or
+        # the Secret epp-tls mounted where --cert-path points.
+        assert not template["spec"].get("initContainers"), where
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        secrets = [v for v in template["spec"]["volumes"] if "secret" in v]
+        if settings.secure_serving and settings.cert_path is not None:
             assert str(settings.cert_path) in mounts, where
-            volume = next(
-                v for v in template["spec"]["volumes"] if v["name"] == mounts[str(settings.cert_path)]
-            )
-            if "secret" in volume:
-                assert volume["secret"]["secretName"] == "epp-tls"
-                assert not template["spec"].get("initContainers")
-            else:
-                (init,) = template["spec"]["initContainers"]
-                assert f"{settings.cert_path}/tls.crt" in " ".join(init["command"]), where
+            (volume,) = secrets
+            assert volume["name"] == mounts[str(settings.cert_path)]
+            assert volume["secret"]["secretName"] == "epp-tls"
+            assert settings.enable_cert_reload, f"{where}: a Secret's renewal is picked up"
+        else:
+            assert settings.cert_path is None and not secrets, where
         assert template["spec"]["serviceAccountName"] == "epp"
         assert one(objs, "ServiceAccount", "epp")
+
+
+def _render_components(where: str) -> set[str]:
+    """The components a render was made of (an overlay's kustomization, or a combination's name)."""
+    if where.startswith("overlays/"):
+        data = yaml.safe_load((OVERLAYS / where.removeprefix("overlays/") / "kustomization.yaml").read_text())
+        return {Path(c).name for c in data.get("components", [])}
+    return set(where.split("+"))
+
+
+def test_epp_runs_the_charts_argument_vector_and_probes(every_render: dict[str, list[Obj]]) -> None:
+    """The upstream chart's container, word for word (tests/deploy/chart.py), so what `make test`
+    runs is what a user migrating from the chart runs; components append only ARG_ADDITIONS."""
+    checked = set()
+    for where, objs in every_render.items():
+        workload = one(objs, "Deployment", "epp")
+        container = _epp_container(objs)
+        components = _render_components(where)
+        ha = "ha" in components
+        pool = one(objs, "InferencePool")["metadata"]
+        expected = chart_args(pool["name"], pool["namespace"], ha=ha)
+        for component, added in ARG_ADDITIONS.items():
+            if component in components:
+                expected += added
+        assert _expanded_args(objs, workload, container) == expected, where
+        assert container["args"][3] == "$(NAMESPACE)", "the pool namespace follows the overlay's"
+        probes = {k: container[k] for k in ("livenessProbe", "readinessProbe")}
+        assert probes == chart_probes(ha=ha), where
+        assert workload["spec"]["replicas"] == (2 if ha else 1)
+        checked.add((ha, *sorted(components & set(ARG_ADDITIONS))))
+    assert checked >= {(False,), (True,), (False, "tls-secret"), (True, "plaintext")}
+
+
+def test_the_written_out_vector_is_the_upstream_readmes() -> None:
+    if not UPSTREAM_README.is_file():
+        pytest.skip(f"{UPSTREAM_README} is absent")
+    assert readme_chart_args() == list(CHART_ARGS)
+    text = UPSTREAM_README.read_text()
+    assert HA_FLAG in text and "`inference-extension`" in text and "`liveness` / `readiness`" in text
+
+
+def test_the_pod_outlives_epps_drain(every_render: dict[str, list[Obj]]) -> None:
+    """terminationGracePeriodSeconds covers the preStop sleep and --drain-timeout, so the kubelet
+    does not kill epp while in-flight streams finish."""
+    from epp.settings import parse_settings
+
+    for where, objs in every_render.items():
+        workload = one(objs, "Deployment", "epp")
+        container = _epp_container(objs)
+        settings = parse_settings(_expanded_args(objs, workload, container))
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:2] == ["/bin/sh", "-c"] and command[2].startswith("sleep ")
+        pre_stop_s = float(command[2].split()[1])
+        grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > pre_stop_s + settings.drain_timeout_s, where
 
 
 def test_sim_args_parse_with_the_simulators_parser(every_render: dict[str, list[Obj]]) -> None:
@@ -483,7 +565,7 @@ def test_routes_gateways_and_istio_objects_agree(every_render: dict[str, list[Ob
         # Istio: the DestinationRule's TLS to epp's port matches epp's --secure-serving.
         dr = maybe(objs, "DestinationRule")
         gateway_class = gateway["spec"]["gatewayClassName"]
-        secure = "--secure-serving" in _epp_container(objs)["args"]
+        secure = "--secure-serving=false" not in _epp_container(objs)["args"]
         if gateway_class == "istio":
             assert dr is not None, where
             assert dr["spec"]["host"] in ("epp", f"epp.{namespace}.svc.cluster.local")
@@ -627,7 +709,7 @@ def test_pd_has_role_labelled_prefill_and_decode_pods_behind_the_routing_sidecar
         main = template["spec"]["containers"][0]
         assert any("NixlConnector" in a for a in main["args"])
     config = yaml.safe_load(_configmap_file(objs, one(objs, "Deployment", "epp")["spec"]["template"],
-                                            "/config/epp-config.yaml"))  # fmt: skip
+                                            "/config/default-plugins.yaml"))  # fmt: skip
     assert {p["type"] for p in config["plugins"]} >= {
         "disagg-profile-handler",
         "prefill-filter",
@@ -650,6 +732,10 @@ def test_sim_stages_are_sized_in_the_profile_configmap(overlays: dict[str, list[
 # --- monitoring --------------------------------------------------------------------------------
 
 _METRIC = re.compile(r"\b((?:vllm:|inference_|epp_|llm_d_)[a-zA-Z0-9_:]+)")
+# epp's deprecated names (the Go EPP's older prefixes): still exposed, but queries use llm_d_epp_*.
+_DEPRECATED = re.compile(
+    r"\b(?:inference_objective_|inference_pool_|inference_extension_|llm_d_inference_scheduler_)"
+)
 # vLLM series the simulator does not emit (checked against vLLM's documented names, not here).
 VLLM_ONLY = {
     "vllm:inter_token_latency_seconds_bucket",
@@ -699,6 +785,7 @@ def test_alerts_cover_the_failure_modes_and_use_real_metrics(
         assert rule["labels"]["severity"] in ("critical", "warning")
         used = set(_METRIC.findall(rule["expr"]))
         assert used <= exposed_metrics, f"{rule['alert']}: unknown metrics {used - exposed_metrics}"
+        assert not _DEPRECATED.search(rule["expr"]), f"{rule['alert']}: use the llm_d_epp_* names"
     assert 'job="epp"' in alerts["EppDown"]["expr"]
     service = one(objs, "Service", "epp")
     assert service["metadata"]["name"] == "epp", "the ServiceMonitor's job label is the Service name"
@@ -720,27 +807,22 @@ def test_the_grafana_dashboard_shows_what_the_issue_asks_for(
         "vllm:num_requests_waiting",
         "vllm:num_requests_running",
         "vllm:kv_cache_usage_perc",
-        "inference_objective_request_total",
-        "inference_objective_request_error_total",
-        "inference_extension_scheduler_e2e_duration_seconds_bucket",
+        "llm_d_epp_request_total",
+        "llm_d_epp_request_error_total",
+        "llm_d_epp_scheduler_e2e_duration_seconds_bucket",
+        "llm_d_epp_ready_endpoints",
+        "llm_d_epp_request_ttft_seconds_bucket",
     ):
         assert needle in everything, needle
     unknown = set(_METRIC.findall(everything)) - exposed_metrics - VLLM_ONLY
     assert not unknown, f"the dashboard queries metrics nothing exposes: {unknown}"
+    assert not _DEPRECATED.search(json.dumps(dashboard)), "the dashboard should use the llm_d_epp_* names"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "namespace"}
 
 
 # --- the data path, for real: Envoy (from the EnvoyFilter) -> epp (TLS) -> a simulator ----------
-
-
-def _run_cert_init_container(objs: list[Obj], certs: Path) -> None:
-    workload = one(objs, "Deployment", "epp")
-    (init,) = workload["spec"]["template"]["spec"]["initContainers"]
-    command = [part.replace("/certs/", f"{certs}/") for part in init["command"]]
-    env = {**os.environ, "POD_NAMESPACE": workload["metadata"]["namespace"]}
-    subprocess.run(command, env=env, check=True, capture_output=True, timeout=30)
 
 
 def _envoy_bootstrap(objs: list[Obj], epp_port: int, secure: bool) -> dict[str, Any]:
@@ -775,20 +857,32 @@ def _envoy_bootstrap(objs: list[Obj], epp_port: int, secure: bool) -> dict[str, 
     return config
 
 
-def _local_epp_args(objs: list[Obj], workdir: Path, endpoint: str) -> list[str]:
-    """The Deployment's epp flags, with the pool swapped for the simulator and files for volumes."""
+# Flags EppProcess sets itself (standalone endpoints, free loopback ports), each with its value.
+_LOCAL_FLAGS = ("--pool-name", "--pool-namespace", "--pool-group", "--grpc-port", "--grpc-health-port",
+                "--metrics-port")  # fmt: skip
+
+
+def _local_epp_args(objs: list[Obj], workdir: Path) -> list[str]:
+    """The Deployment's epp flags, with the pool left to EppProcess (the simulator as a standalone
+    endpoint) and the config volume's file written to `workdir`. EppProcess passes
+    --secure-serving=false before these: the manifest's TLS setting is appended explicitly."""
+    from epp.settings import parse_settings
+
     workload = one(objs, "Deployment", "epp")
     args = _expanded_args(objs, workload, _epp_container(objs))
-    config_text = _configmap_file(objs, workload["spec"]["template"], "/config/epp-config.yaml")
-    (workdir / "epp-config.yaml").write_text(config_text)
-    out = []
-    for arg in args:
-        flag = arg.split("=", 1)[0]
-        if flag in ("--pool-name", "--pool-namespace", "--pool-group", "--grpc-port",
-                    "--grpc-health-port", "--metrics-port"):  # fmt: skip
+    settings = parse_settings(args)
+    config_text = _configmap_file(objs, workload["spec"]["template"], str(settings.config_file))
+    (workdir / "default-plugins.yaml").write_text(config_text)
+    out: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        flag, has_value, _ = arg.partition("=")
+        if flag in _LOCAL_FLAGS:
+            if not has_value:
+                next(rest)  # `--flag value`
             continue
-        out.append(arg.replace("/config/", f"{workdir}/").replace("=/certs", f"={workdir}/certs"))
-    return out
+        out.append(arg.replace("/config/", f"{workdir}/"))
+    return [*out, f"--secure-serving={str(settings.secure_serving).lower()}"]
 
 
 @pytest.mark.parametrize("variant", ["tls", "plaintext"])
@@ -801,18 +895,15 @@ async def test_the_manifests_data_path_routes_a_request(variant: str, tmp_path: 
     if variant == "plaintext":
         components.append("plaintext")
     objs = render(write_overlay(tmp_path / "overlay", components, extra=envoyfilter_replacements()))
-    secure = "--secure-serving" in _epp_container(objs)["args"]
+    secure = "--secure-serving=false" not in _epp_container(objs)["args"]
     assert secure == (variant == "tls")
-    if secure:
-        (tmp_path / "certs").mkdir()
-        _run_cert_init_container(objs, tmp_path / "certs")
     # The simulator pod's own arguments (sped up twentyfold), on a loopback port.
     workload = one(objs, "Deployment", "sim")
     (sim_container,) = workload["spec"]["template"]["spec"]["containers"]
     (cfg,) = configs(parse_args(_expanded_args(objs, workload, sim_container)))
     sim = await start_simulator(dataclasses.replace(cfg, name="sim-0", time_factor=cfg.time_factor / 20))
     try:
-        epp_args = _local_epp_args(objs, tmp_path, sim.address)
+        epp_args = _local_epp_args(objs, tmp_path)
         async with EppProcess([sim.address], extra_args=epp_args) as epp:
             gateway = EnvoyGateway("epp", epp_grpc_port=epp.grpc_port)
             gateway.config = _envoy_bootstrap(objs, epp.grpc_port, secure)
@@ -867,7 +958,6 @@ def test_dockerfile_is_multi_stage_small_and_non_root() -> None:
     assert exposed == {"9002", "9003", "9090"}
     env = " ".join(rest for ins, rest in final if ins == "ENV")
     assert "PYTHONDONTWRITEBYTECODE=1" in env and "HOME=/tmp" in env
-    assert "openssl" in final_text, "the cert init container runs openssl from this image"
     # The manifests run the image as the same user.
     for objs in (render(OVERLAYS / "kgateway-sim"),):
         for _, template in pod_templates(objs):
@@ -896,7 +986,7 @@ def test_one_image_override_moves_epp_and_the_simulator(tmp_path: Path) -> None:
     images = "images:\n- name: epp\n  newName: registry.example.com/epp\n  newTag: 0.1.0\n"
     objs = render(write_overlay(tmp_path, ["namespace", "gateway-kgateway", "model-sim-cpu"], extra=images))
     ours = [c["image"] for _, t in pod_templates(objs) for c in containers(t) if "epp" in c["image"]]
-    assert len(ours) == 3  # the cert init container, epp, the simulator
+    assert len(ours) == 2  # epp, the simulator
     assert set(ours) == {"registry.example.com/epp:0.1.0"}
 
 
