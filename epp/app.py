@@ -84,6 +84,50 @@ def load_scheduler_config(
     return load_config(text, installed_registry(), source, timer=timer, handle=handle)
 
 
+def scrape_config(settings: Settings, loaded: LoadedConfig) -> ScrapeConfig:
+    """Where and how each model server's metrics are read. As in the Go EPP, lowest first: the
+    defaults; the --model-server-metrics-* and *-metric flags; the config's metrics data
+    source and extractor (`metrics-data-source` / `core-metrics-extractor` parameters, as
+    the config's data layer wires them). Raises ConfigError for an unusable combination."""
+    from epp.datalayer.model_server_metrics import MetricOverrides
+
+    s = settings
+    flags = ScrapeConfig(
+        path=s.model_server_metrics_path,
+        scheme=s.model_server_metrics_scheme,
+        port=s.model_server_metrics_port,
+        https_insecure_skip_verify=s.model_server_metrics_https_insecure_skip_verify,
+    )
+    overrides = MetricOverrides(
+        waiting=s.total_queued_requests_metric,
+        running=s.total_running_requests_metric,
+        kv_usage=s.kv_cache_usage_percentage_metric,
+        lora_info=s.lora_info_metric,
+        cache_info=s.cache_info_metric,
+    )
+    layer = loaded.data_layer
+    try:
+        return flags.with_source(layer.source, layer.extractor, overrides)
+    except ValueError as exc:
+        raise ConfigError(f"model-server metrics: {exc}") from None
+
+
+def check_startup(settings: Settings, loaded: LoadedConfig) -> list[str]:
+    """What starting epp would check besides the config, offline, for `--check-config`: the
+    model-server metrics (flags and data source), and with TLS the minimum version, the cipher
+    suites and --cert-path's files. Raises ConfigError for what would stop epp; returns warnings."""
+    from epp.tls import check_min_version, cipher_suites, load_key_pair
+
+    scrape_config(settings, loaded)
+    if not settings.secure_serving:
+        return []
+    warnings = check_min_version(settings.tls_min_version)
+    warnings += cipher_suites(settings.tls_cipher_suites).warnings
+    if settings.cert_path is not None:
+        load_key_pair(settings.cert_path)
+    return warnings
+
+
 @dataclass
 class BoundPorts:
     grpc: int
@@ -142,31 +186,7 @@ class App:
         self.ports: BoundPorts | None = None
 
     def _scrape_config(self) -> ScrapeConfig:
-        """Where and how each model server's metrics are read. As in the Go EPP, lowest first: the
-        defaults; the --model-server-metrics-* and *-metric flags; the config's metrics data
-        source and extractor (`metrics-data-source` / `core-metrics-extractor` parameters, as
-        the config's data layer wires them). Raises ConfigError for an unusable combination."""
-        from epp.datalayer.model_server_metrics import MetricOverrides
-
-        s = self.settings
-        flags = ScrapeConfig(
-            path=s.model_server_metrics_path,
-            scheme=s.model_server_metrics_scheme,
-            port=s.model_server_metrics_port,
-            https_insecure_skip_verify=s.model_server_metrics_https_insecure_skip_verify,
-        )
-        overrides = MetricOverrides(
-            waiting=s.total_queued_requests_metric,
-            running=s.total_running_requests_metric,
-            kv_usage=s.kv_cache_usage_percentage_metric,
-            lora_info=s.lora_info_metric,
-            cache_info=s.cache_info_metric,
-        )
-        layer = self.config.data_layer
-        try:
-            return flags.with_source(layer.source, layer.extractor, overrides)
-        except ValueError as exc:
-            raise ConfigError(f"model-server metrics: {exc}") from None
+        return scrape_config(self.settings, self.config)
 
     def _build_kubernetes(self) -> tuple[KubernetesDiscovery, LeaderElector | None]:
         # Imported here: kubernetes-asyncio takes about a second to import, which only

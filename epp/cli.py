@@ -46,16 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     from epp.tls import export_cipher_suites  # gRPC reads its cipher list once, when first imported:
 
     export_cipher_suites(settings.tls_cipher_suites, enabled=settings.secure_serving)  # before epp.app
-    from epp.app import App, load_scheduler_config, serve
+    from epp.app import App, check_startup, load_scheduler_config, serve
 
     if settings.check_config:
         logging.getLogger("epp.scheduling.loader").setLevel(logging.ERROR)  # warnings are printed below, once
         try:
             loaded = load_scheduler_config(settings)
+            startup_warnings = check_startup(settings, loaded)
         except ConfigError as exc:
             report.error("invalid config", exc)
             return 1
-        for warning in loaded.warnings:
+        for warning in [*loaded.warnings, *startup_warnings]:
             report.warning(warning)
         print("config is valid")
         return 0

@@ -201,7 +201,10 @@ _NO_MEANING = {
     "--enable-pprof": "no pprof in a Python process (use py-spy)",
     "--refresh-prometheus-metrics-interval": "epp's pool gauges refresh every second and on change",
     "--allow-experimental-plugins": "epp has no experimental-only plugins",
+    "--health-checking": "epp always serves gRPC health, on the health port and the ext_proc port",
 }
+# Their value types, as pflag reads them (a boolean never takes the next argument).
+_NO_MEANING_DURATIONS = {"--refresh-prometheus-metrics-interval"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,7 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--grpc-max-send-msg-size", type=parse_size, help="largest gRPC message sent (e.g. 10MiB)"
     )
-    _bool_flag(srv, "--health-checking", False, "accepted for the Go EPP (epp always serves gRPC health)")
     route = p.add_argument_group("Routing")
     _bool_flag(route, "--disable-endpoint-subset-filter", False, "ignore Envoy's endpoint subset hint")
     _bool_flag(
@@ -368,7 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["epoch", "millis", "nano", "iso8601", "rfc3339", "rfc3339nano"],
     )
     for flag, why in _NO_MEANING.items():
-        p.add_argument(flag, default=None, nargs="?", const="true", help=f"accepted, no effect: {why}")
+        if flag in _NO_MEANING_DURATIONS:
+            p.add_argument(flag, type=parse_duration, default=None, help=f"accepted, no effect: {why}")
+        else:  # a pflag boolean; None = not given
+            p.add_argument(
+                flag,
+                type=parse_go_bool,
+                nargs="?",
+                const=True,
+                default=None,
+                metavar="BOOL",
+                help=f"accepted, no effect: {why}",
+            )
     p.add_argument(
         "--check-config",
         action="store_true",
@@ -474,7 +487,9 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         parser.error('"metrics-client-ca-file" requires "metrics-cert-dir"')
     ciphers = tuple(c.strip() for c in args.tls_cipher_suites.split(",") if c.strip())
     ignored = tuple(
-        (flag, why) for flag, why in _NO_MEANING.items() if getattr(args, flag[2:].replace("-", "_"))
+        (flag, why)
+        for flag, why in _NO_MEANING.items()
+        if getattr(args, flag[2:].replace("-", "_")) is not None
     )
     return Settings(
         grpc_port=args.grpc_port,
@@ -507,7 +522,7 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         enable_cert_reload=args.enable_cert_reload,
         tls_min_version=args.tls_min_version,
         tls_cipher_suites=ciphers,
-        health_checking=args.health_checking,
+        health_checking=bool(args.health_checking),
         disable_endpoint_subset_filter=args.disable_endpoint_subset_filter,
         emit_endpoint_scores=args.emit_endpoint_scores,
         total_queued_requests_metric=args.total_queued_requests_metric,
