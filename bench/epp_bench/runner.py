@@ -1,18 +1,14 @@
 """Run one workload once per routing policy, each on fresh simulators, and compare.
 
 Per policy: start N simulators (one subprocess), the policy's router (Envoy + epp, Envoy alone,
-or vllm-router), send the workload through it, read the simulators' own prefix-cache counters,
-stop everything. All processes bind 127.0.0.1 on free ports.
+or a peer router: peers.py), send the workload through it, read the simulators' own prefix-cache
+counters, stop everything. All processes bind 127.0.0.1 on free ports.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import shutil
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +17,9 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from epp_bench.gateway import (
-    REPO_ROOT,
-    EnvoyGateway,
-    EppProcess,
-    GatewayError,
-    announcing_process,
-    free_port,
-    terminate,
-)
+from epp_bench.gateway import EnvoyGateway, EppProcess, announcing_process
 from epp_bench.load import LoadResult, run_load
+from epp_bench.peers import PEERS, peer_router
 from epp_bench.workloads import Workload, oracle_hit_rate
 
 LOAD_ONLY_CONFIG = """\
@@ -64,7 +53,7 @@ EPP_POLICIES: dict[str, str | None] = {
     "epp-prefix-only": PREFIX_ONLY_CONFIG,
 }
 BASELINE_POLICIES = ("round-robin", "vllm-router")
-ALL_POLICIES = ("round-robin", "epp", "epp-load-only", "epp-prefix-only", "vllm-router")
+ALL_POLICIES = ("round-robin", "epp", "epp-load-only", "epp-prefix-only", *PEERS)
 
 
 @dataclass
@@ -88,17 +77,6 @@ class BenchConfig:
     epp_args: Sequence[str] = ()
 
 
-def tools_bin(name: str) -> Path:
-    """A binary from .venv-tools (vllm-router), or PATH."""
-    candidate = REPO_ROOT / ".venv-tools" / "bin" / name
-    if candidate.exists():
-        return candidate
-    found = shutil.which(name)
-    if found is None:
-        raise GatewayError(f"{name} not found: run `make tools`")
-    return Path(found)
-
-
 @contextlib.asynccontextmanager
 async def simulators(count: int, model: str, extra: Sequence[str]) -> AsyncIterator[list[str]]:
     """N simulators in one subprocess; yields their host:port addresses."""
@@ -119,46 +97,14 @@ async def simulators(count: int, model: str, extra: Sequence[str]) -> AsyncItera
 
 
 @contextlib.asynccontextmanager
-async def vllm_router(backends: Sequence[str]) -> AsyncIterator[str]:
-    """The peer router with its cache-aware policy over the same simulators; yields its base URL."""
-    port = free_port()
-    log = open(os.devnull, "wb")  # noqa: SIM115 (closed below)
-    proc = await asyncio.create_subprocess_exec(
-        str(tools_bin("vllm-router")), "--host", "127.0.0.1", "--port", str(port),
-        "--worker-urls", *[f"http://{b}" for b in backends], "--policy", "cache_aware",
-        "--prometheus-port", str(free_port()), "--prometheus-host", "127.0.0.1", "--log-level", "warning",
-        "--worker-startup-timeout-secs", "30",
-        stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-            while True:
-                if proc.returncode is not None:
-                    raise GatewayError("vllm-router exited during start-up")
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with session.get(f"{url}/v1/models") as resp:
-                        if resp.status == 200:
-                            break
-                if time.monotonic() > deadline:
-                    raise GatewayError("vllm-router did not become ready in 60 s")
-                await asyncio.sleep(0.2)
-        yield url
-    finally:
-        await terminate(proc, 10)
-        log.close()
-
-
-@contextlib.asynccontextmanager
 async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> AsyncIterator[str]:
     """Start the policy's routing path in front of the backends; yields the URL clients use."""
     if policy == "round-robin":
         async with EnvoyGateway("round-robin", backends=backends) as gw:
             yield gw.url
         return
-    if policy == "vllm-router":
-        async with vllm_router(backends) as url:
+    if policy in PEERS:
+        async with peer_router(PEERS[policy], backends) as url:
             yield url
         return
     if policy in cfg.custom_configs:

@@ -57,6 +57,9 @@ class SimConfig:
     # If the loop falls this far (real seconds) behind its schedule (CPU starved), it stops trying
     # to catch up and restarts its clock; `stats.lag_resets` counts it so a bench can flag the run.
     max_lag_s: float = 0.25
+    # What GET /version reports (vLLM answers its own release there). Not a vLLM release by default:
+    # the simulator follows vLLM's current HTTP surface, not one version of it.
+    vllm_version: str = "0.0.0+sim"
 
     def validate(self) -> None:
         positive = {

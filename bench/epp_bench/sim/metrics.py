@@ -75,6 +75,18 @@ class _EngineCollector(Collector):
         yield counter(
             "vllm:prefix_cache_hits", "Prefix cache hits, in cached tokens.", stats.prefix_cache_hits
         )
+        # The names vLLM used for the same two counters before it dropped the `gpu_` prefix
+        # (still read by older dashboards and routers); same values, in tokens.
+        yield counter(
+            "vllm:gpu_prefix_cache_queries",
+            "GPU prefix cache queries, in terms of number of queried tokens.",
+            stats.prefix_cache_queries,
+        )
+        yield counter(
+            "vllm:gpu_prefix_cache_hits",
+            "GPU prefix cache hits, in terms of number of cached tokens.",
+            stats.prefix_cache_hits,
+        )
         yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prompt_tokens)
         yield counter(
             "vllm:generation_tokens", "Number of generation tokens processed.", stats.generation_tokens

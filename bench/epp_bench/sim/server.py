@@ -1,5 +1,14 @@
 """The HTTP face of one simulated instance: vLLM's OpenAI endpoints, /metrics, /health.
 
+Beside generation (`/v1/completions`, `/v1/chat/completions`) it serves the rest of vLLM's HTTP
+surface that routers and tools call, in vLLM's request and response shapes: `/tokenize` and
+`/detokenize`, `/v1/completions/render` and `/v1/chat/completions/render` (the prompt as vLLM would
+hand it to its engine: a `GenerateRequest` with `token_ids` and `sampling_params`), `/v1/models`,
+`/version`, `/ping`, `/health`, `/metrics` and `/reset_prefix_cache`. Token ids come from the
+simulator's tokenizer (tokenizer.py: 4 bytes a token, prefix-consistent), chat messages go through
+its chat template (text.chat_prompt); both are the ones generation uses, so a rendered or tokenized
+prompt has exactly the token count, and shares exactly the prefixes, that the KV cache sees.
+
 Every response names the instance in `x-served-by`. Streaming answers are SSE `data:` lines, one
 token per event, several events per write when tokens arrived together, then an optional usage chunk
 and `data: [DONE]`. A client that disconnects aborts its request (its slot and blocks are freed).
@@ -12,25 +21,34 @@ by the role that cannot do it.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
+import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from epp_bench.sim.config import SimConfig
 from epp_bench.sim.engine import Engine, QueueFull, RequestTooLarge, SimRequest, SimStats
 from epp_bench.sim.metrics import SimMetrics
-from epp_bench.sim.text import WORD_JSON, WORDS, answer_text, chat_prompt, token_ids_text
+from epp_bench.sim.text import WORD_JSON, WORDS, answer_text, chat_prompt
+from epp_bench.sim.tokenizer import decode, encode, ids_prompt, token_strings
 
 SERVED_BY = "x-served-by"
 DONE = b"data: [DONE]\n\n"
+MAX_TOKEN_ID = 2**63 - 1  # vLLM's DetokenizeRequest bound
 
 
 class BadRequest(ValueError):
+    pass
+
+
+class ModelNotFound(LookupError):
     pass
 
 
@@ -39,36 +57,99 @@ def error_response(status: int, message: str, kind: str) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+def json_response(payload: object) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
 def completion_prompt(body: Mapping[str, Any]) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-        return token_ids_text(prompt)
+    if is_token_ids(prompt):
+        return ids_prompt(prompt)
     raise BadRequest("prompt must be a string or a list of token ids (batches of several are not supported)")
 
 
+def is_token_ids(value: object) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+def completion_token_ids(body: Mapping[str, Any]) -> list[list[int]]:
+    """Each prompt of a completion request as token ids (/v1/completions/render): a string, a list of
+    ids, or a batch of either."""
+    prompt = body.get("prompt")
+    prompts: list[Any] = [prompt] if isinstance(prompt, str) or is_token_ids(prompt) else []
+    if isinstance(prompt, list) and not prompts:
+        prompts = prompt
+    if not prompts or not all(isinstance(p, str) or is_token_ids(p) for p in prompts):
+        raise BadRequest("prompt must be a string, a list of token ids, or a list of either")
+    rendered = [encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    if not all(rendered):
+        raise BadRequest("No token_ids rendered")
+    return rendered
+
+
 def chat_messages_prompt(body: Mapping[str, Any]) -> str:
+    """The prompt text of chat messages through the simulator's chat template, with vLLM's
+    `add_generation_prompt` (default true) and `continue_final_message` (default false). A
+    request's own `chat_template` / `chat_template_kwargs` are accepted and not applied: the
+    simulator has one template."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise BadRequest("messages must be a non-empty list of message objects")
+    add_generation_prompt = body.get("add_generation_prompt", True)
+    continue_final_message = body.get("continue_final_message", False)
+    if not isinstance(add_generation_prompt, bool) or not isinstance(continue_final_message, bool):
+        raise BadRequest("add_generation_prompt and continue_final_message must be booleans")
+    if add_generation_prompt and continue_final_message and "add_generation_prompt" in body:
+        raise BadRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
     try:
-        return chat_prompt(messages)
+        return chat_prompt(messages, add_generation_prompt, continue_final_message)
     except ValueError as exc:
         raise BadRequest(str(exc)) from exc
 
 
-def requested_max_tokens(body: Mapping[str, Any], default: int) -> int:
+def requested_max_tokens(body: Mapping[str, Any]) -> int | None:
+    """`max_completion_tokens`, else `max_tokens`, else None (validated: a positive integer)."""
     value = body.get("max_completion_tokens")
     if value is None:
         value = body.get("max_tokens")
     if value is None:
-        return default
+        return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise BadRequest("max_tokens must be a positive integer")
     return value
+
+
+def sampling_params(body: Mapping[str, Any], max_tokens: int) -> dict[str, Any]:
+    """vLLM's SamplingParams of a request, as its render endpoints serialize them (the fields a
+    request sets, vLLM's defaults for the rest)."""
+    stop = body.get("stop")
+    stop_list = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, list) else []
+    logprobs = body.get("top_logprobs") if body.get("logprobs") is True else body.get("logprobs")
+    return {
+        "n": body.get("n", 1),
+        "presence_penalty": body.get("presence_penalty") or 0.0,
+        "frequency_penalty": body.get("frequency_penalty") or 0.0,
+        "repetition_penalty": body.get("repetition_penalty") or 1.0,
+        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
+        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+        "top_k": body.get("top_k") or 0,
+        "min_p": body.get("min_p") or 0.0,
+        "seed": body.get("seed"),
+        "stop": stop_list,
+        "stop_token_ids": body.get("stop_token_ids") or [],
+        "ignore_eos": bool(body.get("ignore_eos", False)),
+        "max_tokens": max_tokens,
+        "min_tokens": body.get("min_tokens") or 0,
+        "logprobs": logprobs if isinstance(logprobs, int) and not isinstance(logprobs, bool) else None,
+        "prompt_logprobs": body.get("prompt_logprobs"),
+        "skip_special_tokens": body.get("skip_special_tokens", True),
+        "spaces_between_special_tokens": body.get("spaces_between_special_tokens", True),
+        "include_stop_str_in_output": bool(body.get("include_stop_str_in_output", False)),
+    }
 
 
 def kv_transfer_flags(body: Mapping[str, Any], role: str) -> tuple[bool, bool]:
@@ -97,6 +178,25 @@ def usage(req: SimRequest) -> dict[str, Any]:
         "total_tokens": req.prompt_tokens + req.generated,
         "prompt_tokens_details": {"cached_tokens": req.cached_tokens},
     }
+
+
+class _QuietMalformedRequests(logging.Filter):
+    """aiohttp logs a full traceback for every request it cannot parse. sglang-router probes each
+    worker for gRPC (an HTTP/2 connection preface) before it settles on HTTP; this keeps those
+    probes to one line each instead of filling the simulator's stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = str(exc.message).strip().split("\n", 1)[0][:120]
+            record.msg, record.args = "%s (malformed HTTP request: %s)", (record.getMessage(), reason)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_SERVER_LOG = logging.getLogger("aiohttp.server")
+if not any(isinstance(f, _QuietMalformedRequests) for f in _SERVER_LOG.filters):
+    _SERVER_LOG.addFilter(_QuietMalformedRequests())
 
 
 async def listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
@@ -149,6 +249,11 @@ class Simulator:
     def url(self) -> str:
         return f"http://{self.address}"
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt + output the KV cache can hold, in tokens (`/v1/models`, `/tokenize`)."""
+        return self.cfg.kv_cache_blocks * 16
+
     def reset_prefix_cache(self) -> int:
         return self.engine.reset_prefix_cache()
 
@@ -161,6 +266,13 @@ class Simulator:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/reset_prefix_cache", self._reset_prefix_cache)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
+        app.router.add_post("/v1/completions/render", self._render_completion)
+        app.router.add_post("/v1/chat/completions/render", self._render_chat)
+        app.router.add_get("/version", self._version)
+        app.router.add_get("/ping", self._health)  # vLLM (SageMaker's probe): GET and POST, 200
+        app.router.add_post("/ping", self._health)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -196,7 +308,7 @@ class Simulator:
             "owned_by": "vllm",
             "root": self.cfg.model,
             "parent": None,
-            "max_model_len": self.cfg.kv_cache_blocks * 16,
+            "max_model_len": self.max_model_len,
         }
         return web.Response(
             body=orjson.dumps({"object": "list", "data": [model]}), content_type="application/json"
@@ -205,6 +317,118 @@ class Simulator:
     async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
         self.engine.reset_prefix_cache()
         return web.Response(status=200)
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return json_response({"version": self.cfg.vllm_version})
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        """The request's JSON object; raises BadRequest, or ModelNotFound for another model (vLLM
+        takes a missing `model` as the served one)."""
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            raise BadRequest("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.cfg.model:
+            raise ModelNotFound(f"The model `{model}` does not exist.")
+        return body
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's TokenizeRequest: `{"prompt": str}` or `{"messages": [...], "add_generation_prompt"}`
+        -> `{"count", "max_model_len", "tokens", "token_strs"}`."""
+        try:
+            body = await self._json_body(request)
+            if "messages" in body:
+                text = chat_messages_prompt(body)
+            elif isinstance(body.get("prompt"), str):
+                text = body["prompt"]
+            else:
+                raise BadRequest("a tokenize request needs `prompt` (a string) or `messages`")
+        except ModelNotFound as exc:
+            return error_response(404, str(exc), "NotFoundError")
+        except BadRequest as exc:
+            return error_response(400, str(exc), "BadRequestError")
+        ids = encode(text)
+        return json_response(
+            {
+                "count": len(ids),
+                "max_model_len": self.max_model_len,
+                "tokens": ids,
+                "token_strs": token_strings(ids) if body.get("return_token_strs") else None,
+            }
+        )
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's DetokenizeRequest: `{"tokens": [int]}` -> `{"prompt": str}`."""
+        try:
+            body = await self._json_body(request)
+            tokens = body.get("tokens")
+            if not isinstance(tokens, list) or not all(
+                type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in tokens
+            ):
+                raise BadRequest("tokens must be a list of non-negative integers")
+        except ModelNotFound as exc:
+            return error_response(404, str(exc), "NotFoundError")
+        except BadRequest as exc:
+            return error_response(400, str(exc), "BadRequestError")
+        return json_response({"prompt": decode(tokens)})
+
+    def _generate_request(
+        self, body: Mapping[str, Any], token_ids: list[int], chat: bool, max_tokens: int | None
+    ) -> dict[str, Any]:
+        """One vLLM GenerateRequest (what the render endpoints return): the prompt's token ids and
+        the sampling params the server would run it with. max_tokens defaults to the simulator's
+        default (as generation does) and is capped at what is left of max_model_len."""
+        room = self.max_model_len - len(token_ids)
+        if room <= 0:
+            raise BadRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"request has {len(token_ids)} input tokens."
+            )
+        limit = min(max_tokens if max_tokens is not None else self.cfg.default_max_tokens, room)
+        stream = bool(body.get("stream"))
+        return {
+            "request_id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "token_ids": token_ids,
+            "features": None,
+            "sampling_params": sampling_params(body, limit),
+            "model": body.get("model"),
+            "stream": stream,
+            "stream_options": body.get("stream_options") if stream else None,
+            "cache_salt": body.get("cache_salt"),
+            "priority": body.get("priority", 0),
+            "kv_transfer_params": None,
+        }
+
+    async def _render_completion(self, request: web.Request) -> web.Response:
+        """vLLM's /v1/completions/render: a CompletionRequest -> a list of GenerateRequest, one per
+        prompt."""
+        try:
+            body = await self._json_body(request)
+            max_tokens = requested_max_tokens(body)
+            rendered = [
+                self._generate_request(body, ids, False, max_tokens) for ids in completion_token_ids(body)
+            ]
+        except ModelNotFound as exc:
+            return error_response(404, str(exc), "NotFoundError")
+        except BadRequest as exc:
+            return error_response(400, str(exc), "BadRequestError")
+        return json_response(rendered)
+
+    async def _render_chat(self, request: web.Request) -> web.Response:
+        """vLLM's /v1/chat/completions/render: a ChatCompletionRequest -> one GenerateRequest, the
+        messages through the chat template."""
+        try:
+            body = await self._json_body(request)
+            max_tokens = requested_max_tokens(body)
+            rendered = self._generate_request(body, encode(chat_messages_prompt(body)), True, max_tokens)
+        except ModelNotFound as exc:
+            return error_response(404, str(exc), "NotFoundError")
+        except BadRequest as exc:
+            return error_response(400, str(exc), "BadRequestError")
+        return json_response(rendered)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -224,7 +448,7 @@ class Simulator:
             return error_response(404, f"The model `{model}` does not exist.", "NotFoundError")
         try:
             prompt = chat_messages_prompt(body) if chat else completion_prompt(body)
-            max_tokens = requested_max_tokens(body, self.cfg.default_max_tokens)
+            max_tokens = requested_max_tokens(body) or self.cfg.default_max_tokens
             remote_prefill, remote_decode = kv_transfer_flags(body, self.cfg.role)
         except BadRequest as exc:
             return error_response(400, str(exc), "BadRequestError")

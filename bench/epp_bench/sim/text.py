@@ -30,13 +30,26 @@ def count_tokens(data: bytes) -> int:
     return -(-len(data) // CHARS_PER_TOKEN)
 
 
-def chat_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
-    """A deterministic chat template: `<|role|>\\ncontent\\n` per message, then the generation prompt.
-    An earlier turn's prompt plus its answer is therefore a prefix of the next turn's prompt."""
+GENERATION_PROMPT = "<|assistant|>\n"
+
+
+def chat_prompt(
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> str:
+    """The simulator's chat template: `<|role|>\\ncontent\\n` per message, then the generation prompt
+    `<|assistant|>\\n` (vLLM's `add_generation_prompt`, default true). An earlier turn's prompt plus
+    its answer is therefore a prefix of the next turn's prompt. `continue_final_message` leaves the
+    last message open (no newline after it, no generation prompt), as vLLM's option does."""
     parts: list[str] = []
     for message in messages:
         parts.append(f"<|{message.get('role', 'user')}|>\n{message_text(message.get('content'))}\n")
-    parts.append("<|assistant|>\n")
+    if continue_final_message:
+        if parts:
+            parts[-1] = parts[-1][:-1]
+    elif add_generation_prompt:
+        parts.append(GENERATION_PROMPT)
     return "".join(parts)
 
 
@@ -51,11 +64,6 @@ def message_text(content: object) -> str:
         )
         return "".join(str(t) for t in texts)
     raise ValueError("message content must be a string or a list of content parts")
-
-
-def token_ids_text(ids: Sequence[int]) -> str:
-    """A prompt given as token ids becomes 4 characters per id, so counts and hashes stay stable."""
-    return "".join(f"{i & 0xFFFF:04x}" for i in ids)
 
 
 def model_seed(model: str) -> bytes:
