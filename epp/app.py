@@ -9,6 +9,11 @@ Serving, as the Go EPP serves (docs/configuration.md, "Serving"):
   NOT_SERVING at once, the leader Lease is released, the ext_proc server refuses new streams
   and gives those in flight up to --drain-timeout to finish; then everything stops. A second
   SIGTERM or SIGINT cuts the drain short.
+
+Every background task (the scrapers' pollers, the endpoints-file watcher, the Kubernetes
+reflectors, the leader elector, the metrics certificate watcher, housekeeping) runs under one
+`epp.supervision.Supervisor`: an exception is logged with the task's name, counted in
+`epp_background_task_restarts_total{task}`, and the task restarted after a capped backoff.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from grpc_health.v1 import health_pb2_grpc
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.scraper import ScrapeConfig, Scraper
 from epp.discovery.static import StaticDiscovery, parse_endpoints_flag
-from epp.extproc.handler import ExtProcService
+from epp.extproc.handler import ExtProcService, StreamLimits
 from epp.framework import ConfigError, InFlightLedger, PluginHandle
 from epp.framework.registry import installed_registry
 from epp.health import Health
@@ -36,6 +41,7 @@ from epp.observability import EppMetrics
 from epp.requestcontrol.director import Director
 from epp.scheduling.loader import DEFAULT_CONFIG, LoadedConfig, load_config
 from epp.settings import Settings
+from epp.supervision import Supervisor, use_supervisor
 from epp.tls import ServingTls, serving_tls
 from epp.tracing import build_tracer
 
@@ -141,6 +147,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = EppMetrics()
+        self.supervisor = Supervisor(self.metrics.registry)
         self.ledger = InFlightLedger()
         self.config = load_scheduler_config(settings, self.metrics, self.ledger)
         self.datastore = Datastore()
@@ -161,6 +168,8 @@ class App:
             settings.refresh_metrics_interval_s,
             self._scrape_config(),
             on_error=self.metrics.count_scrape_error,
+            max_bytes=settings.model_server_metrics_max_bytes,
+            supervisor=self.supervisor,
         )
         # Pods come and go (a restart is a new IP): drop a departed endpoint's series.
         self.datastore.subscribe(lambda ep: None, self.metrics.forget_endpoint)
@@ -174,7 +183,9 @@ class App:
             self.discovery = self.kubernetes
         else:
             fixed = parse_endpoints_flag(settings.endpoints) if settings.endpoints else []
-            self.discovery = StaticDiscovery(self.datastore, fixed, settings.endpoints_file)
+            self.discovery = StaticDiscovery(
+                self.datastore, fixed, settings.endpoints_file, supervisor=self.supervisor
+            )
         self.health = Health(leader_election=self.leader is not None)
         self.tls: ServingTls | None = self._serving_tls()
         self.metrics_server = self._metrics_server()
@@ -228,7 +239,9 @@ class App:
         if not s.ha_enable_leader_election:
             return discovery, None
         timing = LeaseTiming(s.ha_lease_duration_s, s.ha_renew_deadline_s, s.ha_retry_period_s)
-        leader = LeaderElector(client, s.pool_namespace, lease, identity, timing, self._status_changed.set)
+        leader = LeaderElector(
+            client, s.pool_namespace, lease, identity, timing, self._status_changed.set, self.supervisor
+        )
         return discovery, leader
 
     def _serving_tls(self) -> ServingTls | None:
@@ -288,7 +301,14 @@ class App:
                     "metrics endpoint auth is off: epp runs outside Kubernetes (standalone endpoints), "
                     "so there is no API server to review bearer tokens; /metrics is open"
                 )
-        return MetricsServer(self.metrics.registry, s.bind_address, s.metrics_port, auth=auth, tls=tls)
+        return MetricsServer(
+            self.metrics.registry,
+            s.bind_address,
+            s.metrics_port,
+            auth=auth,
+            tls=tls,
+            supervisor=self.supervisor,
+        )
 
     def _bind(self, server: grpc.aio.Server, port: int, creds: grpc.ServerCredentials | None) -> int:
         address = f"{self.settings.bind_address}:{port}"
@@ -303,7 +323,8 @@ class App:
         self.health.set_ready(False)
 
         ext_proc = grpc.aio.server(options=ext_proc_grpc_options(self.settings))
-        ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExtProcService(self.director), ext_proc)
+        service = ExtProcService(self.director, StreamLimits.from_settings(self.settings))
+        ext_proc_grpc.add_ExternalProcessorServicer_to_server(service, ext_proc)
         # Health on the ext_proc port too: Envoy's gRPC health checks of the cluster ask there.
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, ext_proc)
         grpc_port = self._bind(ext_proc, self.settings.grpc_port, self.tls.credentials if self.tls else None)
@@ -320,11 +341,13 @@ class App:
         self._ext_proc = ext_proc
         await health_server.start()
         self._health_server = health_server
-        await self.scraper.start()
-        self.discovery.start()
-        if self.leader is not None:
-            self.leader.start()
-        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+        # Tasks started in here (the Kubernetes reflectors among them) run under our supervisor.
+        with use_supervisor(self.supervisor):
+            await self.scraper.start()
+            self.discovery.start()
+            if self.leader is not None:
+                self.leader.start()
+            self._housekeeping = self.supervisor.spawn("housekeeping", self._housekeep)
         await self._refresh_status()
         self.ports = BoundPorts(grpc_port, health_port, metrics_port)
         log.info(
@@ -373,10 +396,7 @@ class App:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._status_changed.wait(), 1.0)
             self._status_changed.clear()
-            try:
-                await self._refresh_status()
-            except Exception:
-                log.exception("housekeeping failed")
+            await self._refresh_status()
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Drain, then stop everything (see the module's docstring). In-flight ext_proc streams

@@ -87,6 +87,12 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
+# What one byte of request body costs in memory while its stream lasts (measured in
+# epp.extproc.handler's terms: the chunks joined once, the parsed JSON, the prompt text and its
+# UTF-8 form): --request-body-memory-budget counts this many bytes per body byte.
+REQUEST_BODY_MEMORY_FACTOR = 5
+
+
 def _port(text: str) -> int:
     try:
         return port_number(text, allow_zero=True)
@@ -171,6 +177,13 @@ class Settings:
     kube_backoff_initial_s: float = 0.2
     kube_backoff_max_s: float = 10.0
     kube_watch_timeout_s: float = 300.0
+    # --- ext_proc request-path limits (epp.extproc.handler; docs/architecture.md "Reliability") ----
+    max_request_body_size: int = 64 * 1024 * 1024  # one request's body, else 413
+    request_body_memory_budget: int = 320 * 1024 * 1024  # all streams' bodies' memory, else 429
+    max_extproc_streams: int = 10_000  # open ext_proc streams, else 429 at once
+    extproc_stream_idle_timeout_s: float = 300.0  # no message for this long ends a stream; 0: never
+    # --- model-server scrapes (epp.datalayer.scraper) ---------------------------------------------
+    model_server_metrics_max_bytes: int = 16 * 1024 * 1024  # a larger /metrics page is an error
 
     @property
     def uses_kubernetes(self) -> bool:
@@ -387,6 +400,39 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the config and exit 0 (valid) or 1 (invalid) without serving",
     )
+    lim = p.add_argument_group("Request-path limits")
+    lim.add_argument(
+        "--max-request-body-size",
+        type=parse_size,
+        default=64 * 1024 * 1024,
+        help="largest request body epp buffers; a larger one is refused with a 413 (default 64MiB)",
+    )
+    lim.add_argument(
+        "--request-body-memory-budget",
+        type=parse_size,
+        default=320 * 1024 * 1024,
+        help=f"memory all streams' request bodies may take together ({REQUEST_BODY_MEMORY_FACTOR} "
+        "bytes a body byte); a body that does not fit now is refused with a 429 (default 320MiB)",
+    )
+    lim.add_argument(
+        "--max-extproc-streams",
+        type=int,
+        default=10_000,
+        help="ext_proc streams open at once; one more is answered with a 429 (default 10000)",
+    )
+    lim.add_argument(
+        "--extproc-stream-idle-timeout",
+        type=parse_duration,
+        default=300.0,
+        help="an ext_proc stream with no message for this long ends and is freed; 0: never (default 5m)",
+    )
+    p.add_argument(
+        "--model-server-metrics-max-bytes",
+        type=parse_size,
+        default=16 * 1024 * 1024,
+        help="largest model-server /metrics page read; a larger one is a failed poll, and that server "
+        "is polled less often until its page fits (default 16MiB)",
+    )
     return p
 
 
@@ -486,6 +532,18 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     if args.metrics_client_ca_file is not None and args.metrics_cert_dir is None:
         parser.error('"metrics-client-ca-file" requires "metrics-cert-dir"')
     ciphers = tuple(c.strip() for c in args.tls_cipher_suites.split(",") if c.strip())
+    if args.max_request_body_size <= 0:
+        parser.error("--max-request-body-size must be positive")
+    if args.request_body_memory_budget < REQUEST_BODY_MEMORY_FACTOR * args.max_request_body_size:
+        parser.error(
+            "--request-body-memory-budget must hold one body of --max-request-body-size: at least "
+            f"{REQUEST_BODY_MEMORY_FACTOR} x --max-request-body-size (a body byte costs "
+            f"{REQUEST_BODY_MEMORY_FACTOR} bytes of memory)"
+        )
+    if args.max_extproc_streams <= 0:
+        parser.error("--max-extproc-streams must be positive")
+    if args.model_server_metrics_max_bytes <= 0:
+        parser.error("--model-server-metrics-max-bytes must be positive")
     ignored = tuple(
         (flag, why)
         for flag, why in _NO_MEANING.items()
@@ -543,4 +601,9 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         namespace_env=env.get("NAMESPACE") or None,
         pod_name_env=env.get("POD_NAME") or None,
         ignored_flags=ignored,
+        max_request_body_size=args.max_request_body_size,
+        request_body_memory_budget=args.request_body_memory_budget,
+        max_extproc_streams=args.max_extproc_streams,
+        extproc_stream_idle_timeout_s=args.extproc_stream_idle_timeout,
+        model_server_metrics_max_bytes=args.model_server_metrics_max_bytes,
     )

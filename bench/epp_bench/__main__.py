@@ -6,6 +6,8 @@ Examples:
     python -m epp_bench run --policy round-robin --policy epp --simulators 4 --rate 8 --out results.json
     python -m epp_bench run --policy epp --policy mine=my-config.yaml     # your config against the default
     python -m epp_bench run --workload multi-turn --users 16 --rounds 5 --rate 2
+    python -m epp_bench demo --ladder 8,14,20 --plot ladder.png   # quality against load
+    python -m epp_bench soak --duration 10m        # lost requests, epp's RSS growth, p99 (epp_bench.soak)
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from epp_bench.report import plot, table
-from epp_bench.runner import ALL_POLICIES, BenchConfig, run_bench
+from epp_bench import soak
+from epp_bench.report import ladder_plot, ladder_tables, plot, table
+from epp_bench.runner import ALL_POLICIES, BenchConfig, run_bench, run_ladder
 from epp_bench.workloads import Arrivals, MultiTurn, SharedPrefix, Workload
 
 
@@ -40,7 +43,17 @@ def demo_config() -> BenchConfig:
     )
 
 
-def _ladder(text: str) -> tuple[tuple[float, float], ...]:
+def _ladder(text: str) -> list[float] | tuple[tuple[float, float], ...]:
+    """RATE,RATE,...: a load ladder (the whole run once per rate), a list; RATE:SECONDS,...:
+    arrival stages within one run, a tuple of (rate, seconds)."""
+    if ":" not in text:
+        try:
+            rates = [float(r) for r in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError("--ladder takes RATE,RATE,... or RATE:SECONDS,...") from None
+        if not rates or any(r <= 0 for r in rates):
+            raise argparse.ArgumentTypeError("--ladder rates must be positive")
+        return rates
     try:
         stages = tuple((float(r), float(s)) for r, s in (part.split(":") for part in text.split(",")))
     except ValueError:
@@ -57,10 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a workload once per policy")
     demo = sub.add_parser("demo", help="the default comparison (about two minutes)")
+    soak.add_arguments(
+        sub.add_parser("soak", help="steady load with pod churn and failing scrapes (10 minutes)")
+    )
     for q in (run, demo):
         q.add_argument("--out", type=Path, help="write the results JSON here")
         q.add_argument("--plot", type=Path, help="write a PNG of TTFT and throughput per policy here")
         q.add_argument("--no-progress", action="store_true")
+        q.add_argument(
+            "--ladder",
+            type=_ladder,
+            help="load ladder RATE,RATE,...: every policy at each rate, a table per rate and a summary "
+            "(--plot: TTFT p90 and hit rate against rate); for run also RATE:SECONDS,... (arrival "
+            "stages within one run, instead of --rate)",
+        )
+        q.add_argument(
+            "--ladder-seconds",
+            type=float,
+            default=24.0,
+            help="load ladder: at most RATE x this many requests per rate (default 24)",
+        )
     run.add_argument(
         "--policy",
         action="append",
@@ -80,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--rate", type=float, default=10.0, help="Poisson arrivals, requests/s (users/s for multi-turn)"
     )
-    run.add_argument("--ladder", type=_ladder, help="rate ladder RATE:SECONDS,... instead of --rate")
     run.add_argument("--max-requests", type=int, default=10_000)
     run.add_argument("--max-seconds", type=float, default=120.0, help="hard bound per policy")
     run.add_argument("--seed", type=int, default=1)
@@ -97,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.command == "demo":
+        if isinstance(args.ladder, tuple):
+            raise SystemExit("epp_bench: error: demo --ladder takes RATE,RATE,...")
         return demo_config()
     spec: SharedPrefix | MultiTurn
     if args.workload == "shared-prefix":
@@ -107,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         spec = MultiTurn(
             args.users, args.rounds, args.system_tokens, args.question_tokens, args.output_tokens
         )
-    arrivals = Arrivals(rate=args.rate, ladder=args.ladder or ())
+    arrivals = Arrivals(rate=args.rate, ladder=args.ladder if isinstance(args.ladder, tuple) else ())
     policies: list[str] = []
     custom: dict[str, Path] = {}
     for item in args.policy or list(ALL_POLICIES):
@@ -136,17 +166,24 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "soak":
+        return soak.main(args)
     cfg = config_from_args(args)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("epp_bench: error: --plot needs matplotlib: pip install 'epp-bench[plots]'")
-    doc = asyncio.run(run_bench(cfg, show_progress=not args.no_progress and sys.stderr.isatty()))
-    print(table(doc))
+    show_progress = not args.no_progress and sys.stderr.isatty()
+    if isinstance(args.ladder, list):
+        doc = asyncio.run(run_ladder(cfg, args.ladder, args.ladder_seconds, show_progress))
+        print(ladder_tables(doc))
+    else:
+        doc = asyncio.run(run_bench(cfg, show_progress=show_progress))
+        print(table(doc))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=2))
         print(f"results: {args.out}")
     if args.plot:
-        plot(doc, args.plot)
+        (ladder_plot if "ladder" in doc else plot)(doc, args.plot)
         print(f"plot: {args.plot}")
     return 0
 

@@ -73,3 +73,60 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def ladder_tables(doc: dict[str, Any]) -> str:
+    """A load ladder: the table of each rung, then the summary (policy x rate: TTFT p90 / hit rate)."""
+    parts = [f"--- {run['rate']:g} req/s ---\n{table(run)}" for run in doc["runs"]]
+    rates = doc["ladder"]
+    cell = "{:>17}"
+    header = " ".join([COLUMNS[0][1].format("TTFT p90 / hit"), *(cell.format(f"{r:g} req/s") for r in rates)])
+    lines = ["--- load ladder summary ---", header, "-" * len(header)]
+    for name, points in doc["summary"].items():
+        by_rate = {p["rate"]: p for p in points}
+        cells = []
+        for rate in rates:
+            p = by_rate.get(rate)
+            if p is None:
+                cells.append(cell.format("-"))
+            else:
+                p90, hit = _fmt("ttft_p90_s", p["ttft_p90_s"]), _fmt("hit_rate", p["hit_rate"])
+                cells.append(cell.format(f"{p90} / {hit}"))
+        lines.append(COLUMNS[0][1].format(name) + " " + " ".join(cells))
+    oracle = [run["oracle_hit_rate"] for run in doc["runs"]]
+    lines.append(
+        COLUMNS[0][1].format("oracle hit rate")
+        + " "
+        + " ".join(cell.format(_fmt("hit_rate", o)) for o in oracle)
+    )
+    return "\n\n".join([*parts, "\n".join(lines)])
+
+
+def ladder_plot(doc: dict[str, Any], path: Path) -> None:
+    """TTFT p90 and hit rate against the offered rate, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ttft, ax_hit) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, points in doc["summary"].items():
+        rates = [p["rate"] for p in points]
+        ax_ttft.plot(rates, [p["ttft_p90_s"] for p in points], marker="o", label=name)
+        ax_hit.plot(rates, [p["hit_rate"] for p in points], marker="o", label=name)
+    ax_hit.plot(doc["ladder"], [run["oracle_hit_rate"] for run in doc["runs"]], "k--", label="oracle")
+    ax_ttft.set_title("TTFT p90 (s, lower is better)")
+    ax_ttft.set_xlabel("offered load (req/s)")
+    ax_ttft.set_yscale("log")
+    ax_ttft.legend(fontsize="small")
+    ax_hit.set_title("Prefix-cache hit rate (higher is better)")
+    ax_hit.set_xlabel("offered load (req/s)")
+    ax_hit.set_ylim(0, 1)
+    ax_hit.legend(fontsize="small")
+    fig.suptitle(
+        f"Load ladder: {doc['workload'].get('kind', '')} workload, {doc.get('simulators', '?')} simulators"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -8,6 +8,7 @@ counters, stop everything. All processes bind 127.0.0.1 on free ports.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,14 +47,18 @@ schedulingProfiles:
   - {pluginRef: prefix-cache-scorer, weight: 1}
 """
 
-# Policy name -> epp config text (None = epp's built-in default config).
-EPP_POLICIES: dict[str, str | None] = {
+# The named config that keeps prefix groups together at moderate load (docs/benchmarks.md).
+TUNED_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "epp-tuned.yaml"
+
+# Policy name -> epp config text or file (None = epp's built-in default config).
+EPP_POLICIES: dict[str, str | Path | None] = {
     "epp": None,
+    "epp-tuned": TUNED_CONFIG,
     "epp-load-only": LOAD_ONLY_CONFIG,
     "epp-prefix-only": PREFIX_ONLY_CONFIG,
 }
 BASELINE_POLICIES = ("round-robin", "vllm-router")
-ALL_POLICIES = ("round-robin", "epp", "epp-load-only", "epp-prefix-only", *PEERS)
+ALL_POLICIES = ("round-robin", "epp", "epp-tuned", "epp-load-only", "epp-prefix-only", *PEERS)
 
 
 @dataclass
@@ -111,7 +116,12 @@ async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> Asyn
         config_args = ["--config-file", str(cfg.custom_configs[policy])]
     elif policy in EPP_POLICIES:
         text = EPP_POLICIES[policy]
-        config_args = [] if text is None else ["--config-text", text]
+        if isinstance(text, Path):
+            if not text.is_file():
+                raise ValueError(f"policy {policy!r} needs {text} (a source checkout)")
+            config_args = ["--config-file", str(text)]
+        else:
+            config_args = [] if text is None else ["--config-text", text]
     else:
         raise ValueError(
             f"unknown policy {policy!r} (known: {', '.join((*ALL_POLICIES, *cfg.custom_configs))})"
@@ -188,6 +198,58 @@ async def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict[str, A
     return {
         "policies": policies,
         "oracle_hit_rate": oracle if oracle is not None else 0.0,
+        "workload": cfg.workload.describe(),
+        "simulators": cfg.simulators,
+        "sim_args": list(cfg.sim_args),
+    }
+
+
+# The figures of each policy at each rate in a ladder's "summary".
+LADDER_FIGURES = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "itl_mean_s", "hit_rate", "errors", "requests")
+
+
+def ladder_config(cfg: BenchConfig, rate: float, seconds: float | None) -> BenchConfig:
+    """The config for one rung of a load ladder: Poisson arrivals at `rate`, and with `seconds`
+    at most rate x seconds requests (so a low rate does not run past the per-policy bound)."""
+    workload = cfg.workload
+    max_requests = workload.max_requests
+    if seconds is not None:
+        max_requests = min(max_requests, max(1, round(rate * seconds)))
+    rung = dataclasses.replace(
+        workload,
+        arrivals=dataclasses.replace(workload.arrivals, rate=rate, ladder=()),
+        max_requests=max_requests,
+        system_prompts=[],
+    )
+    return dataclasses.replace(cfg, workload=rung)
+
+
+async def run_ladder(
+    cfg: BenchConfig, rates: Sequence[float], seconds: float | None = None, show_progress: bool = True
+) -> dict[str, Any]:
+    """The workload at each rate, every policy at each rate (fresh simulators each time): one
+    `run_bench` document per rung under "runs", and "summary": policy -> one point per rate
+    (TTFT p50/p90/p99, hit rate, errors) for the summary table and the plot."""
+    runs: list[dict[str, Any]] = []
+    summary: dict[str, list[dict[str, Any]]] = {}
+    for rate in rates:
+        if show_progress:
+            print(f"ladder: {rate:g} req/s", file=sys.stderr)
+        doc = await run_bench(ladder_config(cfg, rate, seconds), show_progress)
+        runs.append({"rate": rate, **doc})
+        for name, figures in doc["policies"].items():
+            summary.setdefault(name, []).append(
+                {
+                    "rate": rate,
+                    **{k: figures.get(k) for k in LADDER_FIGURES},
+                    "oracle_hit_rate": doc["oracle_hit_rate"],
+                }
+            )
+    return {
+        "ladder": list(rates),
+        "ladder_seconds": seconds,
+        "runs": runs,
+        "summary": summary,
         "workload": cfg.workload.describe(),
         "simulators": cfg.simulators,
         "sim_args": list(cfg.sim_args),

@@ -1,8 +1,19 @@
 """Poll each endpoint's /metrics and swap in a fresh EndpointMetrics snapshot.
 
-One asyncio task per endpoint, started and stopped as the datastore changes. A failed poll keeps
-the last snapshot (its `updated_at` does not advance, so the endpoint ages into staleness) and
-counts the error.
+One asyncio task per endpoint, started and stopped as the datastore changes, each under the
+supervisor (epp.supervision: an unexpected exception is logged, counted and the poller restarted).
+A failed poll keeps the last snapshot (its `updated_at` does not advance, so the endpoint ages
+into staleness) and counts the error.
+
+One model server cannot stall the others, nor the request path: a page is read in chunks of at
+most 64 kB as it arrives and handed to a `PageReader`, which parses only the lines of the
+families read (the rest is never decoded or kept), so the event loop runs other work between
+chunks and memory stays small whatever the page. Limits: `max_bytes` per page (a declared
+Content-Length past it is refused unread; an undeclared one is cut there), the `timeout_s` of
+the whole poll (reading and parsing), 64 kB per wanted line and 10,000 wanted samples. A page
+past a limit is an error like any other, and that endpoint is then polled less often: after 1 s,
+doubling up to 30 s, until a poll succeeds. A large page that is within the limits is paced so
+that one endpoint is read at most at 16 MiB/s (a page of 1.6 MB at most ten times a second).
 
 Where and how a page is read (`ScrapeConfig`) comes, as in the Go EPP, from built-in defaults,
 then the `--model-server-metrics-*` flags, then the config's `metrics-data-source` parameters
@@ -27,15 +38,27 @@ from epp.datalayer.model_server_metrics import (
     DEFAULT_ENGINES,
     EngineTable,
     MetricOverrides,
+    PageLimitError,
+    PageReader,
     build_engine_table,
-    parse_metrics,
 )
 from epp.errors import MetricsParseError
 from epp.framework import Endpoint
+from epp.supervision import Supervisor, current_supervisor
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("http", "https")
+
+# Largest page read (--model-server-metrics-max-bytes): vLLM's is about 43 kB for one model and
+# 300 kB with eight data-parallel engines; this leaves room for a Triton serving many models.
+DEFAULT_MAX_PAGE_BYTES = 16 * 1024 * 1024
+READ_CHUNK = 64 * 1024
+# After a page past a limit: wait this long before the next poll, doubling up to the cap.
+LIMIT_BACKOFF_S = 1.0
+LIMIT_BACKOFF_MAX_S = 30.0
+# One endpoint's pages are read at most at this rate: a large page is polled less often.
+PACE_BYTES_PER_S = 16 * 1024 * 1024
 
 
 @runtime_checkable
@@ -162,6 +185,12 @@ class ScrapeConfig:
         return context
 
 
+@dataclass
+class _PollState:
+    limit_failures: int = 0  # pages past a limit in a row
+    last_bytes: int = 0  # the size of the last page read
+
+
 class Scraper:
     def __init__(
         self,
@@ -170,6 +199,8 @@ class Scraper:
         config: ScrapeConfig | None = None,
         timeout_s: float = 1.0,
         on_error: Callable[[Endpoint], None] | None = None,
+        max_bytes: int = DEFAULT_MAX_PAGE_BYTES,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._datastore = datastore
         self.config = config or ScrapeConfig()
@@ -179,7 +210,10 @@ class Scraper:
             self._interval = max(1, round(self.config.interval_s / interval_s)) * interval_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._on_error = on_error
+        self.max_bytes = max_bytes
+        self._supervisor = supervisor
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._state: dict[str, _PollState] = {}
         self._session: aiohttp.ClientSession | None = None
         datastore.subscribe(self._start, self._stop)
 
@@ -192,6 +226,8 @@ class Scraper:
             else aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
         )
         self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
+        if self._supervisor is None:
+            self._supervisor = current_supervisor()
         for ep in self._datastore.endpoints():
             self._start(ep)
 
@@ -206,26 +242,44 @@ class Scraper:
             self._session = None
 
     def _start(self, ep: Endpoint) -> None:
-        if self._session is None or ep.key in self._tasks:
+        if self._session is None or self._supervisor is None or ep.key in self._tasks:
             return  # not started yet: start() picks up every endpoint
-        self._tasks[ep.key] = asyncio.get_running_loop().create_task(self._poll_forever(ep))
+        self._tasks[ep.key] = self._supervisor.spawn("scraper", lambda: self._poll_forever(ep), detail=ep.key)
 
     def _stop(self, ep: Endpoint) -> None:
         task = self._tasks.pop(ep.key, None)
+        self._state.pop(ep.key, None)
         if task is not None:
             task.cancel()
 
+    async def _read(self, url: str, reader: PageReader) -> None:
+        assert self._session is not None
+        async with self._session.get(url) as resp:
+            if resp.status != 200:
+                raise MetricsParseError(f"HTTP {resp.status}")
+            declared = resp.content_length
+            if declared is not None and declared > self.max_bytes:
+                raise PageLimitError(f"the page is {declared} bytes, past the limit of {self.max_bytes}")
+            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                if reader.bytes_read + len(chunk) > self.max_bytes:
+                    raise PageLimitError(
+                        f"the page is past the limit of {self.max_bytes} bytes, not read further"
+                    )
+                reader.feed(chunk)
+                # aiohttp hands over buffered chunks without suspending: let the loop run between
+                # two chunks, so one page costs the request path at most one chunk's work at a time.
+                await asyncio.sleep(0)
+
     async def scrape_once(self, ep: Endpoint) -> bool:
         """One poll. True when a fresh snapshot was stored."""
-        assert self._session is not None
         url = self.config.url(ep)
+        state = self._state.setdefault(ep.key, _PollState())
+        reader = PageReader(self.config.engines.for_labels(ep.labels))
         try:
-            async with self._session.get(url) as resp:
-                if resp.status != 200:
-                    raise MetricsParseError(f"HTTP {resp.status}")
-                text = await resp.text()
-            ep.metrics = parse_metrics(text, self.config.engines.for_labels(ep.labels), time.monotonic())
+            await self._read(url, reader)
+            ep.metrics = reader.finish(time.monotonic())
             ep.scrape_errors = 0  # failures in a row: the next outage is logged again at once
+            state.limit_failures = 0
             return True
         except asyncio.CancelledError:
             raise
@@ -233,27 +287,37 @@ class Scraper:
             aiohttp.ClientError,
             TimeoutError,
             MetricsParseError,
-            UnicodeDecodeError,
             ssl.SSLError,
         ) as exc:
             ep.scrape_errors += 1
+            if isinstance(exc, PageLimitError):
+                state.limit_failures += 1
             if self._on_error is not None:
                 self._on_error(ep)
             # Log the first failure of an outage and then rarely, not at 20 Hz.
             if ep.scrape_errors == 1 or ep.scrape_errors % 200 == 0:
-                log.warning(
-                    "scrape of %s failed (%d in a row): %s", url, ep.scrape_errors, exc or type(exc).__name__
+                reason = str(exc) or (
+                    f"no complete answer within {self._timeout.total}s"
+                    if isinstance(exc, TimeoutError)
+                    else type(exc).__name__
                 )
+                log.warning("scrape of %s failed (%d in a row): %s", url, ep.scrape_errors, reason)
             return False
+        finally:
+            state.last_bytes = reader.bytes_read
+
+    def next_delay(self, ep: Endpoint) -> float:
+        """How long after the start of its last poll an endpoint is polled again."""
+        state = self._state.get(ep.key)
+        if state is None:
+            return self._interval
+        if state.limit_failures:
+            return min(LIMIT_BACKOFF_MAX_S, LIMIT_BACKOFF_S * 2.0 ** (state.limit_failures - 1))
+        return max(self._interval, state.last_bytes / PACE_BYTES_PER_S)
 
     async def _poll_forever(self, ep: Endpoint) -> None:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            try:
-                await self.scrape_once(ep)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug must not end this endpoint's scraping for good
-                log.exception("scrape of %s failed unexpectedly", ep.key)
-            await asyncio.sleep(max(0.0, self._interval - (loop.time() - started)))
+            await self.scrape_once(ep)
+            await asyncio.sleep(max(0.0, self.next_delay(ep) - (loop.time() - started)))

@@ -15,6 +15,8 @@ leader reports ready, so the Service in front of the replicas sends Envoy to the
   `renew_deadline_s` it steps down (not ready) and goes back to competing, rather than exiting.
 - Stopping releases the Lease (empty holder, duration 1 s), so a standby takes over at its next
   attempt instead of after the lease duration.
+- The loop runs under the supervisor (epp.supervision, task `leader-election`): an attempt that
+  fails unexpectedly is logged and counted, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from kubernetes_asyncio.client import CoordinationV1Api
 
 from epp.discovery.kubeclient import KubeClient, raw_response, read_json
 from epp.errors import KubeApiError
+from epp.supervision import Supervisor, current_supervisor
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,7 @@ class LeaderElector:
         identity: str,
         timing: LeaseTiming = LeaseTiming(),
         on_change: Callable[[], None] = lambda: None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._client = client
         self.namespace = namespace
@@ -104,11 +108,15 @@ class LeaderElector:
         self._observed: tuple[Any, ...] | None = None  # the Lease record last read
         self._observed_at = 0.0  # loop time when that record was first seen
         self._last_renew = 0.0
+        self._supervisor = supervisor
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         log.info("leader election: lease %s/%s as %s", self.namespace, self.name, self.identity)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._supervisor = self._supervisor or current_supervisor()
+        self._task = self._supervisor.spawn(
+            "leader-election", self._run, detail=f"lease {self.namespace}/{self.name}"
+        )
 
     async def stop(self, release: bool = True) -> None:
         if self._task is not None:
@@ -150,8 +158,10 @@ class LeaderElector:
             except (KubeApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 log.debug("lease %s/%s: %s", self.namespace, self.name, exc or type(exc).__name__)
                 renewed = False
-            except Exception:  # never let a surprise leave a stale leader behind
-                log.exception("lease %s/%s: attempt failed", self.namespace, self.name)
+            except Exception as exc:  # never let a surprise leave a stale leader behind
+                (self._supervisor or current_supervisor()).failed(
+                    "leader-election", exc, detail=f"lease {self.namespace}/{self.name}: attempt failed"
+                )
                 renewed = False
             now = loop.time()
             if renewed:

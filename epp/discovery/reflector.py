@@ -12,6 +12,11 @@ The loop:
    list again: at once if the watch had been up for a while, else after a capped exponential
    backoff with jitter. Failed lists (API server down, unreachable, refusing) back off the
    same way; the delay grows while attempts keep failing and resets after a healthy watch.
+
+The loop runs under the supervisor (epp.supervision, task `kubernetes-reflector`): an error it
+did not expect (a bug, a response it cannot read, a handler that raised) is logged, counted in
+`epp_background_task_restarts_total` and answered with a relist; anything that escapes the loop
+itself restarts it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import aiohttp
 
 from epp.discovery.kubeclient import read_events, read_json
 from epp.errors import KubeApiError
+from epp.supervision import Supervisor, current_supervisor
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +94,7 @@ class Reflector:
         on_event: EventHandler,
         backoff: Backoff,
         watch_timeout_s: float = 300.0,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.what = what
         self._open = open_fn
@@ -95,9 +102,15 @@ class Reflector:
         self._on_event = on_event
         self._backoff = backoff
         self._watch_timeout_s = watch_timeout_s
+        self._supervisor = supervisor
         self.lists = 0  # completed lists, for logs and tests
 
     async def run(self) -> None:
+        """List and watch until cancelled, under the supervisor (given, else the context's)."""
+        self._supervisor = self._supervisor or current_supervisor()
+        await self._supervisor.run("kubernetes-reflector", self._run, detail=self.what)
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         failures = 0
         while True:
@@ -127,7 +140,9 @@ class Reflector:
     def _log_failure(self, step: str, exc: Exception, failures: int) -> None:
         if not isinstance(exc, _EXPECTED):
             # A bug or a response we cannot read: keep going (the next list reconciles), loudly.
-            log.error("%s: %s failed, listing again", self.what, step, exc_info=exc)
+            (self._supervisor or current_supervisor()).failed(
+                "kubernetes-reflector", exc, detail=f"{self.what}: {step} failed, listing again"
+            )
             return
         text = str(exc) or type(exc).__name__
         if isinstance(exc, KubeApiError) and exc.status in _HINTS:

@@ -5,7 +5,13 @@ File format: a YAML list of mappings
       port: 8000               # required
       name: vllm-0             # optional, defaults to address:port
       labels: {llm-d.ai/role: decode}   # optional
-A bad edit is logged and ignored: the last good set stays in force.
+A bad edit is logged and ignored: the last good set stays in force. Bad means anything that does
+not give a valid endpoint list: bytes that are not UTF-8, invalid YAML, a wrong shape, a file
+that is empty (most likely caught in the middle of a write: to remove every endpoint, write
+`[]`), missing or unreadable, or larger than 16 MiB. The next valid edit is applied. The file is
+read and parsed on a worker thread (a large file costs the event loop nothing), and the watcher
+runs under the supervisor (epp.supervision), so even an error nobody foresaw is logged, counted
+and followed by a restart rather than ending the watch.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from epp.datalayer.datastore import Datastore
 from epp.errors import EndpointSpecError
 from epp.framework import Endpoint
 from epp.ports import port_number
+from epp.supervision import Supervisor, current_supervisor
 
 log = logging.getLogger(__name__)
 
 _ENDPOINT_KEYS = {"address", "port", "name", "labels"}
+MAX_FILE_BYTES = 16 * 1024 * 1024
 
 
 def _port(value: Any, where: str) -> int:
@@ -96,11 +104,24 @@ def parse_endpoints_yaml(text: str, source: str) -> list[Endpoint]:
     return _check_unique(endpoints, source)
 
 
-def read_endpoints_file(path: Path) -> list[Endpoint]:
+def read_endpoints_file(path: Path, *, allow_empty: bool = True) -> list[Endpoint]:
+    """The endpoints of a file. Raises EndpointSpecError (unreadable, too large, not UTF-8, not
+    a valid list; with `allow_empty` false, also an empty or blank file)."""
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise EndpointSpecError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise EndpointSpecError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EndpointSpecError(
+            f"{path}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})"
+        ) from None
+    if not allow_empty and not text.strip():
+        raise EndpointSpecError(f"{path}: empty (to remove every endpoint, write [])")
     return parse_endpoints_yaml(text, str(path))
 
 
@@ -113,13 +134,17 @@ class StaticDiscovery:
         endpoints: Iterable[Endpoint] = (),
         path: Path | None = None,
         poll_interval_s: float = 0.5,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._datastore = datastore
         self._fixed = list(endpoints)
         self._path = path
         self._poll = poll_interval_s
+        self._supervisor = supervisor
         self._last_stamp: tuple[float, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
+        self.reloads = 0  # edits applied
+        self.rejected = 0  # edits ignored
 
     def load_initial(self) -> None:
         """Apply the first set; raises EndpointSpecError so the command can exit with the reason."""
@@ -139,31 +164,49 @@ class StaticDiscovery:
 
     def start(self) -> None:
         if self._path is not None:
-            self._task = asyncio.get_running_loop().create_task(self._watch())
+            supervisor = self._supervisor or current_supervisor()
+            self._task = supervisor.spawn("endpoints-file-watcher", self._watch, detail=str(self._path))
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def reload(self) -> bool:
-        """Re-read the file if it changed. A bad file keeps the last good set. True if applied."""
+    def _changed(self) -> bool:
         stamp = self._stamp()
         if stamp == self._last_stamp:
             return False
         self._last_stamp = stamp
+        return True
+
+    def _read(self) -> list[Endpoint]:
         assert self._path is not None
-        try:
-            endpoints = _check_unique(self._fixed + read_endpoints_file(self._path), "endpoints")
-        except EndpointSpecError as exc:
-            log.error("endpoints file change ignored, keeping %d endpoints: %s", len(self._datastore), exc)
-            return False
+        return _check_unique(self._fixed + read_endpoints_file(self._path, allow_empty=False), "endpoints")
+
+    def _apply(self, endpoints: list[Endpoint]) -> None:
         self._datastore.replace_all(endpoints)
+        self.reloads += 1
         log.info("endpoints file reloaded: %d endpoints", len(endpoints))
+
+    def _reject(self, exc: EndpointSpecError) -> None:
+        self.rejected += 1
+        log.error("endpoints file change ignored, keeping %d endpoints: %s", len(self._datastore), exc)
+
+    async def reload(self) -> bool:
+        """Re-read the file if it changed (on a worker thread). A bad file keeps the last good set.
+        True if applied."""
+        if not self._changed():
+            return False
+        try:
+            endpoints = await asyncio.to_thread(self._read)
+        except EndpointSpecError as exc:
+            self._reject(exc)
+            return False
+        self._apply(endpoints)
         return True
 
     async def _watch(self) -> None:
         # Polling the file's stat is portable and cheap, and survives editors that replace the file.
         while True:
             await asyncio.sleep(self._poll)
-            self.reload()
+            await self.reload()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from envoy.config.core.v3 import base_pb2 as core_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -18,6 +18,9 @@ LB_METADATA_NAMESPACE = "envoy.lb"
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
 REQUEST_ID_HEADER = "x-request-id"
+# Request headers only epp may set: a client's value never reaches the model server (epp removes
+# it unless it sets it itself). P/D's sidecar trusts x-prefiller-host-port to name the prefill pod.
+EPP_OWNED_REQUEST_HEADERS = ("x-prefiller-host-port",)
 # Envoy's gRPC messages stay well under its 64 KiB default per-message buffer when bodies are cut here.
 MAX_BODY_CHUNK = 62_000
 
@@ -63,31 +66,34 @@ def request_headers_reply(
     )
 
 
+def body_reply(chunk: bytes, *, request: bool, end_of_stream: bool) -> pb.ProcessingResponse:
+    """One streamed_response body chunk (at most MAX_BODY_CHUNK bytes)."""
+    mutation = pb.BodyMutation(
+        streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
+    )
+    body = pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
+    if request:
+        return pb.ProcessingResponse(request_body=body)
+    return pb.ProcessingResponse(response_body=body)
+
+
+def iter_body_replies(
+    body: bytes, *, request: bool, end_of_stream: bool = True
+) -> Iterator[pb.ProcessingResponse]:
+    """The body as streamed_response chunks of at most MAX_BODY_CHUNK bytes; the last carries EoS.
+    Made one at a time as they are consumed, so a large body is never copied whole."""
+    size = len(body)
+    if size <= MAX_BODY_CHUNK:
+        yield body_reply(body, request=request, end_of_stream=end_of_stream)  # no copy
+        return
+    for start in range(0, size, MAX_BODY_CHUNK):
+        end = start + MAX_BODY_CHUNK
+        yield body_reply(body[start:end], request=request, end_of_stream=end_of_stream and end >= size)
+
+
 def body_replies(body: bytes, *, request: bool, end_of_stream: bool = True) -> list[pb.ProcessingResponse]:
     """The body as streamed_response chunks of at most MAX_BODY_CHUNK bytes; the last carries EoS."""
-    field = "request_body" if request else "response_body"
-    if len(body) <= MAX_BODY_CHUNK:
-        chunks = [body]  # the usual case (every SSE chunk): no copy
-    else:
-        view = memoryview(body)
-        chunks = [bytes(view[i : i + MAX_BODY_CHUNK]) for i in range(0, len(body), MAX_BODY_CHUNK)]
-    last = len(chunks) - 1
-    return [
-        pb.ProcessingResponse(
-            **{
-                field: pb.BodyResponse(
-                    response=pb.CommonResponse(
-                        body_mutation=pb.BodyMutation(
-                            streamed_response=pb.StreamedBodyResponse(
-                                body=chunk, end_of_stream=end_of_stream and i == last
-                            )
-                        )
-                    )
-                )
-            }
-        )
-        for i, chunk in enumerate(chunks)
-    ]
+    return list(iter_body_replies(body, request=request, end_of_stream=end_of_stream))
 
 
 def response_headers_reply(headers: Mapping[str, str] | None = None) -> pb.ProcessingResponse:
@@ -106,15 +112,16 @@ def trailers_reply(*, request: bool) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
-def immediate_reply(error: EppError) -> pb.ProcessingResponse:
-    """End the request at Envoy with an HTTP status and a readable body (and, for a request dropped
-    before dispatch, `x-llm-d-request-dropped-reason`)."""
+def immediate_reply(error: EppError, http_status: int | None = None) -> pb.ProcessingResponse:
+    """End the request at Envoy with an HTTP status (the error code's, or `http_status` where no
+    code maps to it, e.g. 413) and a readable body (and, for a request dropped before dispatch,
+    `x-llm-d-request-dropped-reason`)."""
     headers = [_header("content-type", "text/plain; charset=utf-8")]
     if error.dropped_reason:
         headers.append(_header(DROPPED_REASON_HEADER, error.dropped_reason))
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=error.code.http_status),
+            status=http_status_pb2.HttpStatus(code=http_status or error.code.http_status),
             headers=pb.HeaderMutation(set_headers=headers),
             body=error.body,
             details=error.code.label,

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ from epp.framework import (
     ErrorCode,
     InferenceRequest,
     InFlightLedger,
+    ProfileResult,
     SchedulingResult,
 )
 from epp.observability import DEFAULT_PRIORITY, EppMetrics, PoolSummary, RequestMetrics, fairness_id
@@ -60,6 +61,8 @@ class Decision:
     first_chunk: float = 0.0  # perf_counter() of the first non-empty response body chunk
     last_chunk: float = 0.0
     response_bytes: int = 0
+    # A headers-only request's routing headers (the profile handler's, as for a scheduled one).
+    headers: Mapping[str, str | None] | None = None
 
     def response_chunk(self, size: int, now: float) -> None:
         """A response body chunk of `size` bytes went by at `now`."""
@@ -211,16 +214,49 @@ class Director:
     def pick_any(
         self, request: InferenceRequest, subset: Sequence[str] | None, *, received: float | None = None
     ) -> Decision:
-        """Headers-only requests carry nothing to schedule on: least-loaded of the candidates."""
+        """A headers-only request (GET /v1/models, ...) carries no prompt to score, but it goes
+        through the same filters as any other: those of the profile the profile handler makes
+        primary among the ones it runs first (for P/D, decode: never a prefill pod). Of the
+        endpoints left, the one with the fewest requests in flight, ties at random. The handler's
+        routing headers apply (P/D removes a client's x-prefiller-host-port). No producer, scorer
+        or lifecycle hook runs. Raises EppError: 503 with no candidate, 429 when the filters leave
+        none (as the scheduler does)."""
         candidates = self.candidates(subset)
-        low = min(ep.inflight_requests for ep in candidates)
-        endpoint = self._rng.choice([ep for ep in candidates if ep.inflight_requests == low])
+        scheduler = self.scheduler
+        handler = scheduler.handler
+        cycle = CycleState()
+        names = handler.pick_profiles(cycle, request, list(scheduler.profiles), {})
+        results: dict[str, ProfileResult | None] = {}
+        for name in names or list(scheduler.profiles)[:1]:
+            profile = scheduler.profiles.get(name)
+            if profile is None:
+                continue
+            left: Sequence[Endpoint] = candidates
+            for flt in profile.filters:
+                left = flt.filter(cycle, request, left)
+                if not left:
+                    break
+            if left:
+                low = min(ep.inflight_requests for ep in left)
+                chosen = self._rng.choice([ep for ep in left if ep.inflight_requests == low])
+                results[name] = ProfileResult(name, [chosen], left)
+            else:
+                results[name] = None
+        primary = handler.primary_profile(results) if results else ""
+        primary_result = results.get(primary)
+        if primary_result is None or not primary_result.endpoints:
+            raise EppError(
+                ErrorCode.RESOURCE_EXHAUSTED, "no endpoint passed the filters of profile " + primary
+            )
+        endpoint = primary_result.endpoints[0]
+        # Only the primary's pick: a request with no prompt is never disaggregated.
+        headers = handler.routing_headers(request, SchedulingResult(primary, {primary: primary_result}))
         metrics = self.metrics.for_request(
             request.model, request.target_model, fairness_id(request.headers), DEFAULT_PRIORITY
         )
         metrics.requests.inc()
         started = time.perf_counter() if received is None else received
-        decision = Decision(request, None, [endpoint], started, metrics)
+        decision = Decision(request, None, [endpoint], started, metrics, headers=headers)
         self._admit(decision, [endpoint])
         return decision
 

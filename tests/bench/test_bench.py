@@ -91,3 +91,43 @@ def test_short_run_of_two_policies_reports_every_figure(tmp_path: Path) -> None:
     assert doc["policies"]["epp"]["hit_rate"] >= doc["policies"]["round-robin"]["hit_rate"]
     assert png.stat().st_size > 10_000
     assert "TTFT p50" in result.stdout and "oracle" in result.stdout
+
+
+def test_load_ladder_runs_each_policy_at_each_rate(tmp_path: Path) -> None:
+    out, png = tmp_path / "ladder.json", tmp_path / "ladder.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "epp_bench", "run", "--policy", "round-robin", "--policy", "epp",
+         "--simulators", "2",
+         "--groups", "2", "--prompts-per-group", "3", "--system-tokens", "256", "--question-tokens", "16",
+         "--output-tokens", "4", "--ladder", "10,30", "--ladder-seconds", "0.5", "--max-seconds", "20",
+         "--sim-arg=--time-factor=0.2", "--out", str(out), "--plot", str(png), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["ladder"] == [10.0, 30.0]
+    assert [run["rate"] for run in doc["runs"]] == [10.0, 30.0]
+    # At most rate x --ladder-seconds requests per rung.
+    assert [run["workload"]["arrivals"]["rate"] for run in doc["runs"]] == [10.0, 30.0]
+    for run, requests in zip(doc["runs"], (5, 6), strict=True):  # 10 x 0.5; all 6 at 30 req/s
+        assert set(run["policies"]) == {"round-robin", "epp"}
+        assert all(f["requests"] == requests for f in run["policies"].values())
+        assert all(f["errors"] == 0 for f in run["policies"].values())
+    assert set(doc["summary"]) == {"round-robin", "epp"}
+    for points in doc["summary"].values():
+        assert [p["rate"] for p in points] == [10.0, 30.0]
+        assert all(p["ttft_p90_s"] > 0 and 0 <= p["hit_rate"] <= 1 for p in points)
+    assert result.stdout.count("TTFT p50") == 2  # one table per rate
+    assert "load ladder summary" in result.stdout and "30 req/s" in result.stdout
+    assert png.stat().st_size > 10_000
+
+
+def test_ladder_flag_takes_rates_or_stages() -> None:
+    from epp_bench.__main__ import build_parser, config_from_args
+
+    args = build_parser().parse_args(["run", "--policy", "epp", "--ladder", "5,10"])
+    assert args.ladder == [5.0, 10.0]
+    assert config_from_args(args).workload.arrivals.ladder == ()
+    args = build_parser().parse_args(["run", "--policy", "epp", "--ladder", "5:2,10:1"])
+    assert config_from_args(args).workload.arrivals.ladder == ((5.0, 2.0), (10.0, 1.0))
+    assert build_parser().parse_args(["demo", "--ladder", "8,20"]).ladder == [8.0, 20.0]

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import random
+import tracemalloc
+
+import pytest
 import xxhash
 
-from epp.framework import Api, InferenceRequest
-from epp_scorers.producers.prefix_index import PrefixIndex, PromptHasher
+from epp.framework import (
+    Api,
+    ConfigError,
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    Params,
+    PluginHandle,
+    ProfileResult,
+    SchedulingResult,
+)
+from epp.testing import build, make_endpoint, make_request
+from epp_scorers.producers.approx_prefix import EVICTIONS_METRIC, ApproxPrefixCacheProducer
+from epp_scorers.producers.prefix_index import ENTRY_BYTES, PrefixIndex, PromptHasher
 
 
 def reference_hashes(model: str, text: str, block: int, max_blocks: int, salt: str = "") -> list[int]:
@@ -85,3 +102,159 @@ def test_token_estimate_and_blocks_both_count_utf8_bytes() -> None:
     assert request.input_tokens_estimate == 3000
     blocks = PromptHasher().block_hashes("m", request.prompt_bytes, 256, 10_000)
     assert len(blocks) * 256 // 4 <= request.input_tokens_estimate < (len(blocks) + 1) * 256 // 4
+
+
+# --- absolute cap (issue 13 #9): entries, approximate bytes, per-endpoint clamp, evictions --------
+
+
+def test_several_holders_of_one_hash_match_and_leave_one_by_one() -> None:
+    index = PrefixIndex()
+    for key in ("a", "b", "c"):
+        index.add(key, [1, 2])
+    assert index.match([1, 2]) == {"a": 2, "b": 2, "c": 2}
+    index.discard("b", [1])
+    assert index.match([1, 2]) == {"a": 2, "b": 1, "c": 2}  # b still holds block 2
+    index.remove_endpoint("a")
+    assert index.match([1, 2]) == {"b": 1, "c": 2}
+    index.remove_endpoint("c")
+    assert index.match([1, 2]) == {} and index.match([2]) == {"b": 1}
+    assert index.entries() == 1 and len(index) == 1
+
+
+def test_the_entry_cap_takes_from_the_endpoint_holding_most_and_counts_it() -> None:
+    evicted: list[tuple[str, int]] = []
+    index = PrefixIndex(1000, max_entries=100, on_evict=lambda reason, n: evicted.append((reason, n)))
+    index.add("greedy", range(1000, 1090))
+    index.add("modest", range(20))
+    assert index.entries() == 100
+    assert evicted == [("max_entries", 10)]
+    assert index.match(range(20)) == {"modest": 20}  # the small endpoint kept all it had
+    assert index.match([1000]) == {} and index.match(range(1010, 1090)) == {"greedy": 80}
+    # Both keep sending: the cap ends up shared evenly.
+    for i in range(10):
+        index.add("greedy", range(2000 + 10 * i, 2010 + 10 * i))
+        index.add("modest", range(3000 + 10 * i, 3010 + 10 * i))
+    assert index.entries() == 100
+    assert {len(index.match([h])) for h in range(3090, 3100)} == {1}  # modest's newest are held
+    counts = {key: sum(1 for _ in lru) for key, lru in index._lrus.items()}
+    assert abs(counts["greedy"] - counts["modest"]) <= 10, counts
+
+
+def test_the_byte_cap_bounds_the_estimate() -> None:
+    evicted: dict[str, int] = {}
+
+    def count(reason: str, n: int) -> None:
+        evicted[reason] = evicted.get(reason, 0) + n
+
+    index = PrefixIndex(10_000, max_bytes=100 * ENTRY_BYTES, on_evict=count)
+    index.add("a", range(1000))
+    assert index.approx_bytes() <= 100 * ENTRY_BYTES
+    assert 0 < index.entries() < 100
+    assert set(evicted) == {"max_bytes"} and evicted["max_bytes"] == 1000 - index.entries()
+    assert index.match([999]) == {"a": 1} and index.match([0]) == {}  # the newest stay
+
+
+def test_a_capacity_beyond_the_clamp_is_clamped() -> None:
+    index = PrefixIndex(100, max_capacity=50)
+    assert index.default_capacity == 50
+    assert index.set_capacity("a", 10**9) == 50 and index.capacity("a") == 50
+    assert index.set_capacity("a", 0) == 50  # ignored
+    index.add("a", range(200))
+    assert index.entries() == 50
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        PrefixIndex(max_entries=0)
+    with pytest.raises(ValueError):
+        PrefixIndex(max_bytes=0)
+    with pytest.raises(ValueError):
+        PrefixIndex(max_capacity=0)
+
+
+@pytest.mark.parametrize(("holders", "entries"), [(1, 20_000), (1, 45_000), (2, 45_000)])
+def test_the_byte_estimate_follows_tracemalloc(holders: int, entries: int) -> None:
+    """ENTRY_BYTES & co. against the memory the index really takes (hash ints made per request,
+    as the hasher makes them: the index keeps them alive, so they count). Python's dicts grow by
+    doubling, so the real figure swings between about 140 and 210 bytes an entry; the estimate
+    takes the high end: never more than 10 % under, at most 50 % over."""
+    blocks = entries // 64 // holders
+
+    def request_hashes(i: int) -> list[int]:
+        rng = random.Random(i)
+        return [rng.getrandbits(64) | 1 << 63 for _ in range(64)]
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        index = PrefixIndex(10**9, max_entries=10**9, max_bytes=10**12)
+        for e in range(holders):
+            for i in range(blocks):
+                index.add(f"10.0.0.{e}:8000", request_hashes(i))
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert index.entries() == holders * blocks * 64
+    assert 0.9 * used <= index.approx_bytes() <= 1.5 * used, (index.approx_bytes(), used)
+    assert used / index.entries() < 250  # was up to 425 with a set of holders per hash
+
+
+def test_a_pod_reporting_a_huge_kv_cache_cannot_grow_the_index_past_its_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The issue's reproduction, scaled down: a pod reports num_gpu_blocks=1e9 and receives
+    distinct prompts; the index stays at its caps, evictions are counted, an honest pod keeps its
+    blocks, and the clamp is logged once."""
+    handle = PluginHandle()
+    producer = build(
+        ApproxPrefixCacheProducer,
+        {"maxIndexEntries": 400, "maxLruCapacityPerServer": 1000, "autoTune": True},
+        handle=handle,
+    )
+    liar = make_endpoint("liar", block_size=64, num_gpu_blocks=10**9)
+    honest = make_endpoint("honest", block_size=64, num_gpu_blocks=40)
+    caplog.set_level(logging.WARNING, logger="epp_scorers.producers.approx_prefix")
+    for i in range(60):
+        for endpoint in (liar, honest):
+            prompt = f"{endpoint.key}-{i} " * 300  # about 8 blocks of 256 characters
+            cycle = CycleState()
+            request = make_request(prompt)
+            producer.produce(cycle, request, [endpoint])
+            producer.pre_request(cycle, request, SchedulingResult("d", {"d": ProfileResult("d", [endpoint])}))
+            producer.response_complete(request, endpoint)
+    assert producer.index.entries() <= 400
+    assert producer.index.capacity(liar.key) == 1000 and producer.index.capacity(honest.key) == 40
+    registry = handle.registry
+    labels = {"plugin_name": producer.name, "plugin_type": producer.type_name}
+    assert (
+        registry.get_sample_value(f"{EVICTIONS_METRIC}_total", {**labels, "reason": "max_entries"}) or 0
+    ) > 0
+    assert (registry.get_sample_value(f"{EVICTIONS_METRIC}_total", {**labels, "reason": "capacity"}) or 0) > 0
+    assert registry.get_sample_value(f"{EVICTIONS_METRIC}_total", {**labels, "reason": "max_bytes"}) == 0
+    last = f"{honest.key}-59 " * 300
+    assert match_on(producer, last, honest) > 0  # the honest pod's latest prompt still matches
+    clamps = [r for r in caplog.records if "num_gpu_blocks" in r.getMessage()]
+    assert len(clamps) == 1 and liar.key in clamps[0].getMessage()
+
+
+def match_on(producer: ApproxPrefixCacheProducer, prompt: str, endpoint: Endpoint) -> int:
+    cycle = CycleState()
+    producer.produce(cycle, make_request(prompt), [endpoint])
+    match = cycle.read(producer.key)
+    assert match is not None
+    return match.matched.get(endpoint.key, 0)
+
+
+def test_cap_parameters_are_validated_and_documented() -> None:
+    with pytest.raises(ConfigError):
+        build(ApproxPrefixCacheProducer, {"maxIndexEntries": 0})
+    with pytest.raises(ConfigError):
+        build(ApproxPrefixCacheProducer, {"maxIndexBytes": -1})
+    with pytest.raises(ConfigError):
+        build(ApproxPrefixCacheProducer, {"maxLruCapacityPerServer": 0})
+    params = Params({"lruCapacityPerServer": 5000, "maxLruCapacityPerServer": 100}, "p")
+    producer = ApproxPrefixCacheProducer.from_params("p", params, PluginHandle())
+    assert producer.index.default_capacity == 100
+    assert any("maxLruCapacityPerServer" in w for w in params.warnings)
+    documented = {doc.name for doc in ApproxPrefixCacheProducer.parameters}
+    assert {"maxIndexEntries", "maxIndexBytes", "maxLruCapacityPerServer"} <= documented

@@ -12,7 +12,11 @@ Block size: with `autoTune`, the model server's own (`vllm:cache_config_info`), 
 `blockSizeTokens`; never below 64 tokens (the Go EPP's floor: smaller blocks grow the index to
 gigabytes). Blocks are 4 characters a token. The prompt is hashed up to `maxPrefixTokensToMatch`
 tokens (0: up to `maxPrefixBlocksToMatch` blocks; both 0: unlimited). Each endpoint holds at most
-`lruCapacityPerServer` blocks, or with `autoTune` what its KV cache holds (`num_gpu_blocks`).
+`lruCapacityPerServer` blocks, or with `autoTune` what its KV cache holds (`num_gpu_blocks`),
+never more than `maxLruCapacityPerServer` (a pod reporting an absurd `num_gpu_blocks` is clamped,
+and logged once). The whole index holds at most `maxIndexEntries` (block, endpoint) entries and
+about `maxIndexBytes` of memory (about 200 bytes an entry): past either, the endpoint holding the
+most entries loses its oldest blocks, so the cap is shared evenly among busy endpoints.
 
 When Envoy reports that a fallback endpoint served the request instead of the planned primary,
 the prompt's blocks are recorded for the fallback, and the blocks this request alone had added
@@ -26,14 +30,17 @@ served-elsewhere (moves them), response-complete (drops the request's record), e
 (share of the prompt's blocks found on the chosen endpoint) and `llm_d_epp_prefix_indexer_hit_bytes`
 (the matched prefix, at 4 bytes a token), the last two once per request whose prompt has a block;
 each also under its deprecated unlabelled name `inference_extension_prefix_indexer_*` (the size
-summed over producers).
+summed over producers); and `llm_d_epp_prefix_indexer_evictions_total` (entries evicted, by
+`reason`: `capacity` for a full endpoint, `max_entries` / `max_bytes` for the index's cap; the
+Go EPP has no such counter).
 
 Parameters: `autoTune` (bool, true), `blockSizeTokens` (int, 16, raised to 64),
 `maxPrefixBlocksToMatch` (int, 2048), `maxPrefixTokensToMatch` (int, 131072),
-`lruCapacityPerServer` (int, 31250; below 1 falls back to the default); deprecated: `blockSize`
-(tokens) and `hashBlockSize` (characters). The loader adds this producer (named after its type)
-when a plugin consumes its data and the config declares none; older configs put these parameters
-on `prefix-cache-scorer`, which passes them on.
+`lruCapacityPerServer` (int, 31250; below 1 falls back to the default),
+`maxLruCapacityPerServer` (int, 262144), `maxIndexEntries` (int, 1000000), `maxIndexBytes` (int,
+268435456); deprecated: `blockSize` (tokens) and `hashBlockSize` (characters). The loader adds
+this producer (named after its type) when a plugin consumes its data and the config declares none;
+older configs put these parameters on `prefix-cache-scorer`, which passes them on.
 
     plugins:
     - type: approx-prefix-cache-producer
@@ -41,10 +48,12 @@ on `prefix-cache-scorer`, which passes them on.
         autoTune: false
         blockSizeTokens: 64
         lruCapacityPerServer: 50000
+        maxIndexBytes: 134217728   # 128 MiB for the whole index
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any, Self
@@ -73,9 +82,17 @@ from epp_scorers.data import PREFIX_MATCH, PrefixMatch
 from epp_scorers.producers.prefix_index import (
     CHARS_PER_TOKEN,
     DEFAULT_LRU_CAPACITY_PER_SERVER,
+    DEFAULT_MAX_CAPACITY_PER_SERVER,
+    DEFAULT_MAX_INDEX_BYTES,
+    DEFAULT_MAX_INDEX_ENTRIES,
+    REASON_CAPACITY,
+    REASON_MAX_BYTES,
+    REASON_MAX_ENTRIES,
     PrefixIndex,
     PromptHasher,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE_TOKENS = 16
 # The Go EPP never indexes blocks smaller than this (llm-d-router #1158): at vLLM's 16-token
@@ -90,6 +107,8 @@ _UNLIMITED_BLOCKS = 1 << 40
 INDEXER_SIZE_METRIC = "llm_d_epp_prefix_indexer_size"
 HIT_RATIO_METRIC = "llm_d_epp_prefix_indexer_hit_ratio"
 HIT_BYTES_METRIC = "llm_d_epp_prefix_indexer_hit_bytes"
+# epp's own (the Go EPP's index has no absolute cap, so no counter to follow): `_total` is added.
+EVICTIONS_METRIC = "llm_d_epp_prefix_indexer_evictions"
 OLD_INDEXER_SIZE_METRIC = "inference_extension_prefix_indexer_size"
 OLD_HIT_RATIO_METRIC = "inference_extension_prefix_indexer_hit_ratio"
 OLD_HIT_BYTES_METRIC = "inference_extension_prefix_indexer_hit_bytes"
@@ -99,6 +118,10 @@ _PLUGIN_LABELS = ("plugin_name", "plugin_type")
 _SIZE_HELP = "[ALPHA] Size of the prefix indexer."
 _RATIO_HELP = "[ALPHA] Ratio of prefix length matched to total prefix length in the cache lookup."
 _BYTES_HELP = "[ALPHA] Length of the prefix match in number of bytes in the cache lookup."
+_EVICTIONS_HELP = (
+    "Prefix indexer entries evicted, by reason: capacity (an endpoint's LRU is full), "
+    "max_entries / max_bytes (the whole index's cap)."
+)
 
 # Requests whose placement is remembered for a fallback report, at most (in flight, in practice).
 MAX_OPEN_PLACEMENTS = 65_536
@@ -107,7 +130,7 @@ MAX_OPEN_PLACEMENTS = 65_536
 class PrefixIndexMetrics:
     """One producer's hit-ratio and hit-bytes children (canonical and deprecated), resolved once."""
 
-    __slots__ = ("_bytes", "_ratio")
+    __slots__ = ("_bytes", "_evictions", "_ratio")
 
     def __init__(self, handle: PluginHandle, producer: ApproxPrefixCacheProducer) -> None:
         name, type_name = producer.name, producer.type_name
@@ -124,12 +147,22 @@ class PrefixIndexMetrics:
 
         self._ratio = both(HIT_RATIO_METRIC, OLD_HIT_RATIO_METRIC, _RATIO_HELP, HIT_RATIO_BUCKETS)
         self._bytes = both(HIT_BYTES_METRIC, OLD_HIT_BYTES_METRIC, _BYTES_HELP, HIT_BYTES_BUCKETS)
+        evictions = handle.counter(EVICTIONS_METRIC, _EVICTIONS_HELP, (*_PLUGIN_LABELS, "reason"))
+        # Every reason exported from the start (at 0), so rate() sees the first eviction.
+        self._evictions = {
+            reason: evictions.labels(name, type_name, reason)
+            for reason in (REASON_CAPACITY, REASON_MAX_ENTRIES, REASON_MAX_BYTES)
+        }
         _IndexSizes.of(handle).track(producer)
         handle.gauge_sum(
             OLD_INDEXER_SIZE_METRIC,
             f"[ALPHA] [Deprecated: Use {INDEXER_SIZE_METRIC}] Size of the prefix indexer (all producers).",
             producer.index.entries,
         )
+
+    def evicted(self, reason: str, count: int) -> None:
+        """The index's `on_evict`: `count` entries evicted for `reason`."""
+        self._evictions[reason].inc(count)
 
     def observe(self, match: PrefixMatch, endpoint: Endpoint) -> None:
         """The match on the chosen endpoint: its share of the prompt's blocks, and its length in
@@ -231,6 +264,27 @@ class ApproxPrefixCacheProducer(
             str(DEFAULT_LRU_CAPACITY_PER_SERVER),
             "Blocks remembered per endpoint (without autoTune capacity); below 1 falls back to the default.",
         ),
+        ParamDoc(
+            "maxLruCapacityPerServer",
+            "int",
+            str(DEFAULT_MAX_CAPACITY_PER_SERVER),
+            "The most blocks one endpoint may hold, whatever its num_gpu_blocks reports (an absurd "
+            "value is clamped and logged once). Must be >= 1.",
+        ),
+        ParamDoc(
+            "maxIndexEntries",
+            "int",
+            str(DEFAULT_MAX_INDEX_ENTRIES),
+            "Absolute cap on the index's (block, endpoint) entries over all endpoints; past it the "
+            "endpoint holding the most loses its oldest. Must be >= 1.",
+        ),
+        ParamDoc(
+            "maxIndexBytes",
+            "int",
+            str(DEFAULT_MAX_INDEX_BYTES),
+            "Absolute cap on the index's approximate memory in bytes (about 200 an entry); past it "
+            "the endpoint holding the most loses its oldest. Must be >= 1.",
+        ),
     )
 
     def __init__(
@@ -242,6 +296,9 @@ class ApproxPrefixCacheProducer(
         max_prefix_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS,
         max_prefix_tokens: int = DEFAULT_MAX_PREFIX_TOKENS,
         lru_capacity_per_server: int = DEFAULT_LRU_CAPACITY_PER_SERVER,
+        max_lru_capacity_per_server: int = DEFAULT_MAX_CAPACITY_PER_SERVER,
+        max_index_entries: int = DEFAULT_MAX_INDEX_ENTRIES,
+        max_index_bytes: int = DEFAULT_MAX_INDEX_BYTES,
     ) -> None:
         super().__init__(name)
         self.auto_tune = auto_tune
@@ -249,8 +306,15 @@ class ApproxPrefixCacheProducer(
         self.max_blocks = max_prefix_blocks
         self.max_tokens = max_prefix_tokens
         self.lru_capacity = lru_capacity_per_server
-        self.index = PrefixIndex(lru_capacity_per_server)
+        self.index = PrefixIndex(
+            lru_capacity_per_server,
+            max_capacity=max_lru_capacity_per_server,
+            max_entries=max_index_entries,
+            max_bytes=max_index_bytes,
+        )
         self.metrics: PrefixIndexMetrics | None = None  # from_params registers them
+        # Endpoints whose reported capacity was clamped, logged once each (dropped on removal).
+        self._clamped: set[str] = set()
         self._hasher = PromptHasher()
         self.key = PREFIX_MATCH.for_producer(self.name)
         self._hashes_key = DataKey[list[int]](f"{self.type_name}/hashes", self.name)
@@ -288,6 +352,14 @@ class ApproxPrefixCacheProducer(
         lru_capacity = params.get_int("lruCapacityPerServer", DEFAULT_LRU_CAPACITY_PER_SERVER)
         if lru_capacity <= 0:
             lru_capacity = DEFAULT_LRU_CAPACITY_PER_SERVER
+        max_capacity = params.get_int("maxLruCapacityPerServer", DEFAULT_MAX_CAPACITY_PER_SERVER, minimum=1)
+        if lru_capacity > max_capacity:
+            params.warn(
+                f"lruCapacityPerServer {lru_capacity} is above maxLruCapacityPerServer {max_capacity}; "
+                f"{max_capacity} is used"
+            )
+        max_entries = params.get_int("maxIndexEntries", DEFAULT_MAX_INDEX_ENTRIES, minimum=1)
+        max_bytes = params.get_int("maxIndexBytes", DEFAULT_MAX_INDEX_BYTES, minimum=1)
         producer = cls(
             name,
             auto_tune=auto_tune,
@@ -295,8 +367,12 @@ class ApproxPrefixCacheProducer(
             max_prefix_blocks=max_blocks,
             max_prefix_tokens=max_tokens,
             lru_capacity_per_server=lru_capacity,
+            max_lru_capacity_per_server=max_capacity,
+            max_index_entries=max_entries,
+            max_index_bytes=max_bytes,
         )
         producer.metrics = PrefixIndexMetrics(handle, producer)
+        producer.index.on_evict = producer.metrics.evicted
         return producer
 
     def produces(self) -> Collection[DataKey[Any]]:
@@ -339,7 +415,18 @@ class ApproxPrefixCacheProducer(
             # smaller than 64 tokens) that is fewer entries.
             index_block = placement.block_size
             server_block = endpoint.metrics.block_size or index_block
-            self.index.set_capacity(endpoint.key, max(1, server_blocks * server_block // index_block))
+            wanted = max(1, server_blocks * server_block // index_block)
+            if self.index.set_capacity(endpoint.key, wanted) < wanted and endpoint.key not in self._clamped:
+                self._clamped.add(endpoint.key)
+                log.warning(
+                    "endpoint %s reports num_gpu_blocks=%d (%d index blocks); the prefix index keeps at "
+                    "most %d for it (maxLruCapacityPerServer of %s)",
+                    endpoint.key,
+                    server_blocks,
+                    wanted,
+                    self.index.max_capacity,
+                    self.name,
+                )
         added = self.index.add(endpoint.key, placement.hashes)
         if added:
             earlier = placement.added.get(endpoint.key)
@@ -384,3 +471,4 @@ class ApproxPrefixCacheProducer(
 
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         self.index.remove_endpoint(endpoint.key)
+        self._clamped.discard(endpoint.key)
