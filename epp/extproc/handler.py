@@ -233,18 +233,23 @@ def _headers_dict(headers: Any) -> dict[str, str]:
     return out
 
 
-def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
-    """Envoy's endpoint subset hint (a list of "ip:port"), or None when there is none. A hint that
-    is not a list is ignored, as the Go EPP ignores it."""
+def _metadata_value(msg: pb.ProcessingRequest, namespace: str, key: str) -> Any:
+    """One field of Envoy's filter metadata (a protobuf Value), or None when it is absent."""
     if not msg.HasField("metadata_context"):
         return None
     namespaces = msg.metadata_context.filter_metadata
-    if messages.SUBSET_HINT_NAMESPACE not in namespaces:
+    if namespace not in namespaces:
         return None
-    fields = namespaces[messages.SUBSET_HINT_NAMESPACE].fields
-    if messages.SUBSET_HINT_KEY not in fields:
+    fields = namespaces[namespace].fields
+    return fields.get(key)
+
+
+def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
+    """Envoy's endpoint subset hint (a list of "ip:port"), or None when there is none. A hint that
+    is not a list is ignored, as the Go EPP ignores it."""
+    value = _metadata_value(msg, messages.SUBSET_HINT_NAMESPACE, messages.SUBSET_HINT_KEY)
+    if value is None:
         return None
-    value = fields[messages.SUBSET_HINT_KEY]
     if value.WhichOneof("kind") != "list_value":
         log.debug("ignoring a subset hint that is not a list: %s", value.WhichOneof("kind"))
         return None
@@ -254,16 +259,8 @@ def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
 def _served_endpoint(msg: pb.ProcessingRequest) -> str | None:
     """The endpoint Envoy reports it sent the request to (`envoy.lb` /
     `x-gateway-destination-endpoint-served`), on the response headers; None when not reported."""
-    if not msg.HasField("metadata_context"):
-        return None
-    namespaces = msg.metadata_context.filter_metadata
-    if messages.LB_METADATA_NAMESPACE not in namespaces:
-        return None
-    fields = namespaces[messages.LB_METADATA_NAMESPACE].fields
-    if messages.DESTINATION_SERVED_KEY not in fields:
-        return None
-    value = fields[messages.DESTINATION_SERVED_KEY].string_value
-    return value or None
+    value = _metadata_value(msg, messages.LB_METADATA_NAMESPACE, messages.DESTINATION_SERVED_KEY)
+    return (value.string_value or None) if value is not None else None
 
 
 def _content_length(headers: Mapping[str, str]) -> int | None:
