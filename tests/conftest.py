@@ -1,14 +1,17 @@
-"""Fixtures shared by the simulator and P/D tests: real simulators on loopback free ports."""
+"""Fixtures shared across the suite: real simulators on loopback free ports, and a kubeconfig for
+the module's own loopback API server (each Kubernetes test module defines its `api` fixture)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from epp_bench.sim import SimConfig, Simulator, start_simulator
+from tests.support.kube_api import KubeApiServer
 
 SIM_MODEL = "sim-model"
 StartSim = Callable[..., Awaitable[Simulator]]
@@ -37,3 +40,9 @@ async def start_sim(request: pytest.FixtureRequest) -> AsyncIterator[StartSim]:
     yield start
     for sim in sims:
         await sim.stop()
+
+
+@pytest.fixture
+def kubeconfig(api: KubeApiServer, tmp_path: Path) -> Path:
+    """A kubeconfig pointing at the requesting module's `api` (a KubeApiServer fixture)."""
+    return api.write_kubeconfig(tmp_path / "kubeconfig")

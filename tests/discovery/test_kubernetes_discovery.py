@@ -55,11 +55,6 @@ async def api() -> AsyncIterator[KubeApiServer]:
     await server.stop()
 
 
-@pytest.fixture
-def kubeconfig(api: KubeApiServer, tmp_path: Path) -> Path:
-    return api.write_kubeconfig(tmp_path / "kubeconfig")
-
-
 # -- the pure rules ----------------------------------------------------------------------------
 
 

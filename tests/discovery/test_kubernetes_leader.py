@@ -41,11 +41,6 @@ async def api() -> AsyncIterator[KubeApiServer]:
     await server.stop()
 
 
-@pytest.fixture
-def kubeconfig(api: KubeApiServer, tmp_path: Path) -> Path:
-    return api.write_kubeconfig(tmp_path / "kubeconfig")
-
-
 def holder(api: KubeApiServer) -> str | None:
     lease = api.get(LEASES, LEASE)
     return None if lease is None else lease["spec"].get("holderIdentity")

@@ -66,11 +66,6 @@ async def api() -> AsyncIterator[KubeApiServer]:
     await server.stop()
 
 
-@pytest.fixture
-def kubeconfig(api: KubeApiServer, tmp_path: Path) -> Path:
-    return api.write_kubeconfig(tmp_path / "kubeconfig")
-
-
 async def statuses(epp: RunningEpp, names: tuple[str, ...], port: int | None = None) -> dict[str, str]:
     return {name: await health_status(port or epp.health_port, name) for name in names}
 

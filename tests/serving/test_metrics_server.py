@@ -48,11 +48,6 @@ async def api() -> AsyncIterator[KubeApiServer]:
 
 
 @pytest.fixture
-def kubeconfig(api: KubeApiServer, tmp_path: Path) -> Path:
-    return api.write_kubeconfig(tmp_path / "kubeconfig")
-
-
-@pytest.fixture
 async def fake() -> AsyncIterator[FakeVllm]:
     server = await FakeVllm("s0").start()
     yield server
