@@ -33,6 +33,7 @@ class RequestResult:
     served_by: str = ""
     text: str = ""
     error: str = ""
+    group: int = -1  # the shared-prefix group, or the multi-turn user: what should stick to a pod
 
 
 @dataclass
@@ -62,6 +63,25 @@ class LoadResult:
             "requests_per_s": len(ok) / elapsed,
             "requests": len(self.results),
             "errors": len(self.results) - len(ok),
+            **self.stickiness(),
+        }
+
+    def stickiness(self) -> dict[str, float]:
+        """How well prefix groups (or conversations) stay on one pod: `pods_per_group`, the mean
+        number of pods that served a group, and `group_on_top_pod`, the mean share of a group's
+        requests served by its most-used pod (1.0: every group on one pod)."""
+        by_group: dict[int, dict[str, int]] = {}
+        for r in self.results:
+            if r.ok and r.group >= 0 and r.served_by:
+                pods = by_group.setdefault(r.group, {})
+                pods[r.served_by] = pods.get(r.served_by, 0) + 1
+        if not by_group:
+            return {"pods_per_group": float("nan"), "group_on_top_pod": float("nan")}
+        return {
+            "pods_per_group": statistics.fmean(len(p) for p in by_group.values()),
+            "group_on_top_pod": statistics.fmean(
+                max(pods.values()) / sum(pods.values()) for pods in by_group.values()
+            ),
         }
 
 
@@ -145,9 +165,10 @@ async def run_load(
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         started = loop.time()
 
-        async def send(prompt: str, max_tokens: int) -> RequestResult:
+        async def send(prompt: str, max_tokens: int, group: int) -> RequestResult:
             out.prompts.append(prompt)
             result = await send_completion(session, base_url, model, prompt, max_tokens)
+            result.group = group
             out.results.append(result)
             if progress is not None:
                 progress(1)
@@ -160,14 +181,14 @@ async def run_load(
 
         async def single(turn: Turn) -> None:
             await at(turn.at)
-            await send(turn.prompt, turn.max_tokens)
+            await send(turn.prompt, turn.max_tokens, turn.group)
 
         async def conversation(user_turns: list[Turn]) -> None:
             history: list[tuple[str, str]] = []
             await at(user_turns[0].at)
             for turn in user_turns:
                 prompt = conversation_prompt(workload.system_prompts[0], history, turn.question)
-                result = await send(prompt, turn.max_tokens)
+                result = await send(prompt, turn.max_tokens, turn.user)
                 history.append((turn.question, result.text if result.ok else ""))
 
         if turns and turns[0].user >= 0:

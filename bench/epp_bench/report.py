@@ -16,6 +16,7 @@ COLUMNS = (
     ("req/s", "{:>7}", "requests_per_s"),
     ("errors", "{:>7}", "errors"),
     ("hit rate", "{:>9}", "hit_rate"),
+    ("pods/group", "{:>10}", "pods_per_group"),
 )
 
 
@@ -30,6 +31,8 @@ def _fmt(key: str, value: Any) -> str:
         return f"{value:.1%}"
     if key == "errors":
         return str(int(value))
+    if key == "pods_per_group":
+        return f"{value:.2f}"
     return f"{value:.1f}"
 
 

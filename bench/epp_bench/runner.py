@@ -205,7 +205,17 @@ async def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict[str, A
 
 
 # The figures of each policy at each rate in a ladder's "summary".
-LADDER_FIGURES = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "itl_mean_s", "hit_rate", "errors", "requests")
+LADDER_FIGURES = (
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "ttft_p99_s",
+    "itl_mean_s",
+    "hit_rate",
+    "pods_per_group",
+    "group_on_top_pod",
+    "errors",
+    "requests",
+)
 
 
 def ladder_config(cfg: BenchConfig, rate: float, seconds: float | None) -> BenchConfig:

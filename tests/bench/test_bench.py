@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from epp_bench.load import LoadResult, RequestResult
 from epp_bench.workloads import (
     Arrivals,
     MultiTurn,
@@ -26,6 +27,8 @@ FIGURES = {
     "requests_per_s",
     "errors",
     "hit_rate",
+    "pods_per_group",
+    "group_on_top_pod",
 }
 
 
@@ -64,6 +67,15 @@ def test_oracle_counts_the_longest_earlier_prefix() -> None:
     assert oracle_hit_rate([a]) == 0.0
     assert oracle_hit_rate([a, b]) == 128 / (192 * 2)
     assert oracle_hit_rate([a, a]) == 192 / 384
+
+
+def test_stickiness_counts_the_pods_each_group_was_served_by() -> None:
+    served = [(0, "a"), (0, "a"), (0, "a"), (0, "b"), (1, "c"), (1, "c")]
+    load = LoadResult([RequestResult(True, 200, served_by=pod, group=g) for g, pod in served])
+    load.results.append(RequestResult(False, 503, served_by="d", group=1))  # failed: not counted
+    figures = load.summary()
+    assert figures["pods_per_group"] == 1.5  # group 0 on two pods, group 1 on one
+    assert figures["group_on_top_pod"] == (0.75 + 1.0) / 2
 
 
 def test_short_run_of_two_policies_reports_every_figure(tmp_path: Path) -> None:
