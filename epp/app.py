@@ -160,6 +160,7 @@ class App:
             pool_name=settings.metrics_pool_name,
             use_subset_hint=not settings.disable_endpoint_subset_filter,
             emit_scores=settings.emit_endpoint_scores,
+            served_endpoint_header=settings.emit_served_endpoint_header,
             tracer=build_tracer(settings.tracing),
             grpc_stream_metrics=settings.enable_grpc_stream_metrics,
         )

@@ -148,6 +148,7 @@ class Settings:
     # --- routing ---------------------------------------------------------------------------------
     disable_endpoint_subset_filter: bool = False
     emit_endpoint_scores: bool = False
+    emit_served_endpoint_header: bool = False  # epp's own: the report's which-pod header
     # --- model-server metrics --------------------------------------------------------------------
     # Metric-name overrides in the Go flags' spec form (`name` or `name{label="v"}`); None: the
     # engine's own names.
@@ -331,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(route, "--disable-endpoint-subset-filter", False, "ignore Envoy's endpoint subset hint")
     _bool_flag(
         route, "--emit-endpoint-scores", False, "return each candidate's scores in the envoy.lb metadata"
+    )
+    _bool_flag(
+        route,
+        "--emit-served-endpoint-header",
+        False,
+        "name the endpoint that served in the response header x-gateway-destination-endpoint-served "
+        "(epp's own; for `epp_bench report`)",
     )
     msm = p.add_argument_group("Model-server metrics")
     for flag, what in (
@@ -583,6 +591,7 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         health_checking=bool(args.health_checking),
         disable_endpoint_subset_filter=args.disable_endpoint_subset_filter,
         emit_endpoint_scores=args.emit_endpoint_scores,
+        emit_served_endpoint_header=args.emit_served_endpoint_header,
         total_queued_requests_metric=args.total_queued_requests_metric,
         total_running_requests_metric=args.total_running_requests_metric,
         kv_cache_usage_percentage_metric=args.kv_cache_usage_percentage_metric,

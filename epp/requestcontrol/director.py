@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
 log = logging.getLogger(__name__)
+# --emit-served-endpoint-header: the response header naming the endpoint that served (ip:port).
+# The name of the envoy.lb key Envoy reports the same thing under; upstream has no such header.
+SERVED_ENDPOINT_HEADER = "x-gateway-destination-endpoint-served"
 
 
 @dataclass(slots=True)
@@ -105,6 +108,7 @@ class Director:
         pool_name: str = "standalone",
         use_subset_hint: bool = True,
         emit_scores: bool = False,
+        served_endpoint_header: bool = False,
         tracer: RequestTracer | None = None,
         grpc_stream_metrics: bool = False,
     ) -> None:
@@ -116,6 +120,7 @@ class Director:
         self.pool_name = pool_name
         self.use_subset_hint = use_subset_hint  # --disable-endpoint-subset-filter turns it off
         self.emit_scores = emit_scores  # --emit-endpoint-scores
+        self.served_endpoint_header = served_endpoint_header  # --emit-served-endpoint-header
         self.tracer = tracer  # --tracing with an OTEL exporter configured; None: no spans
         if grpc_stream_metrics:  # --enable-grpc-stream-metrics
             metrics.enable_stream_metrics()
@@ -281,9 +286,15 @@ class Director:
         plugins add to the client's response (e.g. a session token)."""
         if served_key:
             self._note_served(decision, served_key)
-        if not self.scheduler.response_header_hooks:
-            return {}
-        return self.scheduler.response_headers(decision.request, decision.result, decision.serving_endpoint)
+        endpoint = decision.serving_endpoint
+        added: dict[str, str] = {}
+        if self.scheduler.response_header_hooks:
+            added = self.scheduler.response_headers(decision.request, decision.result, endpoint)
+        if self.served_endpoint_header:
+            # Which pod answered, for clients measuring stickiness (epp_bench report); Envoy's
+            # report when it gave one, else epp's pick. Set last: a plugin cannot mask it.
+            added[SERVED_ENDPOINT_HEADER] = endpoint.key
+        return added
 
     def _note_served(self, decision: Decision, served_key: str) -> None:
         planned = decision.endpoints[0]
