@@ -1,0 +1,114 @@
+"""The block index: block key -> the pods holding that block (and on which device tier).
+
+`BlockIndex` is what the event consumers write and the scorers read; `MemoryBlockIndex` is the
+in-process backend, `valkey_index.ValkeyBlockIndex` the shared one. Pods are named as the events
+name them (the `<pod>` of the topic `kv@<pod>@<model>`, or the endpoint a subscriber connected
+to); `match` takes, for each candidate, the names it may appear under (its IP and its ip:port).
+
+Bounds (memory backend): at most `capacity` block keys (least recently stored evicted first) and
+at most `pods_per_key` pods per key (the oldest dropped). A lookup costs O(blocks of the request)
+dictionary reads. Clearing a pod (AllBlocksCleared, a restarted engine, a pod removed) is O(1): the
+pod's generation moves on and its older entries stop counting, to be evicted in time.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Final, Protocol
+
+DEFAULT_CAPACITY: Final = 1_000_000  # block keys; ~200 bytes each with one pod
+DEFAULT_PODS_PER_KEY: Final = 10  # llm-d's podCacheSize default
+
+
+class BlockIndex(Protocol):
+    """The writes event consumers make and the read a scorer makes (synchronous, no I/O)."""
+
+    def add(self, pod: str, keys: Sequence[int], tier: str) -> None: ...
+
+    def remove(self, pod: str, keys: Sequence[int], tier: str) -> None: ...
+
+    def clear_pod(self, pod: str) -> None: ...
+
+    def match(self, keys: Sequence[int], pods: Mapping[str, Sequence[str]]) -> dict[str, int]:
+        """For each candidate (id -> the pod names it may appear under), how many of `keys`, from
+        the first on, it holds in a row (candidates holding none are absent)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+class MemoryBlockIndex:
+    """In-process, bounded block index (see the module docstring)."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, pods_per_key: int = DEFAULT_PODS_PER_KEY) -> None:
+        if capacity <= 0 or pods_per_key <= 0:
+            raise ValueError("index capacity and pods per key must be positive")
+        self.capacity = capacity
+        self.pods_per_key = pods_per_key
+        # key -> {pod: (generation, tier)}, least recently stored first
+        self._blocks: OrderedDict[int, dict[str, tuple[int, str]]] = OrderedDict()
+        self._generation: dict[str, int] = {}
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def add(self, pod: str, keys: Sequence[int], tier: str) -> None:
+        generation = self._generation.setdefault(pod, 0)
+        blocks = self._blocks
+        for key in keys:
+            holders = blocks.get(key)
+            if holders is None:
+                holders = blocks[key] = {}
+            else:
+                blocks.move_to_end(key)
+                holders.pop(pod, None)  # re-inserted last: the newest holder
+            holders[pod] = (generation, tier)
+            if len(holders) > self.pods_per_key:
+                del holders[next(iter(holders))]
+        while len(blocks) > self.capacity:
+            blocks.popitem(last=False)
+            self.evictions += 1
+
+    def remove(self, pod: str, keys: Sequence[int], tier: str) -> None:
+        blocks = self._blocks
+        for key in keys:
+            holders = blocks.get(key)
+            if holders is None:
+                continue
+            held = holders.get(pod)
+            if held is not None and held[1] == tier:
+                del holders[pod]
+                if not holders:
+                    del blocks[key]
+
+    def clear_pod(self, pod: str) -> None:
+        if pod in self._generation:
+            self._generation[pod] += 1
+
+    def forget_pod(self, pod: str) -> None:
+        """The pod left for good: its entries stop counting (same as clear_pod)."""
+        self.clear_pod(pod)
+
+    def match(self, keys: Sequence[int], pods: Mapping[str, Sequence[str]]) -> dict[str, int]:
+        generation = self._generation
+        blocks = self._blocks
+        alive: dict[str, Iterable[str]] = dict(pods)
+        matched: dict[str, int] = {}
+        for depth, key in enumerate(keys):
+            holders = blocks.get(key)
+            if holders is None:
+                break
+            still: dict[str, Iterable[str]] = {}
+            for candidate, names in alive.items():
+                for name in names:
+                    held = holders.get(name)
+                    if held is not None and held[0] == generation.get(name):
+                        still[candidate] = names
+                        matched[candidate] = depth + 1
+                        break
+            if not still:
+                break
+            alive = still
+        return matched

@@ -1,0 +1,139 @@
+"""Events from a publisher with vLLM's sockets and protocol reach the index: both topologies,
+lost batches replayed, a restarted engine's blocks cleared, AllBlocksCleared honoured."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from epp_scorers.kvcache.consumer import EventConsumer
+from epp_scorers.kvcache.index import MemoryBlockIndex
+from epp_scorers.kvcache.keys import block_hashes, key_of
+from epp_scorers.kvcache.subscriber import bound_subscriber, connected_subscriber
+from tests.plugins.kvcache import vllm_events as v
+
+TOKENS = list(range(64))
+HASHES = block_hashes(TOKENS, hash_seed="0")
+KEYS = [key_of(h) for h in HASHES]
+POD = {"pod": ["10.0.0.1", "10.0.0.1:8000"]}
+
+
+async def _until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def _running(coro: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    task = asyncio.ensure_future(coro)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _publish_until_seen(pub: v.Publisher, consumer: EventConsumer, payload: bytes) -> None:
+    """PUB/SUB drops what is sent before the subscription is up (ZMQ's slow joiner): send
+    until the first batch is applied, as an engine's steady stream would."""
+    async with asyncio.timeout(5):
+        while consumer.stats.batches == 0:
+            await pub.publish(payload)
+            await asyncio.sleep(0.05)
+
+
+async def test_engines_connect_to_the_socket_epp_binds() -> None:
+    index = MemoryBlockIndex()
+    consumer = EventConsumer(index)
+    bound: list[str] = []
+    async with _running(bound_subscriber("tcp://127.0.0.1:*", "kv@", consumer, on_bound=bound.append)):
+        await _until(lambda: bool(bound))
+        pub = v.Publisher(bound[0], "kv@10.0.0.1@model")
+        ignored = v.Publisher(bound[0], "other-topic")  # filtered out by the topic prefix
+        try:
+            await ignored.publish(v.encode([v.stored(HASHES, TOKENS)]))
+            await _publish_until_seen(pub, consumer, v.encode([v.stored(HASHES[:2], TOKENS[:32])]))
+            assert index.match(KEYS, POD) == {"pod": 2}
+            await pub.publish(v.encode([v.stored(HASHES[2:], TOKENS[32:], parent=HASHES[1])]))
+            await _until(lambda: index.match(KEYS, POD) == {"pod": 4})
+            await pub.publish(v.encode([v.BlockRemoved([HASHES[1]], "GPU")]))
+            await _until(lambda: index.match(KEYS, POD) == {"pod": 1})
+        finally:
+            await pub.close()
+            await ignored.close()
+
+
+async def test_epp_connects_to_each_engine_and_replays_what_it_missed() -> None:
+    index = MemoryBlockIndex()
+    consumer = EventConsumer(index)
+    pub = v.Publisher("tcp://127.0.0.1:*", "kv@10.0.0.1@model", replay_endpoint="tcp://127.0.0.1:*")
+    try:
+        async with _running(
+            connected_subscriber(pub.endpoint, "10.0.0.1:8000", "kv@", consumer, pub.replay_endpoint)
+        ):
+            await _publish_until_seen(pub, consumer, v.encode([v.stored(HASHES[:1], TOKENS[:16])]))
+            # Two batches lost on the way (a full socket, a reconnect): the next one shows the gap.
+            await pub.publish(v.encode([v.stored(HASHES[1:2], TOKENS[16:32], HASHES[0])]), drop=True)
+            await pub.publish(v.encode([v.stored(HASHES[2:3], TOKENS[32:48], HASHES[1])]), drop=True)
+            await pub.publish(v.encode([v.stored(HASHES[3:], TOKENS[48:], HASHES[2])]))
+            await _until(lambda: index.match(KEYS, POD) == {"pod": 4})
+            assert consumer.stats.gaps == 1 and consumer.stats.replayed == 2
+            assert consumer.stats.lost_batches == 0
+    finally:
+        await pub.close()
+
+
+async def test_a_gap_without_replay_is_counted_and_the_stream_goes_on() -> None:
+    index = MemoryBlockIndex()
+    consumer = EventConsumer(index)
+    pub = v.Publisher("tcp://127.0.0.1:*", "kv@10.0.0.1@model")
+    try:
+        async with _running(connected_subscriber(pub.endpoint, "10.0.0.1", "kv@", consumer)):
+            await _publish_until_seen(pub, consumer, v.encode([v.stored(HASHES[:1], TOKENS[:16])]))
+            await pub.publish(v.encode([v.stored(HASHES[1:2], TOKENS[16:32], HASHES[0])]), drop=True)
+            await pub.publish(v.encode([v.stored(HASHES[2:], TOKENS[32:], HASHES[1])]))
+            await _until(lambda: consumer.stats.lost_batches == 1)
+            assert index.match(KEYS, POD) == {"pod": 1}  # block 2 never arrived: the match stops there
+    finally:
+        await pub.close()
+
+
+async def test_a_restarted_engine_and_all_blocks_cleared_empty_the_pod() -> None:
+    index = MemoryBlockIndex()
+    consumer = EventConsumer(index)
+    pub = v.Publisher("tcp://127.0.0.1:*", "kv@10.0.0.1@model")
+    try:
+        async with _running(connected_subscriber(pub.endpoint, "10.0.0.1", "kv@", consumer)):
+            await _publish_until_seen(pub, consumer, v.encode([v.stored(HASHES, TOKENS)]))
+            await pub.publish(v.encode([v.stored(HASHES, TOKENS)]))
+            await _until(lambda: consumer.stats.batches >= 2)
+            pub.restart()  # a new engine process: sequence 0 again, its cache empty
+            await pub.publish(v.encode([v.stored(HASHES[:1], TOKENS[:16])]))
+            await _until(lambda: consumer.stats.restarts == 1)
+            assert index.match(KEYS, POD) == {"pod": 1}
+            await pub.publish(v.encode([v.AllBlocksCleared()]))
+            await _until(lambda: consumer.stats.clears == 1)
+            assert index.match(KEYS, POD) == {}
+    finally:
+        await pub.close()
+
+
+@pytest.mark.parametrize("frames", [[b"kv@x@m", b"\0"], [b"kv@x@m", b"\0" * 8, b"\xc1"]])
+async def test_malformed_messages_are_counted_and_dropped(frames: list[bytes]) -> None:
+    consumer = EventConsumer(MemoryBlockIndex())
+    pub = v.Publisher("tcp://127.0.0.1:*", "kv@10.0.0.1@model")
+    try:
+        async with _running(connected_subscriber(pub.endpoint, "10.0.0.1", "kv@", consumer)):
+            async with asyncio.timeout(5):
+                while consumer.stats.malformed == 0:
+                    await pub.pub.send_multipart(frames)
+                    await asyncio.sleep(0.05)
+            assert consumer.stats.batches == 0
+    finally:
+        await pub.close()
