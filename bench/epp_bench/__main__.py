@@ -8,6 +8,7 @@ Examples:
     python -m epp_bench run --workload multi-turn --users 16 --rounds 5 --rate 2
     python -m epp_bench demo --ladder 8,14,20 --plot ladder.png   # quality against load
     python -m epp_bench soak --duration 10m        # lost requests, epp's RSS growth, p99 (epp_bench.soak)
+    python -m epp_bench extproc | pick | scrape | memory   # epp's own costs (epp_bench.perf)
 """
 
 from __future__ import annotations
@@ -20,9 +21,18 @@ import sys
 from pathlib import Path
 
 from epp_bench import soak
+from epp_bench.perf import extproc, memory, pick, scrape
 from epp_bench.report import ladder_plot, ladder_tables, plot, table
 from epp_bench.runner import ALL_POLICIES, BenchConfig, run_bench, run_ladder
 from epp_bench.workloads import Arrivals, MultiTurn, SharedPrefix, Workload
+
+# The performance commands (epp_bench.perf): name, module, help.
+_PERF = (
+    ("extproc", extproc, "ext_proc requests/s and CPU per request: epp against a do-nothing server"),
+    ("pick", pick, "the cost of one pick (scheduling cycle) at N endpoints and C prompt characters"),
+    ("scrape", scrape, "an idle epp's CPU scraping N pods' realistic vLLM /metrics"),
+    ("memory", memory, "the prefix index's bytes per entry and RSS at 100 pods x 31,250 blocks"),
+)
 
 
 def demo_config() -> BenchConfig:
@@ -73,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_arguments(
         sub.add_parser("soak", help="steady load with pod churn and failing scrapes (10 minutes)")
     )
+    for name, module, what in _PERF:
+        module.add_arguments(sub.add_parser(name, help=what, description=module.__doc__))
     for q in (run, demo):
         q.add_argument("--out", type=Path, help="write the results JSON here")
         q.add_argument("--plot", type=Path, help="write a PNG of TTFT and throughput per policy here")
@@ -168,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "soak":
         return soak.main(args)
+    for name, module, _ in _PERF:
+        if args.command == name:
+            return int(module.main(args))
     cfg = config_from_args(args)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("epp_bench: error: --plot needs matplotlib: pip install 'epp-bench[plots]'")

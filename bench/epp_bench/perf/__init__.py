@@ -1,0 +1,115 @@
+"""The performance commands: `python -m epp_bench extproc | pick | scrape | memory`.
+
+Each measures one cost of epp, prints a table and writes its figures as JSON (`--out`); the
+README's Performance section and docs/performance.md are made from their output. Every run is
+bounded in count and time. `extproc` and `scrape` run epp as a subprocess of this interpreter and
+read its CPU time from /proc (Linux); `pick` and `memory` import epp in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S  # utime, stime (fields 14, 15)
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a process now, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc status")
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) of already sorted values, nearest rank."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A plain-text table: columns are (key, header, format spec)."""
+    cells = [
+        [format(row[key], spec) if row.get(key) is not None else "-" for key, _, spec in columns]
+        for row in rows
+    ]
+    widths = [max(len(header), *(len(r[i]) for r in cells)) for i, (_, header, _) in enumerate(columns)]
+    lines = ["  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths, strict=True))]
+    lines.append("-" * len(lines[0]))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: Path | None, doc: Any) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"results: {path}")
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "load_avg_1m": os.getloadavg()[0]}
+
+
+def start_epp(args: Sequence[str], health_port: int, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
+    """`python -m epp ARGS` (plaintext gRPC, errors only in its log), once its health says SERVING."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "epp", *args, "--secure-serving=false", "--log-level", "error"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        wait_serving(proc, health_port, timeout_s)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def wait_serving(proc: subprocess.Popen[bytes], health_port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+                status = (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    .status
+                )
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"epp exited with {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"epp was not ready within {timeout_s:g}s")
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -1,0 +1,278 @@
+"""`python -m epp_bench extproc`: epp's ext_proc cost against a do-nothing ext_proc server.
+
+For each body size, the same client (its own process, grpc.aio, `--concurrency` streams) drives
+first a built-in do-nothing ext_proc server (grpc.aio, answering each message with an empty
+response: the floor of gRPC streaming in Python), then epp at each endpoint count. Per request,
+one stream shaped as Envoy's FULL_DUPLEX_STREAMED one: request headers, the body, response
+headers and a response body; the stream is half-closed and read to its end. Reported: requests/s,
+latency percentiles, and the server's own CPU per request (user + system, from /proc/<pid>/stat,
+over the timed requests only), each also as a ratio to the do-nothing server's.
+
+epp runs with its default config over endpoints where nothing listens; their metrics are scraped
+once a minute (the cost of scraping is `python -m epp_bench scrape`'s), so this measures the
+protocol, the parsing and the pick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+from envoy.config.core.v3 import base_pb2 as core_pb
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from epp_bench.gateway import free_port
+from epp_bench.perf import cpu_seconds, machine, percentile, start_epp, stop, table, write_json
+
+COLUMNS = (
+    ("server", "server", ""),
+    ("endpoints", "endpoints", ""),
+    ("body_kb", "body kB", "d"),
+    ("requests_per_s", "req/s", ",.0f"),
+    ("p50_ms", "p50 ms", ".2f"),
+    ("p99_ms", "p99 ms", ".2f"),
+    ("cpu_us_per_request", "CPU us/req", ",.0f"),
+    ("rps_ratio", "req/s vs floor", ".0%"),
+    ("cpu_ratio", "CPU vs floor", ".2f"),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoints", type=_ints, default=[8, 100, 1000], help="N,N,... (default 8,100,1000)")
+    p.add_argument("--body-kb", type=_ints, default=[1, 10, 100], help="kB,kB,... (default 1,10,100)")
+    p.add_argument(
+        "--requests", type=int, default=3000, help="timed requests per run, at most (default 3000)"
+    )
+    p.add_argument(
+        "--max-seconds", type=float, default=20.0, help="time bound of a run's timed part (default 20)"
+    )
+    p.add_argument("--concurrency", type=int, default=16, help="concurrent streams (default 16)")
+    p.add_argument("--out", type=Path, help="write the JSON here")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or N,N,...") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: values must be positive")
+    return values
+
+
+# --- the do-nothing server -------------------------------------------------------------------
+
+
+class NothingServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """Answers every message with an empty ProcessingResponse."""
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        async for _ in request_iterator:
+            yield pb.ProcessingResponse()
+
+
+async def serve_nothing(port: int) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_ExternalProcessorServicer_to_server(NothingServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+def _headers(items: dict[str, str], response: bool = False) -> pb.ProcessingRequest:
+    header_map = core_pb.HeaderMap(
+        headers=[core_pb.HeaderValue(key=k, raw_value=v.encode()) for k, v in items.items()]
+    )
+    headers = pb.HttpHeaders(headers=header_map)
+    return (
+        pb.ProcessingRequest(response_headers=headers)
+        if response
+        else pb.ProcessingRequest(request_headers=headers)
+    )
+
+
+def stream_messages(body: bytes) -> list[pb.ProcessingRequest]:
+    request_headers = {
+        ":method": "POST",
+        ":path": "/v1/completions",
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+    }
+    return [
+        _headers(request_headers),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
+        _headers({":status": "200", "content-type": "application/json"}, response=True),
+        pb.ProcessingRequest(
+            response_body=pb.HttpBody(body=b'{"usage":{"completion_tokens":1}}', end_of_stream=True)
+        ),
+    ]
+
+
+def bodies(body_bytes: int, seed: int = 1) -> list[bytes]:
+    """64 completion bodies of about `body_bytes` bytes: 16 shared system prompts (80 %) and a
+    random question each."""
+    rng = random.Random(seed)
+    system = body_bytes * 4 // 5
+    systems = ["".join(rng.choice("abcdefgh ") for _ in range(system)) for _ in range(16)]
+    return [
+        orjson.dumps(
+            {
+                "model": "m",
+                "prompt": systems[i % 16] + "".join(rng.choice("xyz ") for _ in range(body_bytes - system)),
+            }
+        )
+        for i in range(64)
+    ]
+
+
+async def one(stub: pb_grpc.ExternalProcessorStub, messages: list[pb.ProcessingRequest]) -> float:
+    started = time.perf_counter()
+    call = stub.Process(iter(messages))  # half-closed after the last message
+    replies = 0
+    async for _ in call:
+        replies += 1
+    if replies < 4:
+        raise RuntimeError(f"the server answered {replies} messages, expected at least 4")
+    return time.perf_counter() - started
+
+
+async def drive(
+    port: int, server_pid: int, body_bytes: int, requests: int, concurrency: int, max_s: float
+) -> dict[str, Any]:
+    streams = [stream_messages(b) for b in bodies(body_bytes)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ExternalProcessorStub(channel)
+        for i in range(100):  # warm-up
+            await one(stub, streams[i % 64])
+        latencies: list[float] = []
+        counter = iter(range(requests))
+        deadline = time.monotonic() + max_s
+
+        async def worker() -> None:
+            for i in counter:
+                if time.monotonic() > deadline:
+                    return
+                latencies.append(await one(stub, streams[i % 64]))
+
+        cpu_before, started = cpu_seconds(server_pid), time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout=max_s + 30)
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds(server_pid) - cpu_before
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 0.5) * 1e3, 3),
+        "p90_ms": round(percentile(latencies, 0.9) * 1e3, 3),
+        "p99_ms": round(percentile(latencies, 0.99) * 1e3, 3),
+        "cpu_us_per_request": round(cpu / len(latencies) * 1e6, 1),
+    }
+
+
+def run_client(
+    port: int, server_pid: int, body_bytes: int, requests: int, concurrency: int, max_s: float
+) -> dict[str, Any]:
+    """The client, in its own process; its JSON result on its last line."""
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "epp_bench.perf.extproc", "--client", str(port), str(server_pid),
+            str(body_bytes), str(requests), str(concurrency), str(max_s),
+        ],
+        capture_output=True,
+        timeout=max_s + 120,
+        check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"the ext_proc client failed: {out.stderr.decode()[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+# --- the runs --------------------------------------------------------------------------------
+
+
+def run_nothing(body_bytes: int, args: argparse.Namespace) -> dict[str, Any]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "epp_bench.perf.extproc", "--serve-nothing", str(port)], stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            raise SystemExit("the do-nothing ext_proc server did not start")
+        return run_client(port, proc.pid, body_bytes, args.requests, args.concurrency, args.max_seconds)
+    finally:
+        stop(proc)
+
+
+def run_epp(endpoints: int, body_bytes: int, args: argparse.Namespace) -> dict[str, Any]:
+    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+    # Nothing listens there; scraped once a minute, so failing scrapes stay out of the figures.
+    pool = ",".join(f"127.0.{1 + i // 250}.{1 + i % 250}:{20000 + i % 200}" for i in range(endpoints))
+    proc = start_epp(
+        [
+            "--endpoints", pool, "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+            "--metrics-port", str(metrics_port), "--bind-address", "127.0.0.1",
+            "--refresh-metrics-interval", "60s",
+        ],
+        health_port,
+    )  # fmt: skip
+    try:
+        return run_client(grpc_port, proc.pid, body_bytes, args.requests, args.concurrency, args.max_seconds)
+    finally:
+        stop(proc)
+
+
+def main(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    for kb in args.body_kb:
+        floor = {"server": "do-nothing", "endpoints": "-", "body_kb": kb, **run_nothing(kb * 1000, args)}
+        rows.append(floor)
+        print(table([floor], COLUMNS).splitlines()[-1], flush=True)
+        for n in args.endpoints:
+            row: dict[str, Any] = {
+                "server": "epp",
+                "endpoints": n,
+                "body_kb": kb,
+                **run_epp(n, kb * 1000, args),
+            }
+            row["rps_ratio"] = round(row["requests_per_s"] / floor["requests_per_s"], 3)
+            row["cpu_ratio"] = round(row["cpu_us_per_request"] / floor["cpu_us_per_request"], 3)
+            rows.append(row)
+            print(table([row], COLUMNS).splitlines()[-1], flush=True)
+    print()
+    print(table(rows, COLUMNS))
+    print(f"({args.concurrency} concurrent streams, client in its own process; {machine()})")
+    write_json(args.out, {"concurrency": args.concurrency, "machine": machine(), "runs": rows})
+    return 0
+
+
+def _entry(argv: list[str]) -> None:
+    """The two helper processes: `--serve-nothing PORT` and `--client PORT PID BYTES N C S`."""
+    if argv[0] == "--serve-nothing":
+        asyncio.run(serve_nothing(int(argv[1])))
+    elif argv[0] == "--client":
+        port, pid, body, n, c = (int(v) for v in argv[1:6])
+        print(json.dumps(asyncio.run(drive(port, pid, body, n, c, float(argv[6])))))
+    else:
+        raise SystemExit("use `python -m epp_bench extproc`")
+
+
+if __name__ == "__main__":
+    _entry(sys.argv[1:])

@@ -1,0 +1,166 @@
+"""`python -m epp_bench scrape`: an idle epp's CPU while it scrapes N pods' /metrics.
+
+N simulated pods (one lean HTTP/1.1 server process listening on N ports, keep-alive) each serve a
+realistic vLLM /metrics page (`epp_bench.perf.vllm_page`: every family of a vLLM 0.11 server,
+histograms included), with the queue, running and KV gauges changing from poll to poll. epp runs
+with these pods as its endpoints at the default interval (50 ms) and no requests; its CPU time is
+read from /proc over `--seconds`, after a warm-up. The pods' server counts the polls it answered,
+so the table says how many scrapes per second epp really made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from epp_bench.gateway import free_port
+from epp_bench.perf import cpu_seconds, machine, start_epp, stop, table, write_json
+from epp_bench.perf.vllm_page import page
+
+COLUMNS = (
+    ("pods", "pods", "d"),
+    ("interval_ms", "interval ms", ".0f"),
+    ("page_bytes", "page bytes", ",d"),
+    ("scrapes_per_s", "scrapes/s", ",.0f"),
+    ("expected_scrapes_per_s", "expected/s", ",.0f"),
+    ("cpu_percent", "epp CPU % of a core", ".1f"),
+    ("cpu_us_per_scrape", "CPU us/scrape", ".0f"),
+)
+_VARIANTS = 8  # pages with different gauge values, served in turn
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pods", type=int, default=100, help="simulated pods (default 100)")
+    p.add_argument("--interval", default="50ms", help="epp's --refresh-metrics-interval (default 50ms)")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds (default 10)")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring (default 3)")
+    p.add_argument("--out", type=Path, help="write the JSON here")
+
+
+# --- the pods' server ------------------------------------------------------------------------
+
+
+class _PodProtocol(asyncio.Protocol):
+    """Answers every GET on a keep-alive connection with the next page variant."""
+
+    served = 0
+
+    def __init__(self, responses: list[bytes]) -> None:
+        self._responses = responses
+        self._buffer = b""
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\r\n\r\n")) >= 0:
+            self._buffer = self._buffer[end + 4 :]
+            assert self._transport is not None
+            self._transport.write(self._responses[_PodProtocol.served % _VARIANTS])
+            _PodProtocol.served += 1
+
+
+async def serve_pods(ports: list[int]) -> None:
+    responses = []
+    for i in range(_VARIANTS):
+        body = page(waiting=i, running=4 + i, kv=0.1 * i)
+        head = (
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        responses.append(head.encode() + body)
+    loop = asyncio.get_running_loop()
+    for port in ports:
+        await loop.create_server(lambda: _PodProtocol(responses), "127.0.0.1", port)
+    print("ready", flush=True)
+    while True:  # report the count of polls answered, when asked on stdin
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            return
+        print(_PodProtocol.served, flush=True)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def measure(pods: int, interval: str, seconds: float, warmup: float) -> dict[str, Any]:
+    if pods <= 0 or seconds <= 0 or warmup < 0:
+        raise SystemExit("epp_bench scrape: --pods and --seconds must be positive")
+    ports = [free_port() for _ in range(pods)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "epp_bench.perf.scrape", "--serve", *map(str, ports)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert server.stdin is not None and server.stdout is not None
+
+    def served() -> int:
+        assert server.stdin is not None and server.stdout is not None
+        server.stdin.write(b"?\n")
+        server.stdin.flush()
+        return int(server.stdout.readline())
+
+    try:
+        if server.stdout.readline().strip() != b"ready":
+            raise SystemExit("the pods' server did not start")
+        grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+        epp = start_epp(
+            [
+                "--endpoints", ",".join(f"127.0.0.1:{p}" for p in ports), "--grpc-port", str(grpc_port),
+                "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port),
+                "--bind-address", "127.0.0.1", "--refresh-metrics-interval", interval,
+            ],
+            health_port,
+        )  # fmt: skip
+        try:
+            time.sleep(warmup)
+            cpu0, polls0, t0 = cpu_seconds(epp.pid), served(), time.monotonic()
+            time.sleep(seconds)
+            cpu1, polls1, t1 = cpu_seconds(epp.pid), served(), time.monotonic()
+        finally:
+            stop(epp)
+    finally:
+        server.stdin.close()
+        stop(server)
+    elapsed, cpu, polls = t1 - t0, cpu1 - cpu0, polls1 - polls0
+    interval_s = _seconds(interval)
+    return {
+        "pods": pods,
+        "interval_ms": interval_s * 1e3,
+        "page_bytes": len(page()),
+        "seconds": round(elapsed, 2),
+        "scrapes_per_s": round(polls / elapsed, 1),
+        "expected_scrapes_per_s": round(pods / interval_s, 1),
+        "cpu_percent": round(cpu / elapsed * 100, 2),
+        "cpu_us_per_scrape": round(cpu / polls * 1e6, 1) if polls else None,
+    }
+
+
+def _seconds(text: str) -> float:
+    for suffix, factor in (("ms", 1e-3), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def main(args: argparse.Namespace) -> int:
+    row = measure(args.pods, args.interval, args.seconds, args.warmup)
+    print(table([row], COLUMNS))
+    print(f"(idle epp, no requests; {machine()})")
+    write_json(args.out, row)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        asyncio.run(serve_pods([int(p) for p in sys.argv[2:]]))
+    else:
+        raise SystemExit("use `python -m epp_bench scrape`")

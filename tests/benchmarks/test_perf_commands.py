@@ -1,0 +1,95 @@
+"""The four performance commands (`python -m epp_bench extproc | pick | scrape | memory`), each
+run once at a small size in its own process: the table is printed, the JSON has the documented
+shape and says the work was done. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from epp.datalayer.model_server_metrics import VLLM, parse_metrics
+from epp_bench.perf.vllm_page import page
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def bench(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "epp_bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_ok(tmp_path: Path, *args: str) -> tuple[str, Any]:
+    out = tmp_path / "out.json"
+    done = bench(*args, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, json.loads(out.read_text())
+
+
+def test_pick_writes_one_row_per_case(tmp_path: Path) -> None:
+    stdout, rows = run_ok(tmp_path, "pick", "--endpoints", "4,20", "--prompt-chars", "3000", "--picks", "50")
+    assert [set(r) for r in rows] == [{"endpoints", "prompt_chars", "p50_ms", "p99_ms"}] * 2
+    assert [(r["endpoints"], r["prompt_chars"]) for r in rows] == [(4, 3000), (20, 3000)]
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
+    assert "p50 ms" in stdout
+
+
+def test_pick_refuses_a_bad_count() -> None:
+    done = bench("pick", "--endpoints", "0")
+    assert done.returncode == 2 and "counts must be positive" in done.stderr
+
+
+def test_memory_fills_the_index_and_reports_bytes_per_entry(tmp_path: Path) -> None:
+    stdout, row = run_ok(tmp_path, "memory", "--pods", "4", "--blocks", "2000", "--shared", "0.5")
+    assert row["entries"] == 4 * 2000  # every pod's LRU full, at its capacity
+    assert row["distinct_blocks"] < row["entries"]  # some blocks held by two pods
+    assert row["estimate_bytes_per_entry"] > 0 and row["rss_mb"] > 0
+    assert "bytes/entry" in stdout
+
+
+def test_scrape_measures_an_idle_epp_scraping_realistic_pages(tmp_path: Path) -> None:
+    _, row = run_ok(
+        tmp_path, "scrape", "--pods", "3", "--seconds", "1.5", "--warmup", "1", "--interval", "100ms"
+    )
+    assert row["pods"] == 3 and row["expected_scrapes_per_s"] == 30
+    assert row["scrapes_per_s"] > 5  # epp did poll the pods
+    assert row["cpu_percent"] > 0 and row["page_bytes"] == len(page())
+
+
+def test_the_fixture_page_is_a_vllm_page_epp_reads() -> None:
+    body = page(waiting=7, running=3, kv=0.25)
+    assert 40_000 < len(body) < 80_000  # tens of kilobytes, as a real vLLM 0.11 page
+    assert body.count(b"# TYPE vllm:") >= 25 and body.count(b"_bucket{") > 300
+    metrics = parse_metrics(body, VLLM, 1.0)
+    assert (metrics.waiting_queue_size, metrics.running_requests, metrics.kv_cache_usage) == (7, 3, 0.25)
+    assert (metrics.block_size, metrics.num_gpu_blocks) == (16, 29127)
+
+
+def test_extproc_compares_epp_with_the_do_nothing_server(tmp_path: Path) -> None:
+    stdout, doc = run_ok(
+        tmp_path,
+        "extproc",
+        *("--endpoints", "3", "--body-kb", "1,70", "--requests", "60"),
+        *("--max-seconds", "10", "--concurrency", "4"),
+    )
+    runs = doc["runs"]
+    assert [(r["server"], r["body_kb"]) for r in runs] == [
+        ("do-nothing", 1),
+        ("epp", 1),
+        ("do-nothing", 70),
+        ("epp", 70),
+    ]
+    for r in runs:
+        assert r["requests"] == 60 and r["requests_per_s"] > 0 and r["cpu_us_per_request"] > 0
+        assert r["p50_ms"] <= r["p99_ms"]
+    assert all(r["rps_ratio"] > 0 and r["cpu_ratio"] > 0 for r in runs if r["server"] == "epp")
+    assert "CPU vs floor" in stdout
