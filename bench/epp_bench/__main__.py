@@ -9,6 +9,7 @@ Examples:
     python -m epp_bench demo --ladder 8,14,20 --plot ladder.png   # quality against load
     python -m epp_bench soak --duration 10m        # lost requests, epp's RSS growth, p99 (epp_bench.soak)
     python -m epp_bench extproc | pick | scrape | memory   # epp's own costs (epp_bench.perf)
+    python -m epp_bench report --gateway http://GW --pods 10.0.0.7:8000,10.0.0.8:8000   # docs/report.md
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from epp_bench import soak
+from epp_bench import gateway_report, soak
 from epp_bench.perf import extproc, memory, pick, scrape
 from epp_bench.report import ladder_plot, ladder_tables, plot, table
 from epp_bench.runner import ALL_POLICIES, BenchConfig, run_bench, run_ladder
@@ -85,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, module, what in _PERF:
         module.add_arguments(sub.add_parser(name, help=what, description=module.__doc__))
+    gateway_report.add_arguments(
+        sub.add_parser(
+            "report",
+            help="cache-hit rate, TTFT/TPOT and stickiness through a live gateway (docs/report.md)",
+            description=gateway_report.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     for q in (run, demo):
         q.add_argument("--out", type=Path, help="write the results JSON here")
         q.add_argument("--plot", type=Path, help="write a PNG of TTFT and throughput per policy here")
@@ -183,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, module, _ in _PERF:
         if args.command == name:
             return int(module.main(args))
+    if args.command == "report":
+        return gateway_report.main(args)
     cfg = config_from_args(args)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("epp_bench: error: --plot needs matplotlib: pip install 'epp-bench[plots]'")
