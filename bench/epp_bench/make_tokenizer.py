@@ -8,6 +8,12 @@ rounded up) also counts as N tokens. The simulator's 16 output words ("the", "an
 vocabulary, so streamed output is counted token for token too. Client-side and server-side token
 counts therefore agree, and a shared prefix of P tokens is 4P bytes of identical text.
 
+The vocabulary holds every 3-letter word by default (the bench's workload texts use words from the
+whole alphabet), then the chat roles `<|system|>`, `<|user|>`, `<|assistant|>`, `<|tool|>` as
+special tokens, and tokenizer_config.json carries a chat template rendering messages exactly as the
+simulator's chat template does (`<|role|>` newline content newline per message, then `<|assistant|>`
+newline): a router that applies it with this tokenizer gets the ids the simulator runs.
+
 Files written: tokenizer.json (the `tokenizers` serialization of a WordLevel model with a WhitespaceSplit
 pre-tokenizer, no normalizer, post-processor or decoder: decoding joins words with single spaces),
 tokenizer_config.json (PreTrainedTokenizerFast, model_max_length) and special_tokens_map.json.
@@ -39,7 +45,14 @@ SIM_WORDS: tuple[str, ...] = (
     "was", "but", "all", "has", "one", "may", "out", "use",
 )  # fmt: skip
 MAX_WORDS = 26**3
-DEFAULT_VOCAB_SIZE = 8192
+DEFAULT_VOCAB_SIZE = len(SPECIAL_TOKENS) + MAX_WORDS  # every 3-letter word
+# The simulator's chat roles (epp_bench/sim/text.py chat_prompt), added after the vocabulary.
+ROLE_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
+# Jinja, as tokenizer_config.json's chat_template (string message contents).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 MODEL_MAX_LENGTH = 131072
 
 
@@ -59,6 +72,11 @@ def vocabulary(size: int = DEFAULT_VOCAB_SIZE) -> dict[str, int]:
     return vocab
 
 
+def with_roles(vocab: dict[str, int]) -> dict[str, int]:
+    """The vocabulary with the chat role tokens appended."""
+    return {**vocab, **{token: len(vocab) + i for i, token in enumerate(ROLE_TOKENS)}}
+
+
 def tokenizer_json(vocab: dict[str, int]) -> dict[str, Any]:
     """The `tokenizers` (Rust) serialization, as `Tokenizer.to_str()` writes it."""
     added = [
@@ -71,7 +89,8 @@ def tokenizer_json(vocab: dict[str, int]) -> dict[str, Any]:
             "normalized": False,
             "special": True,
         }
-        for token in SPECIAL_TOKENS
+        for token in (*SPECIAL_TOKENS, *ROLE_TOKENS)
+        if token in vocab
     ]
     return {
         "version": "1.0",
@@ -97,6 +116,7 @@ def tokenizer_config() -> dict[str, Any]:
         "bos_token": BOS,
         "eos_token": EOS,
         "pad_token": EOS,
+        "chat_template": CHAT_TEMPLATE,
     }
 
 
@@ -107,7 +127,7 @@ def special_tokens_map() -> dict[str, str]:
 def write_tokenizer(directory: Path, vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     files = {
-        "tokenizer.json": tokenizer_json(vocabulary(vocab_size)),
+        "tokenizer.json": tokenizer_json(with_roles(vocabulary(vocab_size))),
         "tokenizer_config.json": tokenizer_config(),
         "special_tokens_map.json": special_tokens_map(),
     }

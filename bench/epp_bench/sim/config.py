@@ -20,11 +20,22 @@ KV per token of a 70B-class model at ~16 GB/s of RDMA) per token the decode inst
 KV defaults: `kv_cache_blocks` = 2,048 blocks x 16 tokens = 32k tokens (scaled down from a real
 pod's ~100k+ so that scaled-down workloads still feel cache pressure), `max_num_seqs` = 256 (vLLM's
 default), `max_waiting` = 1,000 (the llm-d simulator's default queue bound; beyond it -> 429).
+
+KV events (off by default; everything above is unchanged without them): `kv_events_config` is
+vLLM's `--kv-events-config` JSON (kv_events.py). `tokenizer` names a Hugging Face tokenizer
+directory whose ids the engine uses instead of its 4-byte ids. With either, the KV cache is keyed on
+vLLM's block hashes of the token ids (block_hash.py), with vLLM's `--prefix-caching-hash-algo`
+(`prefix_caching_hash_algo`, default sha256) and `python_hash_seed` (vLLM reads PYTHONHASHSEED;
+empty here means that variable, and a random seed when it is unset, as in vLLM).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from epp_bench.sim.block_hash import hash_function
+from epp_bench.sim.kv_events import KVEventsConfig
 
 BLOCK_SIZE_TOKENS = 16
 CHARS_PER_TOKEN = 4  # the field's tokenizer-free convention; "characters" are UTF-8 bytes here
@@ -60,6 +71,16 @@ class SimConfig:
     # What GET /version reports (vLLM answers its own release there). Not a vLLM release by default:
     # the simulator follows vLLM's current HTTP surface, not one version of it.
     vllm_version: str = "0.0.0+sim"
+    tokenizer: str = ""  # a Hugging Face tokenizer directory; "" = the built-in 4-byte tokenizer
+    kv_events_config: str = ""  # vLLM's --kv-events-config JSON; "" = no events
+    kv_events_layout: str = "map"  # "map" (vLLM's tagged-map events) or "array" (older array_like)
+    prefix_caching_hash_algo: str = "sha256"
+    python_hash_seed: str = ""  # "" = the PYTHONHASHSEED environment variable, random when unset
+
+    @property
+    def vllm_block_keys(self) -> bool:
+        """Whether the KV cache is keyed on vLLM's block hashes of token ids."""
+        return bool(self.tokenizer or self.kv_events_config.strip())
 
     def validate(self) -> None:
         positive = {
@@ -89,3 +110,9 @@ class SimConfig:
                 raise ValueError(f"{key} must not be negative, got {value}")
         if self.role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
+        if self.kv_events_layout not in ("map", "array"):
+            raise ValueError(f"kv_events_layout must be map or array, got {self.kv_events_layout!r}")
+        hash_function(self.prefix_caching_hash_algo)  # ValueError for an unknown one
+        if self.tokenizer and not (Path(self.tokenizer) / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer: no tokenizer.json in {self.tokenizer}")
+        KVEventsConfig.parse(self.kv_events_config)

@@ -29,6 +29,14 @@ their last write in one go, so a client that falls behind, or several short step
 (steps shorter than `min_sleep_s` are not slept individually), cost one write, not one per token.
 `stream_interval` > 1 wakes streaming handlers only every N tokens (vLLM's --stream-interval).
 When nothing is queued or running the loop awaits an event and uses no CPU.
+
+KV events (config.py, kv_events.py): the KV cache is keyed on vLLM's block hashes of the prompt's
+token ids. Blocks a request newly caches at admission (vLLM caches a block when it is scheduled for
+computation) and the full blocks its answer filled (cached at the end) are reported as BlockStored,
+evicted ones as BlockRemoved; each step's events go out as one batch after the step. A prefix-cache
+reset that empties the cache is AllBlocksCleared (vLLM's), one that leaves referenced blocks is
+BlockRemoved of what it dropped. `restart` is a pod restart: requests fail, the cache and the
+publisher's sequence start again, and the first batch is AllBlocksCleared.
 """
 
 from __future__ import annotations
@@ -37,13 +45,24 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from epp_bench.sim.block_hash import BlockHasher, external
 from epp_bench.sim.config import BLOCK_CHARS, BLOCK_SIZE_TOKENS, SimConfig
-from epp_bench.sim.kv_cache import Allocation, KVCache
+from epp_bench.sim.kv_cache import Allocation, BlockKey, KVCache
+from epp_bench.sim.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    KVEventsConfig,
+    ZmqEventPublisher,
+)
 from epp_bench.sim.text import answer_bytes, answer_seed, block_hashes, count_tokens, model_seed, prev_bytes
+from epp_bench.sim.token_source import TokenSource, token_source
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +125,7 @@ class SimRequest:
         "rid",
         "state",
         "stream",
+        "token_ids",
         "wakeup",
     )
 
@@ -117,15 +137,23 @@ class SimRequest:
         stream: bool,
         seed: bytes,
         remote_prefill: bool = False,
+        keyed: tuple[list[int], list[bytes]] | None = None,
     ) -> None:
         self.rid = rid
         self.remote_prefill = remote_prefill  # P/D: the prompt's KV comes from a prefill pod
         self.ready_at = 0.0  # when that KV has arrived (real loop time)
         self.prompt = prompt
-        self.prompt_tokens = count_tokens(prompt)
         self.max_tokens = max_tokens
         self.stream = stream
-        self.hashes = block_hashes(prompt, seed)  # full 64-byte blocks of the prompt
+        # With vLLM block keys (`keyed`): the prompt's token ids and vLLM's hashes of its full blocks.
+        self.token_ids: list[int] | None = None
+        self.hashes: Sequence[BlockKey]
+        if keyed is None:
+            self.prompt_tokens = count_tokens(prompt)
+            self.hashes = block_hashes(prompt, seed)  # full 64-byte blocks of the prompt
+        else:
+            self.token_ids, self.hashes = keyed
+            self.prompt_tokens = len(self.token_ids)
         self.answer_seed = answer_seed(prompt)
         self.arrival = 0.0
         self.state = WAITING
@@ -163,8 +191,18 @@ class Engine:
     def __init__(self, cfg: SimConfig, observers: Observers | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.kv = KVCache(cfg.kv_cache_blocks)
         self.stats = SimStats()
+        self.tokens: TokenSource = token_source(cfg.tokenizer)
+        self.events_cfg = KVEventsConfig.parse(cfg.kv_events_config)
+        self.publisher: ZmqEventPublisher | None = None
+        self._events: list[KVEvent] = []
+        self._hasher = (
+            BlockHasher(cfg.prefix_caching_hash_algo, cfg.python_hash_seed or None, BLOCK_SIZE_TOKENS)
+            if cfg.vllm_block_keys
+            else None
+        )
+        self._answer_ids = self.tokens.answer_ids()
+        self.kv = KVCache(cfg.kv_cache_blocks, journal=self.events_cfg.enabled)
         self.observers = observers or Observers()
         self._seed = model_seed(cfg.model)
         self._waiting: deque[SimRequest] = deque()
@@ -175,6 +213,11 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self.broken = False
+
+    @property
+    def vllm_block_keys(self) -> bool:
+        """The KV cache is keyed on vLLM's block hashes of token ids (events on, or a tokenizer)."""
+        return self._hasher is not None
 
     # -- state read by /metrics -------------------------------------------------------------------
     @property
@@ -188,6 +231,10 @@ class Engine:
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the step loop (and open the KV event sockets: OSError when they cannot bind)."""
+        if self.events_cfg.enabled and self.publisher is None:
+            self.publisher = ZmqEventPublisher(self.events_cfg, self.cfg.kv_events_layout)
+            self.publisher.start()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"sim-engine-{self.cfg.name}"
@@ -201,15 +248,30 @@ class Engine:
                 await task
         for req in [*self._waiting, *self._transferring, *self._prefilling, *self._decoding]:
             self._drop(req, "simulator stopped")
+        publisher, self.publisher = self.publisher, None
+        if publisher is not None:
+            await publisher.close()
 
     # -- requests -------------------------------------------------------------------------------------
     def new_request(
-        self, prompt: str, max_tokens: int, stream: bool, remote_prefill: bool = False
+        self,
+        prompt: str,
+        max_tokens: int,
+        stream: bool,
+        remote_prefill: bool = False,
+        token_ids: list[int] | None = None,
+        cache_salt: str | None = None,
     ) -> SimRequest:
         """A request to submit. `remote_prefill` (P/D decode side): the prompt was prefilled on
-        another instance; its KV is transferred instead of computed."""
+        another instance; its KV is transferred instead of computed. `token_ids`: the prompt as ids
+        (with vLLM block keys they are used as given; `prompt` is then their text). `cache_salt`:
+        vLLM's, an extra key of the first block's hash (with vLLM block keys)."""
         rid = f"{self.cfg.name}-{next(self._ids)}"
-        return SimRequest(rid, prompt.encode(), max_tokens, stream, self._seed, remote_prefill)
+        keyed = None
+        if self._hasher is not None:
+            ids = token_ids if token_ids is not None else self.tokens.encode(prompt)
+            keyed = (ids, self._hasher.hashes(ids, cache_salt=cache_salt))
+        return SimRequest(rid, prompt.encode(), max_tokens, stream, self._seed, remote_prefill, keyed)
 
     def submit(self, req: SimRequest) -> None:
         """Queue a request; raises RequestTooLarge or QueueFull instead of queueing it."""
@@ -235,7 +297,73 @@ class Engine:
             self._drop(req, "aborted")
 
     def reset_prefix_cache(self) -> int:
-        return self.kv.reset()
+        dropped = self.kv.reset()
+        if self.kv.journal:
+            removed = self._drain_removed()
+            if self.kv.cached_blocks == 0:
+                self._events.append(AllBlocksCleared())
+            elif removed:
+                self._events.append(BlockRemoved(removed))
+            self._flush_events()
+        return dropped
+
+    def restart(self) -> None:
+        """A pod restart: every request fails, the KV cache starts empty, and the KV event stream
+        starts again (sequence 0) with AllBlocksCleared. Stats keep counting."""
+        for req in [*self._waiting, *self._transferring, *self._prefilling, *self._decoding]:
+            self._drop(req, "simulator restarted")
+        self.kv = KVCache(self.cfg.kv_cache_blocks, journal=self.events_cfg.enabled)
+        self._events.clear()
+        if self.publisher is not None:
+            self.publisher.restart()
+            self.publisher.publish([AllBlocksCleared()])
+
+    # -- KV events ------------------------------------------------------------------------------------
+    def _drain_removed(self) -> list[bytes | int]:
+        as_int = self._int_hashes
+        removed = [external(h, as_int) for h in self.kv.removed if isinstance(h, bytes)]
+        self.kv.removed.clear()
+        return removed
+
+    @property
+    def _int_hashes(self) -> bool:
+        # vLLM's VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES (default 1): the low 64 bits as an integer.
+        return os.environ.get("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", "1") != "0"
+
+    def _note_stored(
+        self, hashes: Sequence[BlockKey], first_block: int, token_ids: Sequence[int], parent: BlockKey | None
+    ) -> None:
+        """BlockRemoved for what the last KV call evicted, then one BlockStored per run of blocks it
+        newly cached. `hashes[i]` is block `first_block + i` of `token_ids`; `parent` is the hash of
+        block `first_block - 1` (None at the start of the sequence)."""
+        kv = self.kv
+        if kv.removed:
+            self._events.append(BlockRemoved(self._drain_removed()))
+        if not kv.stored:
+            return
+        as_int, size = self._int_hashes, BLOCK_SIZE_TOKENS
+        runs: list[list[int]] = []
+        for i in kv.stored:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            start, end = run[0], run[-1] + 1
+            before = hashes[start - 1] if start > 0 else parent
+            self._events.append(
+                BlockStored(
+                    block_hashes=[external(h, as_int) for h in hashes[start:end] if isinstance(h, bytes)],
+                    parent_block_hash=external(before, as_int) if isinstance(before, bytes) else None,
+                    token_ids=list(token_ids[(first_block + start) * size : (first_block + end) * size]),
+                    block_size=size,
+                )
+            )
+
+    def _flush_events(self) -> None:
+        if self._events and self.publisher is not None:
+            self.publisher.publish(self._events)
+        self._events = []
 
     # -- the loop -------------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -282,6 +410,8 @@ class Engine:
                     unslept = 0
                     await asyncio.sleep(0)
             self._apply(clock)
+            if self._events:
+                self._flush_events()
 
     async def _await_transfer(self, loop: asyncio.AbstractEventLoop) -> None:
         """Sleep until the first KV transfer lands, or a new request arrives."""
@@ -314,6 +444,8 @@ class Engine:
             if alloc is None:
                 break  # FIFO: the head waits for blocks, the rest wait behind it
             self._waiting.popleft()
+            if kv.journal and req.token_ids is not None:
+                self._note_stored(req.hashes, 0, req.token_ids, None)
             req.alloc = alloc
             req.cached_tokens = hit * BLOCK_SIZE_TOKENS
             stats.prefix_cache_queries += req.prompt_tokens
@@ -402,19 +534,36 @@ class Engine:
         req.state = FINISHED
         req.finished_at = now
         if req.alloc is not None:
-            self.kv.release(req.alloc, self._generated_block_hashes(req))
+            completed = self._generated_block_hashes(req)
+            self.kv.release(req.alloc, completed)
             req.alloc = None
+            if self.kv.journal and req.token_ids is not None:
+                parent = req.hashes[-1] if req.hashes else None
+                self._note_stored(completed, len(req.hashes), self._all_token_ids(req), parent)
         self.stats.requests_succeeded += 1
         self.observers.e2e((now - req.arrival) / self.cfg.time_factor)
         req.wakeup.set()
 
-    def _generated_block_hashes(self, req: SimRequest) -> list[int]:
-        """Hashes of the full blocks past the prompt's, over prompt + answer text."""
+    def _all_token_ids(self, req: SimRequest) -> list[int]:
+        """Prompt + answer token ids (vLLM's all_token_ids) of a request with token ids."""
+        words, seed = self._answer_ids, req.answer_seed
+        answer = [words[(seed + i) % len(words)] for i in range(req.generated)]
+        return [*(req.token_ids or ()), *answer]
+
+    def _generated_block_hashes(self, req: SimRequest) -> Sequence[BlockKey]:
+        """Hashes of the full blocks past the prompt's, over prompt + answer (text, or token ids)."""
         first = len(req.hashes)
+        if self._hasher is not None:
+            ids = self._all_token_ids(req)
+            if len(ids) // BLOCK_SIZE_TOKENS <= first:
+                return []
+            parent = req.hashes[-1] if req.hashes else None
+            return self._hasher.hashes(ids, parent if isinstance(parent, bytes) else None, start_block=first)
         text = req.prompt + answer_bytes(req.answer_seed, req.generated)
         if len(text) // BLOCK_CHARS <= first:
             return []
-        seed = prev_bytes(req.hashes[-1]) if req.hashes else self._seed
+        last = req.hashes[-1] if req.hashes else None
+        seed = prev_bytes(last) if isinstance(last, int) else self._seed
         return block_hashes(text, seed, start_block=first)
 
     def _drop(self, req: SimRequest, reason: str) -> None:

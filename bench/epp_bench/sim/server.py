@@ -13,6 +13,10 @@ Every response names the instance in `x-served-by`. Streaming answers are SSE `d
 token per event, several events per write when tokens arrived together, then an optional usage chunk
 and `data: [DONE]`. A client that disconnects aborts its request (its slot and blocks are freed).
 
+With a Hugging Face tokenizer (`--tokenizer DIR`) the token ids of /tokenize, the render endpoints
+and generation are that tokenizer's, and a completion prompt sent as token ids is used as given (its
+KV blocks are vLLM's hashes of those ids); KV events (`--kv-events-config`) report the blocks.
+
 P/D: `kv_transfer_params.do_remote_decode` (sent to a prefill instance, usually with max_tokens 1)
 answers with the `kv_transfer_params` a decode instance needs; `kv_transfer_params.do_remote_prefill`
 (sent to a decode instance) has the prompt's KV transferred rather than computed. Each is refused
@@ -25,7 +29,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeGuard
 
 import orjson
@@ -37,7 +41,7 @@ from epp_bench.sim.config import SimConfig
 from epp_bench.sim.engine import Engine, QueueFull, RequestTooLarge, SimRequest, SimStats
 from epp_bench.sim.metrics import SimMetrics
 from epp_bench.sim.text import WORD_JSON, WORDS, answer_text, chat_prompt
-from epp_bench.sim.tokenizer import decode, encode, ids_prompt, token_strings
+from epp_bench.sim.tokenizer import encode, ids_prompt
 
 SERVED_BY = "x-served-by"
 DONE = b"data: [DONE]\n\n"
@@ -61,10 +65,16 @@ def json_response(payload: object) -> web.Response:
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
-def completion_prompt(body: Mapping[str, Any]) -> str:
+def single_prompt(body: Mapping[str, Any]) -> object:
+    """A completion request's prompt, a batch of one unwrapped."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+        return prompt[0]
+    return prompt
+
+
+def completion_prompt(body: Mapping[str, Any]) -> str:
+    prompt = single_prompt(body)
     if isinstance(prompt, str):
         return prompt
     if is_token_ids(prompt):
@@ -76,7 +86,9 @@ def is_token_ids(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
 
 
-def completion_token_ids(body: Mapping[str, Any]) -> list[list[int]]:
+def completion_token_ids(
+    body: Mapping[str, Any], encode: Callable[[str], list[int]] = encode
+) -> list[list[int]]:
     """Each prompt of a completion request as token ids (/v1/completions/render): a string, a list of
     ids, or a batch of either."""
     prompt = body.get("prompt")
@@ -257,6 +269,22 @@ class Simulator:
     def reset_prefix_cache(self) -> int:
         return self.engine.reset_prefix_cache()
 
+    def restart(self) -> None:
+        """Simulate a pod restart on the same address: running and queued requests fail, the KV
+        cache is empty, and the KV event stream starts again (sequence 0) with AllBlocksCleared."""
+        self.engine.restart()
+
+    @property
+    def kv_events_endpoint(self) -> str | None:
+        """The address the KV event PUB socket is bound (or connected) to; None without events."""
+        publisher = self.engine.publisher
+        return publisher.endpoint if publisher is not None else None
+
+    @property
+    def kv_events_replay_endpoint(self) -> str | None:
+        publisher = self.engine.publisher
+        return publisher.replay_endpoint if publisher is not None else None
+
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.on_response_prepare.append(self._tag_response)
@@ -350,13 +378,14 @@ class Simulator:
             return error_response(404, str(exc), "NotFoundError")
         except BadRequest as exc:
             return error_response(400, str(exc), "BadRequestError")
-        ids = encode(text)
+        tokens = self.engine.tokens
+        ids = tokens.encode(text)
         return json_response(
             {
                 "count": len(ids),
                 "max_model_len": self.max_model_len,
                 "tokens": ids,
-                "token_strs": token_strings(ids) if body.get("return_token_strs") else None,
+                "token_strs": tokens.token_strings(ids) if body.get("return_token_strs") else None,
             }
         )
 
@@ -373,7 +402,7 @@ class Simulator:
             return error_response(404, str(exc), "NotFoundError")
         except BadRequest as exc:
             return error_response(400, str(exc), "BadRequestError")
-        return json_response({"prompt": decode(tokens)})
+        return json_response({"prompt": self.engine.tokens.decode(tokens)})
 
     def _generate_request(
         self, body: Mapping[str, Any], token_ids: list[int], chat: bool, max_tokens: int | None
@@ -409,7 +438,8 @@ class Simulator:
             body = await self._json_body(request)
             max_tokens = requested_max_tokens(body)
             rendered = [
-                self._generate_request(body, ids, False, max_tokens) for ids in completion_token_ids(body)
+                self._generate_request(body, ids, False, max_tokens)
+                for ids in completion_token_ids(body, self.engine.tokens.encode)
             ]
         except ModelNotFound as exc:
             return error_response(404, str(exc), "NotFoundError")
@@ -423,7 +453,8 @@ class Simulator:
         try:
             body = await self._json_body(request)
             max_tokens = requested_max_tokens(body)
-            rendered = self._generate_request(body, encode(chat_messages_prompt(body)), True, max_tokens)
+            ids = self.engine.tokens.encode(chat_messages_prompt(body))
+            rendered = self._generate_request(body, ids, True, max_tokens)
         except ModelNotFound as exc:
             return error_response(404, str(exc), "NotFoundError")
         except BadRequest as exc:
@@ -446,14 +477,22 @@ class Simulator:
         model = body.get("model", self.cfg.model)
         if model != self.cfg.model:
             return error_response(404, f"The model `{model}` does not exist.", "NotFoundError")
+        token_ids: list[int] | None = None
         try:
-            prompt = chat_messages_prompt(body) if chat else completion_prompt(body)
+            if not chat and self.engine.vllm_block_keys and is_token_ids(prompt_ids := single_prompt(body)):
+                token_ids = prompt_ids  # used as given, as vLLM does; the text is only for the answer
+                prompt = self.engine.tokens.decode(token_ids)
+            else:
+                prompt = chat_messages_prompt(body) if chat else completion_prompt(body)
             max_tokens = requested_max_tokens(body) or self.cfg.default_max_tokens
             remote_prefill, remote_decode = kv_transfer_flags(body, self.cfg.role)
         except BadRequest as exc:
             return error_response(400, str(exc), "BadRequestError")
         stream = bool(body.get("stream"))
-        req = self.engine.new_request(prompt, max_tokens, stream, remote_prefill)
+        salt = body.get("cache_salt") if self.engine.vllm_block_keys else None  # hashed with vLLM keys
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            return error_response(400, "cache_salt must be a non-empty string", "BadRequestError")
+        req = self.engine.new_request(prompt, max_tokens, stream, remote_prefill, token_ids, salt)
         try:
             self.engine.submit(req)
         except RequestTooLarge as exc:
