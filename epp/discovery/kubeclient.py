@@ -30,10 +30,13 @@ from kubernetes_asyncio.config import load_incluster_config, load_kube_config, r
 from kubernetes_asyncio.config.kube_config import KubeConfigLoader, KubeConfigMerger
 
 from epp.errors import KubeApiError, KubeConfigError
+from epp.supervision import current_supervisor
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KUBECONFIG = "~/.kube/config"
+# How often exec and GCP credentials are checked for expiry (kubernetes-asyncio's default).
+TOKEN_REFRESH_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +109,13 @@ class KubeClient:
                         config_file=self.source.kubeconfig, client_configuration=config, persist_config=False
                     )
                     # Exec and GCP auth plugins hand out short-lived tokens; this returns at once
-                    # for other kinds of credentials.
-                    self._refresher = asyncio.get_running_loop().create_task(refresh_token(loader, config))
+                    # for other kinds of credentials. Supervised: a credential plugin that fails
+                    # once (a network blip) is logged, counted and retried, not left dead.
+                    self._refresher = current_supervisor().spawn(
+                        "kube-token-refresh",
+                        lambda: refresh_token(loader, config, interval=TOKEN_REFRESH_INTERVAL_S),
+                        detail=self.source.describe(),
+                    )
                 api = ApiClient(configuration=config)
                 api.user_agent = self.user_agent
                 self._api = api
