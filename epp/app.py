@@ -31,8 +31,12 @@ from grpc_health.v1 import health_pb2_grpc
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.scraper import ScrapeConfig, Scraper
+from epp.discovery.objectives import ObjectiveStore, load_objectives_file
 from epp.discovery.static import StaticDiscovery, parse_endpoints_flag
 from epp.extproc.handler import ExtProcService, StreamLimits
+from epp.flowcontrol.admission import Admission
+from epp.flowcontrol.controller import FlowController
+from epp.flowcontrol.metrics import FlowControlMetrics
 from epp.framework import ConfigError, InFlightLedger, PluginHandle
 from epp.framework.registry import installed_registry
 from epp.health import Health
@@ -172,6 +176,7 @@ class App:
             max_bytes=settings.model_server_metrics_max_bytes,
             supervisor=self.supervisor,
         )
+        self.objectives, self.flow_controller = self._build_admission()
         # Pods come and go (a restart is a new IP): drop a departed endpoint's series.
         self.datastore.subscribe(lambda ep: None, self.metrics.forget_endpoint)
         # Set whenever readiness may have changed, so health follows without waiting a tick.
@@ -193,12 +198,31 @@ class App:
         self._ext_proc: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self._objectives_watch: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._cutting: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
 
     def _scrape_config(self) -> ScrapeConfig:
         return scrape_config(self.settings, self.config)
+
+    def _build_admission(self) -> tuple[ObjectiveStore, FlowController | None]:
+        """InferenceObjectives (priorities), flow control when the config turns it on, the
+        admitter plugins: docs/flow-control.md."""
+        objectives = ObjectiveStore()
+        if self.settings.inference_objectives_file is not None:
+            objectives.replace(load_objectives_file(str(self.settings.inference_objectives_file)))
+        config, detector = self.config.flow_control, self.config.saturation_detector
+        controller = None
+        if config is not None and detector is not None:
+            metrics = FlowControlMetrics(self.metrics.registry, self.settings.metrics_pool_name)
+            controller = FlowController(
+                config, detector, self.datastore.endpoints, metrics, self.settings.refresh_metrics_interval_s
+            )
+            self.datastore.subscribe(lambda ep: controller.wake(), lambda ep: None)
+        self.director.admission = Admission(objectives, detector, controller, self.datastore.endpoints)
+        self.director.admitters = list(self.config.admitters)
+        return objectives, controller
 
     def _build_kubernetes(self) -> tuple[KubernetesDiscovery, LeaderElector | None]:
         # Imported here: kubernetes-asyncio takes about a second to import, which only
@@ -346,6 +370,15 @@ class App:
         with use_supervisor(self.supervisor):
             await self.scraper.start()
             self.discovery.start()
+            pool = self.settings.pool_name
+            if self.kubernetes is not None and pool:
+                from epp.discovery.objectives import ObjectiveWatcher
+
+                s = self.settings
+                watcher = ObjectiveWatcher(
+                    self.kubernetes.client, s.pool_namespace, pool, s.pool_group, self.objectives
+                )
+                self._objectives_watch = self.supervisor.spawn("inference-objectives", watcher.reflector.run)
             if self.leader is not None:
                 self.leader.start()
             self._housekeeping = self.supervisor.spawn("housekeeping", self._housekeep)
@@ -419,6 +452,8 @@ class App:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         self.health.drain()  # every name but liveness NOT_SERVING, at once
+        if self.flow_controller is not None:
+            self.flow_controller.stop()  # queued requests get 503 now, not at the drain's end
         # grpc.aio's stop(grace) refuses new streams at once (GOAWAY, listener closed) and waits
         # up to `grace` for those in flight. Discovery, scraping and metrics keep running meanwhile:
         # a stream in flight may still need to pick an endpoint.
@@ -430,6 +465,8 @@ class App:
             await ext_proc_stopped
             log.info("ext_proc server stopped after %.1fs", loop.time() - started)
         await self.discovery.stop()
+        if self._objectives_watch is not None:
+            self._objectives_watch.cancel()
         await self.scraper.close()
         await self.metrics_server.stop()  # before the client its auth uses is closed
         if self.kubernetes is not None:

@@ -132,6 +132,7 @@ class Settings:
     pool_group: str = V1_GROUP
     kubeconfig: Path | None = None
     endpoint_selector: Selector | None = None  # selector discovery (no CRD) when set
+    inference_objectives_file: Path | None = None  # epp's own: InferenceObjectives without Kubernetes
     endpoint_target_ports: tuple[int, ...] = ()
     ha_enable_leader_election: bool = False
     ha_lease_duration_s: float = 15.0
@@ -249,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--endpoints-file",
         type=Path,
         help="standalone mode: YAML list of {address, port, name, labels}; edits are picked up live",
+    )
+    p.add_argument(
+        "--inference-objectives-file",
+        type=Path,
+        help="epp's own: InferenceObjective manifests (YAML) giving request priorities without Kubernetes",
     )
     k8s = p.add_argument_group("Kubernetes discovery")
     k8s.add_argument("--pool-name", help="InferencePool to take endpoints from (Kubernetes mode)")
@@ -568,6 +574,7 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         metrics_staleness_threshold_s=args.metrics_staleness_threshold,
         endpoints=args.endpoints,
         endpoints_file=args.endpoints_file,
+        inference_objectives_file=args.inference_objectives_file,
         pool_name=args.pool_name,
         secure_serving=args.secure_serving,
         cert_path=args.cert_path,

@@ -162,6 +162,7 @@ def render_envoy_config(
     epp_host: str = "127.0.0.1",
     backends: Sequence[str] = (),
     listen_address: str = "127.0.0.1",
+    extra_epp_grpc_ports: Sequence[int] = (),
     route_timeout_s: float = 0,
     message_timeout_s: float = 1000,
     failure_mode_allow: bool = False,
@@ -170,6 +171,8 @@ def render_envoy_config(
     """The Envoy v3 bootstrap, as a dict (write it with json.dumps; Envoy reads .json and .yaml).
 
     mode "epp" needs `epp_grpc_port`; mode "round-robin" needs `backends` ("host:port" strings, IPs).
+    `extra_epp_grpc_ports`: more epp replicas in the ext_proc cluster (Envoy spreads the per-request
+    ext_proc streams over them, least-request).
     Port 0 lets Envoy pick (read the bound ports from the admin API, as EnvoyGateway does).
     `route_timeout_s` 0 means no route timeout: LLM streams may run for minutes.
     """
@@ -200,7 +203,8 @@ def render_envoy_config(
                     "endpoints": [
                         {
                             "lb_endpoints": [
-                                {"endpoint": {"address": _socket_address(epp_host, epp_grpc_port)}}
+                                {"endpoint": {"address": _socket_address(epp_host, port)}}
+                                for port in (epp_grpc_port, *extra_epp_grpc_ports)
                             ]
                         }
                     ],
@@ -418,6 +422,7 @@ class EnvoyGateway:
         access_log: bool = False,
         workdir: Path | None = None,
         startup_timeout_s: float = 20.0,
+        extra_epp_grpc_ports: Sequence[int] = (),
     ) -> None:
         self.mode: Mode = mode
         self.binary = binary or find_envoy_binary()
@@ -434,6 +439,7 @@ class EnvoyGateway:
             message_timeout_s=message_timeout_s,
             failure_mode_allow=failure_mode_allow,
             access_log=access_log,
+            extra_epp_grpc_ports=extra_epp_grpc_ports,
         )
         self._workdir = workdir
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None

@@ -382,6 +382,24 @@ class RequestStream:
             error = EppError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
             return self._fail(error, traceback=True)
 
+    async def admission(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse] | None:
+        """Admission (flow control, docs/flow-control.md): before the message that completes the
+        request body is handled, wait for the request's turn. Returns the refusal to send, or None."""
+        if self._phase != _REQUEST:
+            return None
+        kind = msg.WhichOneof("request")
+        if kind == "request_body" and msg.request_body.end_of_stream:
+            size = self._body_size + len(msg.request_body.body)
+        elif kind == "request_trailers":
+            size = self._body_size
+        else:
+            return None
+        try:
+            await self._director.admit(self.headers, size, self.request_id)
+        except EppError as exc:
+            return self._fail(exc)
+        return None
+
     def _fail(self, exc: EppError, traceback: bool = False) -> list[pb.ProcessingResponse]:
         """Every error ends here, so each is counted and logged once (one line; a bug's with its
         traceback), whichever layer raised it."""
@@ -724,6 +742,11 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         grpc.StatusCode.DEADLINE_EXCEEDED,
                         f"no ext_proc message for {idle_s:g}s (--extproc-stream-idle-timeout)",
                     )
+                if self._director.admits:
+                    refused = await stream.admission(msg)
+                    if refused is not None:
+                        yield refused[0]
+                        return
                 for reply in stream.handle(msg):
                     yield reply
                 if stream.done:

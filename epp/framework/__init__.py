@@ -7,7 +7,9 @@ in-tree plugins) imports from epp.
 - parameters: `Params`, `ConfigError`, `ParamDoc`
 - plugin bases (a plugin's kind is its base class): `Filter`, `Scorer`, `Picker`,
   `ProfileHandler`, `DataProducer`, `PdDecider`, `Parser`, `DataSource`; lifecycle hooks
-  `PreRequest`, `ResponseHeaders`, `ServedElsewhere`, `ResponseComplete`, `EndpointListener`
+  `PreRequest`, `ResponseHeaders`, `ServedElsewhere`, `ResponseComplete`, `EndpointListener`;
+  flow control and admission `SaturationDetector`, `OrderingPolicy`, `FairnessPolicy`,
+  `Admitter` (with `FlowItem`, a queued request)
 - `PluginHandle`: metrics, the `InFlightLedger`, peers by name
 - `PluginRegistry`: what an `epp.plugins` entry point's register function receives
 - `EppError` / `ErrorCode`: fail a request with an HTTP status
@@ -29,10 +31,14 @@ from epp.framework.handle import PluginHandle
 from epp.framework.inflight import InFlightLedger
 from epp.framework.params import Params
 from epp.framework.plugin import (
+    Admitter,
     DataProducer,
     DataSource,
     EndpointListener,
+    FairnessPolicy,
     Filter,
+    FlowItem,
+    OrderingPolicy,
     ParamDoc,
     Parser,
     PdDecider,
@@ -43,6 +49,7 @@ from epp.framework.plugin import (
     ProfileHandler,
     ResponseComplete,
     ResponseHeaders,
+    SaturationDetector,
     Scorer,
     ServedElsewhere,
 )
@@ -52,6 +59,7 @@ __all__ = [
     "EMPTY_METRICS",
     "ENTRY_POINT_GROUP",
     "ROLE_LABEL",
+    "Admitter",
     "Api",
     "ConfigError",
     "CycleState",
@@ -63,9 +71,12 @@ __all__ = [
     "EndpointMetrics",
     "EppError",
     "ErrorCode",
+    "FairnessPolicy",
     "Filter",
+    "FlowItem",
     "InFlightLedger",
     "InferenceRequest",
+    "OrderingPolicy",
     "ParamDoc",
     "Params",
     "Parser",
@@ -80,6 +91,7 @@ __all__ = [
     "ProfileResult",
     "ResponseComplete",
     "ResponseHeaders",
+    "SaturationDetector",
     "SchedulingResult",
     "Scorer",
     "ServedElsewhere",

@@ -50,6 +50,10 @@ class PluginKind(enum.Enum):
     PARSER = "parser"
     DATA_SOURCE = "data source"
     LIFECYCLE_HOOK = "request lifecycle hook"
+    SATURATION_DETECTOR = "saturation detector"
+    ORDERING_POLICY = "flow-control ordering policy"
+    FAIRNESS_POLICY = "flow-control fairness policy"
+    ADMITTER = "admitter"
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +245,56 @@ class EndpointListener(Plugin, abc.ABC):
     def endpoint_removed(self, endpoint: Endpoint) -> None: ...
 
 
+# --- Flow control and admission (docs/flow-control.md) --------------------------------------------
+
+
+class SaturationDetector(Plugin, abc.ABC):
+    """How loaded the pool is: 0 idle, 1.0 the set point at which flow control stops dispatching
+    (values above 1 say by how much it is oversubscribed). Synchronous, no I/O."""
+
+    @abc.abstractmethod
+    def saturation(self, endpoints: Sequence[Endpoint]) -> float: ...
+
+
+@dataclass(slots=True, eq=False)
+class FlowItem:
+    """A request waiting in a flow-control queue (what ordering and fairness policies see).
+    Times are time.monotonic(); `deadline` is inf without a TTL; `seq` orders equal times."""
+
+    request_id: str
+    fairness_id: str
+    priority: int
+    byte_size: int
+    enqueued: float
+    deadline: float
+    seq: int
+
+
+class OrderingPolicy(Plugin, abc.ABC):
+    """Orders the requests inside one flow's queue: the smallest key is served first."""
+
+    @abc.abstractmethod
+    def key(self, item: FlowItem) -> tuple[float, ...]: ...
+
+
+class FairnessPolicy(Plugin, abc.ABC):
+    """Chooses which flow of a priority band is served next. `heads` maps each flow with queued
+    requests to its head's ordering key; `last` is the flow this band served last (None at first)."""
+
+    @abc.abstractmethod
+    def pick(self, heads: Mapping[str, tuple[float, ...]], last: str | None) -> str: ...
+
+
+class Admitter(Plugin, abc.ABC):
+    """Admits or refuses a request before it is scheduled (after flow control, if on). Returns
+    the reason for a refusal (the client gets 429), None to admit."""
+
+    @abc.abstractmethod
+    def admit(
+        self, request: InferenceRequest, priority: int, endpoints: Sequence[Endpoint]
+    ) -> str | None: ...
+
+
 _KIND_BASES: tuple[tuple[type[Plugin], PluginKind], ...] = (
     (Filter, PluginKind.FILTER),
     (Scorer, PluginKind.SCORER),
@@ -250,5 +304,9 @@ _KIND_BASES: tuple[tuple[type[Plugin], PluginKind], ...] = (
     (PdDecider, PluginKind.PD_DECIDER),
     (Parser, PluginKind.PARSER),
     (DataSource, PluginKind.DATA_SOURCE),
+    (SaturationDetector, PluginKind.SATURATION_DETECTOR),
+    (OrderingPolicy, PluginKind.ORDERING_POLICY),
+    (FairnessPolicy, PluginKind.FAIRNESS_POLICY),
+    (Admitter, PluginKind.ADMITTER),
 )
 _HOOK_BASES = (PreRequest, ResponseHeaders, ServedElsewhere, ResponseComplete, EndpointListener)

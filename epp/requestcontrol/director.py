@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from epp.datalayer.datastore import Datastore
-from epp.errors import DROPPED_NO_ENDPOINTS
+from epp.errors import DROPPED_NO_ENDPOINTS, DROPPED_SATURATED
+from epp.flowcontrol.admission import Admission
 from epp.framework import (
+    Admitter,
     CycleState,
     Endpoint,
     EppError,
@@ -125,6 +127,9 @@ class Director:
         if grpc_stream_metrics:  # --enable-grpc-stream-metrics
             metrics.enable_stream_metrics()
         self._rng = random.Random()
+        # Admission before scheduling (docs/flow-control.md): None, or inactive, costs nothing.
+        self.admission: Admission | None = None
+        self.admitters: list[Admitter] = []  # admitter plugins, run on the candidates
         datastore.subscribe(lambda ep: None, scheduler.endpoint_removed)
         metrics.watch_endpoints(pool_name, datastore.endpoints)
 
@@ -173,6 +178,8 @@ class Director:
         result: SchedulingResult | None = None
         try:
             candidates = self.candidates(subset)
+            if self.admitters:
+                self._run_admitters(request, candidates)
             started = time.perf_counter()
             try:
                 result = self.scheduler.schedule(cycle, request, candidates)
@@ -215,6 +222,23 @@ class Director:
             decision.pending_cycle = cycle
             asyncio.get_running_loop().call_soon(self._pre_request, decision)
         return decision
+
+    async def admit(self, headers: Mapping[str, str], byte_size: int, request_id: str) -> None:
+        """Wait until the request may be scheduled (flow control), or raise EppError (429 / 503).
+        Called only when `self.admission` is active."""
+        if self.admission is not None:
+            await self.admission.admit(headers, byte_size, request_id)
+
+    @property
+    def admits(self) -> bool:
+        return self.admission is not None and self.admission.active
+
+    def _run_admitters(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None:
+        priority = self.admission.objectives.priority(request.headers) if self.admission is not None else 0
+        for admitter in self.admitters:
+            reason = admitter.admit(request, priority, candidates)
+            if reason is not None:
+                raise EppError(ErrorCode.RESOURCE_EXHAUSTED, reason, DROPPED_SATURATED)
 
     def pick_any(
         self, request: InferenceRequest, subset: Sequence[str] | None, *, received: float | None = None
@@ -325,6 +349,8 @@ class Director:
             return
         decision.released = True
         self.ledger.release(decision.request)
+        if self.admission is not None and self.admission.controller is not None:
+            self.admission.controller.wake()  # capacity freed: a queued request may go
         m = decision.metrics
         if m.running is not None:
             m.running.dec()

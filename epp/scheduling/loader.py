@@ -20,9 +20,9 @@ Follows the Go loader (llm-d-router `pkg/epp/config/loader`):
 - `requestHandler.parsers` (and the deprecated top-level `parser`) must name parser plugins; a
   parser type named but not declared is added, as Go adds it;
 - `flowControl.saturationDetector` (and the deprecated top-level `saturationDetector`) must name a
-  saturation detector; with the `flowControl` feature gate on, the flow-control policy
-  references must name policies. epp has neither (issue 15): such a reference names a type epp
-  does not have, or a plugin of the wrong kind; the other flow-control settings are warned about;
+  saturation detector; with the `flowControl` feature gate on, the `flowControl` section is
+  read (`epp.flowcontrol.config`) and its policy references must name policies (an empty one is
+  the default policy, added as Go adds it); admitter plugins are collected;
 - `dataLayer` wires data sources to extractors as in Go; epp scrapes with the
   `metrics-data-source` and `core-metrics-extractor` it selects (`LoadedConfig.data_layer`).
 Every message names the source, the plugin and the problem.
@@ -41,11 +41,19 @@ from typing import Any, TypeVar
 import yaml
 
 from epp.datalayer.scraper import MetricsExtractorParams, MetricsSourceParams, ScrapeConfig, engines_of
+from epp.flowcontrol.config import (
+    DEFAULT_FAIRNESS_POLICY,
+    DEFAULT_ORDERING_POLICY,
+    FlowControlConfig,
+    build_config,
+)
 from epp.framework import (
+    Admitter,
     ConfigError,
     DataProducer,
     DataSource,
     Filter,
+    OrderingPolicy,
     Params,
     Parser,
     Picker,
@@ -53,6 +61,7 @@ from epp.framework import (
     PluginHandle,
     PluginRegistry,
     ProfileHandler,
+    SaturationDetector,
     Scorer,
 )
 from epp.scheduling.profile import PluginTimer, SchedulerProfile, WeightedScorer
@@ -206,6 +215,10 @@ class LoadedConfig:
     # Plugins the loader added: default producers, picker, profile handler, parsers (by name).
     implicit_plugins: list[str] = field(default_factory=list)
     data_layer: MetricsDataLayer = field(default_factory=MetricsDataLayer)
+    # Flow control (None: the gate is off), the saturation detector, the admitter plugins.
+    flow_control: FlowControlConfig | None = None
+    saturation_detector: SaturationDetector | None = None
+    admitters: list[Admitter] = field(default_factory=list)
 
 
 def _as_mapping(value: Any) -> Mapping[str, Any]:
@@ -699,9 +712,14 @@ class _Loader:
             if not isinstance(plugin, Parser):
                 raise self.error(f"{where}: {self._describe(ref)} is not a parser plugin")
 
-    # --- saturation detection and flow control (epp has neither: issue 15) -------------------------
+    # --- saturation detection and flow control (docs/flow-control.md) ------------------------------
 
-    def flow_control(self, doc: Mapping[str, Any]) -> None:
+    def flow_control(
+        self, doc: Mapping[str, Any]
+    ) -> tuple[FlowControlConfig | None, SaturationDetector | None]:
+        """The flow-control settings (None unless the `flowControl` gate is on, as in Go) and the
+        saturation detector (the default `utilization-detector` when none is named: Go's legacy
+        admission refuses sheddable requests with it when flow control is off)."""
         flow = self._mapping(doc.get("flowControl"), _FLOW_CONTROL_FIELDS, "flowControl")
         self._flow_control_shapes(flow)
         detector_spec, where = flow.get("saturationDetector"), "flowControl.saturationDetector"
@@ -716,40 +734,50 @@ class _Loader:
                     "flowControl.saturationDetector is set"
                 )
         # An empty reference means Go's default detector, which the Go loader adds itself.
-        detector = self._ref(detector_spec, where, required=False) if detector_spec is not None else ""
-        if detector:
-            self._flow_plugin(detector, where, "saturation detector")
+        ref = self._ref(detector_spec, where, required=False) if detector_spec is not None else ""
+        detector = self._flow_plugin(ref, where, SaturationDetector, "saturation detector") if ref else None
         settings = [k for k in flow if k != "saturationDetector"]
         if self.gates[FLOW_CONTROL_GATE]:
-            for ref_where, ref in self._policy_refs(flow).items():
-                kind = (
-                    "usage limit policy"
-                    if ref_where.endswith("usageLimitPolicyPluginRef")
-                    else "fairness policy"
-                    if ref_where.endswith("fairnessPolicyRef")
-                    else "ordering policy"
-                )
-                self._flow_plugin(ref, ref_where, kind)
-            self.warn(
-                "feature gate flowControl: flow control is not implemented by epp (issue 15): requests "
-                "are never queued"
-                + (f"; flowControl settings {', '.join(settings)} are ignored" if settings else "")
-            )
-        elif settings:
+            if detector is None:
+                detector = self._implicit(DEFAULT_SATURATION_DETECTOR, SaturationDetector)
+            usage = flow.get("usageLimitPolicyPluginRef")
+            if usage:  # epp has no usage limit policies (a Go type was reported as missing)
+                where = "flowControl.usageLimitPolicyPluginRef"
+                if usage not in self.instances:
+                    raise self.error(f"{where} references undefined plugin {usage!r}")
+                raise self.error(f"{where}: {self._describe(usage)} is not a usage limit policy")
+            if flow.get("enableEviction"):
+                self.warn("flowControl.enableEviction is not implemented by epp and is ignored")
+            return build_config(flow, self._flow_policy), detector
+        if settings:
             # The Go EPP's own warning: without the gate only the saturation detector is used.
             self.warn(
                 "the flowControl section is set but the flowControl feature gate is disabled; its "
                 f"settings (other than saturationDetector) are ignored: {', '.join(settings)}"
             )
+        if detector is None and DEFAULT_SATURATION_DETECTOR in self.registry:
+            made = self._create(DEFAULT_SATURATION_DETECTOR, DEFAULT_SATURATION_DETECTOR, None)
+            detector = made if isinstance(made, SaturationDetector) else None
+        return None, detector
 
-    def _flow_plugin(self, ref: str, where: str, kind: str) -> None:
-        """A reference to a saturation detector or flow-control policy. epp has no such plugins:
-        a declared plugin is of the wrong kind (one whose type epp lacks was reported earlier)."""
-        if ref not in self.instances:
+    def _flow_policy(self, ref: str, kind: type[K], where: str) -> K:
+        """A band's policy: the default type when the reference is empty; a default type that no
+        plugin declares is added, as Go adds it."""
+        if not ref:
+            default = DEFAULT_ORDERING_POLICY if kind is OrderingPolicy else DEFAULT_FAIRNESS_POLICY
+            return self._implicit(default, kind)
+        if ref not in self.instances and ref in DEFAULT_FLOW_CONTROL_POLICIES and ref in self.registry:
+            return self._implicit(ref, kind)
+        name = "ordering policy" if kind is OrderingPolicy else "fairness policy"
+        return self._flow_plugin(ref, where, kind, name)
+
+    def _flow_plugin(self, ref: str, where: str, kind: type[K], name: str) -> K:
+        plugin = self.instances.get(ref)
+        if plugin is None:
             raise self.error(f"{where} references undefined plugin {ref!r}")
-        raise self.error(
-            f"{where}: {self._describe(ref)} is not a {kind} (epp has no {kind} plugins yet: issue 15)"
-        )
+        if not isinstance(plugin, kind):
+            raise self.error(f"{where}: {self._describe(ref)} is not a {name}")
+        return plugin
 
     def _flow_control_shapes(self, flow: Mapping[str, Any]) -> None:
         """The field types the Go decoder enforces (quantities, durations, bands)."""
@@ -953,9 +981,12 @@ def load_config(
     loader.unused(profiles)
     handler = loader.handler(profiles)
     loader.request_handler(doc)
-    loader.flow_control(doc)
+    flow_control, detector = loader.flow_control(doc)
     data_layer = loader.data_layer(doc)
     for warning in loader.warnings:
         log.warning("%s", warning)
     scheduler = Scheduler(handler, profiles, list(loader.instances.values()), timer, handle)
-    return LoadedConfig(scheduler, handle, loader.warnings, loader.implicit, data_layer)
+    admitters = [p for p in loader.instances.values() if isinstance(p, Admitter)]
+    return LoadedConfig(
+        scheduler, handle, loader.warnings, loader.implicit, data_layer, flow_control, detector, admitters
+    )

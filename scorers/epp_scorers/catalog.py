@@ -1,11 +1,14 @@
 """Every in-tree plugin class, for `register` and the generated reference (docs/plugins.md)."""
 
+from epp_scorers.admitters.probabilistic import ProbabilisticAdmitter
 from epp_scorers.datasources.metrics import CoreMetricsExtractor, MetricsDataSource
 from epp_scorers.deciders.always import AlwaysDisaggPDDecider
 from epp_scorers.deciders.prefix_based import PrefixBasedPDDecider
 from epp_scorers.filters.labels import ByLabel, ByLabelSelector, LabelSelectorFilter
 from epp_scorers.filters.prefix_affinity import PrefixCacheAffinityFilter
 from epp_scorers.filters.roles import DecodeFilter, EncodeFilter, PrefillFilter
+from epp_scorers.flow_policies.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
+from epp_scorers.flow_policies.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
 from epp_scorers.parsers.openai import OpenAIParser, VllmHttpParser
 from epp_scorers.pickers.max_score import MaxScorePicker
 from epp_scorers.pickers.uniform_random import RandomPicker
@@ -19,6 +22,8 @@ from epp_scorers.profile_handlers.disagg import (
     PrefillHeaderHandler,
 )
 from epp_scorers.profile_handlers.single import SingleProfileHandler
+from epp_scorers.saturation_detectors.concurrency import ConcurrencyDetector
+from epp_scorers.saturation_detectors.utilization import UtilizationDetector
 from epp_scorers.scorers.active_request import ActiveRequestScorer
 from epp_scorers.scorers.kv_cache import KvCacheUtilizationScorer
 from epp_scorers.scorers.load_aware import LoadAwareScorer
@@ -64,6 +69,14 @@ ALL_PLUGINS = (
     PrefillHeaderHandler,
     PrefixBasedPDDecider,
     AlwaysDisaggPDDecider,
+    # flow control and admission
+    UtilizationDetector,
+    ConcurrencyDetector,
+    FcfsOrderingPolicy,
+    EdfOrderingPolicy,
+    GlobalStrictFairnessPolicy,
+    RoundRobinFairnessPolicy,
+    ProbabilisticAdmitter,
     # Go types epp covers natively
     OpenAIParser,
     VllmHttpParser,

@@ -398,3 +398,24 @@ async def test_published_keys_equal_epps_block_keys(
             ids, block_size=BLOCK, hash_seed=SEED, algo=algo, cache_salt=salt
         )
     assert block_keys(ids, hash_seed=SEED, algo=algo) != block_keys(ids, hash_seed="7", algo=algo)
+
+
+async def test_instance_topic_and_a_bound_subscriber_get_the_same_stream(
+    start_sim: StartSim, tokenizer_dir: Path, session: aiohttp.ClientSession, zctx: zmq.asyncio.Context
+) -> None:
+    """llm-d's other topology: the subscriber binds and the engine connects (`kv_events_connect`,
+    the simulator's addition, beside the endpoint it binds); the topic names the instance."""
+    bound = zctx.socket(zmq.SUB)
+    bound.setsockopt(zmq.SUBSCRIBE, b"kv@")
+    port = bound.bind_to_random_port("tcp://127.0.0.1")
+    config = events_config(topic="kv@{address}@{model}")
+    sim = await event_sim(
+        start_sim, tokenizer_dir, kv_events_config=config, kv_events_connect=f"tcp://127.0.0.1:{port}"
+    )
+    # A bound SUB socket hands its subscription to a connecting PUB only while it is being read.
+    from_bound = asyncio.create_task(receive(bound))
+    sub = await subscribe(zctx, sim)  # and one subscriber connected to the endpoint it binds
+    await complete(session, sim, words(20) + " ", max_tokens=1)
+    got_bound, got_sub = await from_bound, await receive(sub)
+    assert got_bound == got_sub
+    assert got_bound[0] == f"kv@{sim.address}@sim-model".encode() and got_bound[1] == 0

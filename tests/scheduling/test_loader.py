@@ -108,15 +108,15 @@ def test_a_profile_without_picker_reuses_the_declared_picker() -> None:
 def test_go_settings_epp_does_not_implement_are_reported() -> None:
     loaded = load(
         HEAD + "featureGates: [flowControl]\n"
-        "flowControl: {maxRequests: 1k, defaultRequestTTL: 60s}\n"
+        "flowControl: {maxRequests: 1k, defaultRequestTTL: 60s, enableEviction: true}\n"
         "dataLayer: {crossReplicaSyncInterval: 5s}\n"
         "requestHandler: {parsers: [{pluginRef: openai-parser}]}\n"
         "plugins: [{type: queue-scorer}, {type: openai-parser, parameters: {strict: true}}]\n"
         "schedulingProfiles: [{name: p, plugins: [{pluginRef: queue-scorer}]}]\n"
     )
     text = "\n".join(loaded.warnings)
-    assert "flow control is not implemented by epp (issue 15)" in text
-    assert "flowControl settings maxRequests, defaultRequestTTL are ignored" in text
+    assert "flowControl.enableEviction is not implemented by epp and is ignored" in text
+    assert loaded.flow_control is not None and loaded.flow_control.max_requests == 1000
     assert "crossReplicaSyncInterval is not implemented by epp" in text
     assert (
         "plugin 'openai-parser' (openai-parser): epp parses the OpenAI API itself; its parameters strict"

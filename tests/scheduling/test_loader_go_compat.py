@@ -56,7 +56,7 @@ def test_every_missing_type_is_named_in_one_message_before_any_other_error() -> 
     )
     assert message == (
         "cfg.yaml: plugin types epp does not have: tokenizer, precise-prefix-cache-scorer, "
-        "passthrough-parser, utilization-detector (docs/plugins.md lists the types epp has)"
+        "passthrough-parser (docs/plugins.md lists the types epp has)"
     )
 
 
@@ -159,9 +159,12 @@ def test_flow_control_policies_are_checked_when_the_gate_is_on() -> None:
         "limit policy" in fails(on + "flowControl: {usageLimitPolicyPluginRef: queue-scorer}\n")
     )
     # Go's default policy, named and not declared: Go adds it, epp does not have it.
-    assert "plugin types epp does not have: fcfs-ordering-policy " in fails(
-        on + "flowControl: {defaultPriorityBand: {orderingPolicyRef: fcfs-ordering-policy}}\n"
+    assert "plugin types epp does not have: static-usage-limit-policy " in fails(
+        on + "flowControl: {usageLimitPolicyPluginRef: static-usage-limit-policy}\n"
     )
+    # ... and one epp has is added, as Go adds it.
+    added = load(on + "flowControl: {defaultPriorityBand: {orderingPolicyRef: fcfs-ordering-policy}}\n")
+    assert "fcfs-ordering-policy" in added.implicit_plugins
 
 
 @pytest.mark.parametrize(

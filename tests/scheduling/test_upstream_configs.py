@@ -75,4 +75,6 @@ def test_the_configs_epp_loads_include_the_charts_defaults_and_the_main_guides()
         "llm-d_guides_pd-disaggregation_router.yaml",
         "llm-d_guides_tiered-prefix-cache_router_single-host.yaml",
         "llm-d_guides_wide-ep_router.yaml",
+        "llm-d_guides_flow-control_router.yaml",
+        "llm-d-router_deploy_config_probabilistic-admitter-epp-config.yaml",
     } <= loaded

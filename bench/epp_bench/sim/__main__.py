@@ -2,8 +2,11 @@
 
     python -m epp_bench.sim --count 4 --base-port 8100 --host 127.0.0.1 --model sim-model --time-factor 0.5
 
-Prints `name host:port` per instance once all listen, then serves until SIGINT/SIGTERM. Every
-SimConfig knob is a flag (`--kv-cache-blocks`, `--max-num-seqs`, `--inter-token-latency-s`, ...).
+Prints `name host:port` per instance once all listen (with KV events on, then
+`kv-events=ENDPOINT` and, with a replay socket, `kv-replay=ENDPOINT`: the addresses bound, so
+`tcp://127.0.0.1:*` gives every instance a free port), then serves until SIGINT/SIGTERM. Every
+SimConfig knob is a flag (`--kv-cache-blocks`, `--max-num-seqs`, `--inter-token-latency-s`,
+`--tokenizer`, `--kv-events-config`, ...).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from epp_bench.sim.config import SimConfig
-from epp_bench.sim.server import start_simulators
+from epp_bench.sim.server import Simulator, start_simulators
 
 _NOT_FLAGS = {"name"}  # instance names come from --name-prefix
 
@@ -49,6 +52,15 @@ def configs(args: argparse.Namespace) -> list[SimConfig]:
     return cfgs
 
 
+def kv_event_columns(sim: Simulator) -> list[str]:
+    columns = []
+    if sim.kv_events_endpoint:
+        columns.append(f"kv-events={sim.kv_events_endpoint}")
+    if sim.kv_events_replay_endpoint:
+        columns.append(f"kv-replay={sim.kv_events_replay_endpoint}")
+    return columns
+
+
 async def serve(cfgs: Sequence[SimConfig], host: str, base_port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -57,7 +69,7 @@ async def serve(cfgs: Sequence[SimConfig], host: str, base_port: int) -> None:
     sims = await start_simulators(cfgs, host, base_port)
     try:
         for sim in sims:
-            print(f"{sim.name} {sim.address}", flush=True)
+            print(" ".join([sim.name, sim.address, *kv_event_columns(sim)]), flush=True)
         await stop.wait()
     finally:
         for sim in sims:
@@ -73,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(serve(cfgs, args.host, args.base_port))
-    except OSError as exc:  # e.g. a port already in use
+    except (OSError, ValueError) as exc:  # e.g. a port already in use, an unreadable tokenizer
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

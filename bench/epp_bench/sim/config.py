@@ -22,11 +22,12 @@ pod's ~100k+ so that scaled-down workloads still feel cache pressure), `max_num_
 default), `max_waiting` = 1,000 (the llm-d simulator's default queue bound; beyond it -> 429).
 
 KV events (off by default; everything above is unchanged without them): `kv_events_config` is
-vLLM's `--kv-events-config` JSON (kv_events.py). `tokenizer` names a Hugging Face tokenizer
-directory whose ids the engine uses instead of its 4-byte ids. With either, the KV cache is keyed on
-vLLM's block hashes of the token ids (block_hash.py), with vLLM's `--prefix-caching-hash-algo`
-(`prefix_caching_hash_algo`, default sha256) and `python_hash_seed` (vLLM reads PYTHONHASHSEED;
-empty here means that variable, and a random seed when it is unset, as in vLLM).
+vLLM's `--kv-events-config` JSON (kv_events.py); its topic may hold `{address}` and `{model}`.
+`tokenizer` names a Hugging Face tokenizer directory whose ids the engine uses instead of its
+4-byte ids. With either, the KV cache is keyed on vLLM's block hashes of the token ids
+(block_hash.py), with vLLM's `--prefix-caching-hash-algo` (`prefix_caching_hash_algo`, default
+sha256) and `python_hash_seed` (vLLM reads PYTHONHASHSEED; empty here means that variable, and a
+random seed when it is unset, as in vLLM).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class SimConfig:
     tokenizer: str = ""  # a Hugging Face tokenizer directory; "" = the built-in 4-byte tokenizer
     kv_events_config: str = ""  # vLLM's --kv-events-config JSON; "" = no events
     kv_events_layout: str = "map"  # "map" (vLLM's tagged-map events) or "array" (older array_like)
+    # Not vLLM's: more addresses the PUB socket also connects to (comma-separated), e.g. an epp
+    # binding its SUB socket while vllm-router subscribes to the endpoint the instance binds.
+    kv_events_connect: str = ""
     prefix_caching_hash_algo: str = "sha256"
     python_hash_seed: str = ""  # "" = the PYTHONHASHSEED environment variable, random when unset
 

@@ -230,10 +230,15 @@ class Engine:
         return len(self._waiting) + len(self._transferring)
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the step loop (and open the KV event sockets: OSError when they cannot bind)."""
+    def start(self, address: str = "") -> None:
+        """Start the step loop and open the KV event sockets (OSError when they cannot bind). In
+        the events' topic, `{address}` becomes `address` and `{model}` the model name: one
+        config gives several instances in one process topics of their own, as llm-d's
+        `kv@<pod>@<model>`."""
         if self.events_cfg.enabled and self.publisher is None:
-            self.publisher = ZmqEventPublisher(self.events_cfg, self.cfg.kv_events_layout)
+            topic = self.events_cfg.topic.replace("{address}", address).replace("{model}", self.cfg.model)
+            connect = [e.strip() for e in self.cfg.kv_events_connect.split(",") if e.strip()]
+            self.publisher = ZmqEventPublisher(self.events_cfg, self.cfg.kv_events_layout, topic, connect)
             self.publisher.start()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(

@@ -10,11 +10,11 @@ Wire format (one message per engine step that changed the cache):
 - a PUB multipart message `[topic, sequence, payload]`: the sequence an 8-byte big-endian counter
   from 0, the payload a msgpack `KVEventBatch`: the array `[ts, events, data_parallel_rank]`;
 - each event a msgpack map tagged by its class name under `type` (msgspec's tagged structs):
-  `BlockStored {block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium, lora_name,
-  group_idx}`, `BlockRemoved {block_hashes, medium, group_idx}`, `AllBlocksCleared {}`. Fields with
-  defaults are left out when they hold them (omit_defaults), as vLLM's encoder does. The older
-  layout, where each event is an array `[tag, field, ...]` (vLLM's `array_like` events, still what
-  some consumers expect), is `layout="array"`.
+  `BlockStored {block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium,
+  lora_name, group_idx, kv_cache_spec_kind}`, `BlockRemoved {block_hashes, medium, group_idx}`,
+  `AllBlocksCleared {}`. Fields with defaults are left out when they hold them (omit_defaults),
+  as vLLM's encoder does. The older layout, where each event is an array `[tag, field, ...]`
+  (vLLM's `array_like` events, still what some consumers expect), is `layout="array"`.
 
 The PUB socket binds when the endpoint has `*` or `::` or is `ipc://` / `inproc://`, and connects
 otherwise (vLLM's rule: a router that binds one address for every pod, or pods that bind and a
@@ -86,6 +86,9 @@ def _event_fields(event: KVEvent) -> list[tuple[str, Any]]:
             ("medium", event.medium),
             ("lora_name", event.lora_name),
             ("group_idx", 0),
+            # Current vLLM describes the group's KV cache spec on store events; the simulator's one
+            # group is full attention (no sliding window, so that field keeps its default, omitted).
+            ("kv_cache_spec_kind", "full_attention"),
         ]
     if isinstance(event, BlockRemoved):
         return [("block_hashes", event.block_hashes), ("medium", event.medium), ("group_idx", 0)]
@@ -175,13 +178,22 @@ class ZmqEventPublisher:
     events leave in engine-step order with consecutive sequence numbers. `restart` is a new engine
     process on the same addresses: the sequence starts again at 0 and the replay buffer is empty."""
 
-    def __init__(self, cfg: KVEventsConfig, layout: str = "map") -> None:
+    def __init__(
+        self,
+        cfg: KVEventsConfig,
+        layout: str = "map",
+        topic: str | None = None,
+        also_connect: Sequence[str] = (),
+    ) -> None:
+        """`topic` overrides cfg.topic; `also_connect`: addresses the PUB socket connects to as
+        well as its own endpoint (a ZMQ socket may bind and connect at once), so subscribers of
+        both topologies get the same messages."""
         if layout not in LAYOUTS:
             raise ValueError(f"kv events layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.cfg = cfg
         self.layout = layout
         self._ctx = zmq.asyncio.Context()
-        self._topic = cfg.topic.encode()
+        self._topic = (cfg.topic if topic is None else topic).encode()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=cfg.buffer_steps)
         self._seq = 0
         self.published = 0
@@ -198,6 +210,8 @@ class ZmqEventPublisher:
             else:
                 self._pub.connect(cfg.endpoint)
                 self.endpoint = cfg.endpoint
+            for address in also_connect:
+                self._pub.connect(address)
             self.replay_endpoint: str | None = None
             if cfg.replay_endpoint is not None:
                 self._replay = self._ctx.socket(zmq.ROUTER)

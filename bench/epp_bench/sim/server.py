@@ -301,16 +301,19 @@ class Simulator:
         app.router.add_get("/version", self._version)
         app.router.add_get("/ping", self._health)  # vLLM (SageMaker's probe): GET and POST, 200
         app.router.add_post("/ping", self._health)
+        app.router.add_post("/sim/restart", self._restart)  # the simulator's own, not vLLM's
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.engine.start()
-        try:
-            self._runner, self.port = await listen(self.make_app(), host, port)
-        except OSError:
-            await self.engine.stop()
-            raise
+        """Listen, then start the engine (and its KV event sockets, whose topic may name the
+        address: `{address}` in it becomes host:port); OSError when a port cannot be bound."""
+        self._runner, self.port = await listen(self.make_app(), host, port)
         self.host = host
+        try:
+            self.engine.start(address=self.address)
+        except OSError:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         await self.engine.stop()  # first, so streams still open end instead of hanging the cleanup
@@ -344,6 +347,11 @@ class Simulator:
 
     async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
         self.engine.reset_prefix_cache()
+        return web.Response(status=200)
+
+    async def _restart(self, request: web.Request) -> web.Response:
+        """POST /sim/restart: `restart()` (a pod restart on the same address), for benchmarks."""
+        self.restart()
         return web.Response(status=200)
 
     async def _version(self, request: web.Request) -> web.Response:

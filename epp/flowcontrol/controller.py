@@ -1,0 +1,269 @@
+"""The flow controller: bounded queues by priority band and flow, dispatch as capacity frees.
+
+A request either goes at once (nothing of its priority or higher is waiting and the pool is not
+saturated), or waits in its band's queue for its flow (fairness id). Dispatch serves the highest
+non-empty band while the saturation detector reads below 1.0; inside a band the fairness policy
+picks the flow and the ordering policy the request. One request is dispatched per event-loop turn,
+so each is scheduled and charged to the in-flight ledger before the next saturation reading.
+
+Dispatch runs when something may have freed capacity: a request completes (`wake`, from the
+director), a request arrives, and, while requests wait on a saturated pool, once per metrics
+refresh interval (scraped metrics may have changed). Nothing runs while the queues are empty.
+
+Every request ends with one outcome: Dispatched, RejectedCapacity (its band, or the global limit,
+is full: bounded memory), RejectedNoEndpoints, RejectedOther (shutting down), EvictedTTL (its TTL
+ran out while it waited), EvictedNoEndpoints, EvictedContextCancelled (the client went away) or
+EvictedOther (epp is stopping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import heapq
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from epp.flowcontrol.config import BandConfig, FlowControlConfig
+from epp.flowcontrol.metrics import FlowControlMetrics
+from epp.framework.datamodel import Endpoint
+from epp.framework.plugin import FlowItem, SaturationDetector
+
+
+class Outcome(enum.Enum):
+    DISPATCHED = "Dispatched"
+    REJECTED_CAPACITY = "RejectedCapacity"
+    REJECTED_NO_ENDPOINTS = "RejectedNoEndpoints"
+    REJECTED_OTHER = "RejectedOther"
+    EVICTED_TTL = "EvictedTTL"
+    EVICTED_NO_ENDPOINTS = "EvictedNoEndpoints"
+    EVICTED_CONTEXT_CANCELLED = "EvictedContextCancelled"
+    EVICTED_OTHER = "EvictedOther"
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    item: FlowItem
+    key: tuple[float, ...]
+    future: asyncio.Future[Outcome]
+
+
+@dataclass(slots=True)
+class _Flow:
+    heap: list[tuple[tuple[float, ...], int, _Waiter]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Band:
+    config: BandConfig
+    flows: dict[str, _Flow] = field(default_factory=dict)  # only flows with requests waiting
+    count: int = 0
+    bytes: int = 0
+    last: str | None = None  # the flow served last (for round robin)
+
+
+class FlowController:
+    def __init__(
+        self,
+        config: FlowControlConfig,
+        detector: SaturationDetector,
+        candidates: Callable[[], Sequence[Endpoint]],
+        metrics: FlowControlMetrics | None = None,
+        recheck_s: float = 0.05,
+    ) -> None:
+        self.config = config
+        self.detector = detector
+        self._candidates = candidates
+        self.metrics = metrics
+        self.recheck_s = recheck_s
+        self._bands: dict[int, _Band] = {}
+        self._order: list[_Band] = []  # highest priority first
+        self._count = 0
+        self._bytes = 0
+        self._in_transit = 0  # dispatched, not yet resumed (so not yet charged to the ledger)
+        self._seq = itertools.count()
+        self._kicked = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.stopped = False
+
+    @property
+    def queued(self) -> int:
+        return self._count
+
+    def _band(self, priority: int) -> _Band:
+        band = self._bands.get(priority)
+        if band is None:
+            band = self._bands[priority] = _Band(self.config.band_for(priority))
+            self._order = sorted(self._bands.values(), key=lambda b: -b.config.priority)
+        return band
+
+    def saturated(self) -> bool:
+        value = self.detector.saturation(self._candidates())
+        if self.metrics is not None:
+            self.metrics.observe_saturation(value)
+        return value >= 1.0
+
+    async def enqueue_and_wait(
+        self, request_id: str, fairness_id: str, priority: int, byte_size: int
+    ) -> Outcome:
+        """Wait for the request's turn; returns its outcome. Cancelled (the client went away):
+        the request leaves its queue and the cancellation goes on."""
+        started = time.monotonic()
+        if self.stopped:
+            return self._finish(Outcome.REJECTED_OTHER, fairness_id, priority, None)
+        band = self._band(priority)
+        if self._in_transit == 0 and not self._waiting_at_or_above(priority) and not self.saturated():
+            return self._finish(Outcome.DISPATCHED, fairness_id, priority, 0.0)
+        cfg, config = band.config, self.config
+        if (
+            band.count >= cfg.max_requests
+            or band.bytes + byte_size > cfg.max_bytes
+            or (config.max_requests and self._count >= config.max_requests)
+            or (config.max_bytes and self._bytes + byte_size > config.max_bytes)
+        ):
+            outcome = Outcome.REJECTED_CAPACITY if self._candidates() else Outcome.REJECTED_NO_ENDPOINTS
+            return self._finish(outcome, fairness_id, priority, None)
+        ttl = config.ttl_s if self._candidates() else config.no_endpoint_ttl_s
+        item = FlowItem(
+            request_id,
+            fairness_id,
+            priority,
+            byte_size,
+            started,
+            started + ttl if ttl > 0 else float("inf"),
+            next(self._seq),
+        )
+        waiter = _Waiter(item, cfg.ordering.key(item), asyncio.get_running_loop().create_future())
+        self._push(band, waiter)
+        self._kick()
+        try:
+            if ttl > 0:
+                async with asyncio.timeout(ttl):
+                    outcome = await waiter.future
+            else:
+                outcome = await waiter.future
+        except TimeoutError:
+            # Cancelling the wait cancels the future, unless it was answered in that same turn.
+            if waiter.future.done() and not waiter.future.cancelled():
+                outcome = waiter.future.result()
+                if outcome is Outcome.DISPATCHED:
+                    return self._resumed(waiter, time.monotonic() - started)
+                return self._finish(outcome, fairness_id, priority, time.monotonic() - started)
+            self._remove(band, waiter)
+            outcome = Outcome.EVICTED_TTL if self._candidates() else Outcome.EVICTED_NO_ENDPOINTS
+            return self._finish(outcome, fairness_id, priority, time.monotonic() - started)
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self._in_transit -= 1
+                self._kick()
+            else:
+                self._remove(band, waiter)
+            self._finish(Outcome.EVICTED_CONTEXT_CANCELLED, fairness_id, priority, time.monotonic() - started)
+            raise
+        if outcome is Outcome.DISPATCHED:
+            return self._resumed(waiter, time.monotonic() - started)
+        return self._finish(outcome, fairness_id, priority, time.monotonic() - started)
+
+    def _resumed(self, waiter: _Waiter, waited_s: float) -> Outcome:
+        self._in_transit -= 1
+        self._kick()  # runs after this request has been scheduled (same event-loop turn)
+        return self._finish(Outcome.DISPATCHED, waiter.item.fairness_id, waiter.item.priority, waited_s)
+
+    def _finish(self, outcome: Outcome, fairness_id: str, priority: int, waited_s: float | None) -> Outcome:
+        if self.metrics is not None:
+            self.metrics.outcome(outcome.value, fairness_id, priority, waited_s)
+        return outcome
+
+    def _waiting_at_or_above(self, priority: int) -> bool:
+        return any(b.count for b in self._order if b.config.priority >= priority)
+
+    def _push(self, band: _Band, waiter: _Waiter) -> None:
+        item = waiter.item
+        flow = band.flows.get(item.fairness_id)
+        if flow is None:
+            flow = band.flows[item.fairness_id] = _Flow()
+        heapq.heappush(flow.heap, (waiter.key, item.seq, waiter))
+        self._account(band, item, 1)
+
+    def _remove(self, band: _Band, waiter: _Waiter) -> None:
+        """Take a request that leaves before its turn out of its queue (O(flow length))."""
+        item = waiter.item
+        flow = band.flows.get(item.fairness_id)
+        if flow is None:
+            return
+        for i, entry in enumerate(flow.heap):
+            if entry[2] is waiter:
+                last = flow.heap.pop()
+                if i < len(flow.heap):
+                    flow.heap[i] = last
+                    heapq.heapify(flow.heap)
+                break
+        else:
+            return
+        if not flow.heap:
+            del band.flows[item.fairness_id]
+        self._account(band, item, -1)
+
+    def _account(self, band: _Band, item: FlowItem, sign: int) -> None:
+        band.count += sign
+        band.bytes += sign * item.byte_size
+        self._count += sign
+        self._bytes += sign * item.byte_size
+        if self.metrics is not None:
+            self.metrics.queued(item.fairness_id, item.priority, item.byte_size, sign)
+
+    # --- dispatch ------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Capacity may have freed (a request completed, an endpoint joined)."""
+        if self._count:
+            self._kick()
+
+    def _kick(self) -> None:
+        if not self._kicked and self._count:
+            self._kicked = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._kicked = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._count or self._in_transit or self.stopped:
+            return
+        if self.saturated():
+            # Scraped metrics change without an event: look again after a refresh interval.
+            self._timer = asyncio.get_running_loop().call_later(self.recheck_s, self._dispatch)
+            return
+        band = next(b for b in self._order if b.count)
+        heads = {fid: flow.heap[0][0] for fid, flow in band.flows.items()}
+        fid = band.config.fairness.pick(heads, band.last)
+        band.last = fid
+        flow = band.flows[fid]
+        _, _, waiter = heapq.heappop(flow.heap)
+        if not flow.heap:
+            del band.flows[fid]
+        self._account(band, waiter.item, -1)
+        if waiter.future.done():  # its wait was cancelled this turn: it is leaving, try the next
+            self._kick()
+            return
+        self._in_transit += 1
+        waiter.future.set_result(Outcome.DISPATCHED)
+
+    def stop(self) -> None:
+        """epp is stopping: every waiting request is answered at once (503, shutting down) and
+        new ones are refused."""
+        self.stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for band in self._order:
+            for flow in list(band.flows.values()):
+                for _, _, waiter in flow.heap:
+                    self._account(band, waiter.item, -1)
+                    if not waiter.future.done():
+                        waiter.future.set_result(Outcome.EVICTED_OTHER)
+                flow.heap.clear()
+            band.flows.clear()

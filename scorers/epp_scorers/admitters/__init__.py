@@ -1,0 +1,1 @@
+"""Admitters: admit or refuse a request before it is scheduled."""

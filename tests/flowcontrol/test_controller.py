@@ -1,0 +1,205 @@
+"""The flow controller with real detectors and endpoints: dispatch, bands, fairness, ordering,
+bounds, TTL, cancellation, shutdown. Every request gets exactly one outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from epp.flowcontrol.config import BandConfig, FlowControlConfig
+from epp.flowcontrol.controller import FlowController, Outcome
+from epp.framework import Endpoint
+from epp.testing import make_endpoint
+from epp_scorers.flow_policies.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
+from epp_scorers.flow_policies.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
+from epp_scorers.saturation_detectors.concurrency import ConcurrencyDetector
+
+FCFS, EDF = FcfsOrderingPolicy(), EdfOrderingPolicy()
+STRICT, RR = GlobalStrictFairnessPolicy(), RoundRobinFairnessPolicy()
+
+
+def config(
+    max_requests: int = 100, ttl_s: float = 5.0, fairness: object = STRICT, ordering: object = FCFS
+) -> FlowControlConfig:
+    band = BandConfig(0, max_requests, 10**9, ordering, fairness)  # type: ignore[arg-type]
+    cfg = FlowControlConfig(ttl_s=ttl_s, no_endpoint_ttl_s=ttl_s, default_band=band)
+    for prio in (10, 0, -10):
+        cfg.bands[prio] = BandConfig(prio, max_requests, 10**9, ordering, fairness)  # type: ignore[arg-type]
+    return cfg
+
+
+class Pool:
+    """One endpoint that holds `capacity` requests; `serve` takes one, `done` frees one."""
+
+    def __init__(self, capacity: int) -> None:
+        self.ep: Endpoint = make_endpoint("a")
+        self.detector = ConcurrencyDetector(max_concurrency=capacity)
+        self.endpoints = [self.ep]
+
+    def candidates(self) -> list[Endpoint]:
+        return self.endpoints
+
+
+async def submit(
+    fc: FlowController, order: list[str], rid: str, fid: str = "f", prio: int = 0, pool: Pool | None = None
+) -> Outcome:
+    outcome = await fc.enqueue_and_wait(rid, fid, prio, 100)
+    if outcome is Outcome.DISPATCHED:
+        order.append(rid)
+        if pool is not None:
+            pool.ep.inflight_requests += 1  # what the director's ledger charge does
+    return outcome
+
+
+async def free_one(fc: FlowController, pool: Pool) -> None:
+    pool.ep.inflight_requests -= 1
+    fc.wake()
+    await asyncio.sleep(0.01)
+
+
+async def test_goes_at_once_when_not_saturated() -> None:
+    pool = Pool(4)
+    fc = FlowController(config(), pool.detector, pool.candidates)
+    order: list[str] = []
+    outcomes = [await submit(fc, order, f"r{i}", pool=pool) for i in range(4)]
+    assert outcomes == [Outcome.DISPATCHED] * 4
+    assert fc.queued == 0
+
+
+async def test_saturated_pool_queues_and_dispatches_higher_priority_first() -> None:
+    pool = Pool(1)
+    fc = FlowController(config(), pool.detector, pool.candidates)
+    order: list[str] = []
+    assert await submit(fc, order, "first", pool=pool) is Outcome.DISPATCHED
+    tasks = [
+        asyncio.create_task(submit(fc, order, "low", prio=-10, pool=pool)),
+        asyncio.create_task(submit(fc, order, "std", prio=0, pool=pool)),
+        asyncio.create_task(submit(fc, order, "crit", prio=10, pool=pool)),
+    ]
+    await asyncio.sleep(0.05)
+    assert fc.queued == 3 and order == ["first"]
+    for _ in range(3):
+        await free_one(fc, pool)
+    assert await asyncio.gather(*tasks) == [Outcome.DISPATCHED] * 3
+    assert order == ["first", "crit", "std", "low"]
+
+
+async def test_full_band_rejects_at_once() -> None:
+    pool = Pool(1)
+    fc = FlowController(config(max_requests=2), pool.detector, pool.candidates)
+    order: list[str] = []
+    await submit(fc, order, "running", pool=pool)
+    waiting = [asyncio.create_task(submit(fc, order, f"q{i}", pool=pool)) for i in range(2)]
+    await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await submit(fc, order, "over", pool=pool) is Outcome.REJECTED_CAPACITY
+    assert loop.time() - started < 0.05
+    assert fc.queued == 2
+    fc.stop()
+    assert await asyncio.gather(*waiting) == [Outcome.EVICTED_OTHER] * 2
+
+
+async def test_ttl_evicts_a_waiting_request_in_time() -> None:
+    pool = Pool(1)
+    fc = FlowController(config(ttl_s=0.2), pool.detector, pool.candidates)
+    order: list[str] = []
+    await submit(fc, order, "running", pool=pool)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await submit(fc, order, "late", pool=pool) is Outcome.EVICTED_TTL
+    assert 0.19 <= loop.time() - started < 0.5
+    assert fc.queued == 0
+
+
+async def test_empty_pool_ttl_is_no_endpoints() -> None:
+    pool = Pool(1)
+    pool.endpoints = []
+    fc = FlowController(config(ttl_s=0.05), pool.detector, pool.candidates)
+    assert await fc.enqueue_and_wait("r", "f", 0, 10) is Outcome.EVICTED_NO_ENDPOINTS
+
+
+async def test_cancelled_while_queued_leaves_the_queue() -> None:
+    pool = Pool(1)
+    fc = FlowController(config(), pool.detector, pool.candidates)
+    order: list[str] = []
+    await submit(fc, order, "running", pool=pool)
+    gone = asyncio.create_task(submit(fc, order, "gone", pool=pool))
+    stays = asyncio.create_task(submit(fc, order, "stays", pool=pool))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert fc.queued == 1
+    await free_one(fc, pool)
+    assert await stays is Outcome.DISPATCHED
+    assert order == ["running", "stays"]
+
+
+@pytest.mark.parametrize(
+    ("fairness", "expected"), [(RR, ["a1", "b1", "a2", "b2", "a3"]), (STRICT, ["a1", "a2", "a3", "b1", "b2"])]
+)
+async def test_fairness_between_flows(fairness: object, expected: list[str]) -> None:
+    pool = Pool(1)
+    fc = FlowController(config(fairness=fairness), pool.detector, pool.candidates)
+    order: list[str] = []
+    await submit(fc, order, "running", pool=pool)
+    tasks = []
+    for rid in ("a1", "a2", "a3", "b1", "b2"):  # tenant a floods first
+        tasks.append(asyncio.create_task(submit(fc, order, rid, fid=rid[0], pool=pool)))
+        await asyncio.sleep(0.001)
+    for _ in range(5):
+        await free_one(fc, pool)
+    await asyncio.gather(*tasks)
+    assert order[1:] == expected
+
+
+async def test_edf_serves_the_earliest_deadline_first() -> None:
+    pool = Pool(1)
+    fc = FlowController(config(ordering=EDF, ttl_s=10.0), pool.detector, pool.candidates)
+    order: list[str] = []
+    await submit(fc, order, "running", pool=pool)
+    first = asyncio.create_task(submit(fc, order, "long", pool=pool))
+    await asyncio.sleep(0.01)
+    fc.config.ttl_s = 1.0  # a later request with a shorter TTL has the earlier deadline
+    second = asyncio.create_task(submit(fc, order, "short", pool=pool))
+    await asyncio.sleep(0.01)
+    await free_one(fc, pool)
+    await free_one(fc, pool)
+    await asyncio.gather(first, second)
+    assert order == ["running", "short", "long"]
+
+
+async def test_many_streams_each_get_one_answer() -> None:
+    """300 requests on a pool of 8 slots with a small band: some go, some are refused, some time
+    out, some are cancelled by their client; none hangs and the queues end empty."""
+    pool = Pool(8)
+    fc = FlowController(config(max_requests=40, ttl_s=0.3, fairness=RR), pool.detector, pool.candidates)
+    order: list[str] = []
+    rng = random.Random(7)
+
+    async def client(i: int) -> Outcome | str:
+        await asyncio.sleep(rng.random() * 0.3)
+        task = asyncio.create_task(
+            submit(fc, order, f"r{i}", fid=f"t{i % 5}", prio=rng.choice((10, 0, -10)), pool=pool)
+        )
+        if i % 10 == 0:
+            await asyncio.sleep(0.01)
+            task.cancel()
+        try:
+            outcome = await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        if outcome is Outcome.DISPATCHED:
+            await asyncio.sleep(rng.random() * 0.02)  # served, then it completes
+            pool.ep.inflight_requests -= 1
+            fc.wake()
+        return outcome
+
+    results = await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(300))), 10.0)
+    assert len(results) == 300
+    assert fc.queued == 0 and pool.ep.inflight_requests == 0
+    assert {Outcome.DISPATCHED, Outcome.REJECTED_CAPACITY} <= set(results)
+    assert set(results) <= {Outcome.DISPATCHED, Outcome.REJECTED_CAPACITY, Outcome.EVICTED_TTL, "cancelled"}

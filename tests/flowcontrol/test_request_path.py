@@ -1,0 +1,110 @@
+"""Flow control and admission through epp's ext_proc server (real gRPC on loopback): a request
+waits while the pool is saturated and goes when a response completes; a full queue, a TTL and a
+shutdown each answer at once with upstream's status and dropped reason; a sheddable request is
+refused at once on a saturated pool with flow control off."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from tests.support.epp_app import running_epp
+from tests.support.extproc_client import ExtProcClient, body_msgs, headers_msg, request_headers
+
+BODY = b'{"model": "m", "prompt": "hello"}'
+CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: concurrency-detector
+  parameters: {{maxConcurrency: 1}}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+flowControl:
+  defaultRequestTTL: {ttl}
+  saturationDetector: {{pluginRef: concurrency-detector}}
+  priorityBands:
+  - priority: 0
+    maxRequests: 2
+"""
+
+
+def start(client: ExtProcClient, **headers: str) -> None:
+    client.send([headers_msg(request_headers(**headers)), *body_msgs(BODY, 1024)])
+
+
+async def first_reply(client: ExtProcClient, timeout: float = 5.0) -> pb.ProcessingResponse:
+    (reply,) = await client.read(1, timeout)
+    return reply
+
+
+def refusal(reply: pb.ProcessingResponse) -> tuple[int, str]:
+    immediate = reply.immediate_response
+    headers = {h.header.key: h.header.raw_value.decode() for h in immediate.headers.set_headers}
+    return immediate.status.code, headers.get("x-llm-d-request-dropped-reason", "")
+
+
+async def test_queued_request_goes_when_a_response_completes() -> None:
+    async with running_epp("--endpoints", "127.0.0.1:9", "--config-text", CONFIG.format(ttl="10s")) as epp:
+        first, second, third, fourth = (ExtProcClient(epp.stub) for _ in range(4))
+        start(first)
+        assert (await first_reply(first)).HasField("request_headers")  # routed at once
+        start(second)
+        start(third)
+        await asyncio.sleep(0.3)
+        assert epp.app.flow_controller is not None and epp.app.flow_controller.queued == 2
+        start(fourth)  # the band holds 2: refused at once
+        assert refusal(await first_reply(fourth, 1.0)) == (429, "rejected-saturated")
+        await first.read(1)  # the body reply
+        first.send([headers_msg({":status": "200"}, end_of_stream=True, response=True)])
+        assert (await first_reply(second)).HasField("request_headers")  # the slot went to the next
+        third.cancel()  # the client gives up while queued
+        await asyncio.sleep(0.1)
+        assert epp.app.flow_controller.queued == 0
+        for c in (first, second, fourth):
+            await c.close()
+
+
+async def test_ttl_and_shutdown_answer_queued_requests() -> None:
+    async with running_epp("--endpoints", "127.0.0.1:9", "--config-text", CONFIG.format(ttl="200ms")) as epp:
+        holder, late = ExtProcClient(epp.stub), ExtProcClient(epp.stub)
+        start(holder)
+        await first_reply(holder)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        start(late)
+        assert refusal(await first_reply(late)) == (429, "rejected-ttl-expired")
+        assert 0.19 < loop.time() - started < 1.0
+        epp.app.flow_controller.config.ttl_s = 30.0  # type: ignore[union-attr]
+        queued = ExtProcClient(epp.stub)
+        start(queued)
+        await asyncio.sleep(0.2)
+        stopping = asyncio.create_task(epp.app.stop(drain_timeout_s=2.0))
+        assert refusal(await first_reply(queued, 2.0)) == (503, "rejected-shutting-down")
+        holder.cancel()
+        await stopping
+
+
+async def test_sheddable_request_is_refused_at_once_on_a_saturated_pool(tmp_path: Path) -> None:
+    objectives = tmp_path / "objectives.yaml"
+    objectives.write_text(
+        "kind: InferenceObjective\nmetadata: {name: batch}\nspec: {priority: -1}\n---\n"
+        "kind: InferenceObjective\nmetadata: {name: chat}\nspec: {priority: 10}\n"
+    )
+    # Flow control off; the endpoint is never scraped, so the default utilization-detector reads
+    # it as saturated (fail closed).
+    async with running_epp(
+        "--endpoints", "127.0.0.1:9", "--inference-objectives-file", str(objectives)
+    ) as epp:
+        shed, chat = ExtProcClient(epp.stub), ExtProcClient(epp.stub)
+        start(shed, **{"x-llm-d-inference-objective": "batch"})
+        assert refusal(await first_reply(shed, 1.0)) == (429, "rejected-saturated")
+        start(chat, **{"x-gateway-inference-objective": "chat"})
+        assert (await first_reply(chat)).HasField("request_headers")
+        await chat.close()

@@ -1,0 +1,97 @@
+"""Saturation detectors, flow-control policies and the probabilistic admitter, built from config
+parameters as the loader builds them."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from epp.framework import ConfigError, FlowItem, Params, PluginHandle
+from epp.testing import make_endpoint, make_request
+from epp_scorers.admitters.probabilistic import ProbabilisticAdmitter
+from epp_scorers.flow_policies.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
+from epp_scorers.flow_policies.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
+from epp_scorers.saturation_detectors.concurrency import ConcurrencyDetector
+from epp_scorers.saturation_detectors.utilization import UtilizationDetector
+
+
+def fresh(**kw: float) -> object:
+    return make_endpoint(updated_at=time.monotonic(), **kw)  # type: ignore[arg-type]
+
+
+def test_utilization_is_the_mean_roofline_and_stale_counts_as_full() -> None:
+    det = UtilizationDetector.from_params(
+        "u", Params({"queueDepthThreshold": 4, "kvCacheUtilThreshold": 0.5}), PluginHandle()
+    )
+    a = fresh(waiting=2, kv=0.4)  # max(0.5, 0.8) = 0.8
+    b = fresh(waiting=8, kv=0.1)  # max(2.0, 0.2) = 2.0
+    assert det.saturation([a, b]) == pytest.approx(1.4)  # type: ignore[list-item]
+    stale = make_endpoint(waiting=0, updated_at=time.monotonic() - 1.0)  # older than 200ms
+    assert det.saturation([stale]) == 1.0
+    assert det.saturation([]) == 1.0
+
+
+def test_utilization_staleness_is_a_go_duration() -> None:
+    det = UtilizationDetector.from_params("u", Params({"metricsStalenessThreshold": "2s"}), PluginHandle())
+    assert det.staleness_s == 2.0
+    assert det.saturation([make_endpoint(updated_at=time.monotonic() - 1.0)]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"queueDepthThreshold": 0},
+        {"kvCacheUtilThreshold": 1.5},
+        {"metricsStalenessThreshold": "soon"},
+        {"headroom": -1},
+    ],
+)
+def test_utilization_bad_parameters_are_errors(params: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        UtilizationDetector.from_params("u", Params(params), PluginHandle())
+
+
+def test_concurrency_counts_requests_or_tokens() -> None:
+    det = ConcurrencyDetector.from_params("c", Params({"maxConcurrency": 4}), PluginHandle())
+    eps = [make_endpoint("a", inflight_requests=4), make_endpoint("b", inflight_requests=2)]
+    assert det.saturation(eps) == pytest.approx(0.75)
+    tok = ConcurrencyDetector.from_params(
+        "t", Params({"concurrencyMode": "tokens", "maxTokenConcurrency": 100}), PluginHandle()
+    )
+    assert tok.saturation([make_endpoint(inflight_tokens=150)]) == 1.5
+    with pytest.raises(ConfigError):
+        ConcurrencyDetector.from_params("c", Params({"concurrencyMode": "bytes"}), PluginHandle())
+    with pytest.raises(ConfigError):
+        ConcurrencyDetector.from_params("c", Params({"maxConcurrency": 0}), PluginHandle())
+
+
+def item(seq: int, enqueued: float, deadline: float = float("inf")) -> FlowItem:
+    return FlowItem(f"r{seq}", "f", 0, 1, enqueued, deadline, seq)
+
+
+def test_orderings() -> None:
+    early, late = item(1, 1.0, deadline=9.0), item(2, 2.0, deadline=5.0)
+    assert FcfsOrderingPolicy().key(early) < FcfsOrderingPolicy().key(late)
+    assert EdfOrderingPolicy().key(late) < EdfOrderingPolicy().key(early)
+    assert EdfOrderingPolicy().key(item(3, 3.0)) > EdfOrderingPolicy().key(early)  # no TTL: last
+
+
+def test_fairness_policies() -> None:
+    heads = {"b": (2.0,), "a": (3.0,), "c": (1.0,)}
+    assert GlobalStrictFairnessPolicy().pick(heads, None) == "c"
+    rr = RoundRobinFairnessPolicy()
+    assert [rr.pick(heads, last) for last in (None, "a", "b", "c", "aa")] == ["a", "b", "c", "a", "b"]
+
+
+def test_probabilistic_admitter_sheds_only_sheddable_requests() -> None:
+    eps = [fresh(waiting=5)]  # saturation 1.0: probability min(1 x 300, 1) = 1
+    always = ProbabilisticAdmitter(rand=lambda: 0.999)
+    request = make_request()
+    assert always.admit(request, 0, eps) is None  # type: ignore[arg-type]
+    assert always.admit(request, -1, eps) is not None  # type: ignore[arg-type]
+    assert always.admit(request, -1, []) is None
+    idle = [fresh(waiting=0, kv=0.0)]
+    assert always.admit(request, -1, idle) is None  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        ProbabilisticAdmitter.from_params("p", Params({"power": 0}), PluginHandle())
