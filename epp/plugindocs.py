@@ -25,6 +25,10 @@ _KIND_TITLES = {
     PluginKind.PD_DECIDER: "P/D deciders",
     PluginKind.PARSER: "Parsers (built into epp)",
     PluginKind.DATA_SOURCE: "Data sources (built into epp)",
+    PluginKind.SATURATION_DETECTOR: "Saturation detectors",
+    PluginKind.ORDERING_POLICY: "Flow-control ordering policies",
+    PluginKind.FAIRNESS_POLICY: "Flow-control fairness policies",
+    PluginKind.ADMITTER: "Admitters",
     PluginKind.LIFECYCLE_HOOK: "Request lifecycle plugins",
 }
 

@@ -493,6 +493,13 @@ def render(doc: dict[str, Any]) -> str:
         f = doc[key]
         lines.append(f"{label:6}" + "".join(f"{_sec(f[k]):>10}" for k in ("p50", "p90", "p99", "mean")))
     lines.append(
+        "TTFT p50/p90 by stage (sessions at a time): "
+        + ", ".join(
+            f"{st['concurrency']}: {_sec(st['ttft_s']['p50'])}/{_sec(st['ttft_s']['p90'])}"
+            for st in doc["stages"]
+        )
+    )
+    lines.append(
         f"stickiness (share of a session's requests on its most-used pod): mean {_pct(stick['mean'])}, "
         f"min {_pct(stick['min'])}, {stick['sessions_on_one_pod']}/{len(doc['sessions'])} sessions on one pod"
     )
@@ -532,7 +539,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax_pods.set_xticks(range(len(pods)), pods, rotation=30, ha="right", fontsize="small")
     ax_pods.set_ylabel("requests")
     ax_hit = ax_pods.twinx()
-    ax_hit.plot(range(len(pods)), [doc["pods"][p]["hit_rate"] or 0.0 for p in pods], "ko-")
+    rates = [doc["pods"][p]["hit_rate"] for p in pods]  # None (no queries): no point
+    ax_hit.plot(range(len(pods)), [math.nan if r is None else r for r in rates], "ko")
     ax_hit.set_ylim(0, 1.05)
     ax_hit.set_ylabel("hit rate")
     ax_pods.set_title(f"Per pod (hit rate overall {_pct(doc['hit_rate'])})")

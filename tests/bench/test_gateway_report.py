@@ -354,3 +354,56 @@ def test_stickiness_and_stages() -> None:
     assert len({s.system for s in sessions}) == 1 and sessions[0].system.startswith("[test t]")
     assert sessions[3].context.startswith("\n[session t-s3]")
     assert make_sessions(SMALL, "u", 1, "s")[0].system != sessions[0].system
+
+
+async def test_any_openai_compatible_server_and_the_host_header() -> None:
+    """A minimal chat server (no usage in its stream, no pod header), reached with --host: the
+    report sends the Host header and the growing conversation, and times what it streams."""
+    seen: list[tuple[str, int]] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append((request.headers["Host"], len(body["messages"])))
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for word in ("one ", "two ", "three"):
+            chunk = {"choices": [{"index": 0, "delta": {"content": word}}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await asyncio.sleep(0.01)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def metrics(_request: web.Request) -> web.Response:
+        queries = 100 * len(seen)
+        text = f"# TYPE vllm:prefix_cache_queries counter\nvllm:prefix_cache_queries_total {queries}\n"
+        text += f"# TYPE vllm:prefix_cache_hits counter\nvllm:prefix_cache_hits_total {queries / 2}\n"
+        return web.Response(text=text)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    address = f"127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        cfg = replace(SMALL, gateway=f"http://{address}", host="llm.example.com", sessions=1, turns=3,
+                      warmup=1, ramp=(1,))  # fmt: skip
+        doc = await run_report(cfg, PodsSource.from_list([address]))
+    finally:
+        await runner.cleanup()
+    # The warm-up's first turn, then one session's turns with 2, 4, 6 messages (system + history).
+    assert seen == [
+        ("llm.example.com", 2),
+        ("llm.example.com", 2),
+        ("llm.example.com", 4),
+        ("llm.example.com", 6),
+    ]
+    assert doc["errors"] == 0 and doc["hit_rate"] == 0.5
+    assert doc["sessions"][f"{doc['test_id']}-s0"] == {
+        "requests": 3,
+        "pods": 1,
+        "top_pod": address,
+        "stickiness": 1.0,
+    }
+    assert doc["tpot_s"]["p50"] is not None and doc["tpot_s"]["p50"] > 0.005  # 3 chunks, 10 ms apart
