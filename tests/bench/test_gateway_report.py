@@ -221,8 +221,9 @@ async def test_counters_from_a_prometheus_http_api(start_sim: StartSim) -> None:
         prom.targets.clear()
         with pytest.raises(CounterError, match="no series"):
             await PrometheusSource(prom.url).read()
-        with pytest.raises(CounterError, match="refused"):
-            await PrometheusSource(prom.url)._query(aiohttp.ClientSession(), "up")
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(CounterError, match="refused"):
+                await PrometheusSource(prom.url)._query(http, "up")
     finally:
         await prom.stop()
 
