@@ -390,7 +390,9 @@ async def test_any_openai_compatible_server_and_the_host_header() -> None:
     try:
         cfg = replace(SMALL, gateway=f"http://{address}", host="llm.example.com", sessions=1, turns=3,
                       warmup=1, ramp=(1,))  # fmt: skip
-        doc = await run_report(cfg, PodsSource.from_list([address]))
+        source = PodsSource.from_list([address])
+        doc = await run_report(cfg, source)
+        await source.close()
     finally:
         await runner.cleanup()
     # The warm-up's first turn, then one session's turns with 2, 4, 6 messages (system + history).
