@@ -1,0 +1,367 @@
+"""Precise prefix-cache routing from KV events, against the guess, on workloads where the guess fails.
+
+    python -m epp_bench.kv_bench                                  # every scenario, every policy
+    python -m epp_bench.kv_bench --scenario eviction --policy epp-precise --policy epp
+    python -m epp_bench.kv_bench --out kv.json --plot kv.png      # JSON document and one PNG per scenario
+
+Every run starts fresh simulators that publish vLLM KV events (`epp_bench.sim`: real token ids from
+the tokenizer directory `epp_bench.make_tokenizer` writes, vLLM's sha256 block hashes with
+PYTHONHASHSEED = `--hash-seed`, BlockStored / BlockRemoved / AllBlocksCleared over ZMQ with a replay
+socket), so every policy meets the same engines and the same event stream.
+
+Scenarios (docs/benchmarks.md#precise-prefix-cache):
+
+- `eviction`: more system prompts than the pods' KV caches hold together with the running
+  requests: the engines evict, and a router that remembers where it sent a prefix believes a pod
+  still holds what it dropped.
+- `restart`: one pod restarts at half time (`POST /sim/restart`: its requests fail, its cache is
+  empty, its event stream starts again with AllBlocksCleared); a router that guesses keeps sending
+  that pod's prefixes to it as if it still held them.
+- `replicas`: two epp replicas behind one Envoy, which spreads the requests over them; each
+  replica sees half the traffic, so the guess of each is half right, while KV events tell both
+  the same thing. (Peers and round-robin run one router, as they would.)
+
+Policies:
+
+| policy | router |
+|---|---|
+| `epp-precise` | Envoy + epp with `precise-prefix-cache-scorer` fed by the events (PRECISE_CONFIG) |
+| `epp` | Envoy + epp, its default config (the approximate prefix scorer: what it routed where) |
+| `vllm-router-kv-aware` | vllm-router `--policy kv_aware`, `--kv-event-source` on the same events |
+| `vllm-router` | vllm-router `--policy cache_aware` (its own prefix tree of what it routed) |
+| `round-robin` | Envoy round-robin |
+
+Each result: output tokens/s, TTFT p50/p90/p99, the engines' own prefix-cache hit rate (their
+`vllm:prefix_cache_hits_total` / `queries_total`) and the oracle's (the hit rate if every request
+met a cache holding every earlier prompt: an upper bound without eviction). Every run is bounded in
+requests and seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from epp_bench.gateway import EnvoyGateway, EppProcess, GatewayError, free_port, terminate
+from epp_bench.load import run_load
+from epp_bench.make_tokenizer import write_tokenizer
+from epp_bench.peers import PEERS, Peer, peer_router
+from epp_bench.report import plot, table
+from epp_bench.runner import prefix_cache_counters
+from epp_bench.workloads import Arrivals, SharedPrefix, Workload, oracle_hit_rate
+
+POLICIES = ("epp-precise", "epp", "vllm-router-kv-aware", "vllm-router", "round-robin")
+MODEL = "sim-model"
+BLOCK_SIZE = 16
+DEFAULT_HASH_SEED = "42"
+
+# epp with the precise prefix-cache scorer: the upstream guide's weights (gaie-kv-events.yaml:
+# precise 3, KV utilization 2, queue 2). epp binds the SUB socket the engines connect to (llm-d's
+# centralized topology); the topic `kv@<host:port>@<model>` names the pod.
+PRECISE_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: single-profile-handler
+- type: precise-prefix-cache-scorer
+  parameters:
+    tokenProcessorConfig: {{blockSize: {block_size}, hashSeed: "{hash_seed}"}}
+    indexerConfig:
+      tokenizersPoolConfig: {{modelName: "{tokenizer}"}}
+    kvEventsConfig: {{zmqEndpoint: "{zmq_endpoint}", topicFilter: "kv@", discoverPods: false}}
+- type: kv-cache-utilization-scorer
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: precise-prefix-cache-scorer, weight: 3.0}}
+  - {{pluginRef: kv-cache-utilization-scorer, weight: 2.0}}
+  - {{pluginRef: queue-scorer, weight: 2.0}}
+  - {{pluginRef: max-score-picker}}
+"""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    workload: Workload
+    simulators: int = 4
+    kv_cache_blocks: int = 256
+    max_num_seqs: int = 16
+    epp_replicas: int = 1
+    restart_at: float | None = None  # fraction of the arrivals' span when sim-0 restarts
+    max_seconds: float = 60.0
+
+
+def _shared_prefix(groups: int, per_group: int, system: int, rate: float) -> Workload:
+    spec = SharedPrefix(
+        groups=groups, prompts_per_group=per_group, system_tokens=system, question_tokens=64, output_tokens=32
+    )
+    return Workload(spec, Arrivals(rate=rate), seed=1)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    # 12 prefixes of 64 blocks; a pod holds 256 blocks, shared with its running requests' own.
+    "eviction": Scenario("eviction", _shared_prefix(12, 16, 1024, 12.0), kv_cache_blocks=256),
+    "restart": Scenario("restart", _shared_prefix(8, 20, 1024, 10.0), kv_cache_blocks=1024, restart_at=0.5),
+    "replicas": Scenario("replicas", _shared_prefix(8, 20, 1024, 10.0), kv_cache_blocks=512, epp_replicas=2),
+}
+
+
+def quick(scenario: Scenario) -> Scenario:
+    """The scenario in miniature (tests): 2 pods, 4 prefixes x 3 prompts, a few seconds a policy."""
+    return dataclasses.replace(
+        scenario,
+        workload=_shared_prefix(4, 3, 256, 8.0),
+        simulators=2,
+        kv_cache_blocks=min(scenario.kv_cache_blocks, 64),
+        max_seconds=20.0,
+    )
+
+
+@dataclass
+class Simulators:
+    addresses: list[str]
+    event_endpoints: list[str]
+    replay_endpoints: list[str]
+
+
+def events_config() -> str:
+    return json.dumps(
+        {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": "tcp://127.0.0.1:*",
+            "replay_endpoint": "tcp://127.0.0.1:*",
+            "topic": "kv@{address}@{model}",
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def simulators(
+    scenario: Scenario, tokenizer: Path, hash_seed: str, connect: Sequence[str] = ()
+) -> AsyncIterator[Simulators]:
+    """The scenario's simulators in one subprocess, KV events on; each binds its own event and
+    replay ports and, with `connect`, also connects its PUB socket to those addresses."""
+    args = [
+        sys.executable, "-m", "epp_bench.sim", "--count", str(scenario.simulators), "--base-port", "0",
+        "--model", MODEL, "--tokenizer", str(tokenizer), "--python-hash-seed", hash_seed,
+        "--kv-events-config", events_config(), "--kv-cache-blocks", str(scenario.kv_cache_blocks),
+        "--max-num-seqs", str(scenario.max_num_seqs),
+    ]  # fmt: skip
+    if connect:
+        args += ["--kv-events-connect", ",".join(connect)]
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        sims = Simulators([], [], [])
+        for _ in range(scenario.simulators):
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+            if not line:
+                raise GatewayError(f"simulators exited: {(await proc.stderr.read()).decode()[-2000:]}")
+            fields = line.decode().split()
+            columns = dict(f.split("=", 1) for f in fields[2:] if "=" in f)
+            sims.addresses.append(fields[1])
+            sims.event_endpoints.append(columns["kv-events"])
+            sims.replay_endpoints.append(columns["kv-replay"])
+        yield sims
+    finally:
+        await terminate(proc, 10)
+
+
+def kv_aware_peer(sims: Simulators) -> Peer:
+    """vllm-router kv_aware subscribed to every simulator's events (and their replay sockets)."""
+    extra: list[str] = ["--kv-event-block-size", str(BLOCK_SIZE), "--kv-event-model", MODEL]
+    for address, events, replay in zip(
+        sims.addresses, sims.event_endpoints, sims.replay_endpoints, strict=True
+    ):
+        extra += ["--kv-event-source", f"http://{address}={events}"]
+        extra += ["--kv-event-replay-source", f"http://{address}={replay}"]
+    return Peer("vllm-router-kv-aware", "vllm-router", "kv_aware", extra=tuple(extra))
+
+
+def precise_config(tokenizer: Path, hash_seed: str, zmq_port: int) -> str:
+    return PRECISE_CONFIG.format(
+        block_size=BLOCK_SIZE,
+        hash_seed=hash_seed,
+        tokenizer=tokenizer,
+        zmq_endpoint=f"tcp://127.0.0.1:{zmq_port}",
+    )
+
+
+@contextlib.asynccontextmanager
+async def epp_gateway(backends: Sequence[str], configs: Sequence[str | None]) -> AsyncIterator[str]:
+    """One epp per config (None: epp's default) behind one Envoy; yields the gateway URL."""
+    async with contextlib.AsyncExitStack() as stack:
+        epps = []
+        for config in configs:
+            args = ["--log-level", "warning"] + (["--config-text", config] if config is not None else [])
+            epps.append(await stack.enter_async_context(EppProcess(backends, extra_args=args)))
+        ports = [epp.grpc_port for epp in epps]
+        gw = await stack.enter_async_context(
+            EnvoyGateway("epp", epp_grpc_port=ports[0], extra_epp_grpc_ports=ports[1:])
+        )
+        yield gw.url
+
+
+async def restart_later(address: str, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+        session.post(f"http://{address}/sim/restart") as resp,
+    ):
+        if resp.status != 200:
+            raise GatewayError(f"restart of {address} answered {resp.status}")
+
+
+async def run_policy(policy: str, scenario: Scenario, tokenizer: Path, hash_seed: str) -> dict[str, Any]:
+    replicas = scenario.epp_replicas if policy in ("epp", "epp-precise") else 1
+    zmq_ports = [free_port() for _ in range(replicas)] if policy == "epp-precise" else []
+    connect = [f"tcp://127.0.0.1:{port}" for port in zmq_ports]
+    async with contextlib.AsyncExitStack() as stack:
+        sims = await stack.enter_async_context(simulators(scenario, tokenizer, hash_seed, connect))
+        backends = sims.addresses
+        if policy == "round-robin":
+            url = (await stack.enter_async_context(EnvoyGateway("round-robin", backends=backends))).url
+        elif policy == "vllm-router":
+            url = await stack.enter_async_context(peer_router(PEERS["vllm-router"], backends))
+        elif policy == "vllm-router-kv-aware":
+            url = await stack.enter_async_context(peer_router(kv_aware_peer(sims), backends))
+        elif policy == "epp":
+            url = await stack.enter_async_context(epp_gateway(backends, [None] * replicas))
+        elif policy == "epp-precise":
+            configs = [precise_config(tokenizer, hash_seed, port) for port in zmq_ports]
+            url = await stack.enter_async_context(epp_gateway(backends, configs))
+        else:
+            raise ValueError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
+        await asyncio.sleep(0.5)  # subscriptions reach the engines' PUB sockets before the first event
+        restart: asyncio.Task[None] | None = None
+        if scenario.restart_at is not None:
+            span = scenario.workload.turns()[-1].at
+            restart = asyncio.create_task(restart_later(backends[0], span * scenario.restart_at))
+        try:
+            load = await run_load(scenario.workload, url, MODEL, scenario.max_seconds)
+        finally:
+            if restart is not None:
+                if not restart.done():
+                    restart.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await restart
+        hits, queries = await prefix_cache_counters(backends)
+    served: dict[str, int] = {}
+    for r in load.results:
+        if r.ok:
+            served[r.served_by] = served.get(r.served_by, 0) + 1
+    return {
+        **load.summary(),
+        "hit_rate": hits / queries if queries else 0.0,
+        "served_by": served,
+        "epp_replicas": replicas,
+        "_prompts": load.prompts,
+    }
+
+
+async def run_scenario(
+    scenario: Scenario, policies: Sequence[str], tokenizer: Path, hash_seed: str
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    oracle = 0.0
+    for policy in policies:
+        print(f"kv_bench: {scenario.name} / {policy}", file=sys.stderr, flush=True)
+        figures = await run_policy(policy, scenario, tokenizer, hash_seed)
+        prompts = figures.pop("_prompts")
+        if prompts and not oracle:
+            oracle = oracle_hit_rate(prompts)
+        results[policy] = figures
+    return {
+        "scenario": scenario.name,
+        "policies": results,
+        "oracle_hit_rate": oracle,
+        "workload": {**scenario.workload.describe(), "kind": f"{scenario.name}: shared-prefix"},
+        "simulators": scenario.simulators,
+        "kv_cache_blocks": scenario.kv_cache_blocks,
+        "epp_replicas": scenario.epp_replicas,
+        "restart_at": scenario.restart_at,
+    }
+
+
+def verdict(doc: dict[str, Any]) -> list[str]:
+    """The issue's targets, measured: epp-precise's TTFT p90 against epp's and kv_aware's, and its
+    hit rate against the oracle's."""
+    policies = doc["policies"]
+    precise = policies.get("epp-precise")
+    if precise is None:
+        return []
+    lines = []
+    p90 = precise["ttft_p90_s"]
+    for other in ("epp", "vllm-router-kv-aware"):
+        if other in policies and p90 > 0:
+            lines.append(f"TTFT p90 epp-precise vs {other}: {policies[other]['ttft_p90_s'] / p90:.2f}x")
+    oracle = doc["oracle_hit_rate"]
+    if oracle:
+        lines.append(f"hit rate epp-precise {precise['hit_rate']:.1%} vs oracle {oracle:.1%}")
+    return lines
+
+
+async def run(
+    scenarios: Sequence[Scenario], policies: Sequence[str], tokenizer: Path | None, hash_seed: str
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="kv-bench-tokenizer-") as tmp:
+        if tokenizer is None:
+            tokenizer = Path(tmp)
+            write_tokenizer(tokenizer)
+        docs = {s.name: await run_scenario(s, policies, tokenizer, hash_seed) for s in scenarios}
+    return {"scenarios": docs, "hash_seed": hash_seed, "block_size": BLOCK_SIZE}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m epp_bench.kv_bench",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="default: all")
+    parser.add_argument("--policy", action="append", choices=list(POLICIES), help="default: all")
+    parser.add_argument("--quick", action="store_true", help="each scenario in miniature (seconds)")
+    parser.add_argument("--tokenizer", type=Path, help="a tokenizer directory (default: make_tokenizer's)")
+    parser.add_argument("--hash-seed", default=DEFAULT_HASH_SEED, help="the engines' PYTHONHASHSEED")
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--plot", type=Path, help="write one PNG per scenario (PLOT-<scenario>.png)")
+    args = parser.parse_args(argv)
+    scenarios = [SCENARIOS[name] for name in (args.scenario or SCENARIOS)]
+    if args.quick:
+        scenarios = [quick(s) for s in scenarios]
+    try:
+        doc = asyncio.run(run(scenarios, args.policy or POLICIES, args.tokenizer, args.hash_seed))
+    except (GatewayError, OSError, ValueError) as exc:
+        print(f"kv_bench: {exc}", file=sys.stderr)
+        return 1
+    for name, scenario_doc in doc["scenarios"].items():
+        print(f"\n=== {name} ===\n{table(scenario_doc)}")
+        for line in verdict(scenario_doc):
+            print(line)
+    if args.out:
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.plot:
+        for name, scenario_doc in doc["scenarios"].items():
+            plot(scenario_doc, args.plot.with_name(f"{args.plot.stem}-{name}{args.plot.suffix or '.png'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The KV-events bench (epp_bench.kv_bench) end to end, in miniature: real simulators publishing KV
+events, real Envoy + epp with the precise scorer, real vllm-router kv_aware on the same events."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from epp_bench.kv_bench import PRECISE_CONFIG, SCENARIOS, precise_config, quick
+from epp_bench.make_tokenizer import write_tokenizer
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
+    """Two pods, a restart of one at half time: the precise epp and vllm-router kv_aware serve every
+    request and each result has throughput, TTFT percentiles and hit rates to compare."""
+    out = tmp_path / "kv.json"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "epp_bench.kv_bench", "--quick", "--scenario", "restart",
+            "--policy", "epp-precise", "--policy", "vllm-router-kv-aware", "--out", str(out),
+        ],
+        capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc: dict[str, Any] = orjson.loads(out.read_bytes())["scenarios"]["restart"]
+    assert doc["restart_at"] == 0.5 and 0 < doc["oracle_hit_rate"] < 1
+    for policy in ("epp-precise", "vllm-router-kv-aware"):
+        figures = doc["policies"][policy]
+        assert figures["requests"] == 12
+        # The restarted pod fails what it was running: at most a request or two, never the rest.
+        assert figures["errors"] <= 2, figures
+        for key in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "output_tokens_per_s", "hit_rate"):
+            assert not math.isnan(figures[key]) and figures[key] >= 0, (policy, key)
+    assert "TTFT p90 epp-precise vs vllm-router-kv-aware" in run.stdout
+
+
+def test_precise_config_loads_in_epp(tmp_path: Path) -> None:
+    write_tokenizer(tmp_path)
+    config = tmp_path / "precise.yaml"
+    config.write_text(precise_config(tmp_path, "42", 5557))
+    check = subprocess.run(
+        [sys.executable, "-m", "epp", "--config-file", str(config), "--endpoints", "127.0.0.1:8000",
+         "--check-config"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "precise-prefix-cache-scorer" in PRECISE_CONFIG
+
+
+def test_quick_scenarios_stay_small() -> None:
+    for scenario in SCENARIOS.values():
+        small = quick(scenario)
+        assert small.simulators == 2 and len(small.workload.turns()) == 12 and small.max_seconds <= 20
+        assert small.restart_at == scenario.restart_at and small.epp_replicas == scenario.epp_replicas
