@@ -216,6 +216,16 @@ async def test_counters_from_a_prometheus_http_api(start_sim: StartSim) -> None:
         assert doc["attribution"] == "none" and doc["stickiness"]["mean"] is None
         assert "unknown" in render(doc)
 
+        # Through epp, with its header: IP:port mapped to the pod names through `instance`.
+        async with (
+            EppProcess([s.address for s in two], extra_args=["--emit-served-endpoint-header"]) as epp,
+            EnvoyGateway("epp", epp_grpc_port=epp.grpc_port) as gw,
+        ):
+            doc = await run_report(replace(cfg, gateway=gw.url), source)
+        assert doc["attribution"] == "header" and doc["stickiness"]["mean"] == 1.0
+        assert sum(v["requests"] for v in doc["pods"].values()) == 6
+        assert set(doc["pods"]) == {"vllm-0", "vllm-1"}
+
         with pytest.raises(CounterError, match="no series"):
             await PrometheusSource(prom.url, 'namespace="elsewhere"').read()
         prom.targets.clear()
