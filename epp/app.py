@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from epp.extproc.handler import ExtProcService, StreamLimits
 from epp.flowcontrol.admission import Admission
 from epp.flowcontrol.controller import FlowController
 from epp.flowcontrol.metrics import FlowControlMetrics
-from epp.framework import ConfigError, InFlightLedger, PluginHandle
+from epp.framework import BackgroundService, ConfigError, InFlightLedger, PluginHandle, ServiceContext
 from epp.framework.registry import installed_registry
 from epp.health import Health
 from epp.metrics_server import MetricsAuth, MetricsServer, MetricsTls
@@ -198,6 +199,7 @@ class App:
         self._ext_proc: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self._services: list[asyncio.Task[None]] = []  # BackgroundService plugins' run()
         self._objectives_watch: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._cutting: asyncio.Task[None] | None = None
@@ -382,6 +384,7 @@ class App:
             if self.leader is not None:
                 self.leader.start()
             self._housekeeping = self.supervisor.spawn("housekeeping", self._housekeep)
+            self._start_plugin_services()
         await self._refresh_status()
         self.ports = BoundPorts(grpc_port, health_port, metrics_port)
         log.info(
@@ -394,6 +397,18 @@ class App:
             len(self.datastore),
         )
         return self.ports
+
+    def _start_plugin_services(self) -> None:
+        """Each BackgroundService plugin's `run`, supervised, cancelled at stop."""
+        context = ServiceContext(
+            endpoints=self.datastore.endpoints,
+            subscribe=self.datastore.subscribe,
+            spawn=lambda task, factory, detail: self.supervisor.spawn(task, factory, detail=detail),
+        )
+        for plugin in self.config.scheduler.plugins:
+            if isinstance(plugin, BackgroundService):
+                run = functools.partial(plugin.run, context)
+                self._services.append(self.supervisor.spawn("plugin-service", run, detail=plugin.name))
 
     def _describe_tls(self) -> str:
         if self.tls is None:
@@ -467,6 +482,8 @@ class App:
         await self.discovery.stop()
         if self._objectives_watch is not None:
             self._objectives_watch.cancel()
+        for service in self._services:
+            service.cancel()
         await self.scraper.close()
         await self.metrics_server.stop()  # before the client its auth uses is closed
         if self.kubernetes is not None:

@@ -32,6 +32,7 @@ from epp.framework.inflight import InFlightLedger
 from epp.framework.params import Params
 from epp.framework.plugin import (
     Admitter,
+    BackgroundService,
     DataProducer,
     DataSource,
     EndpointListener,
@@ -52,6 +53,7 @@ from epp.framework.plugin import (
     SaturationDetector,
     Scorer,
     ServedElsewhere,
+    ServiceContext,
 )
 from epp.framework.registry import ENTRY_POINT_GROUP, PluginRegistry
 
@@ -61,6 +63,7 @@ __all__ = [
     "ROLE_LABEL",
     "Admitter",
     "Api",
+    "BackgroundService",
     "ConfigError",
     "CycleState",
     "DataKey",
@@ -95,4 +98,5 @@ __all__ = [
     "SchedulingResult",
     "Scorer",
     "ServedElsewhere",
+    "ServiceContext",
 ]

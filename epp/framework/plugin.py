@@ -23,8 +23,9 @@ A class may derive from several kinds (a filter that is also a scorer); the load
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -293,6 +294,30 @@ class Admitter(Plugin, abc.ABC):
     def admit(
         self, request: InferenceRequest, priority: int, endpoints: Sequence[Endpoint]
     ) -> str | None: ...
+
+
+# --- Background work -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceContext:
+    """What epp gives a `BackgroundService`: the pool's endpoints now, a subscription to endpoints
+    joining and leaving (callbacks run on the event loop, must not block), and `spawn` to start a
+    further supervised task (`task` is a bounded name, `detail` says which one, for the log)."""
+
+    endpoints: Callable[[], Sequence[Endpoint]]
+    subscribe: Callable[[Callable[[Endpoint], None], Callable[[Endpoint], None]], None]
+    spawn: Callable[[str, Callable[[], Awaitable[None]], str], asyncio.Task[None]]
+
+
+class BackgroundService(Plugin, abc.ABC):
+    """A plugin with work of its own while epp serves (e.g. consuming model-server events): epp
+    starts `run(context)` once, after the plugins are bound, under its supervisor (an exception
+    is logged, counted and the coroutine started again after a backoff), and cancels it on stop.
+    Not a kind of its own: the plugin is placed by its other bases."""
+
+    @abc.abstractmethod
+    async def run(self, context: ServiceContext) -> None: ...
 
 
 _KIND_BASES: tuple[tuple[type[Plugin], PluginKind], ...] = (

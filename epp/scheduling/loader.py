@@ -49,6 +49,7 @@ from epp.flowcontrol.config import (
 )
 from epp.framework import (
     Admitter,
+    BackgroundService,
     ConfigError,
     DataProducer,
     DataSource,
@@ -865,9 +866,9 @@ class _Loader:
                 extractors.append(ext_ref)
             wired.update((ref, *extractors))
             if not isinstance(plugin, MetricsSourceParams):
-                self.warn(
-                    f"{where}: {self._describe(ref)} is not run by epp (it scrapes model-server metrics only)"
-                )
+                if not isinstance(plugin, BackgroundService):  # one that runs in epp does its own work
+                    what = "is not run by epp (it scrapes model-server metrics only)"
+                    self.warn(f"{where}: {self._describe(ref)} {what}")
                 continue
             metric_extractors = []
             for ext_ref in extractors:

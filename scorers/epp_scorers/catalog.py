@@ -1,6 +1,7 @@
 """Every in-tree plugin class, for `register` and the generated reference (docs/plugins.md)."""
 
 from epp_scorers.admitters.probabilistic import ProbabilisticAdmitter
+from epp_scorers.datasources.endpoint_notification import EndpointNotificationSource
 from epp_scorers.datasources.metrics import CoreMetricsExtractor, MetricsDataSource
 from epp_scorers.deciders.always import AlwaysDisaggPDDecider
 from epp_scorers.deciders.prefix_based import PrefixBasedPDDecider
@@ -15,6 +16,8 @@ from epp_scorers.pickers.uniform_random import RandomPicker
 from epp_scorers.pickers.weighted_random import WeightedRandomPicker
 from epp_scorers.producers.approx_prefix import ApproxPrefixCacheProducer
 from epp_scorers.producers.inflight import InFlightLoadProducer
+from epp_scorers.producers.precise_prefix import PrecisePrefixCacheProducer
+from epp_scorers.producers.tokenizer import TokenizerPlugin, TokenProducer
 from epp_scorers.profile_handlers.disagg import (
     DisaggHeadersHandler,
     DisaggProfileHandler,
@@ -29,6 +32,7 @@ from epp_scorers.scorers.kv_cache import KvCacheUtilizationScorer
 from epp_scorers.scorers.load_aware import LoadAwareScorer
 from epp_scorers.scorers.lora_affinity import LoraAffinityScorer
 from epp_scorers.scorers.no_hit_lru import NoHitLruScorer
+from epp_scorers.scorers.precise_prefix import PrecisePrefixCacheScorer
 from epp_scorers.scorers.prefix_cache import PrefixCacheScorer
 from epp_scorers.scorers.queue import QueueScorer, RunningRequestsSizeScorer
 from epp_scorers.scorers.session_affinity import SessionAffinityScorer
@@ -46,9 +50,13 @@ ALL_PLUGINS = (
     SessionAffinityScorer,
     PrefixCacheScorer,
     NoHitLruScorer,
+    PrecisePrefixCacheScorer,
     # producers
     ApproxPrefixCacheProducer,
     InFlightLoadProducer,
+    PrecisePrefixCacheProducer,
+    TokenizerPlugin,
+    TokenProducer,
     # filters
     LabelSelectorFilter,
     DecodeFilter,
@@ -82,4 +90,6 @@ ALL_PLUGINS = (
     VllmHttpParser,
     MetricsDataSource,
     CoreMetricsExtractor,
+    # KV events (precise prefix-cache routing)
+    EndpointNotificationSource,
 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from epp_scorers.kvcache.index import BlockIndex
 from epp_scorers.kvcache.wire import (
@@ -33,6 +34,8 @@ from epp_scorers.kvcache.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_LORA_NAMES: Final = 4096
 
 # Fetches batches [start, ...] from the engine's replay socket: (seq, payload) in order.
 Replay = Callable[[int], Awaitable[Sequence[tuple[int, bytes]]]]
@@ -52,11 +55,14 @@ class ConsumerStats:
 
 
 class EventConsumer:
-    """Applies messages to `index`. `pod_of(message)` names the pod a message is about."""
+    """Applies messages to `index`; `handle` takes one message of `source` about `pod`."""
 
     def __init__(self, index: BlockIndex) -> None:
         self.index = index
         self.stats = ConsumerStats()
+        # LoRA adapter names seen in BlockStored events: a request for one of these models hashes
+        # its blocks with the adapter's name as an extra key, as the engine did.
+        self.lora_names: set[str] = set()
 
     async def handle(self, source: str, pod: str, message: Message, replay: Replay | None = None) -> None:
         try:
@@ -110,6 +116,8 @@ class EventConsumer:
             self.stats.events += 1
             if isinstance(event, BlockStored):
                 index.add(pod, event.keys, event.tier)
+                if event.lora_name and len(self.lora_names) < MAX_LORA_NAMES:
+                    self.lora_names.add(event.lora_name)
             elif isinstance(event, BlockRemoved):
                 index.remove(pod, event.keys, event.tier)
             elif isinstance(event, AllBlocksCleared):

@@ -101,12 +101,18 @@ class Publisher:
     a ROUTER replay socket over the last `buffer` batches."""
 
     def __init__(
-        self, endpoint: str, topic: str, replay_endpoint: str | None = None, buffer: int = 100
+        self,
+        endpoint: str,
+        topic: str,
+        replay_endpoint: str | None = None,
+        buffer: int = 100,
+        *,
+        bind: bool = False,
     ) -> None:
         ctx = zmq.asyncio.Context.instance()
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
-        if "*" in endpoint:
+        if "*" in endpoint or bind:  # vLLM binds on a wildcard; `bind` stands for a pod's own IP
             self.pub.bind(endpoint)
             self.endpoint = bytes(self.pub.getsockopt(zmq.LAST_ENDPOINT)).decode()
         else:

@@ -1,0 +1,45 @@
+"""Prompts tokenized as vLLM tokenizes them: completions with special tokens, chat through the
+tokenizer's chat template without them; a tokenizer from a directory or the local hub cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from epp.testing import make_request
+from epp_scorers.kvcache.tokenize import TokenizerError, load_tokenizer
+from tests.plugins.kvcache.conftest import words
+
+
+def test_completions_get_special_tokens_and_chat_the_template(tokenizer_dir: Path) -> None:
+    tok = load_tokenizer(str(tokenizer_dir))
+    assert tok.tokens(make_request("w0 w1 w2")) == [1, 6, 7, 8]  # <s> w0 w1 w2
+    assert tok.tokens(make_request(body={"prompt": [5, 6, 7]})) == [5, 6, 7]  # token ids as given
+    chat = make_request(messages=[{"role": "user", "content": "w0 w1"}])
+    # "<s><|user|> w0 w1 <|assistant|> ": BOS from the template, none added by the encoder
+    assert tok.tokens(chat) == [1, 4, 6, 7, 5]
+    parts = make_request(messages=[{"role": "user", "content": [{"type": "text", "text": "w0"}]}])
+    assert tok.tokens(parts) == [1, 4, 6, 5]
+    no_prompt = make_request(
+        messages=[{"role": "user", "content": "w0"}], body={"add_generation_prompt": False}
+    )
+    assert tok.tokens(no_prompt) == [1, 4, 6]
+
+
+def test_a_long_prompt(tokenizer_dir: Path) -> None:
+    tok = load_tokenizer(str(tokenizer_dir))
+    ids = tok.tokens(make_request(words(0, 200)))
+    assert ids is not None and len(ids) == 201
+
+
+def test_sources_that_do_not_load_say_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(TokenizerError, match=r"has no tokenizer\.json"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(TokenizerError, match="nor in the local Hugging Face cache"):
+        load_tokenizer("some-org/some-model")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="cannot load"):
+        load_tokenizer(str(tmp_path / "bad"))
