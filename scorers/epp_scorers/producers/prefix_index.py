@@ -9,13 +9,17 @@ they share the whole prefix up to that block:
 The index maps a block hash to the endpoints that hold it, and keeps one LRU per endpoint with a
 bounded capacity (the model server's KV blocks, clamped), so old blocks age out; an absolute cap
 on the whole index (entries and approximate bytes) bounds its memory whatever the pods report.
+
+It is stored compactly, in flat arrays of machine integers rather than Python objects (see
+`PrefixIndex`): about 60 bytes per (block, endpoint) entry, where dicts of ints took 140-210.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import xxhash
 
 CHARS_PER_TOKEN = 4
@@ -23,24 +27,32 @@ DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
 # The most blocks one endpoint may hold whatever it reports: 262,144 blocks of 64 tokens are 16.7M
 # tokens of KV cache, beyond any single server today. A pod reporting num_gpu_blocks=1e9 gets this.
 DEFAULT_MAX_CAPACITY_PER_SERVER = 262_144
-# The whole index, over every endpoint: 1M entries are about 200 MB (see ENTRY_BYTES).
+# The whole index, over every endpoint: 1M entries are about 70 MB (see ENTRY_BYTES).
 DEFAULT_MAX_INDEX_ENTRIES = 1_000_000
 DEFAULT_MAX_INDEX_BYTES = 256 * 1024 * 1024
-# Approximate memory, measured with tracemalloc (tests/plugins/test_prefix_index.py checks the
-# estimate against it): each (hash, endpoint) entry costs its OrderedDict slot and node and its
-# int; each distinct hash its slot in the holders dict; each holder of a hash beyond the first, its
-# own int and the tuple of holders. Measured from 20k to 300k entries: 141-209 B an entry with one
-# holder a hash, 154-205 with two (P/D: prefill and decode), 143-173 with four, depending on where
-# the dicts are in their growth; the estimate (200, 195, 192) takes the high end. Before holders
-# were kept out of sets: 357-425, 234-288, 173-212.
-ENTRY_BYTES = 150
-HASH_BYTES = 50
-SHARED_BYTES = 40
+# Approximate memory (tests/plugins/test_prefix_index.py checks the estimate against tracemalloc):
+# each (hash, endpoint) entry is 28 bytes in the entry arrays, plus what they keep in reserve as
+# they grow, and a 4-byte slot in the pair table, kept 37-75 % full (5-11 bytes); each distinct
+# hash a 4-byte slot in the hash table (5-11 bytes).
+ENTRY_BYTES = 40
+HASH_BYTES = 8
+SHARED_BYTES = 0  # a further holder of a hash costs an entry, nothing more
 # Why an index evicted: a full endpoint LRU, or the whole index's entry or byte cap.
 REASON_CAPACITY = "capacity"
 REASON_MAX_ENTRIES = "max_entries"
 REASON_MAX_BYTES = "max_bytes"
-_EMPTY: OrderedDict[int, None] = OrderedDict()
+
+_NONE = -1  # no entry / an empty table slot
+_MASK64 = (1 << 64) - 1
+# A key's home slot in a table is its low bits (xxh64's output is uniform there, as Python's
+# dict relies on for ints); a pair's key is the hash xor its endpoint's salt.
+_MIN_TABLE_BITS = 10
+_TABLE_PAD = 64  # slots past the end: probing never wraps around
+# An endpoint's salt in the pair table: (its id + 1) x this, xor-ed into the hash.
+_SALT = 0xC2B2AE3D27D4EB4F
+_VECTOR_MATCH = 96  # match() in numpy from this many hashes; plain Python below
+_SCALAR_PROBES = 4  # probes in numpy while more than this many are left; the rest in Python
+_VECTOR_WALK = 8  # holders walked in numpy while more than this many lists are left
 
 
 class PromptHasher:
@@ -72,6 +84,49 @@ class PromptHasher:
         return hashes
 
 
+class _Table:
+    """An open-addressing hash table of entry numbers (linear probing, no wrap-around: `_TABLE_PAD`
+    spare slots at the end, the last always empty; no tombstones: a removal shifts its run back).
+    It stores only the entry; what the entry is keyed by is the index's business (the home slot
+    of an entry is given by the index's key function when the table is rebuilt)."""
+
+    __slots__ = ("bits", "grow_at", "mask", "slots")
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.mask = (1 << bits) - 1
+        self.grow_at = (1 << bits) // 2
+        self.slots = array("i", [_NONE]) * ((1 << bits) + _TABLE_PAD)
+
+    @classmethod
+    def built(
+        cls, bits: int, entries: np.ndarray, home_of: Callable[[np.ndarray, int], np.ndarray]
+    ) -> _Table:
+        """A table holding `entries`, whose home slots at `bits` bits `home_of` gives, built in
+        numpy: sorted by home, each goes to max(its home, the previous one's slot + 1)."""
+        while True:
+            size = (1 << bits) + _TABLE_PAD
+            slots = np.full(size, _NONE, dtype=np.int32)
+            if len(entries):
+                home = home_of(entries, bits).astype(np.int64)
+                order = np.argsort(home, kind="stable")
+                steps = np.arange(len(home), dtype=np.int64)
+                where = np.maximum.accumulate(home[order] - steps) + steps
+                if where[-1] >= size - 1:  # the last slot must stay empty
+                    bits += 1
+                    continue
+                slots[where] = entries[order]
+            table = cls.__new__(cls)
+            table.bits, table.mask, table.grow_at = bits, (1 << bits) - 1, (1 << bits) // 2
+            table.slots = array("i", slots.tobytes())
+            return table
+
+    def live(self) -> np.ndarray:
+        slots = np.frombuffer(self.slots, dtype=np.int32)
+        entries: np.ndarray = slots[slots != _NONE].copy()
+        return entries
+
+
 class PrefixIndex:
     """hash -> endpoints holding it, plus a per-endpoint LRU that bounds what each endpoint holds,
     under an absolute cap on the whole index (entries and approximate bytes).
@@ -84,8 +139,14 @@ class PrefixIndex:
       "max_entries" / "max_bytes"). Taking from the largest shares the cap evenly among the busy
       endpoints, so a pod that reports an absurd KV capacity cannot crowd out the others.
 
-    Memory: the holders of a hash are one `str` (the usual case) or a tuple of them, not a set
-    (a one-element set costs 216 bytes); see `ENTRY_BYTES`.
+    Storage, flat arrays of machine integers (no Python object per entry):
+    - one entry per (hash, endpoint): the hash, the endpoint's small id, its neighbours in the
+      endpoint's LRU list (oldest first) and in the list of the hash's holders; freed entries are
+      reused;
+    - two hash tables of entry numbers: by hash (the first holder: what `match` walks) and by
+      (hash, endpoint) (whether an endpoint holds a hash: what `add` and `discard` ask), so no
+      operation walks a long list of holders or a long LRU.
+    `match` of a long prompt runs in numpy; the rest is plain Python on the arrays.
     """
 
     def __init__(
@@ -106,23 +167,45 @@ class PrefixIndex:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.on_evict = on_evict
-        self._holders: dict[int, str | tuple[str, ...]] = {}
-        self._lrus: dict[str, OrderedDict[int, None]] = {}
         self._capacity: dict[str, int] = {}
+        # Endpoints: key <-> small id; per id its salt (for the pair table), its LRU list's ends
+        # and its length.
+        self._ids: dict[str, int] = {}
+        self._keys: list[str] = []
+        self._salts: list[int] = []
+        self._free_ids: list[int] = []
+        self._oldest: list[int] = []
+        self._newest: list[int] = []
+        self._held: list[int] = []
+        # Entries.
+        self._e_hash = array("Q")
+        self._e_ep = array("i")
+        self._e_prev = array("i")  # the endpoint's LRU list
+        self._e_next = array("i")
+        self._e_up = array("i")  # the hash's holders
+        self._e_down = array("i")
+        self._free_entry = _NONE  # freed entries, chained through _e_next
         self._entries = 0
+        self._distinct = 0
+        self._by_hash = _Table(_MIN_TABLE_BITS)
+        self._by_pair = _Table(_MIN_TABLE_BITS)
 
     def __len__(self) -> int:
         """Number of distinct block hashes held by any endpoint."""
-        return len(self._holders)
+        return self._distinct
 
     def entries(self) -> int:
         """Total (hash, endpoint) pairs: the indexer's size."""
         return self._entries
 
+    def held(self, endpoint_key: str) -> int:
+        """Blocks the endpoint holds now."""
+        eid = self._ids.get(endpoint_key)
+        return 0 if eid is None else self._held[eid]
+
     def approx_bytes(self) -> int:
         """The index's memory, estimated from its entries and distinct hashes (see ENTRY_BYTES)."""
-        distinct = len(self._holders)
-        return self._entries * ENTRY_BYTES + distinct * HASH_BYTES + (self._entries - distinct) * SHARED_BYTES
+        return self._entries * ENTRY_BYTES + self._distinct * HASH_BYTES
 
     def capacity(self, endpoint_key: str) -> int:
         """Blocks the endpoint may hold."""
@@ -135,87 +218,317 @@ class PrefixIndex:
             return self.capacity(endpoint_key)
         capacity = min(capacity, self.max_capacity)
         self._capacity[endpoint_key] = capacity
-        lru = self._lrus.get(endpoint_key)
-        if lru is not None and len(lru) > capacity:
-            self._count(REASON_CAPACITY, self._pop_oldest(endpoint_key, lru, len(lru) - capacity))
+        eid = self._ids.get(endpoint_key)
+        if eid is not None and self._held[eid] > capacity:
+            self._count(REASON_CAPACITY, self._pop_oldest(eid, self._held[eid] - capacity))
         return capacity
+
+    # --- the two tables -----------------------------------------------------------------------------
+
+    def _hash_slot(self, h: int) -> int:
+        """The by-hash slot of `h`, or -(the empty slot where it would go) - 1."""
+        table = self._by_hash
+        i = h & table.mask
+        slots, hashes = table.slots, self._e_hash
+        while (entry := slots[i]) != _NONE:
+            if hashes[entry] == h:
+                return i
+            i += 1
+        return -i - 1
+
+    def _pair_slot(self, h: int, eid: int) -> int:
+        """The by-pair slot of (h, eid), or -(the empty slot where it would go) - 1."""
+        table = self._by_pair
+        i = (h ^ self._salts[eid]) & table.mask
+        slots, hashes, ep = table.slots, self._e_hash, self._e_ep
+        while (entry := slots[i]) != _NONE:
+            if hashes[entry] == h and ep[entry] == eid:
+                return i
+            i += 1
+        return -i - 1
+
+    def _hash_homes(self, entries: np.ndarray, bits: int) -> np.ndarray:
+        hashes = np.frombuffer(self._e_hash, dtype=np.uint64)[entries]
+        homes: np.ndarray = hashes & np.uint64((1 << bits) - 1)
+        return homes
+
+    def _pair_homes(self, entries: np.ndarray, bits: int) -> np.ndarray:
+        hashes = np.frombuffer(self._e_hash, dtype=np.uint64)[entries]
+        salts = np.array(self._salts, dtype=np.uint64)[np.frombuffer(self._e_ep, dtype=np.int32)[entries]]
+        homes: np.ndarray = (hashes ^ salts) & np.uint64((1 << bits) - 1)
+        return homes
+
+    def _insert(self, table: _Table, slot: int, entry: int, count: int) -> _Table:
+        """Put `entry` in the empty `slot` a lookup returned; `count` is the table's fill after
+        it. Returns the table (a new one when it had to grow)."""
+        table.slots[slot] = entry
+        if slot < len(table.slots) - 1 and count <= table.grow_at:
+            return table
+        bits = table.bits + (count > table.grow_at)
+        homes = self._hash_homes if table is self._by_hash else self._pair_homes
+        return _Table.built(bits, table.live(), homes)
+
+    def _remove_slot(self, table: _Table, i: int, pair: bool) -> None:
+        """Empty slot i of a table, shifting back the rest of its run so no lookup stops short."""
+        slots, hashes, ep, salts, mask = table.slots, self._e_hash, self._e_ep, self._salts, table.mask
+        j = i + 1
+        while (entry := slots[j]) != _NONE:
+            key = (hashes[entry] ^ salts[ep[entry]]) if pair else hashes[entry]
+            if key & mask <= i:
+                slots[i] = entry
+                i = j
+            j += 1
+        slots[i] = _NONE
+
+    # --- entries ------------------------------------------------------------------------------------
+
+    def _endpoint_id(self, endpoint_key: str) -> int:
+        eid = self._ids.get(endpoint_key)
+        if eid is None:
+            if self._free_ids:
+                eid = self._free_ids.pop()
+                self._keys[eid] = endpoint_key
+                self._oldest[eid] = self._newest[eid] = _NONE
+                self._held[eid] = 0
+            else:
+                eid = len(self._keys)
+                self._keys.append(endpoint_key)
+                self._salts.append(((eid + 1) * _SALT) & _MASK64)
+                self._oldest.append(_NONE)
+                self._newest.append(_NONE)
+                self._held.append(0)
+            self._ids[endpoint_key] = eid
+        return eid
+
+    def _new_entry(self, h: int, eid: int) -> int:
+        """A new entry for (h, eid), newest in eid's LRU (not yet in the tables or holders)."""
+        newest = self._newest[eid]
+        entry = self._free_entry
+        if entry != _NONE:
+            self._free_entry = self._e_next[entry]
+            self._e_hash[entry] = h
+            self._e_ep[entry] = eid
+            self._e_prev[entry] = newest
+            self._e_next[entry] = _NONE
+        else:
+            entry = len(self._e_hash)
+            self._e_hash.append(h)
+            self._e_ep.append(eid)
+            self._e_prev.append(newest)
+            self._e_next.append(_NONE)
+            self._e_up.append(_NONE)
+            self._e_down.append(_NONE)
+        if newest == _NONE:
+            self._oldest[eid] = entry
+        else:
+            self._e_next[newest] = entry
+        self._newest[eid] = entry
+        self._held[eid] += 1
+        self._entries += 1
+        return entry
+
+    def _unlink(self, entry: int, eid: int) -> None:
+        """Take `entry` out of its endpoint's LRU list."""
+        prev, nxt = self._e_prev[entry], self._e_next[entry]
+        if prev == _NONE:
+            self._oldest[eid] = nxt
+        else:
+            self._e_next[prev] = nxt
+        if nxt == _NONE:
+            self._newest[eid] = prev
+        else:
+            self._e_prev[nxt] = prev
+
+    def _drop(self, entry: int, eid: int) -> None:
+        """Remove `entry` everywhere: its LRU list, the pair table, its hash's holders (and the
+        hash, if it was the last), and put it on the free list."""
+        h = self._e_hash[entry]
+        self._unlink(entry, eid)
+        self._remove_slot(self._by_pair, self._pair_slot(h, eid), pair=True)
+        up, down = self._e_up[entry], self._e_down[entry]
+        if up == _NONE:  # the first holder: the by-hash table points at it
+            slot = self._hash_slot(h)
+            if down == _NONE:
+                self._remove_slot(self._by_hash, slot, pair=False)
+                self._distinct -= 1
+            else:
+                self._by_hash.slots[slot] = down
+                self._e_up[down] = _NONE
+        else:
+            self._e_down[up] = down
+            if down != _NONE:
+                self._e_up[down] = up
+        self._e_next[entry] = self._free_entry
+        self._free_entry = entry
+        self._held[eid] -= 1
+        self._entries -= 1
+
+    # --- the index's operations ---------------------------------------------------------------------
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Blocks matched per endpoint, walking the chain until a block no endpoint holds."""
-        counts: dict[str, int] = {}
-        holders_of = self._holders.get
+        if len(hashes) >= _VECTOR_MATCH:
+            return self._match_vector(hashes)
+        counts: dict[int, int] = {}
+        table = self._by_hash
+        slots, mask, stored, ep, down = table.slots, table.mask, self._e_hash, self._e_ep, self._e_down
         for h in hashes:
-            holders = holders_of(h)
-            if holders is None:
+            i = h & mask
+            while (entry := slots[i]) != _NONE and stored[entry] != h:
+                i += 1
+            if entry == _NONE:
                 break
-            if type(holders) is str:
-                counts[holders] = counts.get(holders, 0) + 1
-            else:
-                for key in holders:
-                    counts[key] = counts.get(key, 0) + 1
-        return counts
+            while entry != _NONE:
+                eid = ep[entry]
+                counts[eid] = counts.get(eid, 0) + 1
+                entry = down[entry]
+        keys = self._keys
+        return {keys[eid]: n for eid, n in counts.items()}
+
+    def _probe(self, table: _Table, wanted: np.ndarray, salt: int, eid: int) -> np.ndarray:
+        """Each wanted hash's entry in a table (by hash: `eid` -1; by pair: that endpoint's), or
+        _NONE: a few probe steps in numpy for all at once, the rare longer runs in Python."""
+        slots = np.frombuffer(table.slots, dtype=np.int32)
+        stored = np.frombuffer(self._e_hash, dtype=np.uint64)
+        ep = np.frombuffer(self._e_ep, dtype=np.int32)
+        keys = wanted ^ np.uint64(salt) if salt else wanted
+        where = (keys & np.uint64(table.mask)).astype(np.intp)
+        found = np.full(len(wanted), _NONE, dtype=np.int32)
+        pending = np.arange(len(wanted))
+        while len(pending) > _SCALAR_PROBES:
+            entry = slots[where[pending]]
+            occupied = entry != _NONE
+            hit = occupied & (stored[entry] == wanted[pending])  # entry -1 reads the last: masked
+            if eid >= 0:
+                hit &= ep[entry] == eid
+            found[pending[hit]] = entry[hit]
+            pending = pending[occupied & ~hit]  # another key's slot: probe on
+            if not len(pending):
+                return found
+            where[pending] += 1
+        del slots, stored, ep
+        for i in pending.tolist():
+            h = int(wanted[i])
+            slot = self._pair_slot(h, eid) if eid >= 0 else self._hash_slot(h)
+            if slot >= 0:
+                found[i] = table.slots[slot]
+        return found
+
+    def _match_vector(self, hashes: Sequence[int]) -> dict[str, int]:
+        """match() in numpy: every hash probed at once, then the holders walked a step at a time."""
+        if not self._entries:
+            return {}
+        wanted = np.fromiter(hashes, dtype=np.uint64, count=len(hashes))
+        found = self._probe(self._by_hash, wanted, 0, -1)
+        missing = np.flatnonzero(found == _NONE)
+        entries = found[: missing[0]] if len(missing) else found
+        ep = np.frombuffer(self._e_ep, dtype=np.int32)
+        down = np.frombuffer(self._e_down, dtype=np.int32)
+        per_step = []
+        while len(entries) > _VECTOR_WALK:
+            per_step.append(ep[entries])
+            entries = down[entries]
+            entries = entries[entries != _NONE]
+        counts: dict[int, int] = {}
+        if per_step:
+            totals = np.bincount(np.concatenate(per_step))
+            counts = dict(zip(np.flatnonzero(totals).tolist(), totals[totals > 0].tolist(), strict=True))
+        del ep, down
+        e_ep, e_down = self._e_ep, self._e_down
+        for entry in entries.tolist():
+            while entry != _NONE:
+                eid = e_ep[entry]
+                counts[eid] = counts.get(eid, 0) + 1
+                entry = e_down[entry]
+        names = self._keys
+        return {names[eid]: n for eid, n in counts.items()}
 
     def add(self, endpoint_key: str, hashes: Iterable[int]) -> list[int]:
         """Record that the endpoint now holds these blocks (most recent last). Returns the hashes
         it did not hold before (an empty list when none are new), e.g. to undo them later with
-        `discard`."""
-        lru = self._lrus.get(endpoint_key)
-        if lru is None:
-            lru = self._lrus[endpoint_key] = OrderedDict()
-        holders = self._holders
+        `discard`.
+
+        A prompt's blocks usually sit together, in order, in the endpoint's LRU list (an earlier
+        request with the same prefix put them there): a run of them is followed along the list,
+        one comparison a block, and moved to the newest end at once."""
+        eid = self._endpoint_id(endpoint_key)
+        hashes = hashes if isinstance(hashes, Sequence) else list(hashes)
         added: list[int] = []
-        for h in hashes:
-            if h in lru:
-                lru.move_to_end(h)
+        e_hash, e_prev, e_next = self._e_hash, self._e_prev, self._e_next
+        e_up, e_down = self._e_up, self._e_down
+        count, i = len(hashes), 0
+        while i < count:
+            h = hashes[i]
+            slot = self._pair_slot(h, eid)
+            if slot >= 0:  # held: follow the run along the LRU list, then make it the newest
+                first = last = self._by_pair.slots[slot]
+                i += 1
+                while i < count and (after := e_next[last]) != _NONE and e_hash[after] == hashes[i]:
+                    last = after
+                    i += 1
+                newest = self._newest[eid]
+                if last != newest:
+                    before, after = e_prev[first], e_next[last]
+                    if before == _NONE:
+                        self._oldest[eid] = after
+                    else:
+                        e_next[before] = after
+                    e_prev[after] = before
+                    e_prev[first] = newest
+                    e_next[newest] = first
+                    e_next[last] = _NONE
+                    self._newest[eid] = last
                 continue
-            lru[h] = None
-            added.append(h)
-            owners = holders.get(h)
-            if owners is None:
-                holders[h] = endpoint_key
-            elif type(owners) is str:
-                holders[h] = (owners, endpoint_key)
+            i += 1
+            entry = self._new_entry(h, eid)
+            self._by_pair = self._insert(self._by_pair, -slot - 1, entry, self._entries)
+            slot = self._hash_slot(h)
+            if slot >= 0:  # other holders: this one goes first
+                first = self._by_hash.slots[slot]
+                e_up[first] = entry
+                e_down[entry] = first
+                e_up[entry] = _NONE
+                self._by_hash.slots[slot] = entry
             else:
-                holders[h] = (*owners, endpoint_key)
-        self._entries += len(added)
+                e_up[entry] = e_down[entry] = _NONE
+                self._distinct += 1
+                self._by_hash = self._insert(self._by_hash, -slot - 1, entry, self._distinct)
+            added.append(h)
         evicted = False
         capacity = self._capacity.get(endpoint_key, self.default_capacity)
-        if len(lru) > capacity:
-            self._count(REASON_CAPACITY, self._pop_oldest(endpoint_key, lru, len(lru) - capacity))
+        if self._held[eid] > capacity:
+            self._count(REASON_CAPACITY, self._pop_oldest(eid, self._held[eid] - capacity))
             evicted = True
         if self._entries > self.max_entries or self.approx_bytes() > self.max_bytes:
             self._enforce_limits()
             evicted = True
         if evicted and added:
-            lru = self._lrus.get(endpoint_key, _EMPTY)
-            added = [h for h in added if h in lru]  # some aged out at once: not held after all
+            added = [h for h in added if self._pair_slot(h, eid) >= 0]  # some aged out at once
         return added
 
     def discard(self, endpoint_key: str, hashes: Iterable[int]) -> None:
         """Forget that the endpoint holds these blocks (those it does not hold are ignored)."""
-        lru = self._lrus.get(endpoint_key)
-        if lru is None:
+        eid = self._ids.get(endpoint_key)
+        if eid is None:
             return
         for h in hashes:
-            if h in lru:
-                del lru[h]
-                self._entries -= 1
-                self._drop_holder(h, endpoint_key)
+            slot = self._pair_slot(h, eid)
+            if slot >= 0:
+                self._drop(self._by_pair.slots[slot], eid)
 
     def remove_endpoint(self, endpoint_key: str) -> None:
         """Purge everything an endpoint held (it left the pool)."""
-        lru = self._lrus.pop(endpoint_key, None)
         self._capacity.pop(endpoint_key, None)
-        if lru is None:
+        eid = self._ids.pop(endpoint_key, None)
+        if eid is None:
             return
-        self._entries -= len(lru)
-        for h in lru:
-            self._drop_holder(h, endpoint_key)
+        self._pop_oldest(eid, self._held[eid])
+        self._free_ids.append(eid)
 
     def _enforce_limits(self) -> None:
         """Evict from the endpoint holding the most entries until the index is within its caps."""
-        lrus = self._lrus
-        while lrus:
+        held = self._held
+        while self._entries:
             over_entries = self._entries - self.max_entries
             over_bytes = self.approx_bytes() - self.max_bytes
             if over_entries <= 0 and over_bytes <= 0:
@@ -224,31 +537,14 @@ class PrefixIndex:
             # Enough entries to clear both overshoots, or fewer (a sole holder's entry frees the
             # most, ENTRY_BYTES + HASH_BYTES) and another round.
             count = max(over_entries, -(-over_bytes // (ENTRY_BYTES + HASH_BYTES)))
-            victim = max(lrus, key=lambda key: len(lrus[key]))
-            lru = lrus[victim]
-            self._count(reason, self._pop_oldest(victim, lru, min(count, len(lru))))
-            if not lru:
-                del lrus[victim]
+            victim = max(self._ids.values(), key=held.__getitem__)
+            self._count(reason, self._pop_oldest(victim, min(count, held[victim])))
 
-    def _pop_oldest(self, endpoint_key: str, lru: OrderedDict[int, None], count: int) -> int:
+    def _pop_oldest(self, eid: int, count: int) -> int:
         for _ in range(count):
-            h, _ = lru.popitem(last=False)
-            self._drop_holder(h, endpoint_key)
-        self._entries -= count
+            self._drop(self._oldest[eid], eid)
         return count
 
     def _count(self, reason: str, count: int) -> None:
         if count and self.on_evict is not None:
             self.on_evict(reason, count)
-
-    def _drop_holder(self, h: int, endpoint_key: str) -> None:
-        holders = self._holders
-        owners = holders.get(h)
-        if owners is None:
-            return
-        if type(owners) is str:
-            if owners == endpoint_key:
-                del holders[h]
-            return
-        rest = tuple(key for key in owners if key != endpoint_key)
-        holders[h] = rest[0] if len(rest) == 1 else rest
