@@ -33,6 +33,7 @@ from epp_scorers.kvcache.consumer import EventConsumer
 from epp_scorers.kvcache.index import DEFAULT_CAPACITY, DEFAULT_PODS_PER_KEY, BlockIndex, MemoryBlockIndex
 from epp_scorers.kvcache.keys import DEFAULT_BLOCK_SIZE, DEFAULT_HASH_ALGO, HASH_ALGOS, block_keys
 from epp_scorers.kvcache.subscriber import bound_subscriber, connected_subscriber
+from epp_scorers.kvcache.valkey_index import ValkeyBlockIndex
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,13 @@ class PreciseIndexer:
 
     def __init__(self, config: PreciseConfig, index: BlockIndex | None = None) -> None:
         self.config = config
-        self.index: BlockIndex = index or MemoryBlockIndex(config.capacity, config.pods_per_key)
+        if index is None and config.valkey_address:
+            index = ValkeyBlockIndex(
+                config.valkey_address, capacity=config.capacity, pods_per_key=config.pods_per_key
+            )
+        if index is None:  # (not `or`: an empty index is falsy)
+            index = MemoryBlockIndex(config.capacity, config.pods_per_key)
+        self.index: BlockIndex = index
         self.consumer = EventConsumer(self.index)
         self._context: ServiceContext | None = None
         self._discover = False
@@ -131,9 +138,21 @@ class PreciseIndexer:
         self.bound_endpoint = ""  # where the SUB socket got bound (zmqEndpoint may name port 0 / *)
 
     def register_metrics(self, handle: PluginHandle) -> None:
+        """Gauges read at scrape time (nothing on the event path), summed over the precise plugins."""
+        stats = self.consumer.stats
         handle.gauge_sum(
             "epp_kv_index_blocks", "Block keys held in epp's KV-event block index.", lambda: len(self.index)
         )
+        for name, read, what in (
+            ("batches", lambda: stats.batches, "KV-event batches applied"),
+            ("malformed", lambda: stats.malformed, "KV-event messages or batches dropped as malformed"),
+            ("gaps", lambda: stats.gaps, "jumps in a publisher's sequence numbers"),
+            ("replayed", lambda: stats.replayed, "batches fetched from an engine's replay socket"),
+            ("lost_batches", lambda: stats.lost_batches, "batches neither received nor replayed"),
+            ("restarts", lambda: stats.restarts, "engine restarts seen (the sequence went back)"),
+            ("clears", lambda: stats.clears, "AllBlocksCleared events"),
+        ):
+            handle.gauge_sum(f"epp_kv_events_{name}", f"{what.capitalize()} since epp started.", read)
 
     def keys(self, tokens: Sequence[int], request: InferenceRequest) -> list[int]:
         lora = request.target_model if request.target_model in self.consumer.lora_names else None
@@ -162,6 +181,8 @@ class PreciseIndexer:
         endpoint-notification-source calls endpoint_added / endpoint_removed instead."""
         self._context = context
         self._discover = discover
+        if isinstance(self.index, ValkeyBlockIndex):
+            context.spawn("kv-index-valkey", self.index.run, self.index.address)
         if follow_pool:
             context.subscribe(self.endpoint_added, self.endpoint_removed)
             for ep in context.endpoints():

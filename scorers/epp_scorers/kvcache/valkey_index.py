@@ -1,0 +1,237 @@
+"""The shared block index: Valkey (or Redis), for epp replicas that each receive only some
+engines' events (engines publishing to one replica's bound socket) and for a replica that starts
+warm.
+
+Every replica keeps the whole index in memory (`MemoryBlockIndex`, same bounds), so a lookup on
+the request path never waits for the network. What a replica learns from its own subscribers it
+applies locally at once and writes to Valkey from a background task:
+
+- the state, one hash per block key `<prefix>:b:<key>` (field = pod, value = "<generation>|<tier>",
+  expiring `ttl` seconds after the block was last stored), and per pod its generation
+  `<prefix>:gen:<pod>` (INCR on AllBlocksCleared, a restarted engine, a pod removed);
+- a change feed, the stream `<prefix>:feed` (bounded: MAXLEN ~ `feed_length`), one entry per
+  add / remove / clear with the writer's replica id.
+
+Every replica reads the feed (XREAD) and applies the other replicas' entries to its memory index;
+at start it loads the state first (SCAN + pipelined HGETALL, entries of a pod's current generation
+only, up to the memory capacity), then follows the feed from where the load began, so nothing in
+between is lost. Writes wait in a bounded queue (`max_pending` operations; the oldest are
+dropped, and counted, when Valkey is slower than the events). Valkey unreachable: lookups go on
+from memory, the writer and reader retry under the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import valkey.asyncio as valkey_asyncio
+
+from epp_scorers.kvcache.index import DEFAULT_CAPACITY, DEFAULT_PODS_PER_KEY, MemoryBlockIndex
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX: Final = "epp:kv"
+DEFAULT_TTL_S: Final = 3600
+DEFAULT_FEED_LENGTH: Final = 100_000
+DEFAULT_MAX_PENDING: Final = 100_000
+_SCAN_BATCH: Final = 1000
+_FEED_BLOCK_MS: Final = 1000
+_FEED_BATCH: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    kind: str  # "add" | "remove" | "clear"
+    pod: str
+    keys: tuple[int, ...] = ()
+    tier: str = ""
+
+
+def _pack(keys: Sequence[int]) -> bytes:
+    return struct.pack(f">{len(keys)}Q", *keys)
+
+
+def _unpack(data: bytes) -> tuple[int, ...]:
+    return struct.unpack(f">{len(data) // 8}Q", data)
+
+
+class ValkeyBlockIndex:
+    """A `BlockIndex` whose contents are shared through Valkey (see the module docstring)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        pods_per_key: int = DEFAULT_PODS_PER_KEY,
+        prefix: str = DEFAULT_PREFIX,
+        ttl_s: int = DEFAULT_TTL_S,
+        feed_length: int = DEFAULT_FEED_LENGTH,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        self.address = address
+        self.memory = MemoryBlockIndex(capacity, pods_per_key)
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.feed_length = feed_length
+        self.replica = uuid.uuid4().hex[:12]
+        self._pending: deque[_Op] = deque(maxlen=max_pending)
+        self._wake = asyncio.Event()
+        self.dropped = 0  # writes dropped because the queue was full
+        self.loaded = 0  # block entries loaded at start
+        self.applied = 0  # feed entries of other replicas applied
+        self.ready = asyncio.Event()  # set once the warm start is done
+        self._client: valkey_asyncio.Valkey | None = None
+
+    # --- BlockIndex (the local side, synchronous) ------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def add(self, pod: str, keys: Sequence[int], tier: str) -> None:
+        self.memory.add(pod, keys, tier)
+        self._queue(_Op("add", pod, tuple(keys), tier))
+
+    def remove(self, pod: str, keys: Sequence[int], tier: str) -> None:
+        self.memory.remove(pod, keys, tier)
+        self._queue(_Op("remove", pod, tuple(keys), tier))
+
+    def clear_pod(self, pod: str) -> None:
+        self.memory.clear_pod(pod)
+        self._queue(_Op("clear", pod))
+
+    def match(self, keys: Sequence[int], pods: Mapping[str, Sequence[str]]) -> dict[str, int]:
+        return self.memory.match(keys, pods)
+
+    def _queue(self, op: _Op) -> None:
+        if len(self._pending) == self._pending.maxlen:
+            self.dropped += 1
+        self._pending.append(op)
+        self._wake.set()
+
+    # --- Valkey (background) -----------------------------------------------------------------------
+
+    def _connect(self) -> valkey_asyncio.Valkey:
+        if self._client is None:
+            url = self.address if "://" in self.address else f"redis://{self.address}"
+            self._client = valkey_asyncio.Valkey.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        return self._client
+
+    async def run(self) -> None:
+        """Load the shared state, then write this replica's changes and apply the others'."""
+        client = self._connect()
+        start = await self._warm_start(client)
+        self.ready.set()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._write_forever(client))
+            group.create_task(self._follow_feed(client, start))
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _warm_start(self, client: valkey_asyncio.Valkey) -> str:
+        last = await client.xrevrange(f"{self.prefix}:feed", count=1)
+        start = last[0][0].decode() if last else "0-0"
+        generations: dict[str, int] = {}
+        async for name in client.scan_iter(match=f"{self.prefix}:gen:*", count=_SCAN_BATCH):
+            value = await client.get(name)
+            generations[name.decode()[len(self.prefix) + 5 :]] = int(value or 0)
+        batch: list[bytes] = []
+        async for name in client.scan_iter(match=f"{self.prefix}:b:*", count=_SCAN_BATCH):
+            batch.append(name)
+            if len(batch) >= _SCAN_BATCH:
+                await self._load(client, batch, generations)
+                batch = []
+                if len(self.memory) >= self.memory.capacity:
+                    break
+        if batch:
+            await self._load(client, batch, generations)
+        log.info("KV index: %d block entries loaded from %s", self.loaded, self.address)
+        return start
+
+    async def _load(self, client: valkey_asyncio.Valkey, names: list[bytes], gens: Mapping[str, int]) -> None:
+        async with client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(name.decode())
+            holders = await pipe.execute()
+        cut = len(self.prefix) + 3
+        for name, fields in zip(names, holders, strict=True):
+            key = int(name.decode()[cut:])
+            for pod_raw, value in fields.items():
+                generation, _, tier = value.decode().partition("|")
+                pod = pod_raw.decode()
+                if int(generation) == gens.get(pod, 0):
+                    self.memory.add(pod, (key,), tier)
+                    self.loaded += 1
+
+    async def _write_forever(self, client: valkey_asyncio.Valkey) -> None:
+        generations: dict[str, int] = {}
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                ops = [self._pending.popleft() for _ in range(min(len(self._pending), _FEED_BATCH))]
+                await self._write(client, ops, generations)
+
+    async def _write(
+        self, client: valkey_asyncio.Valkey, ops: list[_Op], generations: dict[str, int]
+    ) -> None:
+        for pod in {op.pod for op in ops if op.pod not in generations}:
+            generations[pod] = int(await client.get(f"{self.prefix}:gen:{pod}") or 0)
+        async with client.pipeline(transaction=False) as pipe:
+            for op in ops:
+                if op.kind == "clear":
+                    generations[op.pod] = generations.get(op.pod, 0) + 1
+                    pipe.incr(f"{self.prefix}:gen:{op.pod}")
+                else:
+                    for key in op.keys:
+                        name = f"{self.prefix}:b:{key}"
+                        if op.kind == "add":
+                            pipe.hset(name, op.pod, f"{generations[op.pod]}|{op.tier}")
+                            pipe.expire(name, self.ttl_s)
+                        else:
+                            pipe.hdel(name, op.pod)
+                fields: dict[Any, Any] = {
+                    "op": op.kind,
+                    "pod": op.pod,
+                    "tier": op.tier,
+                    "keys": _pack(op.keys),
+                    "src": self.replica,
+                }
+                pipe.xadd(f"{self.prefix}:feed", fields, maxlen=self.feed_length, approximate=True)
+            await pipe.execute()
+
+    async def _follow_feed(self, client: valkey_asyncio.Valkey, start: str) -> None:
+        last = start
+        stream = f"{self.prefix}:feed"
+        while True:
+            reply = await client.xread({stream: last}, count=_FEED_BATCH, block=_FEED_BLOCK_MS)
+            for _name, entries in reply or ():
+                for entry_id, fields in entries:
+                    last = entry_id.decode()
+                    self._apply_remote(fields)
+
+    def _apply_remote(self, fields: Mapping[bytes, bytes]) -> None:
+        if fields.get(b"src", b"").decode() == self.replica:
+            return  # our own write: applied already
+        op = fields.get(b"op", b"").decode()
+        pod = fields.get(b"pod", b"").decode()
+        tier = fields.get(b"tier", b"").decode()
+        if op == "add":
+            self.memory.add(pod, _unpack(fields.get(b"keys", b"")), tier)
+        elif op == "remove":
+            self.memory.remove(pod, _unpack(fields.get(b"keys", b"")), tier)
+        elif op == "clear":
+            self.memory.clear_pod(pod)
+        else:
+            return
+        self.applied += 1

