@@ -19,6 +19,7 @@ costs time in proportion to its bytes, in small slices, with bounded memory.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -373,6 +374,22 @@ class PageLimitError(MetricsParseError):
     """A page past a limit (size, line length, samples): the scraper backs off from it."""
 
 
+# Label sets parsed, by their text: a pod's label sets (cache_config_info's 15 labels) repeat from
+# poll to poll and across pods. Bounded; emptied when full. Read only: never mutate a result.
+_LABEL_CACHE: dict[str, Mapping[str, str]] = {}
+_LABEL_CACHE_SIZE = 4096
+
+
+def _cached_labels(text: str, line: str) -> Mapping[str, str]:
+    labels = _LABEL_CACHE.get(text)
+    if labels is None:
+        labels = _parse_labels(text, line)
+        if len(_LABEL_CACHE) >= _LABEL_CACHE_SIZE:
+            _LABEL_CACHE.clear()
+        _LABEL_CACHE[text] = labels
+    return labels
+
+
 def _parse_labels(text: str, line: str) -> dict[str, str]:
     labels: dict[str, str] = {}
     at, end = 0, len(text)
@@ -386,6 +403,26 @@ def _parse_labels(text: str, line: str) -> dict[str, str]:
         labels[m.group(1)] = value
         at = m.end()
     return labels
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(
+    names: MetricNames,
+) -> tuple[tuple[bytes, ...], tuple[bytes, ...], Mapping[str, Sequence[MetricSpec]], frozenset[str]]:
+    """What a PageReader for `names` looks for, worked out once per engine mapping: the wanted
+    line starts, the same after a newline, the value specs by name, the names whose labels are
+    read."""
+    starts = tuple(n.encode() for n in names.all_names())
+    by_name: dict[str, list[MetricSpec]] = {}
+    for spec in (*names.waiting, *names.running, *names.kv_usage, names.block_size, names.num_blocks):
+        if spec is not None and spec not in by_name.get(spec.name, ()):
+            by_name.setdefault(spec.name, []).append(spec)
+    label_names = frozenset(
+        s.name
+        for s in (*names.specs(), names.lora_info, names.cache_info)
+        if s is not None and (s.labels or s is names.lora_info or s is names.cache_info)
+    )
+    return starts, tuple(b"\n" + n for n in starts), by_name, label_names
 
 
 class PageReader:
@@ -405,24 +442,13 @@ class PageReader:
         self, names: MetricNames, *, max_line_bytes: int = MAX_LINE_BYTES, max_samples: int = MAX_SAMPLES
     ) -> None:
         self._names = names
-        wanted = names.all_names()
-        self._starts = tuple(n.encode() for n in wanted)
-        self._needles = tuple(b"\n" + n for n in self._starts)
+        self._starts, self._needles, self._by_name, self._label_names = _plan(names)
         self._max_line = max_line_bytes
         self._max_samples = max_samples
         self._carry = b""
         self._skipping = False  # inside an over-long unwanted line: drop up to its newline
         self.bytes_read = 0
         self.samples = 0
-        self._by_name: dict[str, list[MetricSpec]] = {}
-        for spec in (*names.waiting, *names.running, *names.kv_usage, names.block_size, names.num_blocks):
-            if spec is not None and spec not in self._by_name.get(spec.name, ()):
-                self._by_name.setdefault(spec.name, []).append(spec)
-        self._label_names = {
-            s.name
-            for s in (*names.specs(), names.lora_info, names.cache_info)
-            if s is not None and (s.labels or s is names.lora_info or s is names.cache_info)
-        }
         self._summed: dict[MetricSpec, float] = {}
         self._lora_best: tuple[float, Mapping[str, str]] | None = None
         self._cache_labels: Mapping[str, str] | None = None
@@ -485,7 +511,7 @@ class PageReader:
         except ValueError:
             raise MetricsParseError(f"bad value in {line[:200]!r}") from None
         labels: Mapping[str, str] = (
-            _parse_labels(m.group(2), line) if m.group(2) and name in self._label_names else {}
+            _cached_labels(m.group(2), line) if m.group(2) and name in self._label_names else {}
         )
         names = self._names
         lora = names.lora_info

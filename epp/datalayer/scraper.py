@@ -5,10 +5,11 @@ supervisor (epp.supervision: an unexpected exception is logged, counted and the 
 A failed poll keeps the last snapshot (its `updated_at` does not advance, so the endpoint ages
 into staleness) and counts the error.
 
-One model server cannot stall the others, nor the request path: a page is read in chunks of at
-most 64 kB as it arrives and handed to a `PageReader`, which parses only the lines of the
-families read (the rest is never decoded or kept), so the event loop runs other work between
-chunks and memory stays small whatever the page. Limits: `max_bytes` per page (a declared
+One model server cannot stall the others, nor the request path: each endpoint has one keep-alive
+connection (`epp.datalayer.metrics_client`, a lean HTTP/1.1 client: a poll is one write and one
+callback a socket read), and a page is handed as it arrives to a `PageReader`, which parses only
+the lines of the families read (the rest is never decoded or kept), so the event loop runs other
+work between reads and memory stays small whatever the page. Limits: `max_bytes` per page (a declared
 Content-Length past it is refused unread; an undeclared one is cut there), the `timeout_s` of
 the whole poll (reading and parsing), 64 kB per wanted line and 10,000 wanted samples. A page
 past a limit is an error like any other, and that endpoint is then polled less often: after 1 s,
@@ -31,9 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
-import aiohttp
-
 from epp.datalayer.datastore import Datastore
+from epp.datalayer.metrics_client import MetricsConnection, connect, request_bytes
 from epp.datalayer.model_server_metrics import (
     DEFAULT_ENGINES,
     EngineTable,
@@ -53,7 +53,6 @@ SCHEMES = ("http", "https")
 # Largest page read (--model-server-metrics-max-bytes): vLLM's is about 43 kB for one model and
 # 300 kB with eight data-parallel engines; this leaves room for a Triton serving many models.
 DEFAULT_MAX_PAGE_BYTES = 16 * 1024 * 1024
-READ_CHUNK = 64 * 1024
 # After a page past a limit: wait this long before the next poll, doubling up to the cap.
 LIMIT_BACKOFF_S = 1.0
 LIMIT_BACKOFF_MAX_S = 30.0
@@ -124,6 +123,10 @@ class ScrapeConfig:
             else f"{ep.address}:{self.port}"
         )
         return f"{self.scheme}://{host}{self.path}"
+
+    def target(self, ep: Endpoint) -> tuple[str, int]:
+        """The host and port an endpoint's page is read from."""
+        return ep.address, self.port if self.port is not None else ep.port
 
     def with_source(
         self,
@@ -208,24 +211,21 @@ class Scraper:
         if self.config.interval_s:
             # The Go data layer rounds a source's interval to a multiple of its base tick.
             self._interval = max(1, round(self.config.interval_s / interval_s)) * interval_s
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout_s = timeout_s
         self._on_error = on_error
         self.max_bytes = max_bytes
         self._supervisor = supervisor
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._state: dict[str, _PollState] = {}
-        self._session: aiohttp.ClientSession | None = None
+        # One keep-alive connection per endpoint (opened by its first poll, dropped after an error).
+        self._connections: dict[str, MetricsConnection] = {}
+        self._started = False
+        self._ssl: ssl.SSLContext | None = None
         datastore.subscribe(self._start, self._stop)
 
     async def start(self) -> None:
-        # One connection pool for all endpoints; keep-alive avoids a TCP handshake per poll.
-        context = self.config.ssl_context()
-        connector = (
-            aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, ssl=context)
-            if context is not None
-            else aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
-        )
-        self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
+        self._ssl = self.config.ssl_context()
+        self._started = True
         if self._supervisor is None:
             self._supervisor = current_supervisor()
         for ep in self._datastore.endpoints():
@@ -237,38 +237,40 @@ class Scraper:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
+        self._started = False
 
     def _start(self, ep: Endpoint) -> None:
-        if self._session is None or self._supervisor is None or ep.key in self._tasks:
+        if not self._started or self._supervisor is None or ep.key in self._tasks:
             return  # not started yet: start() picks up every endpoint
         self._tasks[ep.key] = self._supervisor.spawn("scraper", lambda: self._poll_forever(ep), detail=ep.key)
 
     def _stop(self, ep: Endpoint) -> None:
         task = self._tasks.pop(ep.key, None)
         self._state.pop(ep.key, None)
+        connection = self._connections.pop(ep.key, None)
+        if connection is not None:
+            connection.close()
         if task is not None:
             task.cancel()
 
-    async def _read(self, url: str, reader: PageReader) -> None:
-        assert self._session is not None
-        async with self._session.get(url) as resp:
-            if resp.status != 200:
-                raise MetricsParseError(f"HTTP {resp.status}")
-            declared = resp.content_length
-            if declared is not None and declared > self.max_bytes:
-                raise PageLimitError(f"the page is {declared} bytes, past the limit of {self.max_bytes}")
-            async for chunk in resp.content.iter_chunked(READ_CHUNK):
-                if reader.bytes_read + len(chunk) > self.max_bytes:
-                    raise PageLimitError(
-                        f"the page is past the limit of {self.max_bytes} bytes, not read further"
-                    )
-                reader.feed(chunk)
-                # aiohttp hands over buffered chunks without suspending: let the loop run between
-                # two chunks, so one page costs the request path at most one chunk's work at a time.
-                await asyncio.sleep(0)
+    async def _read(self, ep: Endpoint, reader: PageReader) -> None:
+        """One page of `ep` into `reader`, over its kept-alive connection (a new one if it has none
+        or the last one failed). Raises OSError, TimeoutError, MetricsParseError."""
+        connection = self._connections.get(ep.key)
+        host, port = self.config.target(ep)
+        if connection is None or connection.closed:
+            connection = await connect(host, port, self._ssl)
+            self._connections[ep.key] = connection
+        try:
+            await connection.get(request_bytes(host, port, self.config.path), reader, self.max_bytes)
+        except BaseException:
+            connection.close()  # mid-answer: the connection cannot be reused
+            if self._connections.get(ep.key) is connection:
+                del self._connections[ep.key]
+            raise
 
     async def scrape_once(self, ep: Endpoint) -> bool:
         """One poll. True when a fresh snapshot was stored."""
@@ -276,19 +278,15 @@ class Scraper:
         state = self._state.setdefault(ep.key, _PollState())
         reader = PageReader(self.config.engines.for_labels(ep.labels))
         try:
-            await self._read(url, reader)
+            async with asyncio.timeout(self._timeout_s):
+                await self._read(ep, reader)
             ep.metrics = reader.finish(time.monotonic())
             ep.scrape_errors = 0  # failures in a row: the next outage is logged again at once
             state.limit_failures = 0
             return True
         except asyncio.CancelledError:
             raise
-        except (
-            aiohttp.ClientError,
-            TimeoutError,
-            MetricsParseError,
-            ssl.SSLError,
-        ) as exc:
+        except (OSError, TimeoutError, MetricsParseError) as exc:  # ssl.SSLError is an OSError
             ep.scrape_errors += 1
             if isinstance(exc, PageLimitError):
                 state.limit_failures += 1
@@ -297,7 +295,7 @@ class Scraper:
             # Log the first failure of an outage and then rarely, not at 20 Hz.
             if ep.scrape_errors == 1 or ep.scrape_errors % 200 == 0:
                 reason = str(exc) or (
-                    f"no complete answer within {self._timeout.total}s"
+                    f"no complete answer within {self._timeout_s}s"
                     if isinstance(exc, TimeoutError)
                     else type(exc).__name__
                 )

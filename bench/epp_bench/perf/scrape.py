@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -68,7 +69,8 @@ class _PodProtocol(asyncio.Protocol):
             _PodProtocol.served += 1
 
 
-async def serve_pods(ports: list[int]) -> None:
+async def serve_pods(count: int) -> None:
+    """`count` pods on free ports of 127.0.0.1; their ports go out on the first line of stdout."""
     responses = []
     for i in range(_VARIANTS):
         body = page(waiting=i, running=4 + i, kv=0.1 * i)
@@ -78,9 +80,11 @@ async def serve_pods(ports: list[int]) -> None:
         )
         responses.append(head.encode() + body)
     loop = asyncio.get_running_loop()
-    for port in ports:
-        await loop.create_server(lambda: _PodProtocol(responses), "127.0.0.1", port)
-    print("ready", flush=True)
+    ports = []
+    for _ in range(count):
+        server = await loop.create_server(lambda: _PodProtocol(responses), "127.0.0.1", 0)
+        ports.append(server.sockets[0].getsockname()[1])
+    print(json.dumps(ports), flush=True)
     while True:  # report the count of polls answered, when asked on stdin
         line = await loop.run_in_executor(None, sys.stdin.readline)
         if not line:
@@ -94,9 +98,8 @@ async def serve_pods(ports: list[int]) -> None:
 def measure(pods: int, interval: str, seconds: float, warmup: float) -> dict[str, Any]:
     if pods <= 0 or seconds <= 0 or warmup < 0:
         raise SystemExit("epp_bench scrape: --pods and --seconds must be positive")
-    ports = [free_port() for _ in range(pods)]
     server = subprocess.Popen(
-        [sys.executable, "-m", "epp_bench.perf.scrape", "--serve", *map(str, ports)],
+        [sys.executable, "-m", "epp_bench.perf.scrape", "--serve", str(pods)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -109,8 +112,10 @@ def measure(pods: int, interval: str, seconds: float, warmup: float) -> dict[str
         return int(server.stdout.readline())
 
     try:
-        if server.stdout.readline().strip() != b"ready":
+        ready = server.stdout.readline()
+        if not ready.startswith(b"["):
             raise SystemExit("the pods' server did not start")
+        ports: list[int] = json.loads(ready)
         grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
         epp = start_epp(
             [
@@ -161,6 +166,6 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
-        asyncio.run(serve_pods([int(p) for p in sys.argv[2:]]))
+        asyncio.run(serve_pods(int(sys.argv[2])))
     else:
         raise SystemExit("use `python -m epp_bench scrape`")

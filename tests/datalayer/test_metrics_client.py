@@ -1,0 +1,154 @@
+"""The scraper's lean HTTP/1.1 client (epp.datalayer.metrics_client) against raw servers on
+loopback that answer exactly as scripted: keep-alive, the three ways a body ends, bad answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from epp.datalayer.datastore import Datastore
+from epp.datalayer.metrics_client import connect, request_bytes
+from epp.datalayer.model_server_metrics import PageLimitError, PageReader, names_for_engine
+from epp.datalayer.scraper import Scraper
+from epp.errors import MetricsParseError
+from epp.framework import Endpoint
+
+PAGE = b"vllm:num_requests_waiting 7\nvllm:num_requests_running 2\nvllm:kv_cache_usage_perc 0.5\n"
+
+Answer = Callable[[bytes], bytes]
+
+
+def fixed(body: bytes = PAGE) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+def chunked(body: bytes = PAGE, size: int = 10) -> bytes:
+    pieces = [
+        b"%x\r\n%s\r\n" % (len(body[i : i + size]), body[i : i + size]) for i in range(0, len(body), size)
+    ]
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(pieces) + b"0\r\n\r\n"
+
+
+class Scripted(asyncio.Protocol):
+    """Answers each request (a head ending in a blank line) with `answer(request)`; closes after
+    it when `close` is set."""
+
+    connections = 0
+
+    def __init__(self, answer: Answer, close: bool) -> None:
+        self.answer, self.close, self.buffer = answer, close, b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        Scripted.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            request, self.buffer = self.buffer[: end + 4], self.buffer[end + 4 :]
+            self.transport.write(self.answer(request))
+            if self.close:
+                self.transport.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[..., asyncio.Future[int]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(answer: Answer, close: bool = False) -> int:
+        Scripted.connections = 0
+        server = await asyncio.get_running_loop().create_server(
+            lambda: Scripted(answer, close), "127.0.0.1", 0
+        )
+        servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    yield start  # type: ignore[misc]
+    for server in servers:
+        server.close()
+
+
+async def read(port: int, max_bytes: int = 1 << 20) -> PageReader:
+    reader = PageReader(names_for_engine("vllm"))
+    connection = await connect("127.0.0.1", port, None)
+    try:
+        await asyncio.wait_for(
+            connection.get(request_bytes("127.0.0.1", port, "/metrics"), reader, max_bytes), 5
+        )
+    finally:
+        connection.close()
+    return reader
+
+
+@pytest.mark.parametrize("answer", [fixed(), chunked(), chunked(size=1), b"HTTP/1.0 200 OK\r\n\r\n" + PAGE])
+async def test_each_way_a_body_ends_gives_the_page(
+    serve: Callable[..., asyncio.Future[int]], answer: bytes
+) -> None:
+    port = await serve(lambda _: answer, close=answer.startswith(b"HTTP/1.0"))
+    reader = await read(port)
+    assert reader.bytes_read == len(PAGE)
+    assert reader.finish(1.0).waiting_queue_size == 7
+
+
+async def test_the_request_names_the_host_and_path(serve: Callable[..., asyncio.Future[int]]) -> None:
+    seen: list[bytes] = []
+
+    def answer(request: bytes) -> bytes:
+        seen.append(request)
+        return fixed()
+
+    port = await serve(answer)
+    await read(port)
+    assert (
+        seen[0].startswith(b"GET /metrics HTTP/1.1\r\n") and b"\r\nHost: 127.0.0.1:%d\r\n" % port in seen[0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", "HTTP 503"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1.x answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x1\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nvllm:num", "closed the connection mid-page"),
+    ],
+)
+async def test_a_bad_answer_is_an_error(
+    serve: Callable[..., asyncio.Future[int]], answer: bytes, error: str
+) -> None:
+    port = await serve(lambda _: answer, close=True)
+    with pytest.raises(MetricsParseError, match=error):
+        await read(port)
+
+
+async def test_a_page_past_the_limit_is_refused(serve: Callable[..., asyncio.Future[int]]) -> None:
+    declared = await serve(lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 999999\r\n\r\n")
+    with pytest.raises(PageLimitError, match="999999 bytes"):
+        await read(declared, max_bytes=1000)
+    undeclared = await serve(lambda _: chunked(PAGE * 100, size=500))
+    with pytest.raises(PageLimitError, match="past the limit of 1000 bytes"):
+        await read(undeclared, max_bytes=1000)
+
+
+async def test_the_scraper_keeps_one_connection_and_opens_another_after_a_failure(
+    serve: Callable[..., asyncio.Future[int]],
+) -> None:
+    answers = [fixed(), chunked(), b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n", fixed()]
+    port = await serve(lambda _: answers.pop(0))
+    store = Datastore()
+    ep = Endpoint("127.0.0.1", port)
+    store.replace_all([ep])
+    scraper = Scraper(store, interval_s=60.0, timeout_s=2.0)
+    await scraper.start()
+    try:
+        await asyncio.sleep(0.2)  # the first poll, at start
+        assert await scraper.scrape_once(ep) and Scripted.connections == 1  # kept alive
+        assert not await scraper.scrape_once(ep) and ep.scrape_errors == 1
+        assert await scraper.scrape_once(ep) and ep.metrics.waiting_queue_size == 7
+        assert Scripted.connections == 2  # the failed answer's connection was dropped
+    finally:
+        await scraper.close()
