@@ -28,6 +28,7 @@ _KIND_TITLES = {
     PluginKind.SATURATION_DETECTOR: "Saturation detectors",
     PluginKind.ORDERING_POLICY: "Flow-control ordering policies",
     PluginKind.FAIRNESS_POLICY: "Flow-control fairness policies",
+    PluginKind.USAGE_LIMIT_POLICY: "Flow-control usage limit policies",
     PluginKind.ADMITTER: "Admitters",
     PluginKind.LIFECYCLE_HOOK: "Request lifecycle plugins",
 }

@@ -7,6 +7,7 @@ Examples:
     python -m epp_bench run --policy epp --policy mine=my-config.yaml     # your config against the default
     python -m epp_bench run --workload multi-turn --users 16 --rounds 5 --rate 2
     python -m epp_bench demo --ladder 8,14,20 --plot ladder.png   # quality against load
+    python -m epp_bench overload --rate 21 --seconds 20   # flow control at 2x load (docs/flow-control.md)
     python -m epp_bench soak --duration 10m        # lost requests, epp's RSS growth, p99 (epp_bench.soak)
     python -m epp_bench extproc | pick | scrape | memory   # epp's own costs (epp_bench.perf)
     python -m epp_bench report --gateway http://GW --pods 10.0.0.7:8000,10.0.0.8:8000   # docs/report.md
@@ -21,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from epp_bench import gateway_report, soak
+from epp_bench import gateway_report, overload, soak
 from epp_bench.perf import extproc, memory, pick, scrape
 from epp_bench.report import ladder_plot, ladder_tables, plot, table
 from epp_bench.runner import ALL_POLICIES, BenchConfig, run_bench, run_ladder
@@ -86,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, module, what in _PERF:
         module.add_arguments(sub.add_parser(name, help=what, description=module.__doc__))
+    overload.add_arguments(
+        sub.add_parser(
+            "overload",
+            help="flow control at twice the pods' capacity, three priority classes (docs/flow-control.md)",
+            description=overload.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     gateway_report.add_arguments(
         sub.add_parser(
             "report",
@@ -194,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(module.main(args))
     if args.command == "report":
         return gateway_report.main(args)
+    if args.command == "overload":
+        return overload.main(args)
     cfg = config_from_args(args)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("epp_bench: error: --plot needs matplotlib: pip install 'epp-bench[plots]'")

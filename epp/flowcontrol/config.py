@@ -4,7 +4,8 @@ capacity (Kubernetes quantities), request TTL (Go durations), priority bands and
 Defaults (llm-d-router): a band holds at most 5000 requests and 1G bytes (an omitted or "0" limit
 takes the default); no global limit; TTL 60s (an explicit "0s" disables it); bands not listed are
 made from `defaultPriorityBand` (negative priorities from `defaultNegativePriorityBand` when set);
-policies default to `fcfs-ordering-policy` and `global-strict-fairness-policy`.
+policies default to `fcfs-ordering-policy` and `global-strict-fairness-policy`; without
+`usageLimitPolicyPluginRef` every band may use the whole pool (Go's static policy at 1.0).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from epp.errors import ConfigError
-from epp.framework.plugin import FairnessPolicy, OrderingPolicy, Plugin
+from epp.framework.plugin import FairnessPolicy, OrderingPolicy, Plugin, UsageLimitPolicy
 
 DEFAULT_BAND_MAX_REQUESTS = 5000
 DEFAULT_BAND_MAX_BYTES = 1_000_000_000
@@ -93,6 +94,7 @@ class FlowControlConfig:
     bands: dict[int, BandConfig] = field(default_factory=dict)
     default_band: BandConfig | None = None  # template for priorities not listed
     default_negative_band: BandConfig | None = None
+    usage_limit: UsageLimitPolicy | None = None  # None: Go's default static policy, threshold 1.0
 
     def band_for(self, priority: int) -> BandConfig:
         band = self.bands.get(priority)
@@ -148,6 +150,9 @@ def build_config(flow: Mapping[str, Any], resolve: Resolver[Any]) -> FlowControl
     negative = flow.get("defaultNegativePriorityBand")
     if negative is not None:
         config.default_negative_band = _band(negative, "flowControl.defaultNegativePriorityBand", resolve, -1)
+    usage = flow.get("usageLimitPolicyPluginRef")
+    if usage:
+        config.usage_limit = resolve(usage, UsageLimitPolicy, "flowControl.usageLimitPolicyPluginRef")
     for i, spec in enumerate(flow.get("priorityBands") or []):
         where = f"flowControl.priorityBands[{i}]"
         band = _band(spec, where, resolve)

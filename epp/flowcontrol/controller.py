@@ -1,10 +1,12 @@
 """The flow controller: bounded queues by priority band and flow, dispatch as capacity frees.
 
-A request either goes at once (nothing of its priority or higher is waiting and the pool is not
-saturated), or waits in its band's queue for its flow (fairness id). Dispatch serves the highest
-non-empty band while the saturation detector reads below 1.0; inside a band the fairness policy
-picks the flow and the ordering policy the request. One request is dispatched per event-loop turn,
-so each is scheduled and charged to the in-flight ledger before the next saturation reading.
+A request either goes at once (nothing of its priority or higher is waiting and the pool's
+saturation is below its band's ceiling), or waits in its band's queue for its flow (fairness id).
+Dispatch walks the bands highest first: the first band whose ceiling (the usage limit policy's;
+1.0 without one) the saturation has reached stops it; otherwise the first non-empty band is
+served, the fairness policy picking the flow and the ordering policy the request. One request is
+dispatched per event-loop turn, so each is scheduled and charged to the in-flight ledger before
+the next saturation reading.
 
 Dispatch runs when something may have freed capacity: a request completes (`wake`, from the
 director), a request arrives, and, while requests wait on a saturated pool, once per metrics
@@ -87,6 +89,8 @@ class FlowController:
         self._kicked = False
         self._timer: asyncio.TimerHandle | None = None
         self.stopped = False
+        for priority in config.bands:  # the configured bands exist from the start, as in Go
+            self._band(priority)
 
     @property
     def queued(self) -> int:
@@ -99,11 +103,22 @@ class FlowController:
             self._order = sorted(self._bands.values(), key=lambda b: -b.config.priority)
         return band
 
-    def saturated(self) -> bool:
-        value = self.detector.saturation(self._candidates())
+    def _gated_at(self, stop: int | None = None) -> int | None:
+        """Walking the bands highest first (down to the band of priority `stop`, if given): the
+        index of the first band whose ceiling the pool's saturation has reached, else None."""
+        saturation = self.detector.saturation(self._candidates())
         if self.metrics is not None:
-            self.metrics.observe_saturation(value)
-        return value >= 1.0
+            self.metrics.observe_saturation(saturation)
+        policy = self.config.usage_limit
+        if policy is None:
+            return 0 if saturation >= 1.0 else None
+        ceilings = policy.ceilings(saturation, [b.config.priority for b in self._order])
+        for i, band in enumerate(self._order):
+            if saturation >= ceilings[i]:
+                return i
+            if band.config.priority == stop:
+                break
+        return None
 
     async def enqueue_and_wait(
         self, request_id: str, fairness_id: str, priority: int, byte_size: int
@@ -114,7 +129,11 @@ class FlowController:
         if self.stopped:
             return self._finish(Outcome.REJECTED_OTHER, fairness_id, priority, None)
         band = self._band(priority)
-        if self._in_transit == 0 and not self._waiting_at_or_above(priority) and not self.saturated():
+        if (
+            self._in_transit == 0
+            and not self._waiting_at_or_above(priority)
+            and self._gated_at(priority) is None
+        ):
             return self._finish(Outcome.DISPATCHED, fairness_id, priority, 0.0)
         cfg, config = band.config, self.config
         if (
@@ -233,11 +252,12 @@ class FlowController:
             self._timer = None
         if not self._count or self._in_transit or self.stopped:
             return
-        if self.saturated():
+        gated = self._gated_at()
+        band = next((b for b in self._order[:gated] if b.count), None)
+        if band is None:
             # Scraped metrics change without an event: look again after a refresh interval.
             self._timer = asyncio.get_running_loop().call_later(self.recheck_s, self._dispatch)
             return
-        band = next(b for b in self._order if b.count)
         heads = {fid: flow.heap[0][0] for fid, flow in band.flows.items()}
         fid = band.config.fairness.pick(heads, band.last)
         band.last = fid

@@ -1,5 +1,6 @@
 """Flow-control metrics under upstream's names (llm-d-router docs/metrics.md): the canonical
-`llm_d_epp_flow_control_*` and the deprecated `inference_extension_flow_control_*` twins.
+`llm_d_epp_flow_control_*` and, where upstream keeps one, the deprecated
+`inference_extension_flow_control_*` twin.
 Model labels are empty: epp admits a request before parsing its body (docs/flow-control.md)."""
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class FlowControlMetrics:
 
         text = "Total requests processed by the Flow Control layer, by terminal outcome."
         labels: tuple[str, ...] = ("outcome", "priority", "inference_pool")
+        # No deprecated twin: upstream has none for this one.
         self.requests = Counter(PREFIX + "flow_control_requests", _help(text), labels, registry=registry)
-        twin(self.requests, "flow_control_requests_total", text, labels)
         text = "Total time requests spend in the Flow Control layer (from enqueue to final outcome)."
         labels = ("fairness_id", "priority", "outcome", "inference_pool", "model_name", "target_model_name")
         self.queue_duration = LeanHistogram(

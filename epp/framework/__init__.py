@@ -9,7 +9,7 @@ in-tree plugins) imports from epp.
   `ProfileHandler`, `DataProducer`, `PdDecider`, `Parser`, `DataSource`; lifecycle hooks
   `PreRequest`, `ResponseHeaders`, `ServedElsewhere`, `ResponseComplete`, `EndpointListener`;
   flow control and admission `SaturationDetector`, `OrderingPolicy`, `FairnessPolicy`,
-  `Admitter` (with `FlowItem`, a queued request)
+  `Admitter`, `UsageLimitPolicy` (with `FlowItem`, a queued request)
 - `PluginHandle`: metrics, the `InFlightLedger`, peers by name
 - `PluginRegistry`: what an `epp.plugins` entry point's register function receives
 - `EppError` / `ErrorCode`: fail a request with an HTTP status
@@ -54,6 +54,7 @@ from epp.framework.plugin import (
     Scorer,
     ServedElsewhere,
     ServiceContext,
+    UsageLimitPolicy,
 )
 from epp.framework.registry import ENTRY_POINT_GROUP, PluginRegistry
 
@@ -99,4 +100,5 @@ __all__ = [
     "Scorer",
     "ServedElsewhere",
     "ServiceContext",
+    "UsageLimitPolicy",
 ]

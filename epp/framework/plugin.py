@@ -55,6 +55,7 @@ class PluginKind(enum.Enum):
     ORDERING_POLICY = "flow-control ordering policy"
     FAIRNESS_POLICY = "flow-control fairness policy"
     ADMITTER = "admitter"
+    USAGE_LIMIT_POLICY = "flow-control usage limit policy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +287,15 @@ class FairnessPolicy(Plugin, abc.ABC):
     def pick(self, heads: Mapping[str, tuple[float, ...]], last: str | None) -> str: ...
 
 
+class UsageLimitPolicy(Plugin, abc.ABC):
+    """How much of the pool each priority band may use: one ceiling in [0, 1] per priority
+    (highest first, non-increasing); flow control dispatches from a band only while the pool's
+    saturation is below its ceiling (1.0: no gating)."""
+
+    @abc.abstractmethod
+    def ceilings(self, saturation: float, priorities: Sequence[int]) -> Sequence[float]: ...
+
+
 class Admitter(Plugin, abc.ABC):
     """Admits or refuses a request before it is scheduled (after flow control, if on). Returns
     the reason for a refusal (the client gets 429), None to admit."""
@@ -333,5 +343,6 @@ _KIND_BASES: tuple[tuple[type[Plugin], PluginKind], ...] = (
     (OrderingPolicy, PluginKind.ORDERING_POLICY),
     (FairnessPolicy, PluginKind.FAIRNESS_POLICY),
     (Admitter, PluginKind.ADMITTER),
+    (UsageLimitPolicy, PluginKind.USAGE_LIMIT_POLICY),
 )
 _HOOK_BASES = (PreRequest, ResponseHeaders, ServedElsewhere, ResponseComplete, EndpointListener)

@@ -64,6 +64,7 @@ from epp.framework import (
     ProfileHandler,
     SaturationDetector,
     Scorer,
+    UsageLimitPolicy,
 )
 from epp.scheduling.profile import PluginTimer, SchedulerProfile, WeightedScorer
 from epp.scheduling.scheduler import Scheduler
@@ -741,12 +742,6 @@ class _Loader:
         if self.gates[FLOW_CONTROL_GATE]:
             if detector is None:
                 detector = self._implicit(DEFAULT_SATURATION_DETECTOR, SaturationDetector)
-            usage = flow.get("usageLimitPolicyPluginRef")
-            if usage:  # epp has no usage limit policies (a Go type was reported as missing)
-                where = "flowControl.usageLimitPolicyPluginRef"
-                if usage not in self.instances:
-                    raise self.error(f"{where} references undefined plugin {usage!r}")
-                raise self.error(f"{where}: {self._describe(usage)} is not a usage limit policy")
             if flow.get("enableEviction"):
                 self.warn("flowControl.enableEviction is not implemented by epp and is ignored")
             return build_config(flow, self._flow_policy), detector
@@ -769,7 +764,9 @@ class _Loader:
             return self._implicit(default, kind)
         if ref not in self.instances and ref in DEFAULT_FLOW_CONTROL_POLICIES and ref in self.registry:
             return self._implicit(ref, kind)
-        name = "ordering policy" if kind is OrderingPolicy else "fairness policy"
+        name = {OrderingPolicy: "ordering policy", UsageLimitPolicy: "usage limit policy"}.get(
+            kind, "fairness policy"
+        )
         return self._flow_plugin(ref, where, kind, name)
 
     def _flow_plugin(self, ref: str, where: str, kind: type[K], name: str) -> K:

@@ -96,3 +96,14 @@ def test_quantities_and_durations() -> None:
     assert duration_s("1m30s", "x") == 90.0 and duration_s("250ms", "x") == 0.25 and duration_s("0", "x") == 0
     with pytest.raises(ConfigError):
         quantity("-1", "x")
+
+
+def test_usage_limit_policy_reference() -> None:
+    loaded = load(
+        "- type: priority-holdback-policy\n  parameters: {minCeiling: 0.5}\n"
+        "flowControl:\n  usageLimitPolicyPluginRef: priority-holdback-policy"
+    )
+    policy = loaded.flow_control.usage_limit  # type: ignore[attr-defined]
+    assert policy is not None and policy.type_name == "priority-holdback-policy"
+    with pytest.raises(ConfigError, match="is not a usage limit policy"):
+        load("flowControl:\n  usageLimitPolicyPluginRef: queue-scorer")

@@ -14,6 +14,7 @@ from epp.framework import Endpoint
 from epp.testing import make_endpoint
 from epp_scorers.flow_policies.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from epp_scorers.flow_policies.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
+from epp_scorers.flow_policies.usage_limits import PriorityHoldbackPolicy
 from epp_scorers.saturation_detectors.concurrency import ConcurrencyDetector
 
 FCFS, EDF = FcfsOrderingPolicy(), EdfOrderingPolicy()
@@ -203,3 +204,25 @@ async def test_many_streams_each_get_one_answer() -> None:
     assert fc.queued == 0 and pool.ep.inflight_requests == 0
     assert {Outcome.DISPATCHED, Outcome.REJECTED_CAPACITY} <= set(results)
     assert set(results) <= {Outcome.DISPATCHED, Outcome.REJECTED_CAPACITY, Outcome.EVICTED_TTL, "cancelled"}
+
+
+async def test_priority_holdback_keeps_headroom_for_higher_priorities() -> None:
+    """Ceilings 1.0 / 0.75 / 0.5 on a pool of 4 slots: a standard request waits at 3 in flight,
+    a sheddable one at 2, a critical one goes until all 4 are used."""
+    pool = Pool(4)
+    cfg = config()
+    cfg.usage_limit = PriorityHoldbackPolicy(min_ceiling=0.5)
+    fc = FlowController(cfg, pool.detector, pool.candidates)
+    order: list[str] = []
+    for rid in ("s1", "s2"):
+        assert await submit(fc, order, rid, prio=0, pool=pool) is Outcome.DISPATCHED
+    shed = asyncio.create_task(submit(fc, order, "shed", prio=-10, pool=pool))  # 2/4 = 0.5: held
+    assert await submit(fc, order, "s3", prio=0, pool=pool) is Outcome.DISPATCHED  # 0.5 < 0.75
+    std = asyncio.create_task(submit(fc, order, "s4", prio=0, pool=pool))  # 0.75: held
+    assert await submit(fc, order, "crit", prio=10, pool=pool) is Outcome.DISPATCHED  # 0.75 < 1.0
+    await asyncio.sleep(0.01)
+    assert fc.queued == 2
+    for _ in range(4):  # 3 in flight, 2 (s4 goes: 3), 2, 1 (shed goes)
+        await free_one(fc, pool)
+    assert list(await asyncio.gather(std, shed)) == [Outcome.DISPATCHED] * 2
+    assert order == ["s1", "s2", "s3", "crit", "s4", "shed"]

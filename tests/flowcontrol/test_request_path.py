@@ -10,7 +10,7 @@ from pathlib import Path
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from tests.support.epp_app import running_epp
+from tests.support.epp_app import running_epp, wait_until
 from tests.support.extproc_client import ExtProcClient, body_msgs, headers_msg, request_headers
 
 BODY = b'{"model": "m", "prompt": "hello"}'
@@ -57,16 +57,16 @@ async def test_queued_request_goes_when_a_response_completes() -> None:
         assert (await first_reply(first)).HasField("request_headers")  # routed at once
         start(second)
         start(third)
-        await asyncio.sleep(0.3)
-        assert epp.app.flow_controller is not None and epp.app.flow_controller.queued == 2
+        fc = epp.app.flow_controller
+        assert fc is not None
+        await wait_until(lambda: fc.queued == 2, what="two requests queued")
         start(fourth)  # the band holds 2: refused at once
         assert refusal(await first_reply(fourth, 1.0)) == (429, "rejected-saturated")
         await first.read(1)  # the body reply
         first.send([headers_msg({":status": "200"}, end_of_stream=True, response=True)])
         assert (await first_reply(second)).HasField("request_headers")  # the slot went to the next
         third.cancel()  # the client gives up while queued
-        await asyncio.sleep(0.1)
-        assert epp.app.flow_controller.queued == 0
+        await wait_until(lambda: fc.queued == 0, what="the cancelled request gone from the queue")
         for c in (first, second, fourth):
             await c.close()
 
@@ -84,7 +84,7 @@ async def test_ttl_and_shutdown_answer_queued_requests() -> None:
         epp.app.flow_controller.config.ttl_s = 30.0  # type: ignore[union-attr]
         queued = ExtProcClient(epp.stub)
         start(queued)
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: epp.app.flow_controller.queued == 1, what="one request queued")  # type: ignore[union-attr]
         stopping = asyncio.create_task(epp.app.stop(drain_timeout_s=2.0))
         assert refusal(await first_reply(queued, 2.0)) == (503, "rejected-shutting-down")
         holder.cancel()

@@ -158,11 +158,9 @@ def test_flow_control_policies_are_checked_when_the_gate_is_on() -> None:
         "flowControl.usageLimitPolicyPluginRef: plugin 'queue-scorer' (queue-scorer) is not a usage "
         "limit policy" in fails(on + "flowControl: {usageLimitPolicyPluginRef: queue-scorer}\n")
     )
-    # Go's default policy, named and not declared: Go adds it, epp does not have it.
-    assert "plugin types epp does not have: static-usage-limit-policy " in fails(
-        on + "flowControl: {usageLimitPolicyPluginRef: static-usage-limit-policy}\n"
-    )
-    # ... and one epp has is added, as Go adds it.
+    # Go's default policies, named and not declared, are added, as Go adds them.
+    usage = load(on + "flowControl: {usageLimitPolicyPluginRef: static-usage-limit-policy}\n")
+    assert "static-usage-limit-policy" in usage.implicit_plugins
     added = load(on + "flowControl: {defaultPriorityBand: {orderingPolicyRef: fcfs-ordering-policy}}\n")
     assert "fcfs-ordering-policy" in added.implicit_plugins
 

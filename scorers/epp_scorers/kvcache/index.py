@@ -14,7 +14,7 @@ pod's generation moves on and its older entries stop counting, to be evicted in 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
 
 DEFAULT_CAPACITY: Final = 1_000_000  # block keys; ~200 bytes each with one pod
@@ -93,22 +93,26 @@ class MemoryBlockIndex:
 
     def match(self, keys: Sequence[int], pods: Mapping[str, Sequence[str]]) -> dict[str, int]:
         generation = self._generation
-        blocks = self._blocks
-        alive: dict[str, Iterable[str]] = dict(pods)
-        matched: dict[str, int] = {}
-        for depth, key in enumerate(keys):
-            holders = blocks.get(key)
+        rows = []  # the holders of each leading key, up to the first key nobody holds
+        for key in keys:
+            holders = self._blocks.get(key)
             if holders is None:
                 break
-            still: dict[str, Iterable[str]] = {}
-            for candidate, names in alive.items():
-                for name in names:
+            rows.append(holders)
+        matched: dict[str, int] = {}
+        if not rows:
+            return matched
+        for candidate, names in pods.items():
+            current = [(name, generation.get(name)) for name in names]
+            depth = 0
+            for holders in rows:
+                for name, gen in current:
                     held = holders.get(name)
-                    if held is not None and held[0] == generation.get(name):
-                        still[candidate] = names
-                        matched[candidate] = depth + 1
+                    if held is not None and held[0] == gen:
                         break
-            if not still:
-                break
-            alive = still
+                else:
+                    break  # no name of this candidate holds the block: its run ends
+                depth += 1
+            if depth:
+                matched[candidate] = depth
         return matched

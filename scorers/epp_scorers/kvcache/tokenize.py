@@ -86,23 +86,37 @@ class PromptTokenizer:
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"chat template failed: {exc}") from exc
 
-    def tokens(self, request: InferenceRequest) -> list[int] | None:
+    def tokens(self, request: InferenceRequest, max_bytes: int = 0) -> list[int] | None:
         """The request's prompt token ids as vLLM would compute them; None when there is no prompt
-        to tokenize (an API without one, a malformed body)."""
+        to tokenize (an API without one, a malformed body). With `max_bytes`, only the text's
+        first `max_bytes` bytes, cut back to a whitespace, are tokenized: the leading blocks
+        keep their ids, the work per request is bounded."""
         body = request.body
         if request.api is Api.CHAT_COMPLETIONS:
-            return self.encode(self.render_chat(body), special_tokens=False)
+            return self.encode(_head(self.render_chat(body), max_bytes), special_tokens=False)
         if request.api is Api.COMPLETIONS:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
                 prompt = prompt[0]  # a batch of one
             if isinstance(prompt, str):
-                return self.encode(prompt, special_tokens=True)
+                return self.encode(_head(prompt, max_bytes), special_tokens=True)
             if isinstance(prompt, list) and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt
             ):
                 return list(prompt)  # already token ids
         return None
+
+
+def _head(text: str, max_bytes: int) -> str:
+    """`text`, or its first `max_bytes` bytes cut back to the last whitespace (no token split)."""
+    if max_bytes <= 0 or len(text) * 4 <= max_bytes:  # 4: the most bytes a character takes
+        return text
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    head = data[:max_bytes].decode(errors="ignore")
+    cut = max(head.rfind(" "), head.rfind("\n"))
+    return head[:cut] if cut > 0 else head
 
 
 def _raise(message: str) -> None:

@@ -13,11 +13,14 @@ Upstream tokenizes out of process (`tokenizer`: a sidecar over a unix socket,
 `udsTokenizerConfig`; `token-producer`: the model server's `/tokenize` or render endpoint,
 `vllm.url`). epp tokenizes in-process with the same tokenizer files instead, because plugins
 schedule synchronously and a network round trip per request would stall the event loop: those
-parameters are accepted and reported as not acted on. Tokenizing runs on the request path
-(Rust, about 1 ms per 10,000 prompt tokens, docs/kv-events.md#cost-on-the-request-path).
+parameters are accepted and reported as not acted on. Tokenizing runs on the request path, 1 to 5
+ms per 1,000 prompt tokens on the loaded 2-core development machine (docs/kv-events.md);
+`maxPromptBytes` bounds it: only the prompt's leading bytes are tokenized, which is what the
+prefix match needs.
 
 Consumes: nothing. Produces: `prompt-tokens` (the token ids; read by the precise plugins, which
-find the tokenizer plugin by type). Parameters: `modelName` (string, required);
+find the tokenizer plugin by type). Parameters: `modelName` (string, required), `maxPromptBytes`
+(int, epp's, default 32768; 0: no limit);
 `tokenizer`: `udsTokenizerConfig` (mapping, not acted on); `token-producer`: `vllm` (mapping:
 `url`, `timeout`, `mmTimeout`; not acted on).
 
@@ -47,8 +50,20 @@ from epp_scorers.kvcache.tokenize import PromptTokenizer, TokenizerError, load_t
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_PROMPT_BYTES = 32768  # about 8,000 tokens: bounds the tokenizing on the request path
+
 # A request's token ids, or () when it has none (an API without a prompt, a template failure).
 PROMPT_TOKENS: DataKey[tuple[int, ...]] = DataKey("prompt-tokens", "tokenizer")
+
+MODEL_NAME_DOC = ParamDoc(
+    "modelName", "string", "", "A tokenizer directory, or a hub name in the local Hugging Face cache."
+)
+MAX_PROMPT_BYTES_DOC = ParamDoc(
+    "maxPromptBytes",
+    "int",
+    str(DEFAULT_MAX_PROMPT_BYTES),
+    "epp's: tokenize at most this many leading bytes of the prompt (0: all); bounds the work per request.",
+)
 
 
 class TokenizerPlugin(DataProducer):
@@ -57,22 +72,27 @@ class TokenizerPlugin(DataProducer):
 
     type_name = "tokenizer"
     parameters = (
-        ParamDoc(
-            "modelName", "string", "", "A tokenizer directory, or a hub name in the local Hugging Face cache."
-        ),
+        MODEL_NAME_DOC,
         ParamDoc(
             "udsTokenizerConfig",
             "mapping",
             "",
             "Upstream's tokenizer sidecar (socketFile): accepted, not acted on.",
         ),
+        MAX_PROMPT_BYTES_DOC,
     )
 
     def __init__(
-        self, name: str = "", *, model_name: str = "", tokenizer: PromptTokenizer | None = None
+        self,
+        name: str = "",
+        *,
+        model_name: str = "",
+        tokenizer: PromptTokenizer | None = None,
+        max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
     ) -> None:
         super().__init__(name)
         self.model_name = model_name
+        self.max_prompt_bytes = max_prompt_bytes
         self.key = PROMPT_TOKENS.for_producer(self.name)
         self.tokenizer = tokenizer
         self.load_error = ""
@@ -89,7 +109,9 @@ class TokenizerPlugin(DataProducer):
 
     @classmethod
     def from_params(cls, name: str, params: Params, handle: PluginHandle) -> Self:
-        plugin = cls(name, model_name=cls._read_params(params))
+        model_name = cls._read_params(params)
+        limit = params.get_int("maxPromptBytes", DEFAULT_MAX_PROMPT_BYTES, minimum=0)
+        plugin = cls(name, model_name=model_name, max_prompt_bytes=limit)
         if not plugin.model_name:
             params.warn("no modelName: no tokenizer, so precise prefix-cache scoring matches nothing")
         elif plugin.load_error:
@@ -110,7 +132,7 @@ class TokenizerPlugin(DataProducer):
         ids: tuple[int, ...] = ()
         if self.tokenizer is not None:
             try:
-                ids = tuple(self.tokenizer.tokens(request) or ())
+                ids = tuple(self.tokenizer.tokens(request, self.max_prompt_bytes) or ())
             except TokenizerError as exc:
                 log.debug("request %s: not tokenized: %s", request.request_id, exc)
         cycle.write(self.key, ids)
@@ -123,15 +145,14 @@ class TokenProducer(TokenizerPlugin):
 
     type_name = "token-producer"
     parameters = (
-        ParamDoc(
-            "modelName", "string", "", "A tokenizer directory, or a hub name in the local Hugging Face cache."
-        ),
+        MODEL_NAME_DOC,
         ParamDoc(
             "vllm",
             "mapping",
             "",
             "Upstream's vLLM HTTP tokenizer (url, timeout, mmTimeout): accepted, not acted on.",
         ),
+        MAX_PROMPT_BYTES_DOC,
     )
 
     @classmethod

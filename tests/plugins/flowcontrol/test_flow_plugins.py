@@ -7,11 +7,12 @@ import time
 
 import pytest
 
-from epp.framework import ConfigError, FlowItem, Params, PluginHandle
+from epp.framework import ConfigError, CycleState, FlowItem, Params, PluginHandle
 from epp.testing import make_endpoint, make_request
 from epp_scorers.admitters.probabilistic import ProbabilisticAdmitter
 from epp_scorers.flow_policies.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from epp_scorers.flow_policies.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
+from epp_scorers.flow_policies.usage_limits import PriorityHoldbackPolicy, StaticUsageLimitPolicy
 from epp_scorers.saturation_detectors.concurrency import ConcurrencyDetector
 from epp_scorers.saturation_detectors.utilization import UtilizationDetector
 
@@ -95,3 +96,28 @@ def test_probabilistic_admitter_sheds_only_sheddable_requests() -> None:
     assert always.admit(request, -1, idle) is None  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         ProbabilisticAdmitter.from_params("p", Params({"power": 0}), PluginHandle())
+
+
+def test_usage_limit_policies() -> None:
+    assert list(StaticUsageLimitPolicy(threshold=0.8).ceilings(0.5, [10, 0])) == [0.8, 0.8]
+    rank = PriorityHoldbackPolicy.from_params("h", Params({"minCeiling": 0.4}), PluginHandle())
+    assert list(rank.ceilings(0.0, [100, 0, -10])) == pytest.approx([1.0, 0.7, 0.4])
+    assert list(rank.ceilings(0.0, [5])) == [1.0]
+    value = PriorityHoldbackPolicy(min_ceiling=0.5, max_ceiling=0.9, domain="value")
+    assert list(value.ceilings(0.0, [100, 0, -100])) == pytest.approx([0.9, 0.7, 0.5])
+    with pytest.raises(ConfigError, match="minCeiling' is required"):
+        PriorityHoldbackPolicy.from_params("h", Params({}), PluginHandle())
+    with pytest.raises(ConfigError):
+        PriorityHoldbackPolicy(min_ceiling=0.9, max_ceiling=0.5)
+    with pytest.raises(ConfigError):
+        StaticUsageLimitPolicy(threshold=0.0)
+
+
+def test_detectors_filter_endpoints_past_their_limits() -> None:
+    conc = ConcurrencyDetector(max_concurrency=2, headroom=0.5)  # limit 3
+    busy, free = make_endpoint("busy", inflight_requests=3), make_endpoint("free", inflight_requests=2)
+    assert conc.filter(CycleState(), make_request(), [busy, free]) == [free]
+    util = UtilizationDetector(queue_depth_threshold=4)
+    full, ok = fresh(waiting=4), fresh(waiting=3)
+    assert util.filter(CycleState(), make_request(), [full, ok]) == [ok]  # type: ignore[list-item]
+    assert util.filter(CycleState(), make_request(), [full]) == [full]  # type: ignore[list-item]  # fail open

@@ -43,3 +43,13 @@ def test_sources_that_do_not_load_say_why(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "bad" / "tokenizer.json").write_text("{}")
     with pytest.raises(TokenizerError, match="cannot load"):
         load_tokenizer(str(tmp_path / "bad"))
+
+
+def test_a_byte_limit_keeps_the_leading_tokens_and_cuts_at_a_word(tokenizer_dir: Path) -> None:
+    tok = load_tokenizer(str(tokenizer_dir))
+    request = make_request(words(0, 200))  # "w0 w1 ... w199": about 900 bytes
+    whole = tok.tokens(request)
+    head = tok.tokens(request, max_bytes=100)
+    assert whole is not None and head is not None
+    assert 20 < len(head) < 40 and head == whole[: len(head)]  # no split word at the cut
+    assert tok.tokens(request, max_bytes=0) == whole

@@ -1,0 +1,42 @@
+"""The overload bench, short and bounded: real simulators, Envoy and epp, both policies; every
+request is accounted for and the table is printed (its figures are in docs/flow-control.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from epp.discovery.objectives import parse_objectives
+from epp.framework.registry import installed_registry
+from epp.scheduling.loader import load_config
+from epp_bench.__main__ import main as epp_bench_main
+from epp_bench.overload import CLASSES, flow_control_config, objectives_yaml
+
+
+def test_the_bench_config_and_objectives_load() -> None:
+    loaded = load_config(flow_control_config(4, 5.0, 1, 0.25), installed_registry(), "bench")
+    assert loaded.flow_control is not None and sorted(loaded.flow_control.bands) == [-10, 0, 100]
+    assert loaded.flow_control.usage_limit is not None
+    assert parse_objectives(yaml.safe_load_all(objectives_yaml()), "bench") == {
+        name: priority for name, priority, _ in CLASSES
+    }
+
+
+@pytest.mark.timeout(180)
+def test_a_short_overload_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "overload.json"
+    args = ["overload", "--simulators", "1", "--max-num-seqs", "1", "--rate", "6", "--seconds", "3"]
+    args += ["--unloaded-seconds", "2"]
+    assert epp_bench_main([*args, "--ttl", "1", "--max-seconds", "20", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [run["policy"] for run in doc["runs"]] == ["epp", "epp-flow-control"]
+    for run in doc["runs"]:
+        for name, s in run["classes"].items():
+            assert s["served"] + s["rejected_429"] + s["other_errors"] == s["requests"], (run["policy"], name)
+    flow = doc["runs"][1]["classes"]
+    assert flow["critical"]["served"] > 0
+    assert flow["critical"]["other_errors"] == 0 and flow["standard"]["other_errors"] == 0
+    assert "| epp-flow-control | critical |" in capsys.readouterr().out
