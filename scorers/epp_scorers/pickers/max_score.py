@@ -33,8 +33,10 @@ class MaxScorePicker(BasePicker):
             return []
         if self.max_endpoints == 1:
             best = max(scores)
+            if scores.count(best) == 1:  # the usual case, at C speed
+                return [endpoints[scores.index(best)]]
             winners = [i for i, s in enumerate(scores) if s == best]
-            return [endpoints[winners[0] if len(winners) == 1 else self._rng.choice(winners)]]
+            return [endpoints[self._rng.choice(winners)]]
         order = list(range(len(endpoints)))
         self._rng.shuffle(order)  # shuffle, then a stable sort: random order among equal scores
         order.sort(key=lambda i: scores[i], reverse=True)

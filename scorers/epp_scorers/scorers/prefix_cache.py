@@ -152,13 +152,16 @@ class PrefixCacheScorer(Scorer):
         if match is None or not match.total_blocks:
             return [0.0] * len(endpoints)
         matched, total = match.matched, match.total_blocks
+        if not matched:
+            return [0.0] * len(endpoints)
+        # Most endpoints match nothing (score 0): the formula runs only for those that do.
+        get = matched.get
+        blocks = [get(ep.key, 0) for ep in endpoints]
         w = self.match_length_weight
         if w == 0.0:
-            return [matched.get(ep.key, 0) / total for ep in endpoints]
+            return [m / total if m else 0.0 for m in blocks]
         tokens_per_block = match.block_size_tokens / self.match_length_scale
-        out = []
-        for ep in endpoints:
-            m = matched.get(ep.key, 0)
-            length = min(1.0, m * tokens_per_block)
-            out.append(w * length * length + (1.0 - w) * m / total)
-        return out
+        return [
+            w * (length := min(1.0, m * tokens_per_block)) * length + (1.0 - w) * m / total if m else 0.0
+            for m in blocks
+        ]
