@@ -2,7 +2,7 @@
 
     python -m epp_bench.kv_bench                                  # every scenario, every policy
     python -m epp_bench.kv_bench --scenario eviction --policy epp-precise --policy epp
-    python -m epp_bench.kv_bench --out kv.json --plot kv.png      # JSON document and one PNG per scenario
+    python -m epp_bench.kv_bench --out kv.json --plot kv.png      # the JSON document and a PNG
 
 Every run starts fresh simulators that publish vLLM KV events (`epp_bench.sim`: real token ids from
 the tokenizer directory `epp_bench.make_tokenizer` writes, vLLM's sha256 block hashes with
@@ -57,7 +57,7 @@ from epp_bench.gateway import EnvoyGateway, EppProcess, GatewayError, free_port,
 from epp_bench.load import run_load
 from epp_bench.make_tokenizer import write_tokenizer
 from epp_bench.peers import PEERS, Peer, peer_router
-from epp_bench.report import plot, table
+from epp_bench.report import table
 from epp_bench.runner import prefix_cache_counters
 from epp_bench.workloads import Arrivals, SharedPrefix, Workload, oracle_hit_rate
 
@@ -113,8 +113,9 @@ def _shared_prefix(groups: int, per_group: int, system: int, rate: float) -> Wor
 
 
 SCENARIOS: dict[str, Scenario] = {
-    # 12 prefixes of 64 blocks; a pod holds 256 blocks, shared with its running requests' own.
-    "eviction": Scenario("eviction", _shared_prefix(12, 16, 1024, 12.0), kv_cache_blocks=256),
+    # 32 prefixes of 64 blocks (2,048 blocks) over 4 pods of 256: at most half of them fit, less the
+    # running requests' own blocks, so the engines keep evicting.
+    "eviction": Scenario("eviction", _shared_prefix(16, 12, 1024, 10.0), kv_cache_blocks=256),
     "restart": Scenario("restart", _shared_prefix(8, 20, 1024, 10.0), kv_cache_blocks=1024, restart_at=0.5),
     "replicas": Scenario("replicas", _shared_prefix(8, 20, 1024, 10.0), kv_cache_blocks=512, epp_replicas=2),
 }
@@ -301,6 +302,39 @@ async def run_scenario(
     }
 
 
+def kv_plot(doc: dict[str, Any], path: Path) -> None:
+    """One PNG: a row per scenario, TTFT p50/p90/p99, hit rate against the oracle's, output tok/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = doc["scenarios"]
+    fig, axes = plt.subplots(len(scenarios), 3, figsize=(14, 3.6 * len(scenarios)), squeeze=False)
+    for row, (name, sdoc) in zip(axes, scenarios.items(), strict=True):
+        ax_ttft, ax_hit, ax_tput = row
+        names = list(sdoc["policies"])
+        figures = [sdoc["policies"][n] for n in names]
+        xs = list(range(len(names)))
+        for i, key in enumerate(("ttft_p50_s", "ttft_p90_s", "ttft_p99_s")):
+            ax_ttft.bar([x + (i - 1) * 0.27 for x in xs], [f[key] for f in figures], 0.27, label=key[5:8])
+        ax_ttft.set_title(f"{name}: TTFT (s, lower is better)")
+        ax_ttft.legend(fontsize="small")
+        ax_hit.bar(xs, [f["hit_rate"] for f in figures], color="tab:purple")
+        ax_hit.axhline(sdoc["oracle_hit_rate"], color="black", linestyle="--", label="oracle")
+        ax_hit.set_ylim(0, 1)
+        ax_hit.set_title(f"{name}: prefix-cache hit rate")
+        ax_hit.legend(fontsize="small")
+        ax_tput.bar(xs, [f["output_tokens_per_s"] for f in figures], color="tab:green")
+        ax_tput.set_title(f"{name}: output tokens/s")
+        for ax in row:
+            ax.set_xticks(xs, names, rotation=20, fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def verdict(doc: dict[str, Any]) -> list[str]:
     """The issue's targets, measured: epp-precise's TTFT p90 against epp's and kv_aware's, and its
     hit rate against the oracle's."""
@@ -341,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer directory (default: make_tokenizer's)")
     parser.add_argument("--hash-seed", default=DEFAULT_HASH_SEED, help="the engines' PYTHONHASHSEED")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
-    parser.add_argument("--plot", type=Path, help="write one PNG per scenario (PLOT-<scenario>.png)")
+    parser.add_argument("--plot", type=Path, help="write a PNG: TTFT, hit rate and tok/s per scenario")
     args = parser.parse_args(argv)
     scenarios = [SCENARIOS[name] for name in (args.scenario or SCENARIOS)]
     if args.quick:
@@ -358,8 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
     if args.plot:
-        for name, scenario_doc in doc["scenarios"].items():
-            plot(scenario_doc, args.plot.with_name(f"{args.plot.stem}-{name}{args.plot.suffix or '.png'}"))
+        kv_plot(doc, args.plot)
     return 0
 
 

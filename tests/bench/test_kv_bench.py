@@ -26,6 +26,7 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
         [
             sys.executable, "-m", "epp_bench.kv_bench", "--quick", "--scenario", "restart",
             "--policy", "epp-precise", "--policy", "vllm-router-kv-aware", "--out", str(out),
+            "--plot", str(tmp_path / "kv.png"),
         ],
         capture_output=True, text=True, timeout=110,
     )  # fmt: skip
@@ -40,6 +41,7 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
         for key in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "output_tokens_per_s", "hit_rate"):
             assert not math.isnan(figures[key]) and figures[key] >= 0, (policy, key)
     assert "TTFT p90 epp-precise vs vllm-router-kv-aware" in run.stdout
+    assert (tmp_path / "kv.png").stat().st_size > 10_000
 
 
 def test_precise_config_loads_in_epp(tmp_path: Path) -> None:
