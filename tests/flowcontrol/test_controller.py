@@ -97,7 +97,7 @@ async def test_full_band_rejects_at_once() -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await submit(fc, order, "over", pool=pool) is Outcome.REJECTED_CAPACITY
-    assert loop.time() - started < 0.05
+    assert loop.time() - started < 1.0  # at once, not after the 5 s TTL
     assert fc.queued == 2
     fc.stop()
     assert await asyncio.gather(*waiting) == [Outcome.EVICTED_OTHER] * 2
@@ -111,7 +111,7 @@ async def test_ttl_evicts_a_waiting_request_in_time() -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await submit(fc, order, "late", pool=pool) is Outcome.EVICTED_TTL
-    assert 0.19 <= loop.time() - started < 0.5
+    assert 0.19 <= loop.time() - started < 1.5
     assert fc.queued == 0
 
 
