@@ -13,12 +13,16 @@ pod's generation moves on and its older entries stop counting, to be evicted in 
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
 
 DEFAULT_CAPACITY: Final = 1_000_000  # block keys; ~200 bytes each with one pod
 DEFAULT_PODS_PER_KEY: Final = 10  # llm-d's podCacheSize default
+DEFAULT_SPECULATIVE_CAPACITY: Final = 100_000  # speculative block keys (each lives a TTL, 2 s by default)
+_NOBODY: Final[dict[str, tuple[int, float]]] = {}
+_NO_HOLDERS: Final[dict[str, tuple[int, str]]] = {}
 
 
 class BlockIndex(Protocol):
@@ -29,6 +33,11 @@ class BlockIndex(Protocol):
     def remove(self, pod: str, keys: Sequence[int], tier: str) -> None: ...
 
     def clear_pod(self, pod: str) -> None: ...
+
+    def add_speculative(self, pod: str, keys: Sequence[int], expires: float) -> None:
+        """Blocks `pod` is about to store (a request was just routed there): they count as held
+        until `expires` (time.monotonic()), unless the pod is cleared or removes them first."""
+        ...
 
     def match(self, keys: Sequence[int], pods: Mapping[str, Sequence[str]]) -> dict[str, int]:
         """For each candidate (id -> the pod names it may appear under), how many of `keys`, from
@@ -41,11 +50,19 @@ class BlockIndex(Protocol):
 class MemoryBlockIndex:
     """In-process, bounded block index (see the module docstring)."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY, pods_per_key: int = DEFAULT_PODS_PER_KEY) -> None:
+    def __init__(
+        self,
+        capacity: int = DEFAULT_CAPACITY,
+        pods_per_key: int = DEFAULT_PODS_PER_KEY,
+        speculative_capacity: int = DEFAULT_SPECULATIVE_CAPACITY,
+    ) -> None:
         if capacity <= 0 or pods_per_key <= 0:
             raise ValueError("index capacity and pods per key must be positive")
         self.capacity = capacity
         self.pods_per_key = pods_per_key
+        self.speculative_capacity = speculative_capacity
+        # key -> {pod: (generation, expiry)}: predicted blocks, oldest first
+        self._speculative: OrderedDict[int, dict[str, tuple[int, float]]] = OrderedDict()
         # key -> {pod: (generation, tier)}, least recently stored first
         self._blocks: OrderedDict[int, dict[str, tuple[int, str]]] = OrderedDict()
         self._generation: dict[str, int] = {}
@@ -71,9 +88,26 @@ class MemoryBlockIndex:
             blocks.popitem(last=False)
             self.evictions += 1
 
+    def add_speculative(self, pod: str, keys: Sequence[int], expires: float) -> None:
+        generation = self._generation.setdefault(pod, 0)
+        speculative = self._speculative
+        for key in keys:
+            pods = speculative.get(key)
+            if pods is None:
+                pods = speculative[key] = {}
+            else:
+                speculative.move_to_end(key)
+            pods[pod] = (generation, expires)
+        while len(speculative) > self.speculative_capacity:
+            speculative.popitem(last=False)
+
     def remove(self, pod: str, keys: Sequence[int], tier: str) -> None:
         blocks = self._blocks
+        speculative = self._speculative
         for key in keys:
+            predicted = speculative.get(key)
+            if predicted is not None:
+                predicted.pop(pod, None)
             holders = blocks.get(key)
             if holders is None:
                 continue
@@ -93,22 +127,29 @@ class MemoryBlockIndex:
 
     def match(self, keys: Sequence[int], pods: Mapping[str, Sequence[str]]) -> dict[str, int]:
         generation = self._generation
-        rows = []  # the holders of each leading key, up to the first key nobody holds
+        blocks, speculative = self._blocks, self._speculative
+        # The holders of each leading key (confirmed, predicted), up to the first key nobody holds.
+        rows: list[tuple[Mapping[str, tuple[int, str]], Mapping[str, tuple[int, float]]]] = []
         for key in keys:
-            holders = self._blocks.get(key)
-            if holders is None:
+            holders = blocks.get(key)
+            predicted = speculative.get(key) if speculative else None
+            if holders is None and not predicted:
                 break
-            rows.append(holders)
+            rows.append((holders or _NO_HOLDERS, predicted or _NOBODY))
         matched: dict[str, int] = {}
         if not rows:
             return matched
+        now = time.monotonic()
         for candidate, names in pods.items():
             current = [(name, generation.get(name)) for name in names]
             depth = 0
-            for holders in rows:
+            for row_held, row_predicted in rows:
                 for name, gen in current:
-                    held = holders.get(name)
+                    held = row_held.get(name)
                     if held is not None and held[0] == gen:
+                        break
+                    guess = row_predicted.get(name)
+                    if guess is not None and guess[0] == gen and guess[1] > now:
                         break
                 else:
                     break  # no name of this candidate holds the block: its run ends

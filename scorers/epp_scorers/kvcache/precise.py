@@ -11,7 +11,7 @@ Parameters (upstream's names; epp's additions marked):
     kvEventsConfig: {zmqEndpoint, topicFilter ("kv@"), concurrency, discoverPods, engineType,
                      podDiscoveryConfig: {socketPort (5557), podLabelSelector, podNamespace},
                      replayPort* (0: no replay)}
-    speculativeIndexing
+    speculativeIndexing (false), speculativeTTL ("2s")
 
 `zmqEndpoint` set: epp binds a SUB socket there and engines connect to it. `discoverPods` (default
 true when no zmqEndpoint is set, as upstream defaults it) connects a SUB socket to
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from epp.framework import ConfigError, Endpoint, InferenceRequest, Params, PluginHandle, ServiceContext
+from epp_scorers.datasources.metrics import parse_go_duration
 from epp_scorers.kvcache.consumer import EventConsumer
 from epp_scorers.kvcache.index import DEFAULT_CAPACITY, DEFAULT_PODS_PER_KEY, BlockIndex, MemoryBlockIndex
 from epp_scorers.kvcache.keys import DEFAULT_BLOCK_SIZE, DEFAULT_HASH_ALGO, HASH_ALGOS, block_keys
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOPIC_FILTER: Final = "kv@"
 DEFAULT_SOCKET_PORT: Final = 5557  # llm-d's podDiscoveryConfig.socketPort default
+DEFAULT_SPECULATIVE_TTL_S: Final = 2.0  # upstream's speculativeTTL default
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,8 @@ class PreciseConfig:
     pods_per_key: int = DEFAULT_PODS_PER_KEY
     valkey_address: str = ""
     tokenizer: str = ""  # indexerConfig.tokenizersPoolConfig: a directory or a cached hub name
+    speculative: bool = False  # speculativeIndexing
+    speculative_ttl_s: float = DEFAULT_SPECULATIVE_TTL_S
 
     @classmethod
     def from_params(cls, params: Params) -> PreciseConfig:
@@ -99,7 +103,17 @@ class PreciseConfig:
             "podLabelSelector", "podNamespace", reason="epp subscribes to the endpoints of its pool"
         )
         replay_port = events.get_int("replayPort", 0, minimum=0)
-        params.unimplemented("speculativeIndexing", reason="the index follows the engines' events only")
+        # Upstream reads speculativeIndexing at the top level; one of its guides puts it in indexerConfig.
+        speculative = params.get_bool("speculativeIndexing", False) or indexer.get_bool(
+            "speculativeIndexing", False
+        )
+        ttl_text = params.get_str("speculativeTTL", "2s")
+        try:
+            ttl = parse_go_duration(ttl_text)
+        except ValueError as exc:
+            raise ConfigError(f"speculativeTTL: {exc}") from None
+        if ttl <= 0:
+            raise ConfigError(f"speculativeTTL must be positive, got {ttl_text!r}")
         if not zmq_endpoint and not discover:
             params.warn("kvEventsConfig has neither zmqEndpoint nor discoverPods: no KV events will arrive")
         return cls(
@@ -115,6 +129,8 @@ class PreciseConfig:
             pods_per_key=pods_per_key,
             valkey_address=address,
             tokenizer=tokenizer,
+            speculative=speculative,
+            speculative_ttl_s=ttl,
         )
 
 

@@ -107,6 +107,9 @@ class ValkeyBlockIndex:
         self.memory.clear_pod(pod)
         self._queue(_Op("clear", pod))
 
+    def add_speculative(self, pod: str, keys: Sequence[int], expires: float) -> None:
+        self.memory.add_speculative(pod, keys, expires)  # this replica's guess: not shared
+
     def match(self, keys: Sequence[int], pods: Mapping[str, Sequence[str]]) -> dict[str, int]:
         return self.memory.match(keys, pods)
 

@@ -22,7 +22,9 @@ or `blockSizeTokens`, default 16; `hashSeed`, default ""; `hashAlgo`, epp's, def
 `valkeyConfig.address` / `redisConfig.address` (a shared index), `enableMetrics`),
 `kvEventsConfig` (`zmqEndpoint`, `topicFilter` default `kv@`, `concurrency`, `discoverPods`
 (default: true without zmqEndpoint), `podDiscoveryConfig.socketPort` (default 5557),
-`replayPort` (epp's, default 0: no replay)), `speculativeIndexing` (not acted on).
+`replayPort` (epp's, default 0: no replay)), `speculativeIndexing` (default false: after each
+pick the chosen pod counts as holding the request's blocks for `speculativeTTL`, default 2s, so
+the requests that follow do not wait for its events).
 
     plugins:
     - type: tokenizer
@@ -37,6 +39,7 @@ or `blockSizeTokens`, default 16; `hashSeed`, default ""; `hashAlgo`, epp's, def
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
 from typing import Any, Self
 
@@ -50,6 +53,8 @@ from epp.framework import (
     ParamDoc,
     Params,
     PluginHandle,
+    PreRequest,
+    SchedulingResult,
     ServiceContext,
 )
 from epp_scorers.data import PREFIX_MATCH, PrefixMatch
@@ -82,12 +87,13 @@ PRECISE_PARAMETERS = (
         "speculativeIndexing",
         "bool",
         "false",
-        "Accepted, not acted on: the index follows the engines' events only.",
+        "Count the picked pod as holding the request's blocks until its events confirm them.",
     ),
+    ParamDoc("speculativeTTL", "duration", "2s", "How long a speculative entry counts (a Go duration)."),
 )
 
 
-class PreciseBase(BackgroundService):
+class PreciseBase(BackgroundService, PreRequest):
     """What the precise producer and scorer share: the index, its event subscribers, and the
     request's tokens (from the configured tokenizer plugin, else one of its own)."""
 
@@ -99,6 +105,7 @@ class PreciseBase(BackgroundService):
         self.indexer = indexer or PreciseIndexer(self.config)
         self.tokenizer: TokenizerPlugin | None = None
         self.discover = self.config.discover_pods
+        self.keys_key: DataKey[list[int]] = DataKey("precise-block-keys", self.name)
         self.notified = False  # an endpoint-notification-source tells this plugin of the pool's pods
 
     @classmethod
@@ -143,7 +150,17 @@ class PreciseBase(BackgroundService):
         """(endpoint key -> leading blocks held, the prompt's full blocks)."""
         tokens = self.tokenizer.tokens(cycle, request) if self.tokenizer is not None else ()
         keys = self.indexer.keys(tokens, request)
+        if self.config.speculative:
+            cycle.write(self.keys_key, keys)
         return self.indexer.match(keys, endpoints), len(keys)
+
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        """speculativeIndexing: the picked pod is about to store the request's blocks; they count
+        as its own for speculativeTTL, closing the gap until its BlockStored events arrive."""
+        keys = cycle.read(self.keys_key) if self.config.speculative else None
+        if keys and result.primary.endpoints:
+            pod = result.primary.endpoints[0].key
+            self.indexer.index.add_speculative(pod, keys, time.monotonic() + self.config.speculative_ttl_s)
 
 
 class PrecisePrefixCacheProducer(PreciseBase, DataProducer):

@@ -52,3 +52,18 @@ def test_bounds_in_keys_and_pods_per_key() -> None:
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError, match="must be positive"):
         MemoryBlockIndex(capacity=0)
+
+
+def test_speculative_entries_count_until_they_expire_or_the_pod_drops_them() -> None:
+    import time
+
+    index = MemoryBlockIndex()
+    now = time.monotonic()
+    index.add("10.0.0.1", [1], "gpu")
+    index.add_speculative("10.0.0.1", [2, 3], now + 60)
+    index.add_speculative("10.0.0.2", [1, 2], now - 1)  # expired
+    assert index.match([1, 2, 3], {"a": ["10.0.0.1"], "b": ["10.0.0.2"]}) == {"a": 3}
+    index.remove("10.0.0.1", [3], "gpu")  # the engine evicted it after all
+    assert index.match([1, 2, 3], A) == {"a": 2}
+    index.clear_pod("10.0.0.1")  # a restarted engine holds none of them
+    assert index.match([1, 2, 3], A) == {}

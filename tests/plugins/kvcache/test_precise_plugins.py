@@ -218,3 +218,21 @@ def test_parameters_as_upstream_names_them_and_bad_ones_refused() -> None:
         build(PrecisePrefixCacheProducer, {"tokenProcessorConfig": {"blocksize": 16}})
     with pytest.raises(ConfigError, match=r"valkeyConfig\.address is required"):
         build(PrecisePrefixCacheScorer, {"indexerConfig": {"kvBlockIndexConfig": {"valkeyConfig": {}}}})
+
+
+def test_speculative_indexing_keeps_a_burst_on_the_pod_picked_first(tokenizer_dir: Path) -> None:
+    config = SPLIT.format(tokenizer=tokenizer_dir).replace(
+        "    tokenProcessorConfig: {blockSize: 4",
+        "    speculativeIndexing: true\n    speculativeTTL: 500ms\n    tokenProcessorConfig: {blockSize: 4",
+    )
+    scheduler = load_scheduler(config)
+    producer = _plugin(scheduler, PrecisePrefixCacheProducer)
+    assert producer.config.speculative and producer.config.speculative_ttl_s == 0.5
+    pods = [make_endpoint(name, address=f"10.0.0.{i}") for i, name in enumerate("abcd")]
+    prompt = words(0, 40)
+    first = route(scheduler, pods, make_request(prompt)).primary.endpoints[0]
+    # No KV event yet: without speculation the ties would spread the burst at random.
+    for _ in range(10):
+        assert route(scheduler, pods, make_request(prompt)).primary.endpoints[0] is first
+    with pytest.raises(ConfigError, match="speculativeTTL"):
+        build(PrecisePrefixCacheProducer, {"speculativeTTL": "soon"})
