@@ -282,7 +282,7 @@ class ApproxPrefixCacheProducer(
             "maxIndexBytes",
             "int",
             str(DEFAULT_MAX_INDEX_BYTES),
-            "Absolute cap on the index's approximate memory in bytes (about 50 an entry); past it "
+            "Absolute cap on the index's approximate memory in bytes (about 60 an entry); past it "
             "the endpoint holding the most loses its oldest. Must be >= 1.",
         ),
     )

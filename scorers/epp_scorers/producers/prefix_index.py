@@ -27,15 +27,16 @@ DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
 # The most blocks one endpoint may hold whatever it reports: 262,144 blocks of 64 tokens are 16.7M
 # tokens of KV cache, beyond any single server today. A pod reporting num_gpu_blocks=1e9 gets this.
 DEFAULT_MAX_CAPACITY_PER_SERVER = 262_144
-# The whole index, over every endpoint: 1M entries are about 70 MB (see ENTRY_BYTES).
+# The whole index, over every endpoint: 1M entries are about 60 MB (see ENTRY_BYTES).
 DEFAULT_MAX_INDEX_ENTRIES = 1_000_000
 DEFAULT_MAX_INDEX_BYTES = 256 * 1024 * 1024
 # Approximate memory (tests/plugins/test_prefix_index.py checks the estimate against tracemalloc):
 # each (hash, endpoint) entry is 28 bytes in the entry arrays, plus what they keep in reserve as
-# they grow, and a 4-byte slot in the pair table, kept 37-75 % full (5-11 bytes); each distinct
-# hash a 4-byte slot in the hash table (5-11 bytes).
-ENTRY_BYTES = 40
-HASH_BYTES = 8
+# they grow, and a 4-byte slot in the pair table, kept 25-50 % full (8-16 bytes); each distinct
+# hash a 4-byte slot in the hash table (8-16 bytes). Measured: 48-63 bytes an entry with one
+# holder a hash (traced), 64 in RSS at 100 pods x 31,250 blocks (`python -m epp_bench memory`).
+ENTRY_BYTES = 44
+HASH_BYTES = 12
 SHARED_BYTES = 0  # a further holder of a hash costs an entry, nothing more
 # Why an index evicted: a full endpoint LRU, or the whole index's entry or byte cap.
 REASON_CAPACITY = "capacity"
