@@ -203,7 +203,7 @@ class Director:
             if orchestration is not None:
                 orchestration.end()
         metrics = self.metrics.for_request(
-            request.model, request.target_model, fairness_id(request.headers), DEFAULT_PRIORITY
+            request.model, request.target_model, fairness_id(request.headers), self._priority(request)
         )
         metrics.requests.inc()
         metrics.request_size.observe(request_size)
@@ -228,6 +228,12 @@ class Director:
         Called only when `self.admission` is active."""
         if self.admission is not None:
             await self.admission.admit(headers, byte_size, request_id)
+
+    def _priority(self, request: InferenceRequest) -> str:
+        """The request's priority label: its InferenceObjective's (0 without one)."""
+        if self.admission is None or not len(self.admission.objectives):
+            return DEFAULT_PRIORITY
+        return str(self.admission.objectives.priority(request.headers))
 
     @property
     def admits(self) -> bool:
@@ -281,7 +287,7 @@ class Director:
         # Only the primary's pick: a request with no prompt is never disaggregated.
         headers = handler.routing_headers(request, SchedulingResult(primary, {primary: primary_result}))
         metrics = self.metrics.for_request(
-            request.model, request.target_model, fairness_id(request.headers), DEFAULT_PRIORITY
+            request.model, request.target_model, fairness_id(request.headers), self._priority(request)
         )
         metrics.requests.inc()
         started = time.perf_counter() if received is None else received

@@ -108,3 +108,12 @@ async def test_sheddable_request_is_refused_at_once_on_a_saturated_pool(tmp_path
         start(chat, **{"x-gateway-inference-objective": "chat"})
         assert (await first_reply(chat)).HasField("request_headers")
         await chat.close()
+        # The routed request is counted under its objective's priority.
+        totals = {
+            sample.labels["priority"]: sample.value
+            for family in epp.app.metrics.registry.collect()
+            if family.name == "llm_d_epp_request"
+            for sample in family.samples
+            if sample.name == "llm_d_epp_request_total"
+        }
+        assert totals == {"10": 1.0}
