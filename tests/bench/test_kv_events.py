@@ -279,7 +279,8 @@ async def test_reset_and_restart_clear_all_blocks(
     await complete(session, sim, words(48, offset=3) + " ", max_tokens=2)
     await drain(sub, index, seqs)
     last_seq = seqs[-1]
-    sim.restart()  # a pod restart: the stream starts again at 0 with AllBlocksCleared
+    async with session.post(f"{sim.url}/sim/restart") as resp:  # a pod restart (Simulator.restart)
+        assert resp.status == 200  # the stream starts again at 0 with AllBlocksCleared
     _, seq, payload = await receive(sub)
     assert seq == 0 and last_seq > 0
     assert decode_batch(payload)[1] == [{"type": "AllBlocksCleared"}]
