@@ -125,11 +125,14 @@ def scrape_config(settings: Settings, loaded: LoadedConfig) -> ScrapeConfig:
 
 def check_startup(settings: Settings, loaded: LoadedConfig) -> list[str]:
     """What starting epp would check besides the config, offline, for `--check-config`: the
-    model-server metrics (flags and data source), and with TLS the minimum version, the cipher
-    suites and --cert-path's files. Raises ConfigError for what would stop epp; returns warnings."""
+    model-server metrics (flags and data source), --inference-objectives-file, and with TLS the
+    minimum version, the cipher suites and --cert-path's files. Raises ConfigError for what would
+    stop epp; returns warnings."""
     from epp.tls import check_min_version, cipher_suites, load_key_pair
 
     scrape_config(settings, loaded)
+    if settings.inference_objectives_file is not None:
+        load_objectives_file(str(settings.inference_objectives_file))
     if not settings.secure_serving:
         return []
     warnings = check_min_version(settings.tls_min_version)

@@ -130,7 +130,11 @@ class ObjectiveWatcher:
         self.pool_group = pool_group
         self.store = store
         self.reflector = Reflector(
-            f"InferenceObjectives in {namespace}", self._open, self._listed, self._event, backoff or Backoff()
+            f"InferenceObjectives ({OBJECTIVE_GROUP}/{OBJECTIVE_VERSION}) in {namespace}",
+            self._open,
+            self._listed,
+            self._event,
+            backoff or Backoff(),
         )
 
     async def _open(self, **query: Any) -> aiohttp.ClientResponse:

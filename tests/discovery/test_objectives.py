@@ -4,6 +4,8 @@ ADDED / MODIFIED / DELETED; only objectives whose poolRef names our pool count).
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +86,16 @@ async def test_watch_follows_the_pools_objectives(tmp_path: Path) -> None:
         await asyncio.gather(task, return_exceptions=True)
         await client.close()
         await api.stop()
+
+
+def test_check_config_reads_the_objectives_file(tmp_path: Path) -> None:
+    bad = tmp_path / "objectives.yaml"
+    bad.write_text("kind: InferenceObjective\nmetadata: {name: a}\nspec: {priority: 1.5}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "epp", "--check-config", "--inference-objectives-file", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "spec.priority must be an integer" in result.stderr
