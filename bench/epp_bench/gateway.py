@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import socket
@@ -35,6 +36,8 @@ import aiohttp
 Mode = Literal["epp", "round-robin"]
 MODES: tuple[Mode, ...] = ("epp", "round-robin")
 
+log = logging.getLogger(__name__)
+
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 EPP_CLUSTER = "epp"
 ORIGINAL_DST_CLUSTER = "original_destination_cluster"
@@ -50,6 +53,7 @@ MAX_DOWNSTREAM_CONNECTIONS = 50_000
 # The repository root (bench/epp_bench/gateway.py -> ../..): .venv-tools is looked up there, and the
 # harness runs its processes from it.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+EPP_PORT_ATTEMPTS = 3
 _ELF_MAGIC = b"\x7fELF"
 
 
@@ -649,6 +653,18 @@ class EppProcess:
     async def start(self) -> EppProcess:
         if self._proc is not None:
             raise RuntimeError("epp already started")
+        # free_port() cannot reserve a port: on a busy machine another process sometimes binds it
+        # between the pick and epp's bind. epp then exits at once; try again on other ports.
+        for attempt in range(1, EPP_PORT_ATTEMPTS + 1):
+            try:
+                return await self._start_once()
+            except GatewayError as exc:
+                if attempt == EPP_PORT_ATTEMPTS or "Address already in use" not in str(exc):
+                    raise
+                log.warning("epp's port was taken while it started (attempt %d); retrying", attempt)
+        raise AssertionError("unreachable")
+
+    async def _start_once(self) -> EppProcess:
         self.grpc_port, self.health_port, self.metrics_port = (free_port() for _ in range(3))
         args = [
             self.python, "-m", "epp",
