@@ -11,7 +11,7 @@ bounded capacity (the model server's KV blocks, clamped), so old blocks age out;
 on the whole index (entries and approximate bytes) bounds its memory whatever the pods report.
 
 It is stored compactly, in flat arrays of machine integers rather than Python objects (see
-`PrefixIndex`): about 60 bytes per (block, endpoint) entry, where dicts of ints took 140-210.
+`PrefixIndex`): about 70 bytes per (block, endpoint) entry, where dicts of ints took 140-210.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
 # The most blocks one endpoint may hold whatever it reports: 262,144 blocks of 64 tokens are 16.7M
 # tokens of KV cache, beyond any single server today. A pod reporting num_gpu_blocks=1e9 gets this.
 DEFAULT_MAX_CAPACITY_PER_SERVER = 262_144
-# The whole index, over every endpoint: 1M entries are about 60 MB (see ENTRY_BYTES).
+# The whole index, over every endpoint: 1M entries are about 70 MB (see ENTRY_BYTES).
 DEFAULT_MAX_INDEX_ENTRIES = 1_000_000
 DEFAULT_MAX_INDEX_BYTES = 256 * 1024 * 1024
 # Approximate memory (tests/plugins/test_prefix_index.py checks the estimate against tracemalloc):
 # each (hash, endpoint) entry is 28 bytes in the entry arrays, plus what they keep in reserve as
 # they grow, and a 4-byte slot in the pair table, kept 25-50 % full (8-16 bytes); each distinct
-# hash a 4-byte slot in the hash table (8-16 bytes). Measured: 48-63 bytes an entry with one
-# holder a hash (traced), 64 in RSS at 100 pods x 31,250 blocks (`python -m epp_bench memory`).
+# hash a 4-byte slot in the hash table, kept 12-25 % full (16-32 bytes). Measured: about 70
+# bytes an entry in RSS at 100 pods x 31,250 blocks (`python -m epp_bench memory`).
 ENTRY_BYTES = 44
-HASH_BYTES = 12
+HASH_BYTES = 20
 SHARED_BYTES = 0  # a further holder of a hash costs an entry, nothing more
 # Why an index evicted: a full endpoint LRU, or the whole index's entry or byte cap.
 REASON_CAPACITY = "capacity"
@@ -91,17 +91,17 @@ class _Table:
     It stores only the entry; what the entry is keyed by is the index's business (the home slot
     of an entry is given by the index's key function when the table is rebuilt)."""
 
-    __slots__ = ("bits", "grow_at", "mask", "slots")
+    __slots__ = ("bits", "fill", "grow_at", "mask", "slots")
 
-    def __init__(self, bits: int) -> None:
-        self.bits = bits
+    def __init__(self, bits: int, fill: int) -> None:
+        self.bits, self.fill = bits, fill
         self.mask = (1 << bits) - 1
-        self.grow_at = (1 << bits) // 2
+        self.grow_at = (1 << bits) // fill
         self.slots = array("i", [_NONE]) * ((1 << bits) + _TABLE_PAD)
 
     @classmethod
     def built(
-        cls, bits: int, entries: np.ndarray, home_of: Callable[[np.ndarray, int], np.ndarray]
+        cls, bits: int, fill: int, entries: np.ndarray, home_of: Callable[[np.ndarray, int], np.ndarray]
     ) -> _Table:
         """A table holding `entries`, whose home slots at `bits` bits `home_of` gives, built in
         numpy: sorted by home, each goes to max(its home, the previous one's slot + 1)."""
@@ -118,7 +118,8 @@ class _Table:
                     continue
                 slots[where] = entries[order]
             table = cls.__new__(cls)
-            table.bits, table.mask, table.grow_at = bits, (1 << bits) - 1, (1 << bits) // 2
+            table.bits, table.fill, table.mask = bits, fill, (1 << bits) - 1
+            table.grow_at = (1 << bits) // fill
             table.slots = array("i", slots.tobytes())
             return table
 
@@ -188,8 +189,10 @@ class PrefixIndex:
         self._free_entry = _NONE  # freed entries, chained through _e_next
         self._entries = 0
         self._distinct = 0
-        self._by_hash = _Table(_MIN_TABLE_BITS)
-        self._by_pair = _Table(_MIN_TABLE_BITS)
+        # The by-hash table, which match() probes for every block of a prompt, is kept emptier
+        # (at most a quarter full: shorter probes) than the by-pair one (at most half full).
+        self._by_hash = _Table(_MIN_TABLE_BITS, 4)
+        self._by_pair = _Table(_MIN_TABLE_BITS, 2)
 
     def __len__(self) -> int:
         """Number of distinct block hashes held by any endpoint."""
@@ -267,7 +270,7 @@ class PrefixIndex:
             return table
         bits = table.bits + (count > table.grow_at)
         homes = self._hash_homes if table is self._by_hash else self._pair_homes
-        return _Table.built(bits, table.live(), homes)
+        return _Table.built(bits, table.fill, table.live(), homes)
 
     def _remove_slot(self, table: _Table, i: int, pair: bool) -> None:
         """Empty slot i of a table, shifting back the rest of its run so no lookup stops short."""
