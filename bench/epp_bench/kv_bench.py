@@ -27,7 +27,7 @@ Policies:
 |---|---|
 | `epp-precise` | Envoy + epp with `precise-prefix-cache-scorer` fed by the events (PRECISE_CONFIG) |
 | `epp` | Envoy + epp, its default config (the approximate prefix scorer: what it routed where) |
-| `vllm-router-kv-aware` | vllm-router `--policy kv_aware`, `--kv-event-source` on the same events |
+| `vllm-router-kv-aware` | vllm-router `--policy kv_aware`, `--kv-event-source` on the events (topic "") |
 | `vllm-router` | vllm-router `--policy cache_aware` (its own prefix tree of what it routed) |
 | `round-robin` | Envoy round-robin |
 
@@ -139,28 +139,34 @@ class Simulators:
     replay_endpoints: list[str]
 
 
-def events_config() -> str:
+# llm-d's topic, which names the pod for epp's bound SUB socket. vllm-router 0.1.17's static event
+# sources take only batches on the empty topic (vLLM's default; it has no flag for another: with
+# any other topic kv_aware credits nothing), so its runs publish on "".
+LLM_D_TOPIC = "kv@{address}@{model}"
+
+
+def events_config(topic: str = LLM_D_TOPIC) -> str:
     return json.dumps(
         {
             "enable_kv_cache_events": True,
             "publisher": "zmq",
             "endpoint": "tcp://127.0.0.1:*",
             "replay_endpoint": "tcp://127.0.0.1:*",
-            "topic": "kv@{address}@{model}",
+            "topic": topic,
         }
     )
 
 
 @contextlib.asynccontextmanager
 async def simulators(
-    scenario: Scenario, tokenizer: Path, hash_seed: str, connect: Sequence[str] = ()
+    scenario: Scenario, tokenizer: Path, hash_seed: str, connect: Sequence[str] = (), topic: str = LLM_D_TOPIC
 ) -> AsyncIterator[Simulators]:
     """The scenario's simulators in one subprocess, KV events on; each binds its own event and
     replay ports and, with `connect`, also connects its PUB socket to those addresses."""
     args = [
         sys.executable, "-m", "epp_bench.sim", "--count", str(scenario.simulators), "--base-port", "0",
         "--model", MODEL, "--tokenizer", str(tokenizer), "--python-hash-seed", hash_seed,
-        "--kv-events-config", events_config(), "--kv-cache-blocks", str(scenario.kv_cache_blocks),
+        "--kv-events-config", events_config(topic), "--kv-cache-blocks", str(scenario.kv_cache_blocks),
         "--max-num-seqs", str(scenario.max_num_seqs),
     ]  # fmt: skip
     if connect:
@@ -236,7 +242,8 @@ async def run_policy(policy: str, scenario: Scenario, tokenizer: Path, hash_seed
     zmq_ports = [free_port() for _ in range(replicas)] if policy == "epp-precise" else []
     connect = [f"tcp://127.0.0.1:{port}" for port in zmq_ports]
     async with contextlib.AsyncExitStack() as stack:
-        sims = await stack.enter_async_context(simulators(scenario, tokenizer, hash_seed, connect))
+        topic = "" if policy == "vllm-router-kv-aware" else LLM_D_TOPIC
+        sims = await stack.enter_async_context(simulators(scenario, tokenizer, hash_seed, connect, topic))
         backends = sims.addresses
         if policy == "round-robin":
             url = (await stack.enter_async_context(EnvoyGateway("round-robin", backends=backends))).url
