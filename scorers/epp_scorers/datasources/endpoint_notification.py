@@ -33,6 +33,7 @@ class EndpointNotificationSource(DataSource, BackgroundService):
     def __init__(self, name: str = "") -> None:
         super().__init__(name)
         self.listeners: list[PreciseBase] = []
+        self._subscribed = False
 
     def bind(self, handle: PluginHandle) -> list[str]:
         self.listeners = [p for p in handle.plugins.values() if isinstance(p, PreciseBase)]
@@ -43,6 +44,9 @@ class EndpointNotificationSource(DataSource, BackgroundService):
         return []
 
     async def run(self, context: ServiceContext) -> None:
+        if self._subscribed:  # started again by the supervisor: the subscription stands
+            return
+        self._subscribed = True
         context.subscribe(self._added, self._removed)
         for endpoint in context.endpoints():
             self._added(endpoint)

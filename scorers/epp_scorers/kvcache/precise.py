@@ -195,17 +195,18 @@ class PreciseIndexer:
         """Bind the SUB socket (zmqEndpoint) and, with `discover`, subscribe to every endpoint; a
         pod leaving the pool stops counting in either case. With `follow_pool` false, an
         endpoint-notification-source calls endpoint_added / endpoint_removed instead."""
-        self._context = context
-        self._discover = discover
-        if isinstance(self.index, ValkeyBlockIndex):
-            context.spawn("kv-index-valkey", self.index.run, self.index.address)
-        if follow_pool:
-            context.subscribe(self.endpoint_added, self.endpoint_removed)
-            for ep in context.endpoints():
+        if self._context is None:  # once: a restart (after a failed bind) only binds again
+            self._context = context
+            self._discover = discover
+            if isinstance(self.index, ValkeyBlockIndex):
+                context.spawn("kv-index-valkey", self.index.run, self.index.address)
+            if follow_pool:
+                context.subscribe(self.endpoint_added, self.endpoint_removed)
+                for ep in context.endpoints():
+                    self.endpoint_added(ep)
+            pending, self._pending = self._pending, {}
+            for ep in pending.values():  # announced (by an endpoint-notification-source) before we ran
                 self.endpoint_added(ep)
-        pending, self._pending = self._pending, {}
-        for ep in pending.values():  # announced (by an endpoint-notification-source) before we ran
-            self.endpoint_added(ep)
         if self.config.zmq_endpoint:
             await bound_subscriber(
                 self.config.zmq_endpoint,

@@ -236,3 +236,26 @@ def test_speculative_indexing_keeps_a_burst_on_the_pod_picked_first(tokenizer_di
         assert route(scheduler, pods, make_request(prompt)).primary.endpoints[0] is first
     with pytest.raises(ConfigError, match="speculativeTTL"):
         build(PrecisePrefixCacheProducer, {"speculativeTTL": "soon"})
+
+
+async def test_a_failed_bind_is_retried_without_subscribing_twice(tokenizer_dir: Path) -> None:
+    import zmq
+    import zmq.asyncio
+
+    squatter = zmq.asyncio.Context.instance().socket(zmq.SUB)
+    squatter.bind("tcp://127.0.0.1:*")
+    taken = bytes(squatter.getsockopt(zmq.LAST_ENDPOINT)).decode()
+    config = SPLIT.format(tokenizer=tokenizer_dir).replace("tcp://127.0.0.1:*", taken)
+    producer = _plugin(load_scheduler(config), PrecisePrefixCacheProducer)
+    pool = Pool([make_endpoint("a", address="10.0.0.1")])
+    with pytest.raises(zmq.ZMQError):  # the port is taken: the supervisor will start run() again
+        await producer.run(pool.context())
+    squatter.close(linger=0)
+    task = asyncio.ensure_future(producer.run(pool.context()))
+    try:
+        await _until(lambda: producer.indexer.bound_endpoint == taken)
+        assert len(pool.listeners) == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
