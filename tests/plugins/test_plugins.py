@@ -107,6 +107,20 @@ KV_PLUGIN_TYPES = {
     "endpoint-notification-source",
 }
 
+# Flow control and admission (saturation detectors, policies, admitters): not scheduling-profile
+# plugins, so tests/plugins/flowcontrol and tests/flowcontrol cover them.
+FLOW_CONTROL_PLUGIN_TYPES = {
+    "utilization-detector",
+    "concurrency-detector",
+    "fcfs-ordering-policy",
+    "edf-ordering-policy",
+    "global-strict-fairness-policy",
+    "round-robin-fairness-policy",
+    "static-usage-limit-policy",
+    "priority-holdback-policy",
+    "probabilistic-admitter",
+}
+
 
 def in_tree_registry() -> PluginRegistry:
     """The in-tree plugins only (what epp_scorers' entry point registers), without third-party ones."""
@@ -116,7 +130,9 @@ def in_tree_registry() -> PluginRegistry:
 
 
 def test_in_tree_registry_has_every_plugin_type() -> None:
-    assert set(in_tree_registry().types()) == PLUGIN_TYPES | PD_PLUGIN_TYPES | KV_PLUGIN_TYPES
+    assert set(in_tree_registry().types()) == (
+        PLUGIN_TYPES | PD_PLUGIN_TYPES | KV_PLUGIN_TYPES | FLOW_CONTROL_PLUGIN_TYPES
+    )
     # epp itself finds them through the entry points, next to the third-party ones installed.
     assert set(installed_registry().types()) >= PLUGIN_TYPES | PD_PLUGIN_TYPES
 
