@@ -179,6 +179,7 @@ class App:
             on_error=self.metrics.count_scrape_error,
             max_bytes=settings.model_server_metrics_max_bytes,
             supervisor=self.supervisor,
+            idle_interval_s=settings.idle_refresh_metrics_interval_s,
         )
         self.objectives, self.flow_controller = self._build_admission()
         # Pods come and go (a restart is a new IP): drop a departed endpoint's series.

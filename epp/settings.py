@@ -186,6 +186,7 @@ class Settings:
     extproc_stream_idle_timeout_s: float = 300.0  # no message for this long ends a stream; 0: never
     # --- model-server scrapes (epp.datalayer.scraper) ---------------------------------------------
     model_server_metrics_max_bytes: int = 16 * 1024 * 1024  # a larger /metrics page is an error
+    idle_refresh_metrics_interval_s: float = 1.0  # an idle endpoint's polls (0: every interval)
 
     @property
     def uses_kubernetes(self) -> bool:
@@ -244,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_duration,
         default=2.0,
         help="metrics older than this mark an endpoint stale (default 2s)",
+    )
+    p.add_argument(  # epp's own: the Go EPP polls every endpoint at --refresh-metrics-interval
+        "--idle-refresh-metrics-interval",
+        type=parse_duration,
+        default=1.0,
+        help="how often an idle endpoint's /metrics is polled: one reporting nothing waiting or "
+        "running, with nothing of epp's in flight; below --metrics-staleness-threshold; 0: "
+        "every --refresh-metrics-interval, as the Go EPP (default 1s)",
     )
     p.add_argument("--endpoints", help="standalone mode: host:port,host:port,...")
     p.add_argument(
@@ -508,6 +517,11 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         parser.error("--refresh-metrics-interval must be positive")
     if args.metrics_staleness_threshold <= 0:
         parser.error("--metrics-staleness-threshold must be positive")
+    if not 0 <= args.idle_refresh_metrics_interval < args.metrics_staleness_threshold:
+        parser.error(
+            "--idle-refresh-metrics-interval must be 0 (off) or positive and below "
+            "--metrics-staleness-threshold (an idle endpoint must never go stale)"
+        )
     selector: Selector | None = None
     target_ports: tuple[int, ...] = ()
     try:
@@ -572,6 +586,7 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         config_text=args.config_text,
         refresh_metrics_interval_s=args.refresh_metrics_interval,
         metrics_staleness_threshold_s=args.metrics_staleness_threshold,
+        idle_refresh_metrics_interval_s=args.idle_refresh_metrics_interval,
         endpoints=args.endpoints,
         endpoints_file=args.endpoints_file,
         inference_objectives_file=args.inference_objectives_file,

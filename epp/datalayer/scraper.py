@@ -16,6 +16,15 @@ past a limit is an error like any other, and that endpoint is then polled less o
 doubling up to 30 s, until a poll succeeds. A large page that is within the limits is paced so
 that one endpoint is read at most at 16 MiB/s (a page of 1.6 MB at most ten times a second).
 
+An idle endpoint is polled less often (`idle_interval_s`, --idle-refresh-metrics-interval, 1 s by
+default; 0 turns it off): one whose last page said no request waiting and none running, to which
+epp has no request in flight. Its values cannot change unless another client sends it work, and
+the interval is kept below the staleness threshold, so it never goes stale; as soon as epp routes
+a request to it (its in-flight count rises) it is polled again at the base interval, within one
+base interval. A deliberate difference from the Go EPP, which polls every endpoint at the base
+interval whatever it reports: at 100 idle pods with vLLM's 59 kB pages that is 2,000 pages a
+second for nothing.
+
 Where and how a page is read (`ScrapeConfig`) comes, as in the Go EPP, from built-in defaults,
 then the `--model-server-metrics-*` flags, then the config's `metrics-data-source` parameters
 (the highest wins); which series are read, per engine, from the `core-metrics-extractor`
@@ -204,6 +213,7 @@ class Scraper:
         on_error: Callable[[Endpoint], None] | None = None,
         max_bytes: int = DEFAULT_MAX_PAGE_BYTES,
         supervisor: Supervisor | None = None,
+        idle_interval_s: float = 0.0,
     ) -> None:
         self._datastore = datastore
         self.config = config or ScrapeConfig()
@@ -217,6 +227,10 @@ class Scraper:
         self._supervisor = supervisor
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._state: dict[str, _PollState] = {}
+        # Idle endpoints (see the module's doc) wait on a future the waker sets, or the idle interval.
+        self.idle_interval_s = idle_interval_s if idle_interval_s > self._interval else 0.0
+        self._idle_waits: dict[str, tuple[Endpoint, asyncio.Future[None]]] = {}
+        self._waker: asyncio.Task[None] | None = None
         # One keep-alive connection per endpoint (opened by its first poll, dropped after an error).
         self._connections: dict[str, MetricsConnection] = {}
         self._started = False
@@ -230,10 +244,15 @@ class Scraper:
             self._supervisor = current_supervisor()
         for ep in self._datastore.endpoints():
             self._start(ep)
+        if self.idle_interval_s:
+            self._waker = self._supervisor.spawn("scraper-waker", self._wake_busy)
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
+        if self._waker is not None:
+            tasks.append(self._waker)
+            self._waker = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -319,3 +338,44 @@ class Scraper:
             started = loop.time()
             await self.scrape_once(ep)
             await asyncio.sleep(max(0.0, self.next_delay(ep) - (loop.time() - started)))
+            if self.idle(ep):
+                await self._idle_wait(ep, started + self.idle_interval_s - loop.time())
+
+    def idle(self, ep: Endpoint) -> bool:
+        """Polled every idle interval rather than every base interval (see the module's doc)."""
+        m = ep.metrics
+        return (
+            self.idle_interval_s > 0
+            and m.updated_at > 0
+            and not ep.scrape_errors
+            and m.waiting_queue_size == 0
+            and m.running_requests == 0
+            and ep.inflight_requests == 0
+        )
+
+    async def _idle_wait(self, ep: Endpoint, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, wake)
+        self._idle_waits[ep.key] = (ep, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            if self._idle_waits.get(ep.key, (None, None))[1] is wake:
+                del self._idle_waits[ep.key]
+
+    async def _wake_busy(self) -> None:
+        """Every base interval: wake the idle endpoints epp has since sent a request to."""
+        while True:
+            await asyncio.sleep(self._interval)
+            for ep, wake in list(self._idle_waits.values()):
+                if ep.inflight_requests:
+                    _resolve(wake)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
