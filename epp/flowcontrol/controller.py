@@ -126,8 +126,6 @@ class FlowController:
         """Wait for the request's turn; returns its outcome. Cancelled (the client went away):
         the request leaves its queue and the cancellation goes on."""
         started = time.monotonic()
-        if self.stopped:
-            return self._finish(Outcome.REJECTED_OTHER, fairness_id, priority, None)
         band = self._band(priority)
         if (
             self._in_transit == 0
@@ -135,6 +133,8 @@ class FlowController:
             and self._gated_at(priority) is None
         ):
             return self._finish(Outcome.DISPATCHED, fairness_id, priority, 0.0)
+        if self.stopped:  # draining: what can go at once still goes, nothing new waits
+            return self._finish(Outcome.REJECTED_OTHER, fairness_id, priority, None)
         cfg, config = band.config, self.config
         if (
             band.count >= cfg.max_requests
@@ -273,8 +273,8 @@ class FlowController:
         waiter.future.set_result(Outcome.DISPATCHED)
 
     def stop(self) -> None:
-        """epp is stopping: every waiting request is answered at once (503, shutting down) and
-        new ones are refused."""
+        """epp is stopping: every waiting request is answered at once (503, shutting down); a
+        request arriving later goes if it can go at once, else it is refused the same way."""
         self.stopped = True
         if self._timer is not None:
             self._timer.cancel()

@@ -226,3 +226,14 @@ async def test_priority_holdback_keeps_headroom_for_higher_priorities() -> None:
         await free_one(fc, pool)
     assert list(await asyncio.gather(std, shed)) == [Outcome.DISPATCHED] * 2
     assert order == ["s1", "s2", "s3", "crit", "s4", "shed"]
+
+
+async def test_after_stop_only_what_can_go_at_once_goes() -> None:
+    pool = Pool(2)
+    fc = FlowController(config(), pool.detector, pool.candidates)
+    order: list[str] = []
+    fc.stop()
+    assert await submit(fc, order, "a", pool=pool) is Outcome.DISPATCHED  # draining, not saturated
+    assert await submit(fc, order, "b", pool=pool) is Outcome.DISPATCHED
+    assert await submit(fc, order, "c", pool=pool) is Outcome.REJECTED_OTHER  # would have to wait
+    assert fc.queued == 0
