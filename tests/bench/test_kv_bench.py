@@ -40,6 +40,9 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
         assert figures["errors"] <= 2, figures
         for key in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "output_tokens_per_s", "hit_rate"):
             assert not math.isnan(figures[key]) and figures[key] >= 0, (policy, key)
+        # Routing on the events keeps most of each group's prompts on the pod holding its prefix
+        # (round-robin over the 2 pods reaches a quarter to a third of the oracle here).
+        assert figures["hit_rate"] >= 0.5 * doc["oracle_hit_rate"], (policy, figures["hit_rate"])
     assert "TTFT p90 epp-precise vs vllm-router-kv-aware" in run.stdout
     assert (tmp_path / "kv.png").stat().st_size > 10_000
 
