@@ -56,13 +56,17 @@ def test_memory_fills_the_index_and_reports_bytes_per_entry(tmp_path: Path) -> N
     assert "bytes/entry" in stdout
 
 
-def test_scrape_measures_an_idle_epp_scraping_realistic_pages(tmp_path: Path) -> None:
-    _, row = run_ok(
-        tmp_path, "scrape", "--pods", "3", "--seconds", "1.5", "--warmup", "1", "--interval", "100ms"
+def test_scrape_measures_an_idle_epp_scraping_idle_and_busy_pods(tmp_path: Path) -> None:
+    _, rows = run_ok(
+        tmp_path, "scrape", "--pods", "3", "--seconds", "2", "--warmup", "1", "--interval", "100ms"
     )
-    assert row["pods"] == 3 and row["expected_scrapes_per_s"] == 30
-    assert row["scrapes_per_s"] > 5  # epp did poll the pods
-    assert row["cpu_percent"] > 0 and row["page_bytes"] == len(page())
+    idle, busy = rows
+    assert (idle["pods_state"], busy["pods_state"]) == ("idle", "busy")
+    for row in rows:
+        assert row["pods"] == 3 and row["expected_scrapes_per_s"] == 30
+        assert row["cpu_percent"] > 0 and row["page_bytes"] == len(page())
+    assert busy["scrapes_per_s"] > 10  # every pod polled every interval (30 a second at most)
+    assert 0 < idle["scrapes_per_s"] < 6  # idle pods: about once a second each
 
 
 def test_the_fixture_page_is_a_vllm_page_epp_reads() -> None:

@@ -2,10 +2,12 @@
 
 N simulated pods (one lean HTTP/1.1 server process listening on N ports, keep-alive) each serve a
 realistic vLLM /metrics page (`epp_bench.perf.vllm_page`: every family of a vLLM 0.11 server,
-histograms included), with the queue, running and KV gauges changing from poll to poll. epp runs
-with these pods as its endpoints at the default interval (50 ms) and no requests; its CPU time is
-read from /proc over `--seconds`, after a warm-up. The pods' server counts the polls it answered,
-so the table says how many scrapes per second epp really made.
+histograms included). epp runs with these pods as its endpoints at the default interval (50 ms)
+and no requests; its CPU time is read from /proc over `--seconds`, after a warm-up. Two runs:
+idle pods (nothing waiting or running: what an idle pool reports, so epp polls them every
+--idle-refresh-metrics-interval) and busy pods (the queue, running and KV gauges changing from
+poll to poll: every pod polled every interval, the cost of scraping under load). The pods'
+server counts the polls it answered, so the table says how many scrapes per second epp made.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from epp_bench.perf import cpu_seconds, machine, start_epp, stop, table, write_j
 from epp_bench.perf.vllm_page import page
 
 COLUMNS = (
-    ("pods", "pods", "d"),
+    ("pods_state", "pods", ""),
+    ("pods", "count", "d"),
     ("interval_ms", "interval ms", ".0f"),
     ("page_bytes", "page bytes", ",d"),
     ("scrapes_per_s", "scrapes/s", ",.0f"),
@@ -69,11 +72,11 @@ class _PodProtocol(asyncio.Protocol):
             _PodProtocol.served += 1
 
 
-async def serve_pods(count: int) -> None:
+async def serve_pods(count: int, busy: bool) -> None:
     """`count` pods on free ports of 127.0.0.1; their ports go out on the first line of stdout."""
     responses = []
     for i in range(_VARIANTS):
-        body = page(waiting=i, running=4 + i, kv=0.1 * i)
+        body = page(waiting=i, running=4 + i, kv=0.1 * i) if busy else page(waiting=0, running=0, kv=0.0)
         head = (
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
@@ -95,11 +98,11 @@ async def serve_pods(count: int) -> None:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def measure(pods: int, interval: str, seconds: float, warmup: float) -> dict[str, Any]:
+def measure(pods: int, interval: str, seconds: float, warmup: float, busy: bool) -> dict[str, Any]:
     if pods <= 0 or seconds <= 0 or warmup < 0:
         raise SystemExit("epp_bench scrape: --pods and --seconds must be positive")
     server = subprocess.Popen(
-        [sys.executable, "-m", "epp_bench.perf.scrape", "--serve", str(pods)],
+        [sys.executable, "-m", "epp_bench.perf.scrape", "--serve", str(pods), "busy" if busy else "idle"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -138,6 +141,7 @@ def measure(pods: int, interval: str, seconds: float, warmup: float) -> dict[str
     elapsed, cpu, polls = t1 - t0, cpu1 - cpu0, polls1 - polls0
     interval_s = _seconds(interval)
     return {
+        "pods_state": "busy" if busy else "idle",
         "pods": pods,
         "interval_ms": interval_s * 1e3,
         "page_bytes": len(page()),
@@ -157,15 +161,15 @@ def _seconds(text: str) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    row = measure(args.pods, args.interval, args.seconds, args.warmup)
-    print(table([row], COLUMNS))
-    print(f"(idle epp, no requests; {machine()})")
-    write_json(args.out, row)
+    rows = [measure(args.pods, args.interval, args.seconds, args.warmup, busy) for busy in (False, True)]
+    print(table(rows, COLUMNS))
+    print(f"(epp serving no requests; {machine()})")
+    write_json(args.out, rows)
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
-        asyncio.run(serve_pods(int(sys.argv[2])))
+        asyncio.run(serve_pods(int(sys.argv[2]), sys.argv[3] == "busy"))
     else:
         raise SystemExit("use `python -m epp_bench scrape`")
