@@ -420,3 +420,33 @@ async def test_instance_topic_and_a_bound_subscriber_get_the_same_stream(
     got_bound, got_sub = await from_bound, await receive(sub)
     assert got_bound == got_sub
     assert got_bound[0] == f"kv@{sim.address}@sim-model".encode() and got_bound[1] == 0
+
+
+async def test_chat_rendered_by_epps_tokenizer_equals_the_simulators(
+    start_sim: StartSim, tokenizer_dir: Path, session: aiohttp.ClientSession
+) -> None:
+    """The tokenizer directory's chat template (what epp's `tokenizer` plugin applies, as vLLM
+    does) renders messages exactly as the simulator's engine does, so both get the same ids."""
+    from epp_bench.sim.text import chat_prompt
+    from epp_scorers.kvcache.tokenize import load_tokenizer
+
+    epp_tokenizer = load_tokenizer(str(tokenizer_dir))
+    sim = await event_sim(start_sim, tokenizer_dir)
+    conversations = [
+        [{"role": "user", "content": words(20)}],
+        [
+            {"role": "system", "content": words(30, offset=1)},
+            {"role": "user", "content": words(5, offset=2)},
+            {"role": "assistant", "content": "the and for"},
+            {"role": "user", "content": words(7, offset=3)},
+        ],
+    ]
+    for messages in conversations:
+        for add_generation_prompt in (True, False):
+            body = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+            text = epp_tokenizer.render_chat(body)
+            assert text == chat_prompt(messages, add_generation_prompt)
+            async with session.post(f"{sim.url}/v1/chat/completions/render", json=body) as resp:
+                assert resp.status == 200
+                sim_ids = (await resp.json())["token_ids"]
+            assert epp_tokenizer.encode(text, special_tokens=False) == sim_ids
