@@ -226,7 +226,7 @@ class App:
                 config, detector, self.datastore.endpoints, metrics, self.settings.refresh_metrics_interval_s
             )
             self.datastore.subscribe(lambda ep: controller.wake(), lambda ep: None)
-        self.director.admission = Admission(objectives, detector, controller, self.datastore.endpoints)
+        self.director.use_admission(Admission(objectives, detector, controller, self.datastore.endpoints))
         self.director.admitters = list(self.config.admitters)
         return objectives, controller
 

@@ -13,7 +13,7 @@ a YAML file of InferenceObjective manifests (`load_objectives_file`, flag
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,12 +44,15 @@ class ObjectiveStore:
     def __init__(self) -> None:
         self._priorities: dict[str, int | None] = {}
         self.has_negative = False  # some objective is sheddable (kept current on every change)
+        self.listeners: list[Callable[[], None]] = []  # told after every change
 
     def __len__(self) -> int:
         return len(self._priorities)
 
     def _changed(self) -> None:
         self.has_negative = any(p is not None and p < 0 for p in self._priorities.values())
+        for listener in self.listeners:
+            listener()
 
     def priority(self, headers: Mapping[str, str]) -> int:
         """The priority of the objective a request names (0 when it names none we know)."""

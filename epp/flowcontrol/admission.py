@@ -68,11 +68,19 @@ class Admission:
         self.detector = detector
         self.controller = controller
         self._candidates = candidates
+        # Whether any request may be held or refused (else the request path skips admission);
+        # kept current as objectives change, told to `on_active`.
+        self.active = False
+        self.on_active: Callable[[bool], None] | None = None
+        objectives.listeners.append(self._refresh)
+        self._refresh()
 
-    @property
-    def active(self) -> bool:
-        """Whether any request may be held or refused (else the request path skips admission)."""
-        return self.controller is not None or (self.detector is not None and self.objectives.has_negative)
+    def _refresh(self) -> None:
+        self.active = self.controller is not None or (
+            self.detector is not None and self.objectives.has_negative
+        )
+        if self.on_active is not None:
+            self.on_active(self.active)
 
     async def admit(self, headers: Mapping[str, str], byte_size: int, request_id: str) -> int:
         """The request's priority once it may go on; raises EppError when it may not."""

@@ -129,6 +129,7 @@ class Director:
         self._rng = random.Random()
         # Admission before scheduling (docs/flow-control.md): None, or inactive, costs nothing.
         self.admission: Admission | None = None
+        self.admits = False  # the request path awaits `admit` (a plain attribute: read per message)
         self.admitters: list[Admitter] = []  # admitter plugins, run on the candidates
         datastore.subscribe(lambda ep: None, scheduler.endpoint_removed)
         metrics.watch_endpoints(pool_name, datastore.endpoints)
@@ -235,9 +236,14 @@ class Director:
             return DEFAULT_PRIORITY
         return str(self.admission.objectives.priority(request.headers))
 
-    @property
-    def admits(self) -> bool:
-        return self.admission is not None and self.admission.active
+    def use_admission(self, admission: Admission) -> None:
+        """Admit requests through `admission`; `admits` follows whether it is active."""
+        self.admission = admission
+        admission.on_active = self._set_admits
+        self._set_admits(admission.active)
+
+    def _set_admits(self, active: bool) -> None:
+        self.admits = active
 
     def _run_admitters(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None:
         priority = self.admission.objectives.priority(request.headers) if self.admission is not None else 0
