@@ -135,18 +135,15 @@ async def _served_by(session: aiohttp.ClientSession, url: str, prompt: str) -> s
         return resp.headers["x-served-by"]
 
 
-async def _scheduled(session: aiohttp.ClientSession, epp: EppProcess) -> int:
+async def _metric(session: aiohttp.ClientSession, epp: EppProcess, name: str, **labels: str) -> float:
     async with session.get(epp.metrics_url) as resp:
         text = await resp.text()
     total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if (
-                sample.name == "llm_d_epp_scheduler_attempts_total"
-                and sample.labels.get("status") == "success"
-            ):
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
-    return int(total)
+    return total
 
 
 def _prompt() -> str:
@@ -158,9 +155,12 @@ def _prompt() -> str:
 async def _same_pod_from_both(url: str, epps: list[EppProcess]) -> Counter[str]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
         first = await _served_by(session, url, _prompt())
-        await asyncio.sleep(0.5)  # the engine's BlockStored reaches the replicas
+        async with asyncio.timeout(15):  # the engine's BlockStored reaches both replicas' indexes
+            while not all([await _metric(session, e, "epp_kv_index_blocks") > 0 for e in epps]):
+                await asyncio.sleep(0.05)
         served = Counter([await _served_by(session, url, _prompt()) for _ in range(REQUESTS)])
-        per_replica = [await _scheduled(session, e) for e in epps]
+        attempts = "llm_d_epp_scheduler_attempts_total"
+        per_replica = [await _metric(session, e, attempts, status="success") for e in epps]
     assert served == Counter({first: REQUESTS}), (served, [e.log_tail(1500) for e in epps])
     assert all(n > 0 for n in per_replica), per_replica  # Envoy used both replicas
     return served
@@ -173,7 +173,7 @@ async def test_two_replicas_fed_by_every_engine_agree(tokenizer: Path) -> None:
     async with contextlib.AsyncExitStack() as stack:
         backends = await stack.enter_async_context(simulators(tokenizer, connect))
         url, epps = await stack.enter_async_context(replicas(tokenizer, backends, zmq_ports, "{}"))
-        await asyncio.sleep(0.5)  # the engines' PUB sockets reach both replicas
+        await asyncio.sleep(2)  # the engines' PUB sockets (re)connect to the replicas' SUB sockets
         await _same_pod_from_both(url, epps)
 
 
@@ -187,5 +187,5 @@ async def test_a_replica_the_engines_do_not_publish_to_learns_through_valkey(
         only_first = [f"tcp://127.0.0.1:{zmq_ports[0]}"]  # the engines publish to replica 1 only
         backends = await stack.enter_async_context(simulators(tokenizer, only_first))
         url, epps = await stack.enter_async_context(replicas(tokenizer, backends, zmq_ports, index))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(2)  # the engines' PUB sockets (re)connect to the first replica
         await _same_pod_from_both(url, epps)
