@@ -87,6 +87,7 @@ class ValkeyBlockIndex:
         self.dropped = 0  # writes dropped because the queue was full
         self.loaded = 0  # block entries loaded at start
         self.applied = 0  # feed entries of other replicas applied
+        self.written = 0  # operations written to Valkey
         self.ready = asyncio.Event()  # set once the warm start is done
         self._client: valkey_asyncio.Valkey | None = None
 
@@ -212,6 +213,7 @@ class ValkeyBlockIndex:
                 }
                 pipe.xadd(f"{self.prefix}:feed", fields, maxlen=self.feed_length, approximate=True)
             await pipe.execute()
+        self.written += len(ops)
 
     async def _follow_feed(self, client: valkey_asyncio.Valkey, start: str) -> None:
         last = start

@@ -72,8 +72,7 @@ async def test_a_replica_that_starts_later_is_warm_and_cleared_pods_stay_cleared
         one.add("10.0.0.2", [1], "gpu")
         one.clear_pod("10.0.0.2")  # its blocks must not come back in a warm start
         one.add("10.0.0.3", [7], "cpu")
-        await _until(lambda: not one._pending)
-        await asyncio.sleep(0.2)  # the pipeline executed
+        await _until(lambda: one.written == 4)
         async with replica(address) as late:
             assert late.loaded == 3
             assert late.match([1, 2], {"a": ["10.0.0.1"], "b": ["10.0.0.2"]}) == {"a": 2}
