@@ -55,10 +55,11 @@ async def test_queued_request_goes_when_a_response_completes() -> None:
         first, second, third, fourth = (ExtProcClient(epp.stub) for _ in range(4))
         start(first)
         assert (await first_reply(first)).HasField("request_headers")  # routed at once
-        start(second)
-        start(third)
         fc = epp.app.flow_controller
         assert fc is not None
+        start(second)
+        await wait_until(lambda: fc.queued == 1, what="the second request queued")  # first in line
+        start(third)
         await wait_until(lambda: fc.queued == 2, what="two requests queued")
         start(fourth)  # the band holds 2: refused at once
         assert refusal(await first_reply(fourth)) == (429, "rejected-saturated")
