@@ -212,6 +212,20 @@ class App:
     def _scrape_config(self) -> ScrapeConfig:
         return scrape_config(self.settings, self.config)
 
+    def _keep_metrics_fresh(self, admitting: bool) -> None:
+        """A saturation detector in use that reads metrics older than the idle polling interval
+        as stale would see an idle pool as saturated: poll idle endpoints every interval then."""
+        detector = self.config.saturation_detector
+        max_age = detector.metrics_max_age_s if detector is not None else None
+        scraper = self.scraper
+        if admitting and max_age is not None and scraper.idle_interval_s > max_age:
+            scraper.idle_interval_s = 0.0
+            log.info(
+                "admission reads scraped metrics older than %gs as stale: idle endpoints are polled "
+                "every --refresh-metrics-interval",
+                max_age,
+            )
+
     def _build_admission(self) -> tuple[ObjectiveStore, FlowController | None]:
         """InferenceObjectives (priorities), flow control when the config turns it on, the
         admitter plugins: docs/flow-control.md."""
@@ -226,7 +240,10 @@ class App:
                 config, detector, self.datastore.endpoints, metrics, self.settings.refresh_metrics_interval_s
             )
             self.datastore.subscribe(lambda ep: controller.wake(), lambda ep: None)
-        self.director.use_admission(Admission(objectives, detector, controller, self.datastore.endpoints))
+        admission = Admission(objectives, detector, controller, self.datastore.endpoints)
+        self.director.use_admission(admission)
+        admission.listeners.append(self._keep_metrics_fresh)
+        self._keep_metrics_fresh(admission.active)
         self.director.admitters = list(self.config.admitters)
         return objectives, controller
 

@@ -69,9 +69,9 @@ class Admission:
         self.controller = controller
         self._candidates = candidates
         # Whether any request may be held or refused (else the request path skips admission);
-        # kept current as objectives change, told to `on_active`.
+        # kept current as objectives change, told to each of `listeners`.
         self.active = False
-        self.on_active: Callable[[bool], None] | None = None
+        self.listeners: list[Callable[[bool], None]] = []
         objectives.listeners.append(self._refresh)
         self._refresh()
 
@@ -79,8 +79,8 @@ class Admission:
         self.active = self.controller is not None or (
             self.detector is not None and self.objectives.has_negative
         )
-        if self.on_active is not None:
-            self.on_active(self.active)
+        for listener in self.listeners:
+            listener(self.active)
 
     async def admit(self, headers: Mapping[str, str], byte_size: int, request_id: str) -> int:
         """The request's priority once it may go on; raises EppError when it may not."""

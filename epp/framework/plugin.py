@@ -254,6 +254,10 @@ class SaturationDetector(Plugin, abc.ABC):
     """How loaded the pool is: 0 idle, 1.0 the set point at which flow control stops dispatching
     (values above 1 say by how much it is oversubscribed). Synchronous, no I/O."""
 
+    # The age past which the detector reads scraped metrics as stale (None: it reads none); epp
+    # then polls idle endpoints at the base interval too, so an idle pool never reads stale.
+    metrics_max_age_s: float | None = None
+
     @abc.abstractmethod
     def saturation(self, endpoints: Sequence[Endpoint]) -> float: ...
 

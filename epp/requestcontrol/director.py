@@ -239,7 +239,7 @@ class Director:
     def use_admission(self, admission: Admission) -> None:
         """Admit requests through `admission`; `admits` follows whether it is active."""
         self.admission = admission
-        admission.on_active = self._set_admits
+        admission.listeners.append(self._set_admits)
         self._set_admits(admission.active)
 
     def _set_admits(self, active: bool) -> None:

@@ -94,6 +94,7 @@ class UtilizationDetector(SaturationDetector, Filter):
         self.queue_depth_threshold = queue_depth_threshold
         self.kv_cache_util_threshold = kv_cache_util_threshold
         self.staleness_s = staleness_s
+        self.metrics_max_age_s = staleness_s
         self.queue_limit = queue_depth_threshold * (1.0 + headroom)
         self.kv_limit = kv_cache_util_threshold * (1.0 + headroom)
 
