@@ -10,7 +10,11 @@ from epp_scorers.filters.prefix_affinity import PrefixCacheAffinityFilter
 from epp_scorers.filters.roles import DecodeFilter, EncodeFilter, PrefillFilter
 from epp_scorers.flow_policies.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from epp_scorers.flow_policies.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
-from epp_scorers.flow_policies.usage_limits import PriorityHoldbackPolicy, StaticUsageLimitPolicy
+from epp_scorers.flow_policies.usage_limits import (
+    PriorityHoldbackPolicy,
+    SoftReflectiveCeilingPolicy,
+    StaticUsageLimitPolicy,
+)
 from epp_scorers.parsers.openai import OpenAIParser, VllmHttpParser
 from epp_scorers.pickers.max_score import MaxScorePicker
 from epp_scorers.pickers.uniform_random import RandomPicker
@@ -87,6 +91,7 @@ ALL_PLUGINS = (
     RoundRobinFairnessPolicy,
     StaticUsageLimitPolicy,
     PriorityHoldbackPolicy,
+    SoftReflectiveCeilingPolicy,
     ProbabilisticAdmitter,
     # Go types epp covers natively
     OpenAIParser,

@@ -118,6 +118,7 @@ FLOW_CONTROL_PLUGIN_TYPES = {
     "round-robin-fairness-policy",
     "static-usage-limit-policy",
     "priority-holdback-policy",
+    "soft-reflective-ceiling-policy",
     "probabilistic-admitter",
 }
 

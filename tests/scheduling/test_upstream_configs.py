@@ -86,4 +86,5 @@ def test_the_configs_epp_loads_include_the_charts_defaults_and_the_main_guides()
         "llm-d-router_deploy_config_sim-epp-tokenizer-vllm-http-config.yaml",
         "llm-d_guides_flow-control_router.yaml",
         "llm-d-router_deploy_config_probabilistic-admitter-epp-config.yaml",
+        "llm-d-router_deploy_config_soft-reflective-ceiling-epp-config.yaml",
     } <= loaded

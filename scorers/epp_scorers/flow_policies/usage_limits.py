@@ -6,6 +6,10 @@ saturation has reached stops dispatch for itself and every band below).
 - `priority-holdback-policy`: ceilings from `maxCeiling` for the highest priority down to
   `minCeiling` for the lowest, linear by rank (equal steps) or by priority value, so lower
   priorities are held back first and higher ones keep headroom.
+- `soft-reflective-ceiling-policy`: no parameters; band i of N (0 the highest) may dispatch while
+  saturation < 1 - i x saturation / (N - 1); past that, the lower bands are opened one call in
+  round(saturation / (1 - saturation)) (all of them on the same calls), and closed at
+  saturation >= 1, so their dispatch rate falls continuously as saturation rises.
 
     plugins:
     - type: priority-holdback-policy
@@ -96,3 +100,34 @@ class PriorityHoldbackPolicy(UsageLimitPolicy):
         if top == bottom:
             return [hi] * n
         return [lo + (p - bottom) / (top - bottom) * (hi - lo) for p in priorities]
+
+
+class SoftReflectiveCeilingPolicy(UsageLimitPolicy):
+    """Graduated ceilings from saturation alone: band i of N may dispatch while saturation is below
+    1 - i x saturation / (N - 1); beyond, lower bands open on one call in round(saturation /
+    (1 - saturation)) (one shared tick), and close at saturation 1. No parameters."""
+
+    type_name = "soft-reflective-ceiling-policy"
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self._tick = 0  # shared by every gated band: they open and close together
+
+    def ceilings(self, saturation: float, priorities: Sequence[int]) -> Sequence[float]:
+        n = len(priorities)
+        if n <= 1:
+            return [1.0] * n
+        out = [1.0]
+        gated_open: bool | None = None
+        for i in range(1, n):
+            if saturation < 1.0 - i * saturation / (n - 1):
+                out.append(1.0)
+            elif saturation >= 1.0:
+                out.append(0.0)
+            else:
+                if gated_open is None:
+                    period = max(1, round(saturation / (1.0 - saturation)))
+                    gated_open = self._tick % period == 0
+                    self._tick += 1
+                out.append(1.0 if gated_open else 0.0)
+        return out

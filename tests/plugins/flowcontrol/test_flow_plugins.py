@@ -8,11 +8,17 @@ import time
 import pytest
 
 from epp.framework import ConfigError, CycleState, FlowItem, Params, PluginHandle
+from epp.framework.registry import installed_registry
+from epp.scheduling.loader import load_config
 from epp.testing import make_endpoint, make_request
 from epp_scorers.admitters.probabilistic import ProbabilisticAdmitter
 from epp_scorers.flow_policies.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from epp_scorers.flow_policies.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
-from epp_scorers.flow_policies.usage_limits import PriorityHoldbackPolicy, StaticUsageLimitPolicy
+from epp_scorers.flow_policies.usage_limits import (
+    PriorityHoldbackPolicy,
+    SoftReflectiveCeilingPolicy,
+    StaticUsageLimitPolicy,
+)
 from epp_scorers.saturation_detectors.concurrency import ConcurrencyDetector
 from epp_scorers.saturation_detectors.utilization import UtilizationDetector
 
@@ -121,3 +127,25 @@ def test_detectors_filter_endpoints_past_their_limits() -> None:
     full, ok = fresh(waiting=4), fresh(waiting=3)
     assert util.filter(CycleState(), make_request(), [full, ok]) == [ok]  # type: ignore[list-item]
     assert util.filter(CycleState(), make_request(), [full]) == [full]  # type: ignore[list-item]  # fail open
+
+
+def test_soft_reflective_ceiling() -> None:
+    policy = SoftReflectiveCeilingPolicy()
+    prios = [100, 0, -10]
+    # Light load: 1 - 0.2 x i / 2 is above 0.2 for every band: all open.
+    assert list(policy.ceilings(0.2, prios)) == [1.0, 1.0, 1.0]
+    # Saturation 0.75: the ceilings 0.625 (band 1) and 0.25 (band 2) are reached: both open
+    # together on one call in round(0.75 / 0.25) = 3.
+    calls = [list(policy.ceilings(0.75, prios)) for _ in range(4)]
+    assert calls == [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    # Saturation 0.4: band 1's ceiling 0.8 is open, band 2's 0.6 too.
+    assert list(policy.ceilings(0.4, prios)) == [1.0, 1.0, 1.0]
+    # Saturated: every band but the highest closed (the highest is gated by saturation >= 1).
+    assert list(policy.ceilings(1.2, prios)) == [1.0, 0.0, 0.0]
+    assert list(policy.ceilings(0.9, [5])) == [1.0]
+    with pytest.raises(ConfigError):  # no parameters
+        load_config(
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+            "- {type: soft-reflective-ceiling-policy, parameters: {threshold: 1}}\n- type: queue-scorer\n",
+            installed_registry(),
+        )
