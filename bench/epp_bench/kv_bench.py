@@ -32,9 +32,11 @@ Policies:
 | `round-robin` | Envoy round-robin |
 
 Each result: output tokens/s, TTFT p50/p90/p99, the engines' own prefix-cache hit rate (their
-`vllm:prefix_cache_hits_total` / `queries_total`) and the oracle's (the hit rate if every request
-met a cache holding every earlier prompt: an upper bound without eviction). Every run is bounded in
-requests and seconds.
+`vllm:prefix_cache_hits_total` / `queries_total`), the oracle's (the hit rate if every request
+met a cache holding every earlier prompt: it ignores the caches' size, so under eviction no router
+reaches it) and the capacity-aware reference (`kv_reference`: the arrivals replayed through the
+simulator's own caches of the scenario's size, routed with full knowledge of them). Every run is
+bounded in requests and seconds.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from typing import Any
 import aiohttp
 
 from epp_bench.gateway import EnvoyGateway, EppProcess, GatewayError, free_port, terminate
+from epp_bench.kv_reference import capacity_reference
 from epp_bench.load import run_load
 from epp_bench.make_tokenizer import write_tokenizer
 from epp_bench.peers import PEERS, Peer, peer_router
@@ -113,8 +116,8 @@ def _shared_prefix(groups: int, per_group: int, system: int, rate: float) -> Wor
 
 
 SCENARIOS: dict[str, Scenario] = {
-    # 32 prefixes of 64 blocks (2,048 blocks) over 4 pods of 256: at most half of them fit, less the
-    # running requests' own blocks, so the engines keep evicting.
+    # 16 prefixes of 64 blocks (1,024 blocks) over 4 pods of 256: the prefixes alone fill every
+    # cache and the running requests need blocks too, so the engines keep evicting.
     "eviction": Scenario("eviction", _shared_prefix(16, 12, 1024, 10.0), kv_cache_blocks=256),
     "restart": Scenario("restart", _shared_prefix(8, 20, 1024, 10.0), kv_cache_blocks=1024, restart_at=0.5),
     "replicas": Scenario("replicas", _shared_prefix(8, 20, 1024, 10.0), kv_cache_blocks=512, epp_replicas=2),
@@ -297,10 +300,15 @@ async def run_scenario(
         if prompts and not oracle:
             oracle = oracle_hit_rate(prompts)
         results[policy] = figures
+    reference = capacity_reference(
+        scenario.workload, scenario.simulators, scenario.kv_cache_blocks, scenario.restart_at
+    )
     return {
         "scenario": scenario.name,
         "policies": results,
         "oracle_hit_rate": oracle,
+        "capacity_hit_rate": reference["best"],
+        "capacity_reference": reference,
         "workload": {**scenario.workload.describe(), "kind": f"{scenario.name}: shared-prefix"},
         "simulators": scenario.simulators,
         "kv_cache_blocks": scenario.kv_cache_blocks,
@@ -329,6 +337,8 @@ def kv_plot(doc: dict[str, Any], path: Path) -> None:
         ax_ttft.legend(fontsize="small")
         ax_hit.bar(xs, [f["hit_rate"] for f in figures], color="tab:purple")
         ax_hit.axhline(sdoc["oracle_hit_rate"], color="black", linestyle="--", label="oracle")
+        if "capacity_hit_rate" in sdoc:
+            ax_hit.axhline(sdoc["capacity_hit_rate"], color="grey", linestyle=":", label="capacity-aware")
         ax_hit.set_ylim(0, 1)
         ax_hit.set_title(f"{name}: prefix-cache hit rate")
         ax_hit.legend(fontsize="small")
@@ -357,6 +367,12 @@ def verdict(doc: dict[str, Any]) -> list[str]:
     oracle = doc["oracle_hit_rate"]
     if oracle:
         lines.append(f"hit rate epp-precise {precise['hit_rate']:.1%} vs oracle {oracle:.1%}")
+    capacity = doc.get("capacity_hit_rate")
+    if capacity:
+        lines.append(
+            f"hit rate epp-precise {precise['hit_rate']:.1%} vs capacity-aware reference {capacity:.1%} "
+            f"({precise['hit_rate'] / capacity:.0%} of it)"
+        )
     return lines
 
 
