@@ -373,6 +373,8 @@ def verdict(doc: dict[str, Any]) -> list[str]:
             f"hit rate epp-precise {precise['hit_rate']:.1%} vs capacity-aware reference {capacity:.1%} "
             f"({precise['hit_rate'] / capacity:.0%} of it)"
         )
+        floor = doc["capacity_reference"]["ttft_p90_floor_s"]
+        lines.append(f"TTFT p90 floor with these caches (the reference's own prefills): {floor:.2f} s")
     return lines
 
 

@@ -11,6 +11,10 @@ head) and routes with full knowledge of every cache, two ways, reporting the bet
 - `partition`: the prompts of prefix group g always to pod g mod pods (what a perfect static
   sharding of the prefixes does).
 
+With the hit rate goes a TTFT floor: the 90th percentile of each request's own prefill time (the
+simulator's fixed cost plus its uncached tokens), below which no router's TTFT p90 can go when
+the caches hold only this much (queueing comes on top).
+
 A request holds its blocks for the simulator's default prefill + decode time (one prefill step
 over its uncached tokens, then a decode step per further output token), and a pod without room
 finishes its earliest requests first. A `restart_at_s` empties pod 0's cache then, as
@@ -69,6 +73,12 @@ def _partition(turn: Turn, hashes: Sequence[int], pods: Sequence[_Pod]) -> int:
     return turn.group % len(pods)
 
 
+@dataclass(frozen=True)
+class Replayed:
+    hit_rate: float  # hit prompt tokens / prompt tokens, as the engines count them
+    prefill_p90_s: float  # 90th percentile of the requests' own prefill times
+
+
 def replay(
     turns: Sequence[Turn],
     pods: int,
@@ -76,13 +86,14 @@ def replay(
     route: Router,
     restart_at_s: float | None = None,
     sim: SimConfig | None = None,
-) -> float:
-    """The engines' hit rate (hit prompt tokens / prompt tokens) when `route` places `turns`."""
+) -> Replayed:
+    """The engines' hit rate and prefill times when `route` places `turns`."""
     sim = sim or SimConfig()
     state = [_Pod(KVCache(kv_cache_blocks)) for _ in range(pods)]
     fresh_ids = itertools.count(-1, -1)  # generated blocks: keys no prompt block has
     order = itertools.count()
     hit_tokens = prompt_tokens = 0
+    prefills: list[float] = []
     for turn in turns:
         if restart_at_s is not None and turn.at >= restart_at_s:
             state[0] = _Pod(KVCache(kv_cache_blocks))  # its running requests fail with it
@@ -107,26 +118,37 @@ def replay(
         prompt_tokens += tokens
         uncached = tokens - hit * BLOCK_SIZE_TOKENS
         decode_step = sim.inter_token_latency_s + sim.decode_time_per_seq_s * (len(pod.running) + 1)
-        busy = sim.prefill_overhead_s + sim.prefill_time_per_token_s * uncached
-        busy += decode_step * (turn.max_tokens - 1)
+        prefill = sim.prefill_overhead_s + sim.prefill_time_per_token_s * uncached
+        prefills.append(prefill)
+        busy = prefill + decode_step * (turn.max_tokens - 1)
         completed = [next(fresh_ids) for _ in range(total_blocks)]
         heapq.heappush(pod.running, (start + busy, next(order), alloc, completed))
-    return hit_tokens / prompt_tokens if prompt_tokens else 0.0
+    prefills.sort()
+    return Replayed(
+        hit_tokens / prompt_tokens if prompt_tokens else 0.0,
+        prefills[int(0.9 * (len(prefills) - 1))] if prefills else 0.0,
+    )
 
 
 def capacity_reference(
     workload: Workload, pods: int, kv_cache_blocks: int, restart_at: float | None = None
 ) -> dict[str, float]:
-    """The reference hit rate of each routing (`longest-match`, `partition`) and the better
-    (`best`). `restart_at` is a fraction of the arrivals' span, as the bench's scenarios give it."""
+    """The reference hit rate of each routing (`longest-match`, `partition`), the better
+    (`best`) and its TTFT floor (`ttft_p90_floor_s`). `restart_at` is a fraction of the arrivals'
+    span, as the bench's scenarios give it."""
     if pods < 1 or kv_cache_blocks < 1:
         raise ValueError("pods and kv_cache_blocks must be positive")
     if not isinstance(workload.spec, SharedPrefix):
         raise ValueError("the capacity reference replays shared-prefix workloads only")
     turns = workload.turns()
     restart_at_s = turns[-1].at * restart_at if turns and restart_at is not None else None
-    rates = {
+    runs = {
         "longest-match": replay(turns, pods, kv_cache_blocks, _longest_match(), restart_at_s),
         "partition": replay(turns, pods, kv_cache_blocks, _partition, restart_at_s),
     }
-    return {**rates, "best": max(rates.values())}
+    best = max(runs.values(), key=lambda run: run.hit_rate)
+    return {
+        **{name: run.hit_rate for name, run in runs.items()},
+        "best": best.hit_rate,
+        "ttft_p90_floor_s": best.prefill_p90_s,
+    }

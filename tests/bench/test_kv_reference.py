@@ -21,6 +21,8 @@ def test_roomy_caches_reach_the_oracle() -> None:
     scenario = SCENARIOS["replicas"]  # 8 prefixes of 64 blocks over 4 pods of 512 blocks
     reference = capacity_reference(scenario.workload, scenario.simulators, scenario.kv_cache_blocks)
     assert reference["best"] == pytest.approx(_oracle(scenario.workload), abs=1e-9)
+    # A hit leaves the question's 4 blocks to prefill: the floor is a warm request's prefill.
+    assert reference["ttft_p90_floor_s"] < 0.05
 
 
 def test_eviction_scenario_sits_well_below_the_oracle() -> None:
@@ -29,9 +31,11 @@ def test_eviction_scenario_sits_well_below_the_oracle() -> None:
     scenario = SCENARIOS["eviction"]
     oracle = _oracle(scenario.workload)
     reference = capacity_reference(scenario.workload, scenario.simulators, scenario.kv_cache_blocks)
-    assert set(reference) == {"longest-match", "partition", "best"}
+    assert set(reference) == {"longest-match", "partition", "best", "ttft_p90_floor_s"}
     assert reference["best"] == max(reference["longest-match"], reference["partition"])
     assert 0.3 < reference["best"] < oracle - 0.05
+    # More than a tenth of the requests prefill most of their 1,088 tokens (0.25 ms each).
+    assert reference["ttft_p90_floor_s"] > 0.15
     smaller = capacity_reference(scenario.workload, scenario.simulators, scenario.kv_cache_blocks // 2)
     assert smaller["best"] < reference["best"]
 
