@@ -32,6 +32,7 @@ import aiohttp
 import pytest
 import yaml
 
+from epp.discovery.objectives import DEFAULT_POOL_GROUP, OBJECTIVE_GROUP, OBJECTIVE_PLURAL
 from tests.deploy.chart import (
     CHART_ARGS,
     HA_FLAG,
@@ -660,7 +661,13 @@ def test_roles_grant_no_write_verbs(every_render: dict[str, list[Obj]]) -> None:
                     assert rule["apiGroups"] == ["coordination.k8s.io"] and rule["resources"] == ["leases"]
                     assert verbs <= {"get", "create", "update"}
         base_rules = one(render(BASE), "Role", "epp")["rules"]
-        assert {r for rule in base_rules for r in rule["resources"]} == {"pods", "inferencepools"}
+        # Exactly what epp watches: its pods, its pool and the objectives naming the pool.
+        granted = {(g, r) for rule in base_rules for g in rule["apiGroups"] for r in rule["resources"]}
+        assert granted == {
+            ("", "pods"),
+            (DEFAULT_POOL_GROUP, "inferencepools"),
+            (OBJECTIVE_GROUP, OBJECTIVE_PLURAL),
+        }
 
 
 # --- each choice -------------------------------------------------------------------------------
