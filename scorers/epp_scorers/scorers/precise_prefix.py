@@ -7,8 +7,11 @@ among the candidates holding at least one leading block, min-max normalized bloc
 ((n - min) / (max - min), 1 for all of them when they hold the same number); 0 for the others.
 
 Consumes: nothing (tokens from a configured `tokenizer` / `token-producer`, else its own
-tokenizer). Produces: nothing. Parameters: as `precise-prefix-cache-producer`
-(`tokenProcessorConfig`, `indexerConfig`, `kvEventsConfig`, `speculativeIndexing`).
+tokenizer). Produces: `prefix-cache-match` under its own name (a `PrefixMatch`, as upstream's
+scorer publishes its match), so `no-hit-lru-scorer` and the other consumers of a prefix match can
+read it (`prefixMatchInfoProducerName: precise-prefix-cache-scorer`). Parameters: as
+`precise-prefix-cache-producer` (`tokenProcessorConfig`, `indexerConfig`, `kvEventsConfig`,
+`speculativeIndexing`).
 
     plugins:
     - type: tokenizer
@@ -25,27 +28,47 @@ tokenizer). Produces: nothing. Parameters: as `precise-prefix-cache-producer`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import Any
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, Scorer
+from epp.framework import CycleState, DataKey, DataProducer, Endpoint, InferenceRequest, Scorer
+from epp_scorers.data import PREFIX_MATCH, PrefixMatch
+from epp_scorers.kvcache.precise import PreciseConfig, PreciseIndexer
 from epp_scorers.producers.precise_prefix import PRECISE_PARAMETERS, PreciseBase
 
 
-class PrecisePrefixCacheScorer(PreciseBase, Scorer):
+class PrecisePrefixCacheScorer(PreciseBase, Scorer, DataProducer):
     """Prefers endpoints that hold more of the prompt's leading blocks, as their KV events say
     (upstream's min-max normalized block counts)."""
 
     type_name = "precise-prefix-cache-scorer"
     parameters = PRECISE_PARAMETERS
 
+    def __init__(
+        self, name: str = "", *, config: PreciseConfig | None = None, indexer: PreciseIndexer | None = None
+    ) -> None:
+        super().__init__(name, config=config, indexer=indexer)
+        self.key = PREFIX_MATCH.for_producer(self.name)
+
+    def produces(self) -> Collection[DataKey[Any]]:
+        return (self.key,)
+
+    def produce(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
+        """The match, once per request (before the profiles), for this scorer and its readers."""
+        matched, total = self.matched(cycle, request, endpoints)
+        cycle.write(self.key, PrefixMatch(matched, total, self.config.block_size))
+
     def score(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
     ) -> list[float]:
-        matched, _total = self.matched(cycle, request, endpoints)
-        if not matched:
+        match = cycle.read(self.key)
+        matched = match.matched if match is not None else self.matched(cycle, request, endpoints)[0]
+        # Normalized over this profile's candidates (the match covers every endpoint of the request).
+        held = [matched.get(ep.key, 0) for ep in endpoints]
+        if not any(held):
             return [0.0] * len(endpoints)
-        low, high = min(matched.values()), max(matched.values())
+        low, high = min(n for n in held if n), max(held)
         if low == high:
-            return [1.0 if ep.key in matched else 0.0 for ep in endpoints]
+            return [1.0 if n else 0.0 for n in held]
         span = high - low
-        return [(matched[ep.key] - low) / span if ep.key in matched else 0.0 for ep in endpoints]
+        return [(n - low) / span if n else 0.0 for n in held]

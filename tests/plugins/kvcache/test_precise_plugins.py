@@ -259,3 +259,72 @@ async def test_a_failed_bind_is_retried_without_subscribing_twice(tokenizer_dir:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+WITH_NO_HIT_LRU = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-scorer
+  parameters:
+    tokenProcessorConfig: {{blockSize: 4, hashSeed: "42"}}
+    indexerConfig: {{tokenizersPoolConfig: {{modelName: "{tokenizer}"}}}}
+    kvEventsConfig: {{zmqEndpoint: "tcp://127.0.0.1:*"}}
+- type: no-hit-lru-scorer
+  parameters: {{prefixMatchInfoProducerName: precise-prefix-cache-scorer}}
+- type: max-score-picker
+- type: single-profile-handler
+schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: precise-prefix-cache-scorer, weight: 3}}
+  - {{pluginRef: no-hit-lru-scorer, weight: 2}}
+  - {{pluginRef: max-score-picker}}
+"""
+
+
+def test_the_scorer_publishes_its_match_for_no_hit_lru(tokenizer_dir: Path) -> None:
+    """As upstream's scorer does, the precise scorer publishes its match: no-hit-lru-scorer judges
+    a request cold from what the engines hold, not from a guess epp would add for it."""
+    from epp_scorers.producers.approx_prefix import ApproxPrefixCacheProducer
+
+    scheduler = load_scheduler(WITH_NO_HIT_LRU.format(tokenizer=tokenizer_dir))
+    assert not any(isinstance(p, ApproxPrefixCacheProducer) for p in scheduler.plugins)
+    scorer = _plugin(scheduler, PrecisePrefixCacheScorer)
+    pods = [make_endpoint(name, address=f"10.0.0.{i}") for i, name in enumerate("abc")]
+    held, cold = words(0, 40), words(100, 40)
+    ids, _ = engine_hashes(tokenizer_dir, held)
+    scorer.indexer.index.add("10.0.0.1", scorer.indexer.keys(ids, make_request(held)), "gpu")
+    result = route(scheduler, pods, make_request(held))
+    assert result.primary.endpoints[0] is pods[1]
+    assert result.primary.scorer_scores["no-hit-lru-scorer"] == [0.5, 0.5, 0.5]  # warm: no preference
+    # Cold prompts go round the pods that have gone longest without one.
+    firsts = [route(scheduler, pods, make_request(cold + f" {i}")).primary.endpoints[0] for i in range(3)]
+    assert sorted(ep.name for ep in firsts) == ["a", "b", "c"]
+
+
+def test_scores_are_normalized_over_the_profiles_candidates(tokenizer_dir: Path) -> None:
+    """The match covers every endpoint of the request; a profile that filtered some out scores
+    its own candidates (min-max over those holding any block)."""
+    from epp.framework import CycleState, PluginHandle
+
+    scorer = build(
+        PrecisePrefixCacheScorer,
+        {
+            "tokenProcessorConfig": {"blockSize": 4, "hashSeed": "42"},
+            "indexerConfig": {"tokenizersPoolConfig": {"modelName": str(tokenizer_dir)}},
+        },
+    )
+    assert scorer.bind(PluginHandle()) == []  # its own tokenizer, from modelName
+    a, b, c = (make_endpoint(name, address=f"10.0.0.{i}") for i, name in enumerate("abc"))
+    prompt = words(0, 40)
+    request = make_request(prompt)
+    ids, _ = engine_hashes(tokenizer_dir, prompt)
+    keys = scorer.indexer.keys(ids, request)
+    for pod, blocks in (("10.0.0.0", 2), ("10.0.0.1", len(keys)), ("10.0.0.2", 5)):
+        scorer.indexer.index.add(pod, keys[:blocks], "gpu")
+    cycle = CycleState()
+    scorer.produce(cycle, request, [a, b, c])
+    assert scorer.score(cycle, request, [a, b, c]) == pytest.approx([0.0, 1.0, 3 / (len(keys) - 2)])
+    assert scorer.score(cycle, request, [a, c]) == pytest.approx([0.0, 1.0])  # b filtered out
+    assert scorer.score(CycleState(), request, [c]) == [1.0]  # no produce: it matches itself
