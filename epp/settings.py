@@ -186,7 +186,7 @@ class Settings:
     extproc_stream_idle_timeout_s: float = 300.0  # no message for this long ends a stream; 0: never
     # --- model-server scrapes (epp.datalayer.scraper) ---------------------------------------------
     model_server_metrics_max_bytes: int = 16 * 1024 * 1024  # a larger /metrics page is an error
-    idle_refresh_metrics_interval_s: float = 1.0  # an idle endpoint's polls (0: every interval)
+    idle_refresh_metrics_interval_s: float = 0.0  # an idle endpoint's polls (0: every interval, as Go)
 
     @property
     def uses_kubernetes(self) -> bool:
@@ -249,10 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(  # epp's own: the Go EPP polls every endpoint at --refresh-metrics-interval
         "--idle-refresh-metrics-interval",
         type=parse_duration,
-        default=1.0,
+        default=0.0,
         help="how often an idle endpoint's /metrics is polled: one reporting nothing waiting or "
-        "running, with nothing of epp's in flight; below --metrics-staleness-threshold; 0: "
-        "every --refresh-metrics-interval, as the Go EPP (default 1s)",
+        "running, with nothing of epp's in flight; below --metrics-staleness-threshold; 0 (the "
+        "default): every --refresh-metrics-interval, as the Go EPP",
     )
     p.add_argument("--endpoints", help="standalone mode: host:port,host:port,...")
     p.add_argument(

@@ -2,15 +2,15 @@
 
 The scraper polls every endpoint 20 times a second; a general-purpose client (aiohttp's) spends
 about 400 µs of CPU on each poll, most of the scraper's cost at 100 pods. This one does only what
-a poll needs, on an `asyncio.Protocol`: the request is a constant; the answer's status line and
-headers are read once they are complete, then its body (Content-Length, chunked, or until the
-server closes) is handed as it arrives to the caller's `PageReader` (never kept whole), so a poll
-costs a write and one callback a socket read.
+a poll needs, on an `asyncio.Protocol`: the request is a constant, and the answer is framed by
+`httptools` (Node.js's llhttp parser, the one uvicorn uses: status line, headers, Content-Length,
+chunked encoding), whose body callbacks hand the page as it arrives to the caller's `PageReader`
+(never kept whole). A poll costs a write and one parser call a socket read.
 
-Limits, as before: the page's declared size past `max_bytes` is refused unread, an undeclared one
-is cut at `max_bytes`; a head past 64 kB, a bad status line, bad chunk framing, or a server that
-closes mid-page are errors. After any error, or a page whose end is the server closing, the
-connection is dropped and the next poll opens a new one.
+Limits: the page's declared size past `max_bytes` is refused unread, an undeclared one is cut at
+`max_bytes`; a head past 64 kB, an answer that is not HTTP/1.x, a bad header or chunk framing, or a
+server that closes mid-page are errors. After any error, or a page whose end is the server closing,
+the connection is dropped and the next poll opens a new one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 from typing import Protocol
+
+import httptools
 
 from epp.datalayer.model_server_metrics import PageLimitError
 from epp.errors import MetricsParseError
@@ -33,10 +35,6 @@ class PageSink(Protocol):
     def feed(self, chunk: bytes) -> None: ...
 
 
-# Parsing states.
-_HEAD, _FIXED, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
-
-
 class MetricsConnection(asyncio.Protocol):
     """One keep-alive connection to one endpoint's metrics server; one poll at a time."""
 
@@ -45,10 +43,19 @@ class MetricsConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._sink: PageSink | None = None
         self._max_bytes = 0
-        self._state = _DONE
-        self._buffer = b""
-        self._remaining = 0  # body bytes (Content-Length) or chunk bytes still to come
-        self._keep_alive = True
+        self._parser: httptools.HttpResponseParser | None = None
+        # Bytes fed before the head was complete (a memory bound while llhttp buffers a header
+        # line: the same read may carry the page too), and the headers' own size.
+        self._head_bytes = 0
+        self._header_bytes = 0
+        self._in_head = False
+        self._length: int | None = None  # Content-Length, when declared
+        self._chunked = False
+        self._until_close = False  # neither: the page ends when the server closes
+        self._messages = 0
+        self._error: BaseException | None = None
+        self._complete = False
+        self._keep_alive = False
         self.closed = False
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
@@ -59,22 +66,89 @@ class MetricsConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._state == _UNTIL_CLOSE:
+        if self._waiter is None:
+            return
+        if self._until_close and self._error is None:
             self._finish(None)
-        elif self._waiter is not None:
-            self._finish(exc or MetricsParseError("the server closed the connection mid-page"))
+        else:
+            self._finish(self._error or exc or MetricsParseError("the server closed the connection mid-page"))
 
     def eof_received(self) -> bool | None:
         return False  # close our side too: connection_lost follows
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None or self._waiter.done():
+        parser = self._parser
+        if self._waiter is None or self._waiter.done() or parser is None:
             self.close()  # nothing asked: a server talking out of turn
             return
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES + self._max_bytes:
+                self._finish(MetricsParseError(f"the answer's head is past {MAX_HEAD_BYTES} bytes"))
+                return
         try:
-            self._receive(data)
-        except MetricsParseError as exc:
-            self._finish(exc)
+            parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            pass  # a callback recorded the error
+        except httptools.HttpParserError as exc:
+            self._error = self._error or _framing_error(exc, self._in_head)
+        if self._error is not None:
+            self._finish(self._error)
+        elif self._complete:
+            self._finish(None)
+
+    # --- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._messages += 1
+        if self._messages > 1:
+            self._fail(MetricsParseError("the server sent more than one answer"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEAD_BYTES:
+            self._fail(MetricsParseError(f"the answer's head is past {MAX_HEAD_BYTES} bytes"))
+        if name.lower() == b"content-length":
+            value = value.strip()
+            if not value.isdigit() or len(value) > 18:
+                self._fail(MetricsParseError(f"bad Content-Length {value[:20]!r}"))
+            else:
+                self._length = int(value)
+        elif name.lower() == b"transfer-encoding":
+            self._chunked = value.strip().lower().endswith(b"chunked")
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        self._in_head = False
+        status = self._parser.get_status_code()
+        if status != 200:
+            self._fail(MetricsParseError(f"HTTP {status}"))  # its body is not read
+        elif self._length is not None and self._length > self._max_bytes:
+            self._fail(
+                PageLimitError(f"the page is {self._length} bytes, past the limit of {self._max_bytes}")
+            )
+        self._until_close = not self._chunked and self._length is None
+
+    def on_body(self, body: bytes) -> None:
+        if self._error is not None:
+            return
+        sink = self._sink
+        assert sink is not None
+        if sink.bytes_read + len(body) > self._max_bytes:
+            self._fail(
+                PageLimitError(f"the page is past the limit of {self._max_bytes} bytes, not read further")
+            )
+            return
+        sink.feed(body)
+
+    def on_message_complete(self) -> None:
+        assert self._parser is not None
+        self._complete = True
+        self._keep_alive = self._parser.should_keep_alive()  # llhttp knows it only until here
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
 
     # --- polling ---------------------------------------------------------------------------------
 
@@ -85,13 +159,16 @@ class MetricsConnection(asyncio.Protocol):
             raise ConnectionError("not connected")
         self._waiter = asyncio.get_running_loop().create_future()
         self._sink, self._max_bytes = sink, max_bytes
-        self._state, self._buffer, self._keep_alive = _HEAD, b"", True
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_bytes, self._header_bytes, self._in_head, self._messages = 0, 0, True, 0
+        self._length, self._chunked, self._until_close = None, False, False
+        self._error, self._complete, self._keep_alive = None, False, False
         self._transport.write(request)
         try:
             await self._waiter
         finally:
-            self._waiter = self._sink = None
-            if self._state != _DONE or not self._keep_alive:
+            self._parser = self._waiter = self._sink = None
+            if not self._complete or self._error is not None or not self._keep_alive:
                 self.close()
 
     def close(self) -> None:
@@ -99,131 +176,26 @@ class MetricsConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    # --- the answer ------------------------------------------------------------------------------
-
     def _finish(self, error: BaseException | None) -> None:
         waiter = self._waiter
-        if error is None:
-            self._state = _DONE
         if waiter is not None and not waiter.done():
             if error is None:
+                self._complete = True
                 waiter.set_result(None)
             else:
                 waiter.set_exception(error)
 
-    def _body(self, data: bytes) -> None:
-        sink = self._sink
-        assert sink is not None
-        if sink.bytes_read + len(data) > self._max_bytes:
-            raise PageLimitError(f"the page is past the limit of {self._max_bytes} bytes, not read further")
-        sink.feed(data)
 
-    def _receive(self, data: bytes) -> None:
-        while data:
-            state = self._state
-            if state == _FIXED:
-                if len(data) > self._remaining:
-                    raise MetricsParseError("the server sent more than its Content-Length")
-                self._body(data)
-                self._remaining -= len(data)
-                if not self._remaining:
-                    self._finish(None)
-                return
-            if state == _UNTIL_CLOSE:
-                self._body(data)
-                return
-            if state == _CHUNK_DATA:
-                piece = data[: self._remaining]
-                self._body(piece)
-                self._remaining -= len(piece)
-                data = data[len(piece) :]
-                if not self._remaining:
-                    self._state = _CHUNK_CRLF
-                continue
-            if state == _DONE:
-                raise MetricsParseError("the server sent more than one answer")
-            # _HEAD, _CHUNK_SIZE, _CHUNK_CRLF, _TRAILERS: line-oriented; buffered until complete.
-            data = self._buffer + data if self._buffer else data
-            self._buffer = b""
-            data = self._lines(data)
-
-    def _lines(self, data: bytes) -> bytes:
-        """The line-oriented states; returns what follows the part consumed."""
-        state = self._state
-        if state == _HEAD:
-            end = data.find(b"\r\n\r\n")
-            if end < 0:
-                if len(data) > MAX_HEAD_BYTES:
-                    raise MetricsParseError(f"the answer's head is past {MAX_HEAD_BYTES} bytes")
-                self._buffer = data
-                return b""
-            self._head(data[:end])
-            return data[end + 4 :]
-        end = data.find(b"\r\n")
-        if end < 0:
-            if len(data) > 1024:
-                raise MetricsParseError("bad chunked encoding: an overlong chunk line")
-            self._buffer = data
-            return b""
-        line, rest = data[:end], data[end + 2 :]
-        if state == _CHUNK_CRLF:
-            if line:
-                raise MetricsParseError("bad chunked encoding: no CRLF after a chunk")
-            self._state = _CHUNK_SIZE
-        elif state == _CHUNK_SIZE:
-            size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise MetricsParseError(f"bad chunked encoding: chunk size {size_text[:20]!r}") from None
-            if size < 0 or len(size_text) > 16:
-                raise MetricsParseError(f"bad chunked encoding: chunk size {size_text[:20]!r}")
-            if size == 0:
-                self._state = _TRAILERS
-            else:
-                self._state, self._remaining = _CHUNK_DATA, size  # the limit is checked as it arrives
-        elif state == _TRAILERS and not line:  # a trailer line is skipped; an empty one ends it
-            self._finish(None)
-            if rest:
-                raise MetricsParseError("the server sent more than one answer")
-        return rest
-
-    def _head(self, head: bytes) -> None:
-        status_line, _, header_block = head.partition(b"\r\n")
-        parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise MetricsParseError(f"not an HTTP/1.x answer: {status_line[:60]!r}")
-        status = int(parts[1])
-        length: int | None = None
-        chunked = False
-        self._keep_alive = parts[0] != b"HTTP/1.0"
-        for line in header_block.split(b"\r\n") if header_block else ():
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise MetricsParseError(f"bad header line {line[:60]!r}")
-            name = name.strip().lower()
-            value = value.strip()
-            if name == b"content-length":
-                if not value.isdigit() or len(value) > 18:
-                    raise MetricsParseError(f"bad Content-Length {value[:20]!r}")
-                length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = value.lower().endswith(b"chunked")
-            elif name == b"connection":
-                self._keep_alive = value.lower() != b"close"
-        if status != 200:
-            self._keep_alive = False  # its body is not read: the connection goes
-            raise MetricsParseError(f"HTTP {status}")
-        if chunked:
-            self._state = _CHUNK_SIZE
-        elif length is not None:
-            if length > self._max_bytes:
-                raise PageLimitError(f"the page is {length} bytes, past the limit of {self._max_bytes}")
-            self._state, self._remaining = _FIXED, length
-            if not length:
-                self._finish(None)
-        else:
-            self._state, self._keep_alive = _UNTIL_CLOSE, False
+def _framing_error(exc: httptools.HttpParserError, in_head: bool) -> MetricsParseError:
+    """llhttp's complaint as the scraper reports it."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httptools.HttpParserInvalidStatusError) or (in_head and "HTTP" in detail.upper()):
+        return MetricsParseError(f"not an HTTP/1.x answer ({detail})")
+    if "chunk size" in detail.lower():
+        return MetricsParseError(f"bad chunked encoding: chunk size ({detail})")
+    if "content-length" in detail.lower():
+        return MetricsParseError(f"bad Content-Length ({detail})")
+    return MetricsParseError(f"bad HTTP answer: {detail}")
 
 
 async def connect(host: str, port: int, ssl_context: ssl.SSLContext | None) -> MetricsConnection:

@@ -16,14 +16,15 @@ past a limit is an error like any other, and that endpoint is then polled less o
 doubling up to 30 s, until a poll succeeds. A large page that is within the limits is paced so
 that one endpoint is read at most at 16 MiB/s (a page of 1.6 MB at most ten times a second).
 
-An idle endpoint is polled less often (`idle_interval_s`, --idle-refresh-metrics-interval, 1 s by
-default; 0 turns it off): one whose last page said no request waiting and none running, to which
-epp has no request in flight. Its values cannot change unless another client sends it work, and
-the interval is kept below the staleness threshold, so it never goes stale; as soon as epp routes
-a request to it (its in-flight count rises) it is polled again at the base interval, within one
-base interval. A deliberate difference from the Go EPP, which polls every endpoint at the base
-interval whatever it reports: at 100 idle pods with vLLM's 59 kB pages that is 2,000 pages a
-second for nothing.
+With `idle_interval_s` (--idle-refresh-metrics-interval, opt-in; 0, the default, polls every
+endpoint at the base interval as the Go EPP does) an idle endpoint is polled less often: one whose
+last page said no request waiting and none running, to which epp has no request in flight. Its
+values cannot change unless another client sends it work, and the interval is kept below the
+staleness threshold, so it never goes stale; as soon as epp routes a request to it (its in-flight
+count rises) it is polled again at the base interval, within one base interval. The cost: work
+another client (another epp replica, direct traffic) sends to an idle endpoint is seen up to one
+idle interval late. The gain: at 100 idle pods with vLLM's 59 kB pages the base interval is 2,000
+pages a second for nothing.
 
 Where and how a page is read (`ScrapeConfig`) comes, as in the Go EPP, from built-in defaults,
 then the `--model-server-metrics-*` flags, then the config's `metrics-data-source` parameters

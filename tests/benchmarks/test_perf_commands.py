@@ -56,17 +56,22 @@ def test_memory_fills_the_index_and_reports_bytes_per_entry(tmp_path: Path) -> N
     assert "bytes/entry" in stdout
 
 
-def test_scrape_measures_an_idle_epp_scraping_idle_and_busy_pods(tmp_path: Path) -> None:
+def test_scrape_measures_an_idle_epp_scraping_idle_and_busy_pods_with_and_without_idle_polling(
+    tmp_path: Path,
+) -> None:
     _, rows = run_ok(
         tmp_path, "scrape", "--pods", "3", "--seconds", "2", "--warmup", "1", "--interval", "100ms"
     )
-    idle, busy = rows
-    assert (idle["pods_state"], busy["pods_state"]) == ("idle", "busy")
+    idle, idle_slow, busy = rows
+    assert [r["pods_state"] for r in rows] == ["idle", "idle", "busy"]
+    assert [r["idle_interval"] for r in rows] == ["every interval", "every 1s", "every interval"]
     for row in rows:
         assert row["pods"] == 3 and row["expected_scrapes_per_s"] == 30
         assert row["cpu_percent"] > 0 and row["page_bytes"] == len(page())
-    assert busy["scrapes_per_s"] > 10  # every pod polled every interval (30 a second at most)
-    assert 0 < idle["scrapes_per_s"] < 6  # idle pods: about once a second each
+    # By default (as the Go EPP) every pod is polled every interval, idle or not (30 a second at
+    # most); with --idle-refresh-metrics-interval=1s idle pods are polled about once a second.
+    assert idle["scrapes_per_s"] > 10 and busy["scrapes_per_s"] > 10
+    assert 0 < idle_slow["scrapes_per_s"] < 6
 
 
 def test_the_fixture_page_is_a_vllm_page_epp_reads() -> None:

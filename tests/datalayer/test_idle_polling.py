@@ -97,9 +97,11 @@ async def test_zero_polls_every_endpoint_every_interval(page: CountingPage) -> N
 
 def test_the_idle_interval_stays_below_the_staleness_threshold() -> None:
     base = ["--endpoints", "127.0.0.1:8000"]
-    assert parse_settings(base).idle_refresh_metrics_interval_s == 1.0
+    # Off by default: every endpoint every interval, as the Go EPP.
+    assert parse_settings(base).idle_refresh_metrics_interval_s == 0
     assert (
-        parse_settings([*base, "--idle-refresh-metrics-interval", "0"]).idle_refresh_metrics_interval_s == 0
+        parse_settings([*base, "--idle-refresh-metrics-interval", "1s"]).idle_refresh_metrics_interval_s
+        == 1.0
     )
     for bad in (["--idle-refresh-metrics-interval", "2s"], ["--idle-refresh-metrics-interval", "-1s"]):
         with pytest.raises(SystemExit):

@@ -152,3 +152,18 @@ async def test_the_scraper_keeps_one_connection_and_opens_another_after_a_failur
         assert Scripted.connections == 2  # the failed answer's connection was dropped
     finally:
         await scraper.close()
+
+
+async def test_a_large_page_in_one_write_is_read_whole(serve: Callable[..., asyncio.Future[int]]) -> None:
+    padding = b"# HELP padding a realistic page is tens of kilobytes\n" * 4000  # ~200 kB
+    port = await serve(lambda _: fixed(padding + PAGE))
+    reader = await read(port, max_bytes=1 << 20)
+    assert reader.bytes_read == len(padding + PAGE)
+    assert reader.finish(1.0).waiting_queue_size == 7
+
+
+async def test_an_overlong_head_is_an_error(serve: Callable[..., asyncio.Future[int]]) -> None:
+    headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"v" * 1000) for i in range(80))  # 80 kB
+    port = await serve(lambda _: b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 0\r\n\r\n", close=True)
+    with pytest.raises(MetricsParseError, match="head is past"):
+        await read(port)

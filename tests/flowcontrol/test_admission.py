@@ -43,7 +43,7 @@ async def test_sheddable_requests_are_refused_while_saturated() -> None:
 @pytest.mark.parametrize(
     ("priority", "gate", "detector", "idle_polling"),
     [
-        (None, False, "", True),  # nothing sheddable, no flow control: idle endpoints polled slowly
+        (None, False, "", True),  # nothing sheddable, no flow control: idle endpoints polled slowly (opt-in)
         (-1, False, "", False),  # the default utilization-detector sheds: it needs fresh metrics
         (1, True, "", False),  # flow control on the default utilization-detector
         (-1, True, "concurrency-detector", True),  # epp's own counts: no scraped metrics read
@@ -52,7 +52,7 @@ async def test_sheddable_requests_are_refused_while_saturated() -> None:
 def test_idle_endpoints_are_polled_every_interval_when_a_detector_reads_their_age(
     tmp_path: Path, priority: int | None, gate: bool, detector: str, idle_polling: bool
 ) -> None:
-    flags = ["--endpoints", "127.0.0.1:9", "--secure-serving=false"]
+    flags = ["--endpoints", "127.0.0.1:9", "--secure-serving=false", "--idle-refresh-metrics-interval=1s"]
     if priority is not None:
         path = tmp_path / "objectives.yaml"
         path.write_text(f"kind: InferenceObjective\nmetadata: {{name: o}}\nspec: {{priority: {priority}}}\n")

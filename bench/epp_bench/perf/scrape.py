@@ -3,9 +3,10 @@
 N simulated pods (one lean HTTP/1.1 server process listening on N ports, keep-alive) each serve a
 realistic vLLM /metrics page (`epp_bench.perf.vllm_page`: every family of a vLLM 0.11 server,
 histograms included). epp runs with these pods as its endpoints at the default interval (50 ms)
-and no requests; its CPU time is read from /proc over `--seconds`, after a warm-up. Two runs:
-idle pods (nothing waiting or running: what an idle pool reports, so epp polls them every
---idle-refresh-metrics-interval) and busy pods (the queue, running and KV gauges changing from
+and no requests; its CPU time is read from /proc over `--seconds`, after a warm-up. Three runs:
+idle pods (nothing waiting or running: what an idle pool reports) polled every interval (epp's
+default, as the Go EPP), the same with `--idle-refresh-metrics-interval=1s` (epp's opt-in: idle
+endpoints polled every second), and busy pods (the queue, running and KV gauges changing from
 poll to poll: every pod polled every interval, the cost of scraping under load). The pods'
 server counts the polls it answered, so the table says how many scrapes per second epp made.
 """
@@ -29,6 +30,7 @@ COLUMNS = (
     ("pods_state", "pods", ""),
     ("pods", "count", "d"),
     ("interval_ms", "interval ms", ".0f"),
+    ("idle_interval", "idle polls", ""),
     ("page_bytes", "page bytes", ",d"),
     ("scrapes_per_s", "scrapes/s", ",.0f"),
     ("expected_scrapes_per_s", "expected/s", ",.0f"),
@@ -98,7 +100,9 @@ async def serve_pods(count: int, busy: bool) -> None:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def measure(pods: int, interval: str, seconds: float, warmup: float, busy: bool) -> dict[str, Any]:
+def measure(
+    pods: int, interval: str, seconds: float, warmup: float, busy: bool, idle_interval: str = "0"
+) -> dict[str, Any]:
     if pods <= 0 or seconds <= 0 or warmup < 0:
         raise SystemExit("epp_bench scrape: --pods and --seconds must be positive")
     server = subprocess.Popen(
@@ -125,6 +129,7 @@ def measure(pods: int, interval: str, seconds: float, warmup: float, busy: bool)
                 "--endpoints", ",".join(f"127.0.0.1:{p}" for p in ports), "--grpc-port", str(grpc_port),
                 "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port),
                 "--bind-address", "127.0.0.1", "--refresh-metrics-interval", interval,
+                "--idle-refresh-metrics-interval", idle_interval,
             ],
             health_port,
         )  # fmt: skip
@@ -144,6 +149,7 @@ def measure(pods: int, interval: str, seconds: float, warmup: float, busy: bool)
         "pods_state": "busy" if busy else "idle",
         "pods": pods,
         "interval_ms": interval_s * 1e3,
+        "idle_interval": "every interval" if _seconds(idle_interval) == 0 else f"every {idle_interval}",
         "page_bytes": len(page()),
         "seconds": round(elapsed, 2),
         "scrapes_per_s": round(polls / elapsed, 1),
@@ -161,7 +167,10 @@ def _seconds(text: str) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    rows = [measure(args.pods, args.interval, args.seconds, args.warmup, busy) for busy in (False, True)]
+    rows = [
+        measure(args.pods, args.interval, args.seconds, args.warmup, busy, idle)
+        for busy, idle in ((False, "0"), (False, "1s"), (True, "0"))
+    ]
     print(table(rows, COLUMNS))
     print(f"(epp serving no requests; {machine()})")
     write_json(args.out, rows)
