@@ -51,8 +51,8 @@ _MIN_TABLE_BITS = 10
 _TABLE_PAD = 64  # slots past the end: probing never wraps around
 # An endpoint's salt in the pair table: (its id + 1) x this, xor-ed into the hash.
 _SALT = 0xC2B2AE3D27D4EB4F
+_SCALAR_PROBES = 8  # probes in numpy while more than this many are left; the rest in Python
 _VECTOR_MATCH = 96  # match() in numpy from this many hashes; plain Python below
-_SCALAR_PROBES = 4  # probes in numpy while more than this many are left; the rest in Python
 _VECTOR_WALK = 8  # holders walked in numpy while more than this many lists are left
 
 
@@ -389,43 +389,43 @@ class PrefixIndex:
         keys = self._keys
         return {keys[eid]: n for eid, n in counts.items()}
 
-    def _probe(self, table: _Table, wanted: np.ndarray, salt: int, eid: int) -> np.ndarray:
-        """Each wanted hash's entry in a table (by hash: `eid` -1; by pair: that endpoint's), or
-        _NONE: a few probe steps in numpy for all at once, the rare longer runs in Python."""
+    def _probe(self, table: _Table, wanted: np.ndarray) -> np.ndarray:
+        """Each wanted hash's entry in the by-hash table, up to the first hash the table does not
+        hold: that ends the chain, and the result stops there. The probes run a step at a time
+        for all hashes at once in numpy, cutting the result at the first hash proved absent (an
+        empty slot) after each step; the last few in Python."""
         slots = np.frombuffer(table.slots, dtype=np.int32)
         stored = np.frombuffer(self._e_hash, dtype=np.uint64)
-        ep = np.frombuffer(self._e_ep, dtype=np.int32)
-        keys = wanted ^ np.uint64(salt) if salt else wanted
-        where = (keys & np.uint64(table.mask)).astype(np.intp)
+        where = (wanted & np.uint64(table.mask)).astype(np.intp)
         found = np.full(len(wanted), _NONE, dtype=np.int32)
         pending = np.arange(len(wanted))
+        end = len(wanted)
         while len(pending) > _SCALAR_PROBES:
             entry = slots[where[pending]]
-            occupied = entry != _NONE
-            hit = occupied & (stored[entry] == wanted[pending])  # entry -1 reads the last: masked
-            if eid >= 0:
-                hit &= ep[entry] == eid
+            empty = entry == _NONE
+            if empty.any():  # absent: the chain ends there at the latest
+                first = int(pending[empty.argmax()])
+                end = first
+                keep = pending < first
+                pending, entry = pending[keep], entry[keep]
+            hit = stored[entry] == wanted[pending]  # no empty slot is left among them
             found[pending[hit]] = entry[hit]
-            pending = pending[occupied & ~hit]  # another key's slot: probe on
-            if not len(pending):
-                return found
+            pending = pending[~hit]  # another key's slot: probe on
             where[pending] += 1
-        del slots, stored, ep
-        for i in pending.tolist():
-            h = int(wanted[i])
-            slot = self._pair_slot(h, eid) if eid >= 0 else self._hash_slot(h)
-            if slot >= 0:
-                found[i] = table.slots[slot]
-        return found
+        del slots, stored
+        for i in pending.tolist():  # in order: the first one absent ends the chain
+            slot = self._hash_slot(int(wanted[i]))
+            if slot < 0:
+                return found[:i]
+            found[i] = table.slots[slot]
+        return found[:end]
 
     def _match_vector(self, hashes: Sequence[int]) -> dict[str, int]:
         """match() in numpy: every hash probed at once, then the holders walked a step at a time."""
         if not self._entries:
             return {}
         wanted = np.fromiter(hashes, dtype=np.uint64, count=len(hashes))
-        found = self._probe(self._by_hash, wanted, 0, -1)
-        missing = np.flatnonzero(found == _NONE)
-        entries = found[: missing[0]] if len(missing) else found
+        entries = self._probe(self._by_hash, wanted)
         ep = np.frombuffer(self._e_ep, dtype=np.int32)
         down = np.frombuffer(self._e_down, dtype=np.int32)
         per_step = []
