@@ -131,7 +131,13 @@ def _circuit_breakers() -> dict[str, Any]:
     }
 
 
-def _ext_proc_filter(message_timeout_s: float, failure_mode_allow: bool) -> dict[str, Any]:
+def _ext_proc_filter(
+    message_timeout_s: float, failure_mode_allow: bool, response_body: bool = True
+) -> dict[str, Any]:
+    """Envoy's ext_proc filter as the inference extension's gateways configure it: every request
+    and response phase sent to epp, bodies in FULL_DUPLEX_STREAMED. `response_body` False leaves the
+    response body out (`NONE`): routing is the same, but epp sees no response chunks (no usage,
+    TTFT or ITL of its own) and Envoy does not hold each chunk for an ext_proc round trip."""
     return {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
@@ -148,7 +154,7 @@ def _ext_proc_filter(message_timeout_s: float, failure_mode_allow: bool) -> dict
                 "request_header_mode": "SEND",
                 "response_header_mode": "SEND",
                 "request_body_mode": "FULL_DUPLEX_STREAMED",
-                "response_body_mode": "FULL_DUPLEX_STREAMED",
+                "response_body_mode": "FULL_DUPLEX_STREAMED" if response_body else "NONE",
                 "request_trailer_mode": "SEND",
                 "response_trailer_mode": "SEND",
             },
@@ -171,12 +177,14 @@ def render_envoy_config(
     message_timeout_s: float = 1000,
     failure_mode_allow: bool = False,
     access_log: bool = False,
+    response_body: bool = True,
 ) -> dict[str, Any]:
     """The Envoy v3 bootstrap, as a dict (write it with json.dumps; Envoy reads .json and .yaml).
 
     mode "epp" needs `epp_grpc_port`; mode "round-robin" needs `backends` ("host:port" strings, IPs).
     `extra_epp_grpc_ports`: more epp replicas in the ext_proc cluster (Envoy spreads the per-request
     ext_proc streams over them, least-request).
+    `response_body` False: ext_proc without the response body (see `_ext_proc_filter`).
     Port 0 lets Envoy pick (read the bound ports from the admin API, as EnvoyGateway does).
     `route_timeout_s` 0 means no route timeout: LLM streams may run for minutes.
     """
@@ -187,7 +195,7 @@ def render_envoy_config(
     if mode == "epp":
         if epp_grpc_port is None:
             raise ValueError("mode 'epp' needs epp_grpc_port")
-        http_filters.append(_ext_proc_filter(message_timeout_s, failure_mode_allow))
+        http_filters.append(_ext_proc_filter(message_timeout_s, failure_mode_allow, response_body))
         clusters.append(
             {
                 "name": EPP_CLUSTER,
@@ -427,6 +435,7 @@ class EnvoyGateway:
         workdir: Path | None = None,
         startup_timeout_s: float = 20.0,
         extra_epp_grpc_ports: Sequence[int] = (),
+        response_body: bool = True,
     ) -> None:
         self.mode: Mode = mode
         self.binary = binary or find_envoy_binary()
@@ -444,6 +453,7 @@ class EnvoyGateway:
             failure_mode_allow=failure_mode_allow,
             access_log=access_log,
             extra_epp_grpc_ports=extra_epp_grpc_ports,
+            response_body=response_body,
         )
         self._workdir = workdir
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None

@@ -57,8 +57,20 @@ EPP_POLICIES: dict[str, str | Path | None] = {
     "epp-load-only": LOAD_ONLY_CONFIG,
     "epp-prefix-only": PREFIX_ONLY_CONFIG,
 }
+# epp's default config behind an Envoy that does not send epp the response body (ext_proc's
+# response_body_mode NONE): the same routing without the per-chunk ext_proc round trip that the
+# inference extension's gateway configs add to every streamed token (docs/benchmarks.md).
+REQUEST_ONLY_POLICY = "epp-request-only"
 BASELINE_POLICIES = ("round-robin", "vllm-router")
-ALL_POLICIES = ("round-robin", "epp", "epp-tuned", "epp-load-only", "epp-prefix-only", *PEERS)
+ALL_POLICIES = (
+    "round-robin",
+    "epp",
+    "epp-tuned",
+    REQUEST_ONLY_POLICY,
+    "epp-load-only",
+    "epp-prefix-only",
+    *PEERS,
+)
 
 
 @dataclass
@@ -114,8 +126,8 @@ async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> Asyn
         return
     if policy in cfg.custom_configs:
         config_args = ["--config-file", str(cfg.custom_configs[policy])]
-    elif policy in EPP_POLICIES:
-        text = EPP_POLICIES[policy]
+    elif policy in EPP_POLICIES or policy == REQUEST_ONLY_POLICY:
+        text = EPP_POLICIES.get(policy)
         if isinstance(text, Path):
             if not text.is_file():
                 raise ValueError(f"policy {policy!r} needs {text} (a source checkout)")
@@ -128,7 +140,7 @@ async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> Asyn
         )
     async with (
         EppProcess(backends, extra_args=[*config_args, "--log-level", "warning", *cfg.epp_args]) as epp,
-        EnvoyGateway("epp", epp_grpc_port=epp.grpc_port) as gw,
+        EnvoyGateway("epp", epp_grpc_port=epp.grpc_port, response_body=policy != REQUEST_ONLY_POLICY) as gw,
     ):
         yield gw.url
 

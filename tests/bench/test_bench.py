@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from epp_bench.gateway import render_envoy_config
 from epp_bench.load import LoadResult, RequestResult
 from epp_bench.workloads import (
     Arrivals,
@@ -69,6 +70,19 @@ def test_oracle_counts_the_longest_earlier_prefix() -> None:
     assert oracle_hit_rate([a, a]) == 192 / 384
 
 
+def test_the_request_only_gateway_keeps_the_response_body_from_epp() -> None:
+    def response_body_mode(response_body: bool = True) -> str:
+        config = render_envoy_config(
+            "epp", listen_port=0, admin_port=0, epp_grpc_port=9002, response_body=response_body
+        )
+        http = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ext_proc = next(f for f in http["typed_config"]["http_filters"] if f["name"].endswith("ext_proc"))
+        return str(ext_proc["typed_config"]["processing_mode"]["response_body_mode"])
+
+    assert response_body_mode() == "FULL_DUPLEX_STREAMED"  # as the inference extension's gateways
+    assert response_body_mode(response_body=False) == "NONE"
+
+
 def test_stickiness_counts_the_pods_each_group_was_served_by() -> None:
     served = [(0, "a"), (0, "a"), (0, "a"), (0, "b"), (1, "c"), (1, "c")]
     load = LoadResult([RequestResult(True, 200, served_by=pod, group=g) for g, pod in served])
@@ -82,7 +96,7 @@ def test_short_run_of_two_policies_reports_every_figure(tmp_path: Path) -> None:
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     result = subprocess.run(
         [sys.executable, "-m", "epp_bench", "run", "--policy", "round-robin", "--policy", "epp",
-         "--simulators", "2",
+         "--policy", "epp-request-only", "--simulators", "2",
          "--groups", "2", "--prompts-per-group", "4", "--system-tokens", "512", "--question-tokens", "16",
          "--output-tokens", "8", "--rate", "20", "--max-seconds", "30", "--sim-arg=--time-factor=0.2",
          "--out", str(out), "--plot", str(png), "--no-progress"],
@@ -90,7 +104,7 @@ def test_short_run_of_two_policies_reports_every_figure(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(out.read_text())
-    assert set(doc["policies"]) == {"round-robin", "epp"}
+    assert set(doc["policies"]) == {"round-robin", "epp", "epp-request-only"}
     for name, figures in doc["policies"].items():
         assert set(figures) >= FIGURES, name
         assert figures["errors"] == 0, name
@@ -101,6 +115,8 @@ def test_short_run_of_two_policies_reports_every_figure(tmp_path: Path) -> None:
     assert doc["workload"]["kind"] == "shared-prefix"
     # Sticky prefix routing reuses the cache at least as well as spreading does.
     assert doc["policies"]["epp"]["hit_rate"] >= doc["policies"]["round-robin"]["hit_rate"]
+    # Without the response body epp still routes (same config, same picks for this workload).
+    assert doc["policies"]["epp-request-only"]["hit_rate"] >= doc["policies"]["round-robin"]["hit_rate"]
     assert png.stat().st_size > 10_000
     assert "TTFT p50" in result.stdout and "oracle" in result.stdout
 
