@@ -61,6 +61,7 @@ def result_for(*endpoints: Endpoint, profile: str = "default", **others: Endpoin
         ([0, 10, 5], [1.0, 0.0, 0.5]),
         ([2, 6], [1.0, 0.0]),
         ([7, 8, 9, 11], [1.0, 0.75, 0.5, 0.0]),
+        ([0, 100, 25], [1.0, 0.0, 0.75]),  # queues too long for the lookup table: the formula
     ],
 )
 @pytest.mark.parametrize(

@@ -155,11 +155,12 @@ class PrefixCacheScorer(Scorer):
         if not matched:
             return [0.0] * len(endpoints)
         # Most endpoints match nothing (score 0): the formula runs only for those that do.
+        w = self.match_length_weight
+        if w == 0.0:  # one pass over the endpoints: the few matched scores, looked up
+            by_key = {key: m / total for key, m in matched.items()}.get
+            return [by_key(ep.key, 0.0) for ep in endpoints]
         get = matched.get
         blocks = [get(ep.key, 0) for ep in endpoints]
-        w = self.match_length_weight
-        if w == 0.0:
-            return [m / total if m else 0.0 for m in blocks]
         tokens_per_block = match.block_size_tokens / self.match_length_scale
         return [
             w * (length := min(1.0, m * tokens_per_block)) * length + (1.0 - w) * m / total if m else 0.0
