@@ -70,8 +70,10 @@ BLOCK_SIZE = 16
 DEFAULT_HASH_SEED = "42"
 
 # epp with the precise prefix-cache scorer: the upstream guide's weights (gaie-kv-events.yaml:
-# precise 3, KV utilization 2, queue 2). epp binds the SUB socket the engines connect to (llm-d's
-# centralized topology); the topic `kv@<host:port>@<model>` names the pod.
+# precise 3, KV utilization 2, queue 2) with speculativeIndexing on, as the newer
+# precise-prefix-cache-routing guide sets it (the picked pod is credited before its events arrive).
+# epp binds the SUB socket the engines connect to (llm-d's centralized topology); the topic
+# `kv@<host:port>@<model>` names the pod.
 PRECISE_CONFIG = """\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
@@ -79,6 +81,7 @@ plugins:
 - type: single-profile-handler
 - type: precise-prefix-cache-scorer
   parameters:
+    speculativeIndexing: true
     tokenProcessorConfig: {{blockSize: {block_size}, hashSeed: "{hash_seed}"}}
     indexerConfig:
       tokenizersPoolConfig: {{modelName: "{tokenizer}"}}

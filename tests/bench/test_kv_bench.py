@@ -58,6 +58,9 @@ def test_precise_config_loads_in_epp(tmp_path: Path) -> None:
     )  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
     assert "precise-prefix-cache-scorer" in PRECISE_CONFIG
+    # The picked pod is credited before its events arrive (--check-config names any parameter
+    # epp ignores).
+    assert "speculativeIndexing: true" in PRECISE_CONFIG and "ignored" not in check.stdout + check.stderr
 
 
 def test_quick_scenarios_stay_small() -> None:
