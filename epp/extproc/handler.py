@@ -680,6 +680,53 @@ class RequestStream:
         return abandoned
 
 
+class _IdleTimer:
+    """--extproc-stream-idle-timeout with one timer per stream rather than one per message
+    (`asyncio.timeout` around every read measured about 10 us a message). The timer re-arms
+    itself until the stream has waited `seconds` for one message, then cancels the stream's
+    task; `read` turns that cancellation into TimeoutError, as `asyncio.timeout` does."""
+
+    __slots__ = ("_cancelling", "_expired", "_handle", "_loop", "_seconds", "_task", "_waiting_since")
+
+    # The loop may run a timer this much early (its clock resolution): counted as on time.
+    _SLACK_S = 0.001
+
+    def __init__(self, seconds: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("an idle timer runs in a task")
+        self._task = task
+        self._seconds = seconds
+        self._waiting_since: float | None = None
+        self._cancelling = 0
+        self._expired = False
+        self._handle = self._loop.call_at(self._loop.time() + seconds, self._check)
+
+    def _check(self) -> None:
+        now, since = self._loop.time(), self._waiting_since
+        if since is not None and since + self._seconds <= now + self._SLACK_S:
+            self._expired = True
+            self._task.cancel()
+            return
+        self._handle = self._loop.call_at((now if since is None else since) + self._seconds, self._check)
+
+    async def read(self, messages: AsyncIterator[pb.ProcessingRequest]) -> pb.ProcessingRequest:
+        self._cancelling = self._task.cancelling()
+        self._waiting_since = self._loop.time()
+        try:
+            return await anext(messages)
+        except asyncio.CancelledError:
+            if self._expired and self._task.uncancel() <= self._cancelling:
+                raise TimeoutError from None
+            raise
+        finally:
+            self._waiting_since = None
+
+    def close(self) -> None:
+        self._handle.cancel()
+
+
 def _chain(
     first: Iterable[pb.ProcessingResponse], then: Iterable[pb.ProcessingResponse]
 ) -> Iterator[pb.ProcessingResponse]:
@@ -723,14 +770,11 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         shared.open_streams += 1
         idle_s = limits.idle_timeout_s
         messages_in = aiter(request_iterator)
+        idle = _IdleTimer(idle_s) if idle_s > 0 else None
         try:
             while True:
                 try:
-                    if idle_s > 0:
-                        async with asyncio.timeout(idle_s):
-                            msg = await anext(messages_in)
-                    else:
-                        msg = await anext(messages_in)
+                    msg = await (idle.read(messages_in) if idle is not None else anext(messages_in))
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
@@ -755,6 +799,8 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             code = _code_of(exc, context)
             raise
         finally:
+            if idle is not None:
+                idle.close()
             shared.open_streams -= 1
             abandoned = stream.close()
             if streams is not None:
