@@ -223,3 +223,15 @@ async def test_prefix_cache_counters_under_both_names(
     for name in ("vllm:prefix_cache", "vllm:gpu_prefix_cache"):  # vLLM's current and older names, in tokens
         assert values[f"{name}_queries_total"] == queries
         assert values[f"{name}_hits_total"] == hits
+
+
+async def test_inter_token_latency_is_observed_once_per_gap(
+    start_sim: StartSim, session: aiohttp.ClientSession
+) -> None:
+    sim = await start_sim()
+    await complete(session, sim, prompt="a short prompt", max_tokens=8)
+    await complete(session, sim, prompt="another prompt", max_tokens=1)  # no gap: nothing observed
+    values = await metrics(session, sim)
+    assert values["vllm:inter_token_latency_seconds_count"] == 7
+    # The gaps are the simulator's decode steps, in unscaled seconds (20 ms at batch 1).
+    assert 0.015 < values["vllm:inter_token_latency_seconds_sum"] / 7 < 0.2

@@ -180,11 +180,13 @@ class SimRequest:
 
 @dataclass
 class Observers:
-    """Per-request hooks (histograms); called once per request, never per token."""
+    """Per-request hooks (histograms); called once per request, never per token. `itl` gets a
+    finished request's mean gap between output tokens and how many gaps it had."""
 
     queue_time: Callable[[float], None] = lambda s: None
     ttft: Callable[[float], None] = lambda s: None
     e2e: Callable[[float], None] = lambda s: None
+    itl: Callable[[float, int], None] = lambda s, n: None
 
 
 class Engine:
@@ -547,6 +549,9 @@ class Engine:
                 self._note_stored(completed, len(req.hashes), self._all_token_ids(req), parent)
         self.stats.requests_succeeded += 1
         self.observers.e2e((now - req.arrival) / self.cfg.time_factor)
+        if req.generated > 1 and req.first_token_at:
+            gaps = req.generated - 1
+            self.observers.itl((now - req.first_token_at) / self.cfg.time_factor / gaps, gaps)
         req.wakeup.set()
 
     def _all_token_ids(self, req: SimRequest) -> list[int]:

@@ -22,6 +22,9 @@ from epp_bench.sim.engine import Engine, Observers
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+# vLLM's inter-token latency buckets (vllm/v1/metrics/loggers.py).
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+               20.0, 40.0, 80.0)  # fmt: skip
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                    240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 
@@ -114,10 +117,21 @@ class SimMetrics:
                         registry=self.registry, buckets=LATENCY_BUCKETS)  # fmt: skip
         queue = Histogram("vllm:request_queue_time_seconds", "Time spent in WAITING phase.", labels,
                           registry=self.registry, buckets=LATENCY_BUCKETS)  # fmt: skip
+        itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                        labels, registry=self.registry, buckets=ITL_BUCKETS)  # fmt: skip
+        itl_child = itl.labels(model, "0")
+
+        def observe_itl(mean_gap_s: float, gaps: int) -> None:
+            # vLLM observes each gap; the simulator's decode steps are even, so a request's gaps
+            # are its mean gap, observed once per gap (at the end: the engine stays per-request).
+            for _ in range(gaps):
+                itl_child.observe(mean_gap_s)
+
         engine.observers = Observers(
             queue_time=queue.labels(model, "0").observe,
             ttft=ttft.labels(model, "0").observe,
             e2e=e2e.labels(model, "0").observe,
+            itl=observe_itl,
         )
 
     def render(self) -> bytes:
