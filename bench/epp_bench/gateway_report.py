@@ -50,6 +50,7 @@ from epp_bench.cache_counters import (
     delta,
     pool_pods,
 )
+from epp_bench.load import sse_events
 from epp_bench.workloads import make_text
 
 SERVED_HEADER = "x-gateway-destination-endpoint-served"  # epp --emit-served-endpoint-header
@@ -192,14 +193,7 @@ async def stream_one(
             if resp.status != 200:
                 sample.error = (await resp.content.read(300)).decode("utf-8", "replace").strip()
                 return sample
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    break
-                event = orjson.loads(payload)
+            async for event in sse_events(resp):
                 usage = event.get("usage")
                 if usage:
                     usage_tokens = int(usage.get("completion_tokens") or 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,19 @@ class LoadResult:
         }
 
 
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of an OpenAI-style SSE stream (`data: {...}` lines), up to `data: [DONE]`."""
+    async for raw in resp.content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return
+        event: dict[str, Any] = orjson.loads(payload)
+        yield event
+
+
 async def send_completion(
     session: aiohttp.ClientSession, base_url: str, model: str, prompt: str, max_tokens: int
 ) -> RequestResult:
@@ -110,14 +123,7 @@ async def send_completion(
             if resp.status != 200:
                 detail = (await resp.read())[:200].decode("utf-8", "replace")
                 return RequestResult(False, resp.status, served_by=served_by, error=detail)
-            async for raw_line in resp.content:
-                line = raw_line.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    break
-                event = orjson.loads(payload)
+            async for event in sse_events(resp):
                 usage = event.get("usage")
                 if usage:
                     usage_tokens = int(usage.get("completion_tokens") or 0)
