@@ -28,35 +28,17 @@ read it (`prefixMatchInfoProducerName: precise-prefix-cache-scorer`). Parameters
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from epp.framework import CycleState, DataKey, DataProducer, Endpoint, InferenceRequest, Scorer
-from epp_scorers.data import PREFIX_MATCH, PrefixMatch
-from epp_scorers.kvcache.precise import PreciseConfig, PreciseIndexer
-from epp_scorers.producers.precise_prefix import PRECISE_PARAMETERS, PreciseBase
+from epp.framework import CycleState, Endpoint, InferenceRequest, Scorer
+from epp_scorers.producers.precise_prefix import PrecisePrefixCacheProducer
 
 
-class PrecisePrefixCacheScorer(PreciseBase, Scorer, DataProducer):
+class PrecisePrefixCacheScorer(PrecisePrefixCacheProducer, Scorer):
     """Prefers endpoints that hold more of the prompt's leading blocks, as their KV events say
     (upstream's min-max normalized block counts)."""
 
     type_name = "precise-prefix-cache-scorer"
-    parameters = PRECISE_PARAMETERS
-
-    def __init__(
-        self, name: str = "", *, config: PreciseConfig | None = None, indexer: PreciseIndexer | None = None
-    ) -> None:
-        super().__init__(name, config=config, indexer=indexer)
-        self.key = PREFIX_MATCH.for_producer(self.name)
-
-    def produces(self) -> Collection[DataKey[Any]]:
-        return (self.key,)
-
-    def produce(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> None:
-        """The match, once per request (before the profiles), for this scorer and its readers."""
-        matched, total = self.matched(cycle, request, endpoints)
-        cycle.write(self.key, PrefixMatch(matched, total, self.config.block_size))
 
     def score(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
