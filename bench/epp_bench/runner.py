@@ -50,17 +50,18 @@ schedulingProfiles:
 # The named config that keeps prefix groups together at moderate load (docs/benchmarks.md).
 TUNED_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "epp-tuned.yaml"
 
-# Policy name -> epp config text or file (None = epp's built-in default config).
-EPP_POLICIES: dict[str, str | Path | None] = {
-    "epp": None,
-    "epp-tuned": TUNED_CONFIG,
-    "epp-load-only": LOAD_ONLY_CONFIG,
-    "epp-prefix-only": PREFIX_ONLY_CONFIG,
-}
 # epp's default config behind an Envoy that does not send epp the response body (ext_proc's
 # response_body_mode NONE): the same routing without the per-chunk ext_proc round trip that the
 # inference extension's gateway configs add to every streamed token (docs/benchmarks.md).
 REQUEST_ONLY_POLICY = "epp-request-only"
+# Policy name -> epp config text or file (None = epp's built-in default config).
+EPP_POLICIES: dict[str, str | Path | None] = {
+    "epp": None,
+    "epp-tuned": TUNED_CONFIG,
+    REQUEST_ONLY_POLICY: None,
+    "epp-load-only": LOAD_ONLY_CONFIG,
+    "epp-prefix-only": PREFIX_ONLY_CONFIG,
+}
 BASELINE_POLICIES = ("round-robin", "vllm-router")
 ALL_POLICIES = (
     "round-robin",
@@ -126,8 +127,8 @@ async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> Asyn
         return
     if policy in cfg.custom_configs:
         config_args = ["--config-file", str(cfg.custom_configs[policy])]
-    elif policy in EPP_POLICIES or policy == REQUEST_ONLY_POLICY:
-        text = EPP_POLICIES.get(policy)
+    elif policy in EPP_POLICIES:
+        text = EPP_POLICIES[policy]
         if isinstance(text, Path):
             if not text.is_file():
                 raise ValueError(f"policy {policy!r} needs {text} (a source checkout)")
