@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import orjson
 import pytest
 
 from epp.requestcontrol.director import SERVED_ENDPOINT_HEADER
 from tests.support.epp_app import running_epp
-from tests.support.extproc_client import ExtProcClient, body_msgs, headers_msg, request_headers
+from tests.support.extproc_client import ExtProcClient, exchange
 from tests.support.fake_vllm import FakeVllm
 
 SESSION_CONFIG = """\
@@ -33,30 +32,6 @@ async def fakes() -> AsyncIterator[list[FakeVllm]]:
     yield servers
     for s in servers:
         await s.stop()
-
-
-async def exchange(client: ExtProcClient, served: str | None = None) -> tuple[str, dict[str, str]]:
-    """One request: (the destination epp picked, the headers epp adds to the response)."""
-    body = orjson.dumps({"model": "m", "prompt": "hello"})
-    client.send([headers_msg(request_headers()), *body_msgs(body, 1000)])
-    routed = await client.read(2)
-    mutation = routed[0].request_headers.response.header_mutation
-    destination = next(
-        h.header.raw_value.decode()
-        for h in mutation.set_headers
-        if h.header.key == "x-gateway-destination-endpoint"
-    )
-    status = {":status": "200", "content-type": "application/json"}
-    client.send([headers_msg(status, response=True, served=served)])
-    (reply,) = await client.read(1)
-    added = {
-        h.header.key: h.header.raw_value.decode()
-        for h in reply.response_headers.response.header_mutation.set_headers
-    }
-    client.send(body_msgs(b'{"choices": []}', 1000, response=True))
-    await client.read(1)
-    await client.close()
-    return destination, added
 
 
 async def test_the_header_names_the_picked_endpoint(fakes: list[FakeVllm]) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import orjson
 import pytest
 
 import epp.framework.registry as registry_module
@@ -51,7 +50,7 @@ from epp_scorers.producers.approx_prefix import ApproxPrefixCacheProducer
 from epp_scorers.scorers.kv_cache import KvCacheUtilizationScorer
 from epp_scorers.scorers.queue import QueueScorer
 from tests.support.epp_app import running_epp, wait_until
-from tests.support.extproc_client import ExtProcClient, body_msgs, headers_msg, request_headers
+from tests.support.extproc_client import ExtProcClient, exchange
 from tests.support.fake_vllm import FakeVllm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -536,29 +535,6 @@ schedulingProfiles:
   - {pluginRef: queue-scorer, weight: 1}
   - {pluginRef: session-affinity-scorer, weight: 10}
 """
-
-
-async def exchange(client: ExtProcClient, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """One request and its response headers: (destination, headers added to the response)."""
-    body = orjson.dumps({"model": "m", "prompt": "hello"})
-    client.send([headers_msg(request_headers(**headers)), *body_msgs(body, 1000)])
-    routed = await client.read(2)
-    mutation = routed[0].request_headers.response.header_mutation
-    destination = next(
-        h.header.raw_value.decode()
-        for h in mutation.set_headers
-        if h.header.key == "x-gateway-destination-endpoint"
-    )
-    client.send([headers_msg({":status": "200", "content-type": "application/json"}, response=True)])
-    (reply,) = await client.read(1)
-    added = {
-        h.header.key: h.header.raw_value.decode()
-        for h in reply.response_headers.response.header_mutation.set_headers
-    }
-    client.send(body_msgs(b'{"choices": []}', 1000, response=True))
-    await client.read(1)
-    await client.close()
-    return destination, added
 
 
 async def test_session_token_is_set_on_responses_and_pins_the_session(fakes: list[FakeVllm]) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
+import orjson
 from envoy.config.core.v3 import base_pb2 as core_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -114,3 +115,31 @@ async def one_request(
     finally:
         await client.close()
     return replies
+
+
+async def exchange(
+    client: ExtProcClient, headers: dict[str, str] | None = None, served: str | None = None
+) -> tuple[str, dict[str, str]]:
+    """One request and its response, as Envoy sends them: (the destination epp picked, the headers
+    epp adds to the response). `headers` go on the request, `served` is Envoy's report of the
+    endpoint that answered."""
+    body = orjson.dumps({"model": "m", "prompt": "hello"})
+    client.send([headers_msg(request_headers(**(headers or {}))), *body_msgs(body, 1000)])
+    routed = await client.read(2)
+    mutation = routed[0].request_headers.response.header_mutation
+    destination = next(
+        h.header.raw_value.decode()
+        for h in mutation.set_headers
+        if h.header.key == "x-gateway-destination-endpoint"
+    )
+    status = {":status": "200", "content-type": "application/json"}
+    client.send([headers_msg(status, response=True, served=served)])
+    (reply,) = await client.read(1)
+    added = {
+        h.header.key: h.header.raw_value.decode()
+        for h in reply.response_headers.response.header_mutation.set_headers
+    }
+    client.send(body_msgs(b'{"choices": []}', 1000, response=True))
+    await client.read(1)
+    await client.close()
+    return destination, added
