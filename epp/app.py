@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from epp.discovery.leader import LeaderElector
 
 log = logging.getLogger(__name__)
+# At most this long for open health Watch streams to deliver their final status at shutdown.
+HEALTH_STOP_GRACE_S = 1.0
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # each way, unless --grpc-max-*-msg-size says otherwise
 
@@ -510,7 +512,9 @@ class App:
         if self.kubernetes is not None:
             await self.kubernetes.client.close()
         if self._health_server is not None:
-            await self._health_server.stop(None)
+            # Watch streams end by themselves once draining (epp.health): the grace lets each send
+            # its last NOT_SERVING before the server goes, instead of being cancelled mid-send.
+            await self._health_server.stop(HEALTH_STOP_GRACE_S)
 
 
 async def serve(app: App) -> None:
