@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2_grpc
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.scraper import ScrapeConfig, Scraper
 from epp.discovery.objectives import ObjectiveStore, load_objectives_file
+from epp.discovery.rewrites import RewriteStore, RewriteWatcher, load_rewrites_file
 from epp.discovery.static import StaticDiscovery, parse_endpoints_flag
 from epp.extproc.handler import ExtProcService, StreamLimits
 from epp.flowcontrol.admission import Admission
@@ -127,14 +128,16 @@ def scrape_config(settings: Settings, loaded: LoadedConfig) -> ScrapeConfig:
 
 def check_startup(settings: Settings, loaded: LoadedConfig) -> list[str]:
     """What starting epp would check besides the config, offline, for `--check-config`: the
-    model-server metrics (flags and data source), --inference-objectives-file, and with TLS the
-    minimum version, the cipher suites and --cert-path's files. Raises ConfigError for what would
-    stop epp; returns warnings."""
+    model-server metrics (flags and data source), --inference-objectives-file,
+    --inference-model-rewrites-file, and with TLS the minimum version, the cipher suites and
+    --cert-path's files. Raises ConfigError for what would stop epp; returns warnings."""
     from epp.tls import check_min_version, cipher_suites, load_key_pair
 
     scrape_config(settings, loaded)
     if settings.inference_objectives_file is not None:
         load_objectives_file(str(settings.inference_objectives_file))
+    if settings.inference_model_rewrites_file is not None:
+        load_rewrites_file(str(settings.inference_model_rewrites_file))
     if not settings.secure_serving:
         return []
     warnings = check_min_version(settings.tls_min_version)
@@ -184,6 +187,10 @@ class App:
             idle_interval_s=settings.idle_refresh_metrics_interval_s,
         )
         self.objectives, self.flow_controller = self._build_admission()
+        # InferenceModelRewrites (docs/flow-control.md): from the file, or watched in Kubernetes.
+        self.rewrites = self.director.rewrites = RewriteStore()
+        if settings.inference_model_rewrites_file is not None:
+            self.rewrites.replace(load_rewrites_file(str(settings.inference_model_rewrites_file)))
         # Pods come and go (a restart is a new IP): drop a departed endpoint's series.
         self.datastore.subscribe(lambda ep: None, self.metrics.forget_endpoint)
         # Set whenever readiness may have changed, so health follows without waiting a tick.
@@ -207,6 +214,7 @@ class App:
         self._housekeeping: asyncio.Task[None] | None = None
         self._services: list[asyncio.Task[None]] = []  # BackgroundService plugins' run()
         self._objectives_watch: asyncio.Task[None] | None = None
+        self._rewrites_watch: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._cutting: asyncio.Task[None] | None = None
         self.ports: BoundPorts | None = None
@@ -404,6 +412,10 @@ class App:
                     self.kubernetes.client, s.pool_namespace, pool, s.pool_group, self.objectives
                 )
                 self._objectives_watch = self.supervisor.spawn("inference-objectives", watcher.reflector.run)
+                follower = RewriteWatcher(
+                    self.kubernetes.client, s.pool_namespace, pool, s.pool_group, self.rewrites
+                ).reflector
+                self._rewrites_watch = self.supervisor.spawn("inference-model-rewrites", follower.run)
             if self.leader is not None:
                 self.leader.start()
             self._housekeeping = self.supervisor.spawn("housekeeping", self._housekeep)
@@ -505,6 +517,8 @@ class App:
         await self.discovery.stop()
         if self._objectives_watch is not None:
             self._objectives_watch.cancel()
+        if self._rewrites_watch is not None:
+            self._rewrites_watch.cancel()
         for service in self._services:
             service.cancel()
         await self.scraper.close()

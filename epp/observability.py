@@ -638,6 +638,13 @@ class EppMetrics:
         )
         alias(self.plugin_duration, "inference_extension_plugin_duration_seconds", plugin_text, plugin_labels)
 
+        # --- model rewrites (InferenceModelRewrite) ---------------------------------------------------
+        rewrite_text = "Total number of inference model rewrite decisions."
+        rewrite_labels = ("model_rewrite_name", "model_name", "target_model")
+        self.rewrite_decisions = counter(p + "model_rewrite_decisions_total", rewrite_text, rewrite_labels)
+        old_rewrites = "inference_extension_model_rewrite_decisions_total"
+        alias(self.rewrite_decisions, old_rewrites, rewrite_text, rewrite_labels)
+
         # --- build info -----------------------------------------------------------------------------
         info = gauge(
             p + "info",
@@ -719,6 +726,11 @@ class EppMetrics:
             where = (endpoint.name, endpoint.namespace, str(endpoint.port)) if endpoint else ("", "", "")
             child = self._attempts[key] = self.scheduler_attempts.labels(key[0], target, *where)
         child.inc()
+
+    def count_rewrite(self, rewrite: str, model: str, target: str) -> None:
+        """An InferenceModelRewrite rule chose `target` for a request naming `model` (capped, as
+        upstream caps it; the rewrite's name and target come from the configured objects)."""
+        self.rewrite_decisions.labels(rewrite, self.models.bound(model), target).inc()
 
     def observe_plugin(self, point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
         key = (point, plugin_type, plugin_name)

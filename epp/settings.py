@@ -133,6 +133,7 @@ class Settings:
     kubeconfig: Path | None = None
     endpoint_selector: Selector | None = None  # selector discovery (no CRD) when set
     inference_objectives_file: Path | None = None  # epp's own: InferenceObjectives without Kubernetes
+    inference_model_rewrites_file: Path | None = None  # epp's own: InferenceModelRewrites without it
     endpoint_target_ports: tuple[int, ...] = ()
     ha_enable_leader_election: bool = False
     ha_lease_duration_s: float = 15.0
@@ -264,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--inference-objectives-file",
         type=Path,
         help="epp's own: InferenceObjective manifests (YAML) giving request priorities without Kubernetes",
+    )
+    p.add_argument(
+        "--inference-model-rewrites-file",
+        type=Path,
+        help="epp's own: InferenceModelRewrite manifests (YAML) rewriting request models without Kubernetes",
     )
     k8s = p.add_argument_group("Kubernetes discovery")
     k8s.add_argument("--pool-name", help="InferencePool to take endpoints from (Kubernetes mode)")
@@ -590,6 +596,7 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         endpoints=args.endpoints,
         endpoints_file=args.endpoints_file,
         inference_objectives_file=args.inference_objectives_file,
+        inference_model_rewrites_file=args.inference_model_rewrites_file,
         pool_name=args.pool_name,
         secure_serving=args.secure_serving,
         cert_path=args.cert_path,

@@ -52,6 +52,7 @@ from epp.extproc import messages
 from epp.framework import Api, InferenceRequest
 from epp.observability import DEFAULT_FAIRNESS_ID, DEFAULT_PRIORITY, PREFIX, fairness_id
 from epp.requestcontrol.director import Decision, Director
+from epp.requestcontrol.model_rewrite import ResponseModelRestorer, forwarded_body
 from epp.requestcontrol.parsing import api_for_path, parse_request
 from epp.requestcontrol.usage import UsageReader
 from epp.settings import REQUEST_BODY_MEMORY_FACTOR
@@ -325,6 +326,7 @@ class RequestStream:
         "_request",
         "_request_timed",
         "_response_time",
+        "_restorer",
         "_shared",
         "_span",
         "_usage",
@@ -354,6 +356,7 @@ class RequestStream:
         self._request: InferenceRequest | None = None  # once parsed: labels its error metrics
         self.decision: Decision | None = None
         self._usage: UsageReader | None = None
+        self._restorer: ResponseModelRestorer | None = None  # the request's model was rewritten
         self.done = False  # an immediate response was sent: Envoy ends the request
 
     def handle(self, msg: pb.ProcessingRequest) -> Iterable[pb.ProcessingResponse]:
@@ -582,6 +585,9 @@ class RequestStream:
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         del chunks
         request = self._parse(raw)
+        if self._director.rewrite_model(request):  # forwarded with the target model, its new size
+            raw = forwarded_body(request)
+            self._restorer = ResponseModelRestorer(request)
         decision = self.decision = self._director.schedule(
             request, self.subset, received=self._received, request_size=len(raw), span=self._span
         )
@@ -630,6 +636,8 @@ class RequestStream:
             self._usage.feed(chunk)
         if end_of_stream:
             self._finish(completed=True)
+        if self._restorer is not None:  # the client sees the model it asked for, as upstream
+            chunk = self._restorer.restore(chunk)
         replies = messages.body_replies(chunk, request=False, end_of_stream=end_of_stream)
         self._response_time += time.perf_counter() - started
         return replies

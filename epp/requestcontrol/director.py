@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from epp.datalayer.datastore import Datastore
+from epp.discovery.rewrites import REWRITE_HEADERS, RewriteStore
 from epp.errors import DROPPED_NO_ENDPOINTS, DROPPED_SATURATED
 from epp.flowcontrol.admission import Admission
 from epp.framework import (
@@ -131,6 +132,8 @@ class Director:
         self.admission: Admission | None = None
         self.admits = False  # the request path awaits `admit` (a plain attribute: read per message)
         self.admitters: list[Admitter] = []  # admitter plugins, run on the candidates
+        # InferenceModelRewrites (epp.discovery.rewrites): the model a request is sent to.
+        self.rewrites: RewriteStore | None = None
         datastore.subscribe(lambda ep: None, scheduler.endpoint_removed)
         metrics.watch_endpoints(pool_name, datastore.endpoints)
 
@@ -229,6 +232,27 @@ class Director:
         Called only when `self.admission` is active."""
         if self.admission is not None:
             await self.admission.admit(headers, byte_size, request_id)
+
+    def rewrite_model(self, request: InferenceRequest) -> bool:
+        """The model the request goes to, resolved as the Go EPP does before scheduling: an
+        InferenceModelRewrite rule for its model (a target drawn by weight), else the
+        x-llm-d-model-name-rewrite header. It becomes the request's target_model (what scheduling
+        and the metrics see) and its body's `model`. True when the body forwarded must change."""
+        rule = self.rewrites.rule_for(request.model) if self.rewrites is not None else None
+        target = ""
+        if rule is not None:
+            target = rule.choose(self._rng)
+            self.metrics.count_rewrite(rule.source, request.model, target)
+        else:
+            for name in REWRITE_HEADERS:
+                target = request.headers.get(name, "")
+                if target:
+                    break
+        if not target or target == request.model:
+            return False
+        request.target_model = target
+        request.body = {**request.body, "model": target}  # a shallow copy: the top level only
+        return True
 
     def _priority(self, request: InferenceRequest) -> str:
         """The request's priority label: its InferenceObjective's (0 without one)."""
