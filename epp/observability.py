@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -37,6 +37,10 @@ from prometheus_client.utils import floatToGoString
 from epp import __version__
 from epp.framework import Endpoint
 
+# The fairness id helpers live in the plugin API (plugins read it too); re-exported here.
+from epp.framework.fairness import DEFAULT_FAIRNESS_ID as DEFAULT_FAIRNESS_ID
+from epp.framework.fairness import fairness_id as fairness_id
+
 PREFIX = "llm_d_epp_"
 
 # --- label caps (llm-d-router pkg/common/observability/metrics/cardinality.go) -------------------
@@ -45,9 +49,6 @@ OVERFLOW_VALUE = "other"
 MAX_MODEL_LABEL_VALUES = 1000  # shared by model_name and target_model_name
 MAX_FAIRNESS_LABEL_VALUES = 1000
 
-# The fairness id, as the Go EPP reads it (the newer header first), and its default.
-FAIRNESS_HEADERS = ("x-llm-d-inference-fairness-id", "x-gateway-inference-fairness-id")
-DEFAULT_FAIRNESS_ID = "default-flow"
 # epp has no InferenceObjective: every request has the Go EPP's default priority.
 DEFAULT_PRIORITY = "0"
 
@@ -93,15 +94,6 @@ def _help(text: str) -> str:
 
 def _deprecated(canonical: str, text: str) -> str:
     return f"[ALPHA] [Deprecated: Use {canonical}] {text}"
-
-
-def fairness_id(headers: Mapping[str, str]) -> str:
-    """The request's fairness id (flow-control tenant), as the Go EPP reads it."""
-    for name in FAIRNESS_HEADERS:
-        value = headers.get(name)
-        if value:
-            return value
-    return DEFAULT_FAIRNESS_ID
 
 
 class BoundedLabel:

@@ -98,7 +98,9 @@ class Admission:
                     DROPPED_SATURATED,
                 )
             return priority
-        outcome = await controller.enqueue_and_wait(request_id, fairness_id(headers), priority, byte_size)
+        outcome = await controller.enqueue_and_wait(
+            request_id, fairness_id(headers), priority, byte_size, headers
+        )
         if outcome is Outcome.DISPATCHED:
             return priority
         raise EppError(*_ERRORS[outcome])

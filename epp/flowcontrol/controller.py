@@ -25,7 +25,7 @@ import enum
 import heapq
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from epp.flowcontrol.config import BandConfig, FlowControlConfig
@@ -54,7 +54,20 @@ class _Waiter:
 
 @dataclass(slots=True)
 class _Flow:
+    """One flow's queue (a FlowQueue for fairness policies; never empty while in its band)."""
+
     heap: list[tuple[tuple[float, ...], int, _Waiter]] = field(default_factory=list)
+
+    @property
+    def head(self) -> FlowItem:
+        return self.heap[0][2].item
+
+    @property
+    def head_key(self) -> tuple[float, ...]:
+        return self.heap[0][0]
+
+    def __len__(self) -> int:
+        return len(self.heap)
 
 
 @dataclass(slots=True)
@@ -121,10 +134,16 @@ class FlowController:
         return None
 
     async def enqueue_and_wait(
-        self, request_id: str, fairness_id: str, priority: int, byte_size: int
+        self,
+        request_id: str,
+        fairness_id: str,
+        priority: int,
+        byte_size: int,
+        headers: Mapping[str, str] | None = None,
     ) -> Outcome:
         """Wait for the request's turn; returns its outcome. Cancelled (the client went away):
-        the request leaves its queue and the cancellation goes on."""
+        the request leaves its queue and the cancellation goes on. `headers` (the request's) are
+        what ordering policies may read (e.g. an SLO)."""
         started = time.monotonic()
         band = self._band(priority)
         if (
@@ -153,6 +172,7 @@ class FlowController:
             started,
             started + ttl if ttl > 0 else float("inf"),
             next(self._seq),
+            {} if headers is None else headers,
         )
         waiter = _Waiter(item, cfg.ordering.key(item), asyncio.get_running_loop().create_future())
         self._push(band, waiter)
@@ -258,8 +278,7 @@ class FlowController:
             # Scraped metrics change without an event: look again after a refresh interval.
             self._timer = asyncio.get_running_loop().call_later(self.recheck_s, self._dispatch)
             return
-        heads = {fid: flow.heap[0][0] for fid, flow in band.flows.items()}
-        fid = band.config.fairness.pick(heads, band.last)
+        fid = band.config.fairness.pick_queue(band.flows, band.last)
         band.last = fid
         flow = band.flows[fid]
         _, _, waiter = heapq.heappop(flow.heap)

@@ -9,7 +9,8 @@ in-tree plugins) imports from epp.
   `ProfileHandler`, `DataProducer`, `PdDecider`, `Parser`, `DataSource`; lifecycle hooks
   `PreRequest`, `ResponseHeaders`, `ServedElsewhere`, `ResponseComplete`, `EndpointListener`;
   flow control and admission `SaturationDetector`, `OrderingPolicy`, `FairnessPolicy`,
-  `Admitter`, `UsageLimitPolicy` (with `FlowItem`, a queued request)
+  `Admitter`, `UsageLimitPolicy` (with `FlowItem`, a queued request, and `FlowQueue`, a flow's
+  queue); `fairness_id(headers)`, a request's flow
 - `PluginHandle`: metrics, the `InFlightLedger`, peers by name
 - `PluginRegistry`: what an `epp.plugins` entry point's register function receives
 - `EppError` / `ErrorCode`: fail a request with an HTTP status
@@ -27,6 +28,7 @@ from epp.framework.datamodel import (
     ProfileResult,
     SchedulingResult,
 )
+from epp.framework.fairness import fairness_id
 from epp.framework.handle import PluginHandle
 from epp.framework.inflight import InFlightLedger
 from epp.framework.params import Params
@@ -39,6 +41,7 @@ from epp.framework.plugin import (
     FairnessPolicy,
     Filter,
     FlowItem,
+    FlowQueue,
     OrderingPolicy,
     ParamDoc,
     Parser,
@@ -78,6 +81,7 @@ __all__ = [
     "FairnessPolicy",
     "Filter",
     "FlowItem",
+    "FlowQueue",
     "InFlightLedger",
     "InferenceRequest",
     "OrderingPolicy",
@@ -101,4 +105,5 @@ __all__ = [
     "ServedElsewhere",
     "ServiceContext",
     "UsageLimitPolicy",
+    "fairness_id",
 ]

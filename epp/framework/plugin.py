@@ -26,8 +26,8 @@ import abc
 import asyncio
 import enum
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from epp.framework.cycle import CycleState, DataKey
 from epp.framework.datamodel import Endpoint, InferenceRequest, ProfileResult, SchedulingResult
@@ -265,7 +265,8 @@ class SaturationDetector(Plugin, abc.ABC):
 @dataclass(slots=True, eq=False)
 class FlowItem:
     """A request waiting in a flow-control queue (what ordering and fairness policies see).
-    Times are time.monotonic(); `deadline` is inf without a TTL; `seq` orders equal times."""
+    Times are time.monotonic(); `deadline` is inf without a TTL; `seq` orders equal times;
+    `headers` are the request's (lower-cased names), for policies reading per-request hints."""
 
     request_id: str
     fairness_id: str
@@ -274,6 +275,23 @@ class FlowItem:
     enqueued: float
     deadline: float
     seq: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class FlowQueue(Protocol):
+    """One flow's queue in a priority band, as a fairness policy sees it (never empty)."""
+
+    @property
+    def head(self) -> FlowItem:
+        """The request the band's ordering policy serves first."""
+        ...
+
+    @property
+    def head_key(self) -> tuple[float, ...]:
+        """The head's ordering key."""
+        ...
+
+    def __len__(self) -> int: ...
 
 
 class OrderingPolicy(Plugin, abc.ABC):
@@ -285,10 +303,16 @@ class OrderingPolicy(Plugin, abc.ABC):
 
 class FairnessPolicy(Plugin, abc.ABC):
     """Chooses which flow of a priority band is served next. `heads` maps each flow with queued
-    requests to its head's ordering key; `last` is the flow this band served last (None at first)."""
+    requests to its head's ordering key; `last` is the flow this band served last (None at first).
+    Flow control calls `pick_queue`, which by default asks `pick`; a policy that needs more than
+    the heads' keys (the head request, the queue's length) overrides `pick_queue` too."""
 
     @abc.abstractmethod
     def pick(self, heads: Mapping[str, tuple[float, ...]], last: str | None) -> str: ...
+
+    def pick_queue(self, queues: Mapping[str, FlowQueue], last: str | None) -> str:
+        """`queues`: each flow with queued requests (fairness id -> its queue)."""
+        return self.pick({fid: queue.head_key for fid, queue in queues.items()}, last)
 
 
 class UsageLimitPolicy(Plugin, abc.ABC):

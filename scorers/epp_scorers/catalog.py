@@ -10,6 +10,7 @@ from epp_scorers.filters.prefix_affinity import PrefixCacheAffinityFilter
 from epp_scorers.filters.roles import DecodeFilter, EncodeFilter, PrefillFilter
 from epp_scorers.flow_policies.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from epp_scorers.flow_policies.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
+from epp_scorers.flow_policies.slo_deadline import SloDeadlineOrderingPolicy
 from epp_scorers.flow_policies.usage_limits import (
     PriorityHoldbackPolicy,
     SoftReflectiveCeilingPolicy,
@@ -87,6 +88,7 @@ ALL_PLUGINS = (
     ConcurrencyDetector,
     FcfsOrderingPolicy,
     EdfOrderingPolicy,
+    SloDeadlineOrderingPolicy,
     GlobalStrictFairnessPolicy,
     RoundRobinFairnessPolicy,
     StaticUsageLimitPolicy,

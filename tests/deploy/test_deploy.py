@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from epp.discovery.objectives import DEFAULT_POOL_GROUP, OBJECTIVE_GROUP, OBJECTIVE_PLURAL
+from epp.discovery.rewrites import REWRITE_GROUP, REWRITE_PLURAL
 from tests.deploy.chart import (
     CHART_ARGS,
     HA_FLAG,
@@ -661,12 +662,13 @@ def test_roles_grant_no_write_verbs(every_render: dict[str, list[Obj]]) -> None:
                     assert rule["apiGroups"] == ["coordination.k8s.io"] and rule["resources"] == ["leases"]
                     assert verbs <= {"get", "create", "update"}
         base_rules = one(render(BASE), "Role", "epp")["rules"]
-        # Exactly what epp watches: its pods, its pool and the objectives naming the pool.
+        # Exactly what epp watches: its pods, its pool, the objectives and rewrites naming the pool.
         granted = {(g, r) for rule in base_rules for g in rule["apiGroups"] for r in rule["resources"]}
         assert granted == {
             ("", "pods"),
             (DEFAULT_POOL_GROUP, "inferencepools"),
             (OBJECTIVE_GROUP, OBJECTIVE_PLURAL),
+            (REWRITE_GROUP, REWRITE_PLURAL),
         }
 
 
