@@ -113,6 +113,7 @@ FLOW_CONTROL_PLUGIN_TYPES = {
     "concurrency-detector",
     "fcfs-ordering-policy",
     "edf-ordering-policy",
+    "slo-deadline-ordering-policy",
     "global-strict-fairness-policy",
     "round-robin-fairness-policy",
     "static-usage-limit-policy",
