@@ -1,7 +1,7 @@
 """InferenceModelRewrite on the request path, through epp's ext_proc server (real gRPC on
 loopback) with `--inference-model-rewrites-file`: the body forwarded to the model server names
 the target model (content-length to match), the response names the model the client asked
-for, the metrics carry the target, and a weighted rule splits requests by weight."""
+for, scheduling and the metrics see the target, and a weighted rule splits requests by weight."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from epp.framework import EndpointMetrics
 from tests.support.epp_app import RunningEpp, running_epp
 from tests.support.extproc_client import ExtProcClient, body_msgs, headers_msg, request_headers
 
@@ -114,3 +115,36 @@ async def test_the_rewrite_header_applies_when_no_rule_matches(tmp_path: Path) -
         client, _, forwarded = await route(epp, "m")
         assert forwarded == orjson.dumps({"model": "m", "prompt": "hello", "max_tokens": 4})
         assert await respond(client, b'{"model": "m"}') == b'{"model": "m"}'
+
+
+LORA_CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: lora-affinity-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: lora-affinity-scorer
+  - pluginRef: max-score-picker
+"""
+
+
+async def test_scheduling_sees_the_target_model(tmp_path: Path) -> None:
+    """lora-affinity-scorer reads the target: a request for the alias goes, every time, to the one
+    endpoint running the adapter the alias names (the other's adapter slots are full)."""
+    path = tmp_path / "rewrites.yaml"
+    path.write_text(
+        "kind: InferenceModelRewrite\nmetadata: {name: a}\n"
+        "spec: {rules: [{matches: [{model: {value: alias}}], targets: [{modelRewrite: lora-b}]}]}\n"
+    )
+    flags = ("--endpoints", "127.0.0.1:9,127.0.0.1:10", "--config-text", LORA_CONFIG)
+    async with running_epp(*flags, "--inference-model-rewrites-file", str(path)) as epp:
+        for ep in epp.app.datastore.endpoints():
+            adapter = "lora-b" if ep.port == 10 else "lora-a"
+            ep.metrics = EndpointMetrics(running_loras=frozenset({adapter}), max_loras=1)
+        for _ in range(10):
+            client, headers, _ = await route(epp, "alias")
+            assert headers["x-gateway-destination-endpoint"] == "127.0.0.1:10"
+            await client.close()
