@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from epp.discovery.kubeclient import KubeClient, resolve_config_source
@@ -25,8 +26,17 @@ from epp.discovery.rewrites import (
     parse_rewrite,
 )
 from epp.errors import ConfigError
-from tests.support.epp_app import wait_until
-from tests.support.kube_api import KubeApiServer, Resource
+from tests.support.epp_app import RunningEpp, wait_until
+from tests.support.extproc_client import one_request, request_headers
+from tests.support.kube_api import (
+    PODS,
+    POOLS_V1,
+    KubeApiServer,
+    Resource,
+    inference_pool,
+    pod,
+    running_k8s_epp,
+)
 
 TO_T = {"targets": [{"modelRewrite": "t"}]}
 REWRITES = Resource("llm-d.ai", "v1alpha2", "inferencemodelrewrites", "InferenceModelRewrite")
@@ -221,3 +231,29 @@ def test_check_config_reads_the_rewrites_file(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "spec.rules[0].targets: at least one target is required" in result.stderr
+
+
+async def test_epp_in_kubernetes_rewrites_by_the_watched_objects(tmp_path: Path) -> None:
+    """The whole app with --pool-name: the rewrites it watches decide the model it forwards."""
+    api = await KubeApiServer(resources=[PODS, POOLS_V1, REWRITES]).start()
+    api.put(POOLS_V1, inference_pool("pool", {"app": "vllm"}, [8000]))
+    api.put(PODS, pod("a", "127.0.1.1", {"app": "vllm"}))
+    api.put(REWRITES, rewrite("alias", rule({"m-v1": None}, "m")))
+    body = orjson.dumps({"model": "m", "prompt": "hello"})
+
+    async def forwarded_model(epp: RunningEpp) -> str:
+        replies = await one_request(epp.stub, request_headers(), body)
+        return str(
+            orjson.loads(replies[-1].request_body.response.body_mutation.streamed_response.body)["model"]
+        )
+
+    try:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        async with running_k8s_epp(kubeconfig, "--pool-name", "pool") as epp:
+            await wait_until(lambda: len(epp.app.rewrites) == 1 and bool(epp.app.datastore.endpoints()))
+            assert await forwarded_model(epp) == "m-v1"
+            api.put(REWRITES, rewrite("alias", rule({"m-v2": None}, "m")))
+            await wait_until(lambda: target(epp.app.rewrites, "m") == "m-v2", what="the update")
+            assert await forwarded_model(epp) == "m-v2"
+    finally:
+        await api.stop()
