@@ -109,9 +109,14 @@ class RewriteStore:
 
     def replace(self, rewrites: Iterable[ModelRewrite]) -> None:
         objects: dict[str, ModelRewrite] = {}
+        dropped = 0
         for rewrite in rewrites:
             if rewrite.name in objects or len(objects) < MAX_REWRITES:
                 objects[rewrite.name] = rewrite
+            else:
+                dropped += 1
+        if dropped:
+            log.warning("%d InferenceModelRewrites ignored: at most %d are held", dropped, MAX_REWRITES)
         self._objects = objects
         self._index()
 

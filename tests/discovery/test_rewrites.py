@@ -220,17 +220,18 @@ async def test_watch_follows_the_pools_rewrites(tmp_path: Path) -> None:
         await api.stop()
 
 
-def test_check_config_reads_the_rewrites_file(tmp_path: Path) -> None:
+def test_a_bad_rewrites_file_stops_epp_and_check_config(tmp_path: Path) -> None:
     bad = tmp_path / "rewrites.yaml"
     bad.write_text("kind: InferenceModelRewrite\nmetadata: {name: a}\nspec: {rules: [{targets: []}]}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "epp", "--check-config", "--inference-model-rewrites-file", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 1
-    assert "spec.rules[0].targets: at least one target is required" in result.stderr
+    flags = ["--inference-model-rewrites-file", str(bad)]
+    serve = ["--endpoints", "127.0.0.1:9", "--secure-serving=false", "--grpc-port", "0"]
+    serve += ["--grpc-health-port", "0", "--metrics-port", "0"]
+    for argv in (["--check-config", *flags], [*serve, *flags]):
+        result = subprocess.run(
+            [sys.executable, "-m", "epp", *argv], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 1, argv
+        assert "spec.rules[0].targets: at least one target is required" in result.stderr
 
 
 async def test_epp_in_kubernetes_rewrites_by_the_watched_objects(tmp_path: Path) -> None:
