@@ -7,7 +7,8 @@ in-tree plugins) imports from epp.
 - parameters: `Params`, `ConfigError`, `ParamDoc`
 - plugin bases (a plugin's kind is its base class): `Filter`, `Scorer`, `Picker`,
   `ProfileHandler`, `DataProducer`, `PdDecider`, `Parser`, `DataSource`; lifecycle hooks
-  `PreRequest`, `ResponseHeaders`, `ServedElsewhere`, `ResponseComplete`, `EndpointListener`;
+  `PreRequest`, `ResponseHeaders`, `ServedElsewhere`, `ResponseMeasured` (with `ResponseStats`),
+  `ResponseComplete`, `EndpointListener`;
   flow control and admission `SaturationDetector`, `OrderingPolicy`, `FairnessPolicy`,
   `Admitter`, `UsageLimitPolicy` (with `FlowItem`, a queued request, and `FlowQueue`, a flow's
   queue); `fairness_id(headers)`, a request's flow
@@ -53,6 +54,8 @@ from epp.framework.plugin import (
     ProfileHandler,
     ResponseComplete,
     ResponseHeaders,
+    ResponseMeasured,
+    ResponseStats,
     SaturationDetector,
     Scorer,
     ServedElsewhere,
@@ -99,6 +102,8 @@ __all__ = [
     "ProfileResult",
     "ResponseComplete",
     "ResponseHeaders",
+    "ResponseMeasured",
+    "ResponseStats",
     "SaturationDetector",
     "SchedulingResult",
     "Scorer",

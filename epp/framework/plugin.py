@@ -8,6 +8,7 @@ One request is one scheduling cycle:
     PreRequest.pre_request            after the pick, off the reply path
     ResponseHeaders.response_headers  the model server's response headers arrived
     ServedElsewhere.served_elsewhere  Envoy reports that a fallback endpoint served the request
+    ResponseMeasured.response_measured  the response completed: its TTFT, length, output tokens
     ResponseComplete.response_complete  the response ended, or the stream went away
 
 Plugins are built by `from_params(name, params, handle)`: it parses the `parameters` mapping
@@ -240,6 +241,30 @@ class ResponseComplete(Plugin, abc.ABC):
     def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ResponseStats:
+    """What epp measured of a completed response, as its TTFT / TPOT metrics see it. Times are
+    seconds from the request's arrival: `first_chunk_s` to the first response body chunk (0: no
+    body), `e2e_s` to the end. `output_tokens` and `input_tokens` come from the response's usage
+    (0: unknown)."""
+
+    first_chunk_s: float
+    e2e_s: float
+    output_tokens: int
+    streaming: bool
+    input_tokens: int = 0
+
+
+class ResponseMeasured(Plugin, abc.ABC):
+    """A response completed (not for a stream that went away); `stats` is what epp measured of it
+    (e.g. to learn latencies). Runs just before `response_complete`, with the serving endpoint."""
+
+    @abc.abstractmethod
+    def response_measured(
+        self, request: InferenceRequest, endpoint: Endpoint, stats: ResponseStats
+    ) -> None: ...
+
+
 class EndpointListener(Plugin, abc.ABC):
     """Keeps per-endpoint state: told when an endpoint leaves the pool."""
 
@@ -333,6 +358,14 @@ class Admitter(Plugin, abc.ABC):
         self, request: InferenceRequest, priority: int, endpoints: Sequence[Endpoint]
     ) -> str | None: ...
 
+    def admit_with_data(
+        self, cycle: CycleState, request: InferenceRequest, priority: int, endpoints: Sequence[Endpoint]
+    ) -> str | None:
+        """What the director calls, once the data producers have run (Go's order): `cycle` holds
+        their data. The default calls `admit`; an admitter that reads produced data (e.g.
+        latency predictions) overrides this."""
+        return self.admit(request, priority, endpoints)
+
 
 # --- Background work -----------------------------------------------------------------------------
 
@@ -373,4 +406,11 @@ _KIND_BASES: tuple[tuple[type[Plugin], PluginKind], ...] = (
     (Admitter, PluginKind.ADMITTER),
     (UsageLimitPolicy, PluginKind.USAGE_LIMIT_POLICY),
 )
-_HOOK_BASES = (PreRequest, ResponseHeaders, ServedElsewhere, ResponseComplete, EndpointListener)
+_HOOK_BASES = (
+    PreRequest,
+    ResponseHeaders,
+    ServedElsewhere,
+    ResponseMeasured,
+    ResponseComplete,
+    EndpointListener,
+)

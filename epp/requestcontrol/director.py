@@ -31,6 +31,7 @@ from epp.framework import (
     InferenceRequest,
     InFlightLedger,
     ProfileResult,
+    ResponseStats,
     SchedulingResult,
 )
 from epp.observability import DEFAULT_PRIORITY, EppMetrics, PoolSummary, RequestMetrics, fairness_id
@@ -69,6 +70,8 @@ class Decision:
     response_bytes: int = 0
     # A headers-only request's routing headers (the profile handler's, as for a scheduled one).
     headers: Mapping[str, str | None] | None = None
+    # What was measured of a completed response, for the ResponseMeasured hooks (None: none).
+    stats: ResponseStats | None = None
 
     def response_chunk(self, size: int, now: float) -> None:
         """A response body chunk of `size` bytes went by at `now`."""
@@ -182,11 +185,17 @@ class Director:
         result: SchedulingResult | None = None
         try:
             candidates = self.candidates(subset)
-            if self.admitters:
-                self._run_admitters(request, candidates)
             started = time.perf_counter()
+            if self.admitters:
+                # Go's order: the data producers, then the admitters (they may read the producers'
+                # data), then the profiles. A refusal is not a scheduling attempt.
+                self.scheduler.produce(cycle, request, candidates)
+                self._run_admitters(cycle, request, candidates)
             try:
-                result = self.scheduler.schedule(cycle, request, candidates)
+                if self.admitters:
+                    result = self.scheduler.run_profiles(cycle, request, candidates)
+                else:
+                    result = self.scheduler.schedule(cycle, request, candidates)
             except Exception:
                 self.metrics.count_schedule_attempt(request.target_model, None)
                 raise
@@ -269,10 +278,12 @@ class Director:
     def _set_admits(self, active: bool) -> None:
         self.admits = active
 
-    def _run_admitters(self, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None:
+    def _run_admitters(
+        self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]
+    ) -> None:
         priority = self.admission.objectives.priority(request.headers) if self.admission is not None else 0
         for admitter in self.admitters:
-            reason = admitter.admit(request, priority, candidates)
+            reason = admitter.admit_with_data(cycle, request, priority, candidates)
             if reason is not None:
                 raise EppError(ErrorCode.RESOURCE_EXHAUSTED, reason, DROPPED_SATURATED)
 
@@ -338,7 +349,7 @@ class Director:
             return
         self.scheduler.pre_request(cycle, decision.request, decision.result)
         if decision.released:
-            self.scheduler.response_complete(decision.request, decision.serving_endpoint)
+            self._complete(decision)
 
     def response_headers(self, decision: Decision, served_key: str | None) -> dict[str, str]:
         """The model server answered. `served_key` is the endpoint Envoy reports it sent the request
@@ -391,9 +402,24 @@ class Director:
         if m.running is not None:
             m.running.dec()
         if completed:
-            self._observe_response(decision, time.perf_counter())
+            now = time.perf_counter()
+            self._observe_response(decision, now)
+            if self.scheduler.response_measured_hooks and decision.result is not None:
+                decision.stats = ResponseStats(
+                    decision.first_chunk - decision.started if decision.first_chunk else 0.0,
+                    now - decision.started,
+                    decision.usage.completion_tokens,
+                    decision.streaming,
+                    decision.usage.prompt_tokens,
+                )
         if decision.pending_cycle is None:
-            self.scheduler.response_complete(decision.request, decision.serving_endpoint)
+            self._complete(decision)
+
+    def _complete(self, decision: Decision) -> None:
+        """The completion hooks: what was measured of the response (if it completed), then the end."""
+        if decision.stats is not None:
+            self.scheduler.response_measured(decision.request, decision.serving_endpoint, decision.stats)
+        self.scheduler.response_complete(decision.request, decision.serving_endpoint)
 
     @staticmethod
     def _observe_response(decision: Decision, now: float) -> None:

@@ -25,6 +25,8 @@ from epp.framework import (
     ProfileResult,
     ResponseComplete,
     ResponseHeaders,
+    ResponseMeasured,
+    ResponseStats,
     SchedulingResult,
     ServedElsewhere,
 )
@@ -77,6 +79,7 @@ class Scheduler:
         self.pre_request_hooks = of(PreRequest)
         self.response_header_hooks = of(ResponseHeaders)
         self.served_elsewhere_hooks = of(ServedElsewhere)
+        self.response_measured_hooks = of(ResponseMeasured)
         self.response_complete_hooks = of(ResponseComplete)
         self.endpoint_listeners = of(EndpointListener)
 
@@ -87,10 +90,20 @@ class Scheduler:
     def schedule(
         self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]
     ) -> SchedulingResult:
+        self.produce(cycle, request, candidates)
+        return self.run_profiles(cycle, request, candidates)
+
+    def produce(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None:
+        """The data producers (the first half of `schedule`; admitters run after it)."""
         for producer in self.producers:
             started = time.perf_counter()
             producer.produce(cycle, request, candidates)
             self._observe(DATA_PRODUCER_POINT, producer, time.perf_counter() - started)
+
+    def run_profiles(
+        self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]
+    ) -> SchedulingResult:
+        """The profiles, once the producers ran (the second half of `schedule`)."""
         results: dict[str, ProfileResult | None] = {}
         handler = self.handler
         runs: list[ProfileRun] | None = None
@@ -159,6 +172,13 @@ class Scheduler:
             RESPONSE_RECEIVED_POINT,
             self.served_elsewhere_hooks,
             lambda h: h.served_elsewhere(request, planned, served),
+        )
+
+    def response_measured(self, request: InferenceRequest, endpoint: Endpoint, stats: ResponseStats) -> None:
+        self._each(
+            RESPONSE_COMPLETE_POINT,
+            self.response_measured_hooks,
+            lambda h: h.response_measured(request, endpoint, stats),
         )
 
     def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
