@@ -14,8 +14,10 @@ def register(registry: PluginRegistry) -> None:
     loader adds when a plugin consumes their data and the config declares none."""
     from epp_scorers.catalog import ALL_PLUGINS
     from epp_scorers.data import INFLIGHT_LOAD, PREFIX_MATCH
+    from epp_scorers.producers.predicted_latency import LATENCY_PREDICTION
 
     for cls in ALL_PLUGINS:
         registry.register(cls)
     registry.register_default_producer(PREFIX_MATCH, "approx-prefix-cache-producer")
     registry.register_default_producer(INFLIGHT_LOAD, "inflight-load-producer")
+    registry.register_default_producer(LATENCY_PREDICTION, "predicted-latency-producer")

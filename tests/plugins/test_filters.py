@@ -188,7 +188,7 @@ def test_prefix_cache_affinity_explores_and_declares_its_data() -> None:
         ({"explorationProbability": 2}, "must be <= 1.0"),
         ({"maxTTFTPenaltyMs": -1}, "must be >= 0"),
         ({"peakPrefillThroughput": 0}, "peakPrefillThroughput must be > 0"),
-        ({"ttftSource": "latencyPredictor"}, "not implemented"),
+        ({"ttftSource": "sidecar"}, "must be one of 'prefillThroughput', 'latencyPredictor'"),
     ],
 )
 def test_prefix_cache_affinity_errors(params: dict[str, Any], message: str) -> None:

@@ -122,6 +122,14 @@ FLOW_CONTROL_PLUGIN_TYPES = {
     "probabilistic-admitter",
 }
 
+# Predicted-latency routing: tests/plugins/test_predicted_latency.py covers them.
+LATENCY_PLUGIN_TYPES = {
+    "predicted-latency-producer",
+    "latency-scorer",
+    "slo-headroom-tier-filter",
+    "latency-slo-admitter",
+}
+
 
 def in_tree_registry() -> PluginRegistry:
     """The in-tree plugins only (what epp_scorers' entry point registers), without third-party ones."""
@@ -132,7 +140,7 @@ def in_tree_registry() -> PluginRegistry:
 
 def test_in_tree_registry_has_every_plugin_type() -> None:
     assert set(in_tree_registry().types()) == (
-        PLUGIN_TYPES | PD_PLUGIN_TYPES | KV_PLUGIN_TYPES | FLOW_CONTROL_PLUGIN_TYPES
+        PLUGIN_TYPES | PD_PLUGIN_TYPES | KV_PLUGIN_TYPES | FLOW_CONTROL_PLUGIN_TYPES | LATENCY_PLUGIN_TYPES
     )
     # epp itself finds them through the entry points, next to the third-party ones installed.
     assert set(installed_registry().types()) >= PLUGIN_TYPES | PD_PLUGIN_TYPES

@@ -324,8 +324,8 @@ P = "schedulingProfiles: [{name: p, plugins: [{pluginRef: queue-scorer}]}]"
             "value must be a string",
         ),
         (
-            "plugins: [{type: prefix-cache-affinity-filter, parameters: {ttftSource: latencyPredictor}}]",
-            "'latencyPredictor' is not implemented by epp",
+            "plugins: [{type: prefix-cache-affinity-filter, parameters: {ttftSource: sidecar}}]",
+            "'ttftSource' must be one of 'prefillThroughput', 'latencyPredictor', got 'sidecar'",
         ),
         ("plugins: [{type: session-affinity-scorer, parameters: {strategy: cookie}}]", "must be one of"),
         ("schedulingprofiles: []", "unknown field 'schedulingprofiles'"),

@@ -49,13 +49,13 @@ def test_every_missing_type_is_named_in_one_message_before_any_other_error() -> 
     message = fails(
         "apiVersion: llm-d.ai/v9\nkind: EndpointPickerConfig\n"
         "plugins:\n- type: uds-tokenizer\n- {type: queue-scorer, parameters: {nope: 1}}\n"
-        "- type: predicted-latency-producer\n- {type: uds-tokenizer, name: second-tokenizer}\n"
+        "- type: data-parallel-profile-handler\n- {type: uds-tokenizer, name: second-tokenizer}\n"
         "requestHandler: {parsers: [{pluginRef: passthrough-parser}]}\n"
         "flowControl: {saturationDetector: {pluginRef: utilization-detector}}\n"
         "schedulingProfiles: [{name: p, plugins: [{pluginRef: ghost}]}]\n"
     )
     assert message == (
-        "cfg.yaml: plugin types epp does not have: uds-tokenizer, predicted-latency-producer, "
+        "cfg.yaml: plugin types epp does not have: uds-tokenizer, data-parallel-profile-handler, "
         "passthrough-parser (docs/plugins.md lists the types epp has)"
     )
 

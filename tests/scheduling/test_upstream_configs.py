@@ -87,4 +87,7 @@ def test_the_configs_epp_loads_include_the_charts_defaults_and_the_main_guides()
         "llm-d_guides_flow-control_router.yaml",
         "llm-d-router_deploy_config_probabilistic-admitter-epp-config.yaml",
         "llm-d-router_deploy_config_soft-reflective-ceiling-epp-config.yaml",
+        # predicted-latency routing (docs/predicted-latency.md)
+        "chart_routerlib_default-plugins_latencypredictor.yaml",
+        "llm-d_guides_predicted-latency-routing_router.yaml",
     } <= loaded

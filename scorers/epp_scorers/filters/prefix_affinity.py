@@ -7,18 +7,21 @@ most one candidate, all are kept; `affinityThreshold` 0 disables the filter. Wit
 
 TTFT load gate: when the best sticky endpoint's estimated TTFT (its in-flight tokens /
 `peakPrefillThroughput`, in ms) exceeds the best non-sticky one's by more than
-`maxTTFTPenaltyMs`, stickiness is broken and all are kept (0 = always stick). `ttftSource`
-`latencyPredictor` is rejected: epp has no latency predictor.
+`maxTTFTPenaltyMs`, stickiness is broken and all are kept (0 = always stick). With `ttftSource`
+`latencyPredictor` the TTFTs are `predicted-latency-producer`'s predictions instead (an endpoint
+without one counts as infinitely slow; with none at all the filter sticks).
 
 Consumes: the prefix match (`prefix-cache-match` of `prefixMatchInfoProducerName`) and, when
 `maxTTFTPenaltyMs` > 0, the in-flight load (`inflight-load` of `inFlightLoadProducerName`, whose
-producer puts this request's token estimates in the in-flight counts). Produces: nothing.
+producer puts this request's token estimates in the in-flight counts) or, with `ttftSource`
+`latencyPredictor`, the predictions (`latency-prediction-info` of
+`latencyPredictionInfoProducerName`). Produces: nothing.
 
 Parameters: `affinityThreshold` (float <= 1, default 0.80), `explorationProbability` (float in
 [0, 1], default 0), `maxTTFTPenaltyMs` (float >= 0, default 18000), `ttftSource`
-(prefillThroughput), `peakPrefillThroughput` (tokens/s, default 15928; > 0 when the TTFT gate is
-on), `prefixMatchInfoProducerName`, `inFlightLoadProducerName`, and
-`latencyPredictionInfoProducerName` (accepted, ignored with a warning).
+(prefillThroughput or latencyPredictor), `peakPrefillThroughput` (tokens/s, default 15928; > 0
+when the TTFT gate is on with prefillThroughput), `prefixMatchInfoProducerName`,
+`inFlightLoadProducerName`, `latencyPredictionInfoProducerName`.
 
     plugins:
     - type: prefix-cache-affinity-filter
@@ -30,6 +33,7 @@ on), `prefixMatchInfoProducerName`, `inFlightLoadProducerName`, and
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import Any, Self
@@ -51,6 +55,7 @@ from epp_scorers.data import (
     INFLIGHT_LOAD,
     PREFIX_MATCH,
 )
+from epp_scorers.producers.predicted_latency import DEFAULT_LATENCY_PRODUCER, LATENCY_PREDICTION
 
 
 class PrefixCacheAffinityFilter(Filter):
@@ -74,7 +79,10 @@ class PrefixCacheAffinityFilter(Filter):
             "TTFT (ms) the best sticky endpoint may exceed the best other one by; 0: always stick.",
         ),
         ParamDoc(
-            "ttftSource", "string", "prefillThroughput", "Only prefillThroughput (no latency predictor)."
+            "ttftSource",
+            "string",
+            "prefillThroughput",
+            "Where the TTFT gate's TTFTs come from: prefillThroughput or latencyPredictor.",
         ),
         ParamDoc(
             "peakPrefillThroughput",
@@ -88,7 +96,12 @@ class PrefixCacheAffinityFilter(Filter):
         ParamDoc(
             "inFlightLoadProducerName", "string", DEFAULT_INFLIGHT_PRODUCER, "Producer of the in-flight load."
         ),
-        ParamDoc("latencyPredictionInfoProducerName", "string", "", "Not implemented by epp; ignored."),
+        ParamDoc(
+            "latencyPredictionInfoProducerName",
+            "string",
+            DEFAULT_LATENCY_PRODUCER,
+            "Producer of the latency predictions (ttftSource latencyPredictor).",
+        ),
     )
 
     def __init__(
@@ -101,6 +114,8 @@ class PrefixCacheAffinityFilter(Filter):
         peak_prefill_throughput: float = 15928.0,
         prefix_producer: str = DEFAULT_PREFIX_PRODUCER,
         inflight_producer: str = DEFAULT_INFLIGHT_PRODUCER,
+        latency_predictor: bool = False,
+        latency_producer: str = DEFAULT_LATENCY_PRODUCER,
         rng: random.Random | None = None,
     ) -> None:
         super().__init__(name)
@@ -110,6 +125,8 @@ class PrefixCacheAffinityFilter(Filter):
         self.peak_prefill_tps = peak_prefill_throughput
         self._prefix_key = PREFIX_MATCH.for_producer(prefix_producer)
         self._load_key = INFLIGHT_LOAD.for_producer(inflight_producer)
+        self.latency_predictor = latency_predictor  # ttftSource latencyPredictor
+        self._latency_key = LATENCY_PREDICTION.for_producer(latency_producer)
         self._rng = rng or random.Random()
 
     @classmethod
@@ -118,12 +135,10 @@ class PrefixCacheAffinityFilter(Filter):
         exploration = params.get_float("explorationProbability", 0.0, minimum=0.0, maximum=1.0)
         max_penalty_ms = params.get_float("maxTTFTPenaltyMs", 18000.0, minimum=0.0)
         source = params.get_str("ttftSource", "prefillThroughput", ("prefillThroughput", "latencyPredictor"))
-        if source == "latencyPredictor":
-            raise ConfigError("ttftSource 'latencyPredictor' is not implemented by epp (it has no predictor)")
+        predictor = source == "latencyPredictor"
         peak_prefill_tps = params.get_float("peakPrefillThroughput", 15928.0, minimum=0.0)
-        if max_penalty_ms > 0 and peak_prefill_tps == 0:
+        if max_penalty_ms > 0 and peak_prefill_tps == 0 and not predictor:
             raise ConfigError("peakPrefillThroughput must be > 0 when ttftSource is prefillThroughput")
-        params.unimplemented("latencyPredictionInfoProducerName", reason="no latency predictor")
         return cls(
             name,
             affinity_threshold=threshold,
@@ -132,11 +147,14 @@ class PrefixCacheAffinityFilter(Filter):
             peak_prefill_throughput=peak_prefill_tps,
             prefix_producer=params.get_str("prefixMatchInfoProducerName", "") or DEFAULT_PREFIX_PRODUCER,
             inflight_producer=params.get_str("inFlightLoadProducerName", "") or DEFAULT_INFLIGHT_PRODUCER,
+            latency_predictor=predictor,
+            latency_producer=params.get_str("latencyPredictionInfoProducerName", "")
+            or DEFAULT_LATENCY_PRODUCER,
         )
 
     def consumes(self) -> tuple[DataKey[Any], ...]:
         if self.max_penalty_ms > 0:
-            return (self._prefix_key, self._load_key)
+            return (self._prefix_key, self._latency_key if self.latency_predictor else self._load_key)
         return (self._prefix_key,)
 
     def filter(
@@ -153,7 +171,22 @@ class PrefixCacheAffinityFilter(Filter):
         sticky = [ep for ep in endpoints if match.ratio(ep) >= threshold]
         if not sticky:
             return endpoints
-        if self.max_penalty_ms > 0 and len(sticky) < len(endpoints):
+        if self.max_penalty_ms > 0 and len(sticky) < len(endpoints) and self.latency_predictor:
+            predictions = cycle.read(self._latency_key)
+            if predictions is not None:
+                chosen = {id(ep) for ep in sticky}
+                best_sticky, best_other = math.inf, math.inf
+                for ep in endpoints:
+                    p = predictions.get(ep)
+                    ttft = p.ttft_ms if p is not None else math.inf
+                    if id(ep) in chosen:
+                        best_sticky = min(best_sticky, ttft)
+                    else:
+                        best_other = min(best_other, ttft)
+                # inf - inf (no predictions) is nan, and nan > x is False: stick.
+                if best_sticky - best_other > self.max_penalty_ms:
+                    return endpoints
+        elif self.max_penalty_ms > 0 and len(sticky) < len(endpoints):
             load = cycle.read(self._load_key)
             if load is not None:
                 chosen = {id(ep) for ep in sticky}
