@@ -12,6 +12,7 @@ from epp_scorers.filters.roles import DecodeFilter, EncodeFilter, PrefillFilter
 from epp_scorers.filters.slo_headroom_tier import SloHeadroomTierFilter
 from epp_scorers.flow_policies.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from epp_scorers.flow_policies.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
+from epp_scorers.flow_policies.program_aware import ProgramAwareFairness
 from epp_scorers.flow_policies.slo_deadline import SloDeadlineOrderingPolicy
 from epp_scorers.flow_policies.usage_limits import (
     PriorityHoldbackPolicy,
@@ -98,6 +99,7 @@ ALL_PLUGINS = (
     SloDeadlineOrderingPolicy,
     GlobalStrictFairnessPolicy,
     RoundRobinFairnessPolicy,
+    ProgramAwareFairness,
     StaticUsageLimitPolicy,
     PriorityHoldbackPolicy,
     SoftReflectiveCeilingPolicy,

@@ -116,6 +116,7 @@ FLOW_CONTROL_PLUGIN_TYPES = {
     "slo-deadline-ordering-policy",
     "global-strict-fairness-policy",
     "round-robin-fairness-policy",
+    "program-aware-fairness",
     "static-usage-limit-policy",
     "priority-holdback-policy",
     "soft-reflective-ceiling-policy",

@@ -90,4 +90,5 @@ def test_the_configs_epp_loads_include_the_charts_defaults_and_the_main_guides()
         # predicted-latency routing (docs/predicted-latency.md)
         "chart_routerlib_default-plugins_latencypredictor.yaml",
         "llm-d_guides_predicted-latency-routing_router.yaml",
+        "llm-d-router_deploy_config_sim-program-aware-config.yaml",
     } <= loaded
