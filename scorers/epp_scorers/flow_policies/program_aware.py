@@ -245,7 +245,7 @@ class ProgramAwareFairness(FairnessPolicy, PreRequest, ResponseMeasured, Respons
         s_lo, s_hi = min(services), max(services)
         a = self.weight_service / (s_hi - s_lo) if s_hi > s_lo else 0.0
         if enqueued is None:
-            return services.index(s_lo)
+            return services.index(s_lo) if a else 0
         e_lo, e_hi = min(enqueued), max(enqueued)
         b = self.weight_head_wait / (e_hi - e_lo) if e_hi > e_lo else 0.0
         scores = [-a * s - b * e for s, e in zip(services, enqueued, strict=True)]
