@@ -119,6 +119,14 @@ def test_the_model_keeps_a_bounded_window_and_follows_a_change() -> None:
     assert predicted is not None and predicted[0] == pytest.approx(100.0, rel=1e-3)
 
 
+def test_the_model_never_predicts_faster_than_the_fastest_observation() -> None:
+    model = OnlineLinearModel(1, window=64, min_samples=32)
+    for i in range(40):
+        model.add(np.array([float(i)]), 30.0 + 2.0 * i)
+    predicted = model.predict(np.array([[-100.0], [10.0]]))  # far outside the data, and inside
+    assert predicted is not None and predicted.tolist() == pytest.approx([30.0, 50.0])
+
+
 def test_the_producer_learns_ttft_and_tpot_from_measured_responses() -> None:
     producer = PredictedLatencyProducer(streaming_mode=True)
     a, b = make_endpoint("a", waiting=0, running=1, kv=0.1), make_endpoint("b", waiting=4, running=6, kv=0.4)

@@ -33,8 +33,10 @@ TPOT_FEATURES = 4  # the leading columns TPOT is fitted on
 class OnlineLinearModel:
     """Least squares over the most recent `window` observations (a ring buffer: bounded memory),
     refitted every `refit_every` new observations once `min_samples` have been seen. Predicts
-    nothing (None) until its first fit. Columns are standardised before the fit (features range
-    from 0..1 to tens of thousands) and a small ridge term keeps a constant column solvable."""
+    nothing (None) until its first fit, and never less than the smallest observation in the window
+    (a line extrapolated past the data must not promise a latency faster than any seen). Columns
+    are standardised before the fit (features range from 0..1 to tens of thousands) and a small
+    ridge term keeps a constant column solvable."""
 
     def __init__(
         self, features: int, *, window: int = 2048, min_samples: int = 32, refit_every: int = 16
@@ -53,6 +55,7 @@ class OnlineLinearModel:
         self._since_fit = 0
         self.intercept = 0.0
         self.coef: FloatArray | None = None
+        self.floor = 0.0  # the smallest observation in the window at the last fit
 
     def add(self, x: FloatArray, y: float) -> None:
         """One observation (`x`: this model's `features` columns); refits when due."""
@@ -82,13 +85,14 @@ class OnlineLinearModel:
         w = np.linalg.solve(gram, z.T @ (y - y_mean))
         self.coef = w / scale
         self.intercept = y_mean - float(self.coef @ mean)
+        self.floor = max(0.0, float(y.min()))
         self._since_fit = 0
 
     def predict(self, x: FloatArray) -> FloatArray | None:
-        """One prediction per row of `x` (never below 0); None before the first fit."""
+        """One prediction per row of `x` (never below `floor`); None before the first fit."""
         if self.coef is None:
             return None
-        out: FloatArray = np.maximum(x[:, : self.features] @ self.coef + self.intercept, 0.0)
+        out: FloatArray = np.maximum(x[:, : self.features] @ self.coef + self.intercept, self.floor)
         return out
 
 
