@@ -9,9 +9,10 @@ through real Envoy and epp, once per policy, each on fresh simulators:
   while the utilization detector reads saturated);
 - `epp-flow-control`: the same scorers with the `flowControl` gate on, a `concurrency-detector`
   sized to what a simulator runs at once (and first filter of the profile), bands 100 / 0 / -10
-  (round-robin fairness, FCFS), a `priority-holdback-policy` (ceilings 1.0 / 0.625 / 0.25 of
-  the pool) and a request TTL; the sheddable band holds one request, so sheddable requests are
-  refused at once while the pool is saturated.
+  (round-robin fairness, FCFS), a `priority-holdback-policy` (minCeiling 0.25 by priority value:
+  ceilings 1.0 / 0.32 / 0.25 of the pool, so critical requests keep most of it) and a request
+  TTL; the sheddable band holds one request, so sheddable requests are refused at once while the
+  pool is saturated.
 
 First an unloaded run (critical requests only, at a tenth of the capacity) gives the reference
 TTFT. Per class: TTFT p50/p90 of the served requests, goodput (served requests/s), 429s (of which
@@ -39,11 +40,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from epp_bench.gateway import EnvoyGateway, EppProcess
 from epp_bench.runner import simulators
 
-# (class, InferenceObjective priority, share of the requests)
+# (class, InferenceObjective priority, default share of the requests). At 2x overload a 20 %
+# critical share is about 40 % of what the pool serves; at 30 % (the first runs' mix) critical
+# requests alone take 60 % of it and already queue behind one another's prefills in the
+# simulators (docs/flow-control.md, Measured).
 CLASSES: tuple[tuple[str, int, float], ...] = (
-    ("critical", 100, 0.3),
+    ("critical", 100, 0.2),
     ("standard", 0, 0.4),
-    ("sheddable", -10, 0.3),
+    ("sheddable", -10, 0.4),
 )
 OBJECTIVE_HEADER = "x-llm-d-inference-objective"
 FAIRNESS_HEADER = "x-llm-d-inference-fairness-id"
@@ -66,7 +70,9 @@ schedulingProfiles:
 """
 
 
-def flow_control_config(max_concurrency: int, ttl_s: float, sheddable_queue: int, min_ceiling: float) -> str:
+def flow_control_config(
+    max_concurrency: int, ttl_s: float, sheddable_queue: int, min_ceiling: float, domain: str = "rank"
+) -> str:
     """The upstream flow-control guide's shape, sized for the simulators; the detector is also
     the profile's first filter, so no simulator is given more than it runs at once, and a
     priority-holdback policy keeps headroom for the higher bands."""
@@ -82,7 +88,7 @@ featureGates: [flowControl]
 plugins:
 {SCORERS}- type: round-robin-fairness-policy
 - type: priority-holdback-policy
-  parameters: {{minCeiling: {min_ceiling:g}}}
+  parameters: {{minCeiling: {min_ceiling:g}, domain: {domain}}}
 - type: fcfs-ordering-policy
 - type: concurrency-detector
   parameters: {{maxConcurrency: {max_concurrency}, concurrencyMode: requests}}
@@ -110,13 +116,15 @@ class OverloadConfig:
     prompt_tokens: int = 256
     output_tokens: int = 32
     rate: float = 14.0  # requests/s: about twice what 2 simulators x 4 sequences serve (measured)
-    seconds: float = 20.0
+    seconds: float = 30.0
     unloaded_rate: float = 1.0
-    unloaded_seconds: float = 15.0
+    unloaded_seconds: float = 30.0  # about 30 requests: enough for a p90
     tenants: int = 4
     ttl_s: float = 5.0
     sheddable_queue: int = 1
     min_ceiling: float = 0.25  # priority-holdback-policy: the lowest band's share of the pool
+    holdback_domain: str = "value"  # ceilings by priority value: standard (0) sits near sheddable (-10)
+    mix: Sequence[float] = tuple(share for _, _, share in CLASSES)  # critical, standard, sheddable
     policies: Sequence[str] = POLICIES
     max_seconds: float = 90.0  # hard bound per run
     seed: int = 1
@@ -246,7 +254,9 @@ async def run_policy(
     objectives.write_text(objectives_yaml())
     args = ["--inference-objectives-file", str(objectives), "--log-level", "warning"]
     if policy == "epp-flow-control":
-        text = flow_control_config(cfg.max_num_seqs, cfg.ttl_s, cfg.sheddable_queue, cfg.min_ceiling)
+        text = flow_control_config(
+            cfg.max_num_seqs, cfg.ttl_s, cfg.sheddable_queue, cfg.min_ceiling, cfg.holdback_domain
+        )
         args += ["--config-text", text]
     elif policy != "epp":
         raise ValueError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
@@ -259,7 +269,8 @@ async def run_policy(
         if unloaded:
             run = await run_load(gw.url, cfg, cfg.unloaded_rate, cfg.unloaded_seconds, CLASSES[:1])
         else:
-            run = await run_load(gw.url, cfg, cfg.rate, cfg.seconds, CLASSES)
+            mixed = [(name, prio, share) for (name, prio, _), share in zip(CLASSES, cfg.mix, strict=True)]
+            run = await run_load(gw.url, cfg, cfg.rate, cfg.seconds, mixed)
         waits = await queue_waits(epp.metrics_url)
     classes = summarize(run)
     for name, priority, _ in CLASSES:
@@ -362,9 +373,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--min-ceiling", type=float, default=d.min_ceiling, help="priority-holdback-policy's minCeiling"
     )
+    p.add_argument(
+        "--holdback-domain",
+        choices=("rank", "value"),
+        default=d.holdback_domain,
+        help="priority-holdback-policy's domain: ceilings by band rank or by priority value",
+    )
+    p.add_argument(
+        "--mix",
+        default=",".join(f"{share:g}" for share in d.mix),
+        help="shares of the critical, standard and sheddable classes, e.g. 0.3,0.4,0.3",
+    )
     p.add_argument("--policy", action="append", choices=POLICIES, help="repeat for several (default: both)")
     p.add_argument("--max-seconds", type=float, default=d.max_seconds, help="hard bound per run")
     p.add_argument("--out", type=Path, help="write the results JSON here")
+
+
+def _mix(text: str) -> tuple[float, ...]:
+    try:
+        shares = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--mix: three numbers separated by commas, got {text!r}") from None
+    if len(shares) != len(CLASSES) or any(s < 0 for s in shares) or not sum(shares) > 0:
+        raise SystemExit(f"--mix: three non-negative shares, not all zero, got {text!r}")
+    return shares
 
 
 def main(args: argparse.Namespace) -> int:
@@ -377,6 +409,8 @@ def main(args: argparse.Namespace) -> int:
         ttl_s=args.ttl,
         tenants=args.tenants,
         min_ceiling=args.min_ceiling,
+        holdback_domain=args.holdback_domain,
+        mix=_mix(args.mix),
         policies=args.policy or POLICIES,
         max_seconds=args.max_seconds,
     )

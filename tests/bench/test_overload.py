@@ -40,3 +40,17 @@ def test_a_short_overload_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert flow["critical"]["served"] > 0
     assert flow["critical"]["other_errors"] == 0 and flow["standard"]["other_errors"] == 0
     assert "| epp-flow-control | critical |" in capsys.readouterr().out
+
+
+def test_the_class_mix_is_a_flag_and_bad_mixes_are_refused(tmp_path: Path) -> None:
+    # A mix with no sheddable requests: the run sends none, and says so per class.
+    out = tmp_path / "overload.json"
+    args = ["overload", "--simulators", "1", "--max-num-seqs", "1", "--rate", "4", "--seconds", "2"]
+    args += ["--unloaded-seconds", "1", "--policy", "epp", "--mix", "0.5,0.5,0", "--max-seconds", "20"]
+    assert epp_bench_main([*args, "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["mix"] == [0.5, 0.5, 0.0]
+    assert "sheddable" not in doc["runs"][0]["classes"]
+    for bad in ("0.5,0.5", "a,b,c", "-1,1,1", "0,0,0"):
+        with pytest.raises(SystemExit, match="--mix"):
+            epp_bench_main(["overload", f"--mix={bad}", "--out", str(tmp_path / "x.json")])
