@@ -25,6 +25,7 @@ from epp.testing import build, load_scheduler, make_endpoint, make_request
 from epp_scorers.admitters.latency_slo import LatencySloAdmitter
 from epp_scorers.filters.prefix_affinity import PrefixCacheAffinityFilter
 from epp_scorers.filters.slo_headroom_tier import SloHeadroomTierFilter
+from epp_scorers.producers import predicted_latency
 from epp_scorers.producers.approx_prefix import ApproxPrefixCacheProducer
 from epp_scorers.producers.latency_model import OnlineLinearModel
 from epp_scorers.producers.latency_sidecar import SidecarConfig, parse_coefficients
@@ -202,9 +203,18 @@ def test_producer_parameters_are_checked() -> None:
         build(PredictedLatencyProducer, {"streamingmode": True})
 
 
-def test_state_is_bounded_by_the_requests_in_flight() -> None:
+def test_state_is_bounded_by_the_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
     producer = trained()
-    assert not producer._pending and not producer._running_tpot_slo
+    assert not producer._pending and not producer._running_tpot_slo  # every response ended
+    monkeypatch.setattr(predicted_latency, "_MAX_PENDING", 3)
+    ep = make_endpoint("a", running=1)
+    for i in range(5):  # routed, never answered
+        request = make_request("x" * 400, headers={"x-llm-d-slo-tpot-ms": "50"}, request_id=f"open-{i}")
+        cycle = CycleState()
+        producer.produce(cycle, request, [ep])
+        producer.pre_request(cycle, request, SchedulingResult("d", {"d": ProfileResult("d", [ep], [ep])}))
+    assert list(producer._pending) == ["open-2", "open-3", "open-4"]
+    assert list(producer._running_tpot_slo[ep.key]) == ["open-2", "open-3", "open-4"]
 
 
 # --- latency-scorer ------------------------------------------------------------------------------

@@ -398,8 +398,9 @@ class PredictedLatencyProducer(
         x = predictions.features_of(endpoint)
         if x is None:
             return
-        if len(self._pending) >= _MAX_PENDING:
-            self._pending.pop(next(iter(self._pending)))
+        if len(self._pending) >= _MAX_PENDING:  # the oldest goes, with its TPOT SLO entry
+            oldest = next(iter(self._pending))
+            self._forget(oldest, self._pending.pop(oldest)[1])
         self._pending[request.request_id] = (x, endpoint.key, predictions.get(endpoint))
         if self.streaming_mode and predictions.tpot_slo_ms > 0:
             self._running_tpot_slo.setdefault(endpoint.key, {})[request.request_id] = predictions.tpot_slo_ms
@@ -425,13 +426,16 @@ class PredictedLatencyProducer(
 
     def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         pending = self._pending.pop(request.request_id, None)
-        if pending is None:
-            return
-        running = self._running_tpot_slo.get(pending[1])
+        if pending is not None:
+            self._forget(request.request_id, pending[1])
+
+    def _forget(self, request_id: str, endpoint_key: str) -> None:
+        """Drop a request from its endpoint's running TPOT SLOs."""
+        running = self._running_tpot_slo.get(endpoint_key)
         if running is not None:
-            running.pop(request.request_id, None)
+            running.pop(request_id, None)
             if not running:
-                del self._running_tpot_slo[pending[1]]
+                del self._running_tpot_slo[endpoint_key]
 
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         self._running_tpot_slo.pop(endpoint.key, None)
