@@ -27,12 +27,12 @@ from epp_scorers.producers.prefix_index import ENTRY_BYTES, PrefixIndex, PromptH
 
 
 def reference_hashes(model: str, text: str, block: int, max_blocks: int, salt: str = "") -> list[int]:
-    """seed = xxh64(model [+ salt]); h_i = xxh64(block_i + h_{i-1} as 8 bytes little endian)."""
+    """h_0 = xxh64(model [+ salt]); h_i = xxh64(block_i, seed=h_{i-1})."""
     data = text.encode()[: block * max_blocks]
     prev = xxhash.xxh64_intdigest((model + salt).encode())
     out = []
     for i in range(0, len(data) - block + 1, block):
-        prev = xxhash.xxh64_intdigest(data[i : i + block] + prev.to_bytes(8, "little"))
+        prev = xxhash.xxh64_intdigest(data[i : i + block], seed=prev)
         out.append(prev)
     return out
 

@@ -1,10 +1,11 @@
 """Text without a tokenizer: prompt rendering, token counts, chained block hashes, generated words.
 
 Tokens are 4 characters (counted as UTF-8 bytes). A KV block holds 16 tokens = 64 bytes of text, and
-block i's identity is `xxh64(bytes of block i + hash of block i-1)` seeded with `xxh64(model)`, the
-same chain the EPP's prefix index computes, so two prompts share a block only when they share the
-whole prefix up to its end. Generated tokens are 4-byte words, so an answer pasted back into the next
-turn of a conversation counts (and hashes) exactly as it was generated.
+block i's identity is `xxh64(bytes of block i + hash of block i-1)` seeded with `xxh64(model)` (the
+simulator's own chain: epp's prefix index chains through xxh64's seed instead, and the two are never
+compared), so two prompts share a block only when they share the whole prefix up to its end.
+Generated tokens are 4-byte words, so an answer pasted back into the next turn of a conversation
+counts (and hashes) exactly as it was generated.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def message_text(content: object) -> str:
 
 
 def model_seed(model: str) -> bytes:
-    """The chain's starting value: 8 little-endian bytes of xxh64(model), as the EPP seeds it."""
+    """The chain's starting value: 8 little-endian bytes of xxh64(model)."""
     return xxhash.xxh64_digest(model.encode())[::-1]
 
 
