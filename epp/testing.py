@@ -200,7 +200,7 @@ def score(
     cycle = cycle or CycleState()
     for producer in _default_producers([scorer], PluginHandle()):
         producer.produce(cycle, request, endpoints)
-    return list(scorer.score(cycle, request, endpoints))
+    return [float(s) for s in scorer.score(cycle, request, endpoints)]
 
 
 @dataclass
@@ -249,10 +249,10 @@ def run_profile(
         return run
     run.candidates = [ep.name for ep in result.candidates]
     run.scores = {
-        scorer: {ep.name: s for ep, s in zip(result.candidates, values, strict=True)}
+        scorer: {ep.name: float(s) for ep, s in zip(result.candidates, values, strict=True)}
         for scorer, values in result.scorer_scores.items()
     }
-    run.totals = {ep.name: t for ep, t in zip(result.candidates, result.totals, strict=True)}
+    run.totals = {ep.name: float(t) for ep, t in zip(result.candidates, result.totals, strict=True)}
     return run
 
 

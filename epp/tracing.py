@@ -278,12 +278,12 @@ def _profile_attributes(
         names, maxima, means = [], [], []
         for scorer, scores in run.scorer_scores.items():
             names.append(scorer)
-            maxima.append(float(max(scores)) if scores else 0.0)
-            means.append(float(sum(scores)) / len(scores) if scores else 0.0)
+            maxima.append(float(max(scores)) if len(scores) else 0.0)  # a list or a numpy array
+            means.append(float(sum(scores)) / len(scores) if len(scores) else 0.0)
         attributes["llm_d.epp.scoring.scorers"] = names
         attributes["llm_d.epp.scoring.score_max"] = maxima
         attributes["llm_d.epp.scoring.score_avg"] = means
-    if run.totals:
+    if len(run.totals):
         ranked = sorted(
             zip(run.totals, run.candidates, strict=True), key=lambda pair: (-pair[0], pair[1].namespaced_name)
         )[:TOP_ENDPOINTS]

@@ -1,7 +1,9 @@
 """The set of endpoints epp may route to. Discovery writes it; the scheduler reads it.
 
 Readers get a cached tuple rebuilt only when the set changes, so a pick never copies endpoint
-state. Components that keep per-endpoint state (scraper, prefix index) subscribe to changes.
+state, and the scraped metrics the in-tree scorers read as numpy columns aligned with it
+(`epp.framework.metric_columns`), rebuilt with the tuple; a scrape writes its endpoint's row.
+Components that keep per-endpoint state (scraper, prefix index) subscribe to changes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from epp.framework import Endpoint
+from epp.framework.columns import EndpointColumns
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +23,7 @@ class Datastore:
     def __init__(self) -> None:
         self._by_key: dict[str, Endpoint] = {}
         self._snapshot: tuple[Endpoint, ...] = ()
+        self._columns = EndpointColumns(())
         self._on_added: list[EndpointCallback] = []
         self._on_removed: list[EndpointCallback] = []
         self.synced = False  # the first full endpoint set has been applied
@@ -41,16 +45,21 @@ class Datastore:
         """Make the set equal `desired`. Unchanged endpoints keep their object (and metrics);
         an endpoint whose name or labels changed is updated in place."""
         wanted = {ep.key: ep for ep in desired}
+        changed = False
         for key in [k for k in self._by_key if k not in wanted]:
             self._remove(key)
+            changed = True
         for key, ep in wanted.items():
             current = self._by_key.get(key)
             if current is None:
                 self._add(ep)
+                changed = True
             elif current.name != ep.name or current.labels != ep.labels:
                 current.name = ep.name
                 current.labels = ep.labels
-        self._snapshot = tuple(self._by_key.values())
+        if changed:  # the same tuple (and columns) otherwise: identity is what readers key on
+            self._snapshot = tuple(self._by_key.values())
+            self._columns = EndpointColumns(self._snapshot)
         self.synced = True
 
     def _add(self, ep: Endpoint) -> None:
@@ -61,6 +70,7 @@ class Datastore:
 
     def _remove(self, key: str) -> None:
         ep = self._by_key.pop(key)
+        self._columns.detach(ep)
         log.info("endpoint removed: %s (%s)", ep.key, ep.name)
         for cb in self._on_removed:
             cb(ep)

@@ -2,7 +2,10 @@
 in-tree plugins) imports from epp.
 
 - data model: `Endpoint`, `EndpointMetrics`, `InferenceRequest`, `Api`, `ProfileResult`,
-  `SchedulingResult`, `ROLE_LABEL`
+  `SchedulingResult`, `ROLE_LABEL`; `Scores` (a list or a numpy array, one per candidate)
+- `metric_columns(endpoints)`: the candidates' scraped metrics as numpy arrays (`MetricColumns`,
+  `Column`), for scorers that score every candidate at once; `endpoint_positions(endpoints)`,
+  an endpoint key's index among them
 - cycle state: `CycleState`, `DataKey[T]`
 - parameters: `Params`, `ConfigError`, `ParamDoc`
 - plugin bases (a plugin's kind is its base class): `Filter`, `Scorer`, `Picker`,
@@ -18,6 +21,7 @@ in-tree plugins) imports from epp.
 """
 
 from epp.errors import ConfigError, EppError, ErrorCode
+from epp.framework.columns import Column, MetricColumns, endpoint_positions, metric_columns
 from epp.framework.cycle import CycleState, DataKey
 from epp.framework.datamodel import (
     EMPTY_METRICS,
@@ -28,6 +32,7 @@ from epp.framework.datamodel import (
     InferenceRequest,
     ProfileResult,
     SchedulingResult,
+    Scores,
 )
 from epp.framework.fairness import fairness_id
 from epp.framework.handle import PluginHandle
@@ -71,6 +76,7 @@ __all__ = [
     "Admitter",
     "Api",
     "BackgroundService",
+    "Column",
     "ConfigError",
     "CycleState",
     "DataKey",
@@ -87,6 +93,7 @@ __all__ = [
     "FlowQueue",
     "InFlightLedger",
     "InferenceRequest",
+    "MetricColumns",
     "OrderingPolicy",
     "ParamDoc",
     "Params",
@@ -107,8 +114,11 @@ __all__ = [
     "SaturationDetector",
     "SchedulingResult",
     "Scorer",
+    "Scores",
     "ServedElsewhere",
     "ServiceContext",
     "UsageLimitPolicy",
+    "endpoint_positions",
     "fairness_id",
+    "metric_columns",
 ]

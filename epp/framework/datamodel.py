@@ -11,7 +11,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from epp.framework.columns import EndpointColumns
 
 # Pod label naming an endpoint's role in prefill/decode disaggregation.
 ROLE_LABEL = "llm-d.ai/role"
@@ -35,6 +41,10 @@ class EndpointMetrics:
 
 EMPTY_METRICS = EndpointMetrics()
 
+# One score per candidate, in candidate order: a list, or a numpy float array (what the in-tree
+# scorers built on `metric_columns` return, and the profile's weighted totals at many endpoints).
+Scores = Sequence[float] | npt.NDArray[np.float64]
+
 
 class Endpoint:
     """One serving endpoint (a pod and target port). Owned by the datastore; plugins read it.
@@ -42,9 +52,14 @@ class Endpoint:
     `inflight_requests` / `inflight_tokens` are epp's own count of what it has routed to this
     endpoint and not yet seen finish: fresher than scraped metrics. Only the in-flight ledger
     (`epp.framework.InFlightLedger`) changes them.
+
+    Assigning `metrics` also writes the new values into the endpoint's slot of the datastore's
+    metric columns (`epp.framework.metric_columns`), when it belongs to a datastore.
     """
 
     __slots__ = (
+        "_column_set",
+        "_column_slot",
         "address",
         "inflight_requests",
         "inflight_tokens",
@@ -65,6 +80,9 @@ class Endpoint:
         labels: Mapping[str, str] | None = None,
         namespace: str = "",
     ):
+        # The datastore's metric columns this endpoint has a row in, and the row (see columns.py).
+        self._column_set: EndpointColumns | None = None
+        self._column_slot = 0
         self.address = address
         self.port = port
         # What Envoy is told in x-gateway-destination-endpoint; IPv6 addresses in brackets.
@@ -76,6 +94,15 @@ class Endpoint:
         self.inflight_requests = 0
         self.inflight_tokens = 0
         self.scrape_errors = 0  # failed polls of /metrics in a row (reset by a good one)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A hook on writes rather than a property: reads of `ep.metrics` (every scorer, per
+        # endpoint) stay a plain slot read (a property measured 5x slower to read).
+        object.__setattr__(self, name, value)
+        if name == "metrics":
+            columns = self._column_set
+            if columns is not None:
+                columns.write(self._column_slot, value)
 
     @property
     def role(self) -> str | None:
@@ -143,13 +170,14 @@ class ProfileResult:
     profile_name: str
     endpoints: list[Endpoint]
     candidates: Sequence[Endpoint] = ()
-    totals: Sequence[float] = ()
-    scorer_scores: Mapping[str, Sequence[float]] = field(default_factory=dict)  # scorer name -> raw
+    totals: Scores = ()  # a numpy array above a few candidates
+    scorer_scores: Mapping[str, Scores] = field(default_factory=dict)  # scorer name -> raw
 
     @property
     def scores(self) -> dict[str, float]:
         """Endpoint key -> weighted total score."""
-        return {ep.key: total for ep, total in zip(self.candidates, self.totals, strict=True)}
+        totals = self.totals.tolist() if isinstance(self.totals, np.ndarray) else self.totals
+        return {ep.key: total for ep, total in zip(self.candidates, totals, strict=True)}
 
 
 @dataclass(slots=True)

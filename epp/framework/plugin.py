@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from epp.framework.cycle import CycleState, DataKey
-from epp.framework.datamodel import Endpoint, InferenceRequest, ProfileResult, SchedulingResult
+from epp.framework.datamodel import Endpoint, InferenceRequest, ProfileResult, SchedulingResult, Scores
 from epp.framework.params import Params
 
 if TYPE_CHECKING:
@@ -128,17 +128,25 @@ class Filter(Plugin, abc.ABC):
 class Scorer(Plugin, abc.ABC):
     """Scores each candidate in [0, 1] (one value per endpoint, same order). Synchronous, no I/O.
 
-    The profile clamps each value into [0, 1] and multiplies it by the scorer's weight.
+    The profile clamps each value into [0, 1] and multiplies it by the scorer's weight. A list or
+    a numpy float array (`Scores`; `metric_columns` gives the candidates' metrics as arrays).
     """
 
     @abc.abstractmethod
     def score(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
-    ) -> Sequence[float]: ...
+    ) -> Scores: ...
 
 
 class Picker(Plugin, abc.ABC):
-    """Chooses the endpoints (primary first) from the scored candidates."""
+    """Chooses the endpoints (primary first) from the scored candidates.
+
+    `scores` are the weighted totals, a list; a picker that sets `array_scores` (and accepts
+    `Scores`) gets them as the numpy array the profile computes above a few candidates, saving
+    the conversion.
+    """
+
+    array_scores: ClassVar[bool] = False
 
     @abc.abstractmethod
     def pick(

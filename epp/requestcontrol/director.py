@@ -33,6 +33,7 @@ from epp.framework import (
     ProfileResult,
     ResponseStats,
     SchedulingResult,
+    metric_columns,
 )
 from epp.observability import DEFAULT_PRIORITY, EppMetrics, PoolSummary, RequestMetrics, fairness_id
 from epp.requestcontrol.usage import Usage
@@ -149,7 +150,9 @@ class Director:
         self._tracer = tracer
         self.scheduler.trace_profiles = tracer is not None  # time each profile for its span
 
-    def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
+    def candidates(self, subset: Sequence[str] | None) -> Sequence[Endpoint]:
+        """The endpoints a request may go to: the datastore's endpoint tuple itself when nothing
+        narrows it (the scorers then read its metric columns without a gather)."""
         endpoints: Sequence[Endpoint] = self.datastore.endpoints()
         if subset is not None and self.use_subset_hint:
             # Envoy's subset hint names "ip:port" entries; as in the Go EPP only the IP counts, so
@@ -162,9 +165,10 @@ class Director:
             )
         # Prefer endpoints whose metrics are fresh: a pod that stopped answering /metrics is likely
         # down or overloaded. When none are fresh (start-up, scraper lagging), use them all.
-        cutoff = time.monotonic() - self.staleness_threshold_s
-        fresh = [ep for ep in endpoints if ep.metrics.updated_at >= cutoff]
-        return fresh if fresh else list(endpoints)
+        fresh = metric_columns(endpoints).updated_at >= time.monotonic() - self.staleness_threshold_s
+        if fresh.all() or not fresh.any():
+            return endpoints
+        return [endpoints[i] for i in fresh.nonzero()[0].tolist()]
 
     def schedule(
         self,
@@ -181,7 +185,7 @@ class Director:
         tracer = self._tracer
         orchestration = tracer.start_orchestration(span, request, 0) if tracer is not None else None
         cycle = CycleState()
-        candidates: list[Endpoint] = []
+        candidates: Sequence[Endpoint] = ()
         result: SchedulingResult | None = None
         try:
             candidates = self.candidates(subset)

@@ -361,7 +361,7 @@ def test_prefix_cache_score(params: dict[str, Any], match: PrefixMatch | None, e
         cycle.write(PREFIX_MATCH, match)
     endpoints = [make_endpoint(n) for n in "abc"]
     scorer = build(PrefixCacheScorer, params)
-    assert scorer.score(cycle, make_request(), endpoints) == approx(expected)
+    assert list(scorer.score(cycle, make_request(), endpoints)) == approx(expected)
 
 
 @pytest.mark.parametrize(

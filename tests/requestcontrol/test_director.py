@@ -55,13 +55,13 @@ def test_subset_hint_matches_on_the_ip_and_empty_is_503() -> None:
     assert director.candidates(["10.0.0.2:8000"]) == [b, b2]  # the port is not compared (as in Go)
     assert director.candidates(["10.0.0.1"]) == [a]
     assert director.candidates(["[fd00::1]:9000"]) == [v6]
-    assert director.candidates(None) == [a, b, b2, v6]
+    assert director.candidates(None) == (a, b, b2, v6)  # the datastore's tuple itself
     with pytest.raises(EppError) as err:
         director.candidates([])
     assert err.value.code is ErrorCode.SERVICE_UNAVAILABLE
     assert err.value.dropped_reason == "rejected-no-endpoints"
     director.use_subset_hint = False  # --disable-endpoint-subset-filter
-    assert director.candidates([]) == [a, b, b2, v6]
+    assert list(director.candidates([])) == [a, b, b2, v6]
 
 
 def test_fresh_endpoints_are_preferred_and_all_used_when_none_is_fresh() -> None:
@@ -69,7 +69,9 @@ def test_fresh_endpoints_are_preferred_and_all_used_when_none_is_fresh() -> None
     director, _ = director_for([stale, live])
     assert director.candidates(None) == [live]
     live.metrics = type(live.metrics)(updated_at=0.0)
-    assert director.candidates(None) == [stale, live]
+    assert list(director.candidates(None)) == [stale, live]
+    fresh(stale), fresh(live)  # all fresh: the datastore's tuple itself (the scorers' columns)
+    assert director.candidates(None) is director.datastore.endpoints()
 
 
 async def test_schedule_charges_every_profile_primary_and_release_frees_them() -> None:

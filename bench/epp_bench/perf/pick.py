@@ -1,11 +1,13 @@
 """`python -m epp_bench pick`: the cost of one pick, in this process.
 
 One pick is one scheduling cycle of epp's default config (prefix producer, queue, KV-cache and
-prefix scorers, max-score picker) over endpoints with random metrics: what stands between the
-request body and the reply to Envoy. The after-pick recording of the prompt in the prefix index
-runs off the reply path; it runs between picks (so the index evolves as in service) but is not
-timed. Prompts are one of 16 shared system prompts (80 % of the characters) and a random
-question; the index is warmed by 200 earlier requests.
+prefix scorers, max-score picker) over endpoints with random metrics, held in a datastore whose
+endpoint tuple is the candidates (as the director passes it when every endpoint's metrics are
+fresh and Envoy sent no subset hint): what stands between the request body and the reply to
+Envoy. The after-pick recording of the prompt in the prefix index runs off the reply path; it
+runs between picks (so the index evolves as in service) but is not timed. Prompts are one of 16
+shared system prompts (80 % of the characters) and a random question; the index is warmed by 200
+earlier requests.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def _counts(text: str) -> list[int]:
 
 
 def measure(endpoints: int, prompt_chars: int, picks: int, max_seconds: float, seed: int) -> dict[str, Any]:
+    from epp.datalayer.datastore import Datastore
     from epp.framework import Api, CycleState, Endpoint, EndpointMetrics, InferenceRequest
     from epp.framework.registry import installed_registry
     from epp.scheduling.loader import DEFAULT_CONFIG, load_config
@@ -69,6 +72,9 @@ def measure(endpoints: int, prompt_chars: int, picks: int, max_seconds: float, s
             updated_at=time.monotonic(),
         )
         pool.append(ep)
+    store = Datastore()
+    store.replace_all(pool)
+    candidates = store.endpoints()
     system_chars = prompt_chars * 4 // 5
     systems = ["".join(rng.choice("abcdefgh ") for _ in range(system_chars)) for _ in range(16)]
 
@@ -79,7 +85,7 @@ def measure(endpoints: int, prompt_chars: int, picks: int, max_seconds: float, s
     def pick(req: Any) -> float:
         cycle = CycleState()
         started = time.perf_counter()
-        result = scheduler.schedule(cycle, req, pool)
+        result = scheduler.schedule(cycle, req, candidates)
         took = time.perf_counter() - started
         for hook in scheduler.pre_request_hooks:  # off the reply path in epp: not timed
             hook.pre_request(cycle, req, result)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from epp.framework import CycleState, Endpoint
+import numpy as np
+
+from epp.framework import CycleState, Endpoint, Scores
 from epp_scorers.pickers.base import BasePicker
 
 
@@ -25,12 +27,13 @@ class MaxScorePicker(BasePicker):
     """Highest total score wins; ties are broken at random so equal endpoints share load."""
 
     type_name = "max-score-picker"
+    array_scores = True  # the profile's totals as computed: a numpy array at many endpoints
 
-    def pick(
-        self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Sequence[float]
-    ) -> list[Endpoint]:
+    def pick(self, cycle: CycleState, endpoints: Sequence[Endpoint], scores: Scores) -> list[Endpoint]:
         if not endpoints:
             return []
+        if isinstance(scores, np.ndarray):
+            return self._pick_array(endpoints, scores)
         if self.max_endpoints == 1:
             best = max(scores)
             if scores.count(best) == 1:  # the usual case, at C speed
@@ -41,3 +44,16 @@ class MaxScorePicker(BasePicker):
         self._rng.shuffle(order)  # shuffle, then a stable sort: random order among equal scores
         order.sort(key=lambda i: scores[i], reverse=True)
         return [endpoints[i] for i in order[: self.max_endpoints]]
+
+    def _pick_array(self, endpoints: Sequence[Endpoint], scores: np.ndarray) -> list[Endpoint]:
+        """The same choice, and the same draws from the random source, on a numpy array."""
+        if self.max_endpoints == 1:
+            best = int(scores.argmax())
+            ties = scores == scores[best]
+            if np.count_nonzero(ties) == 1:  # the usual case
+                return [endpoints[best]]
+            return [endpoints[self._rng.choice(np.flatnonzero(ties).tolist())]]
+        order = list(range(len(endpoints)))
+        self._rng.shuffle(order)
+        ranked = np.asarray(order)[np.argsort(-scores[order], kind="stable")]
+        return [endpoints[i] for i in ranked[: self.max_endpoints].tolist()]

@@ -1,6 +1,8 @@
 """`kv-cache-utilization-scorer`: prefer endpoints with more free KV cache: 1 - usage.
 
 Usage is `vllm:kv_cache_usage_perc` (0..1); an endpoint never scraped counts as empty (score 1).
+The scores are a numpy array, computed on the datastore's metric columns
+(`epp.framework.metric_columns`).
 
 Consumes: scraped metrics. Produces: nothing. Parameters: none.
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, Scorer
+from epp.framework import Column, CycleState, Endpoint, InferenceRequest, Scorer, metric_columns
 
 
 class KvCacheUtilizationScorer(Scorer):
@@ -26,7 +28,6 @@ class KvCacheUtilizationScorer(Scorer):
 
     type_name = "kv-cache-utilization-scorer"
 
-    def score(
-        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
-    ) -> list[float]:
-        return [1.0 - ep.metrics.kv_cache_usage for ep in endpoints]
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Column:
+        scores: Column = 1.0 - metric_columns(endpoints).kv_cache_usage
+        return scores

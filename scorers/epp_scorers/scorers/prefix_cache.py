@@ -37,7 +37,10 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Self
 
+import numpy as np
+
 from epp.framework import (
+    Column,
     ConfigError,
     CycleState,
     DataKey,
@@ -47,6 +50,7 @@ from epp.framework import (
     Params,
     PluginHandle,
     Scorer,
+    endpoint_positions,
 )
 from epp_scorers.data import DEFAULT_PREFIX_PRODUCER, PREFIX_MATCH
 
@@ -145,24 +149,24 @@ class PrefixCacheScorer(Scorer):
     def producer_parameters(self, key: DataKey[Any]) -> Mapping[str, Any]:
         return self._producer_parameters if key == self.prefix_key else {}
 
-    def score(
-        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
-    ) -> list[float]:
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Column:
+        scores = np.zeros(len(endpoints))
         match = cycle.read(self.prefix_key)
-        if match is None or not match.total_blocks:
-            return [0.0] * len(endpoints)
-        matched, total = match.matched, match.total_blocks
-        if not matched:
-            return [0.0] * len(endpoints)
-        # Most endpoints match nothing (score 0): the formula runs only for those that do.
+        if match is None or not match.total_blocks or not match.matched:
+            return scores
+        total = match.total_blocks
+        # Most endpoints match nothing (score 0): the formula runs only for the few that do,
+        # scattered to their positions among the candidates.
+        position = endpoint_positions(endpoints)
         w = self.match_length_weight
-        if w == 0.0:  # one pass over the endpoints: the few matched scores, looked up
-            by_key = {key: m / total for key, m in matched.items()}.get
-            return [by_key(ep.key, 0.0) for ep in endpoints]
-        get = matched.get
-        blocks = [get(ep.key, 0) for ep in endpoints]
-        tokens_per_block = match.block_size_tokens / self.match_length_scale
-        return [
-            w * (length := min(1.0, m * tokens_per_block)) * length + (1.0 - w) * m / total if m else 0.0
-            for m in blocks
-        ]
+        tokens_per_block = match.block_size_tokens / self.match_length_scale if w else 0.0
+        for key, m in match.matched.items():
+            i = position(key)
+            if i is None or not m:
+                continue
+            if w == 0.0:
+                scores[i] = m / total
+            else:
+                length = min(1.0, m * tokens_per_block)
+                scores[i] = w * length * length + (1.0 - w) * m / total
+        return scores

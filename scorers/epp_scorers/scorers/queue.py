@@ -5,7 +5,8 @@ min-max normalised over the candidates.
 - `running-requests-size-scorer`: the same on running requests (`vllm:num_requests_running`).
 
 The shortest queue scores 1, the longest 0; when every candidate has the same value, all score 1
-(no preference). An endpoint never scraped counts as 0.
+(no preference). An endpoint never scraped counts as 0. The scores are a numpy array, computed
+on the datastore's metric columns (`epp.framework.metric_columns`).
 
 Consumes: scraped metrics. Produces: nothing. Parameters: none.
 
@@ -22,23 +23,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from epp.framework import CycleState, Endpoint, InferenceRequest, Scorer
+import numpy as np
+
+from epp.framework import Column, CycleState, Endpoint, InferenceRequest, Scorer, metric_columns
 
 
-def low_is_better(values: Sequence[int]) -> list[float]:
-    """(max - v) / (max - min) for each value; all 1.0 when max == min."""
-    if not values:
-        return []
-    low, high = min(values), max(values)
+def low_is_better(values: Column) -> Column:
+    """(max - v) / (max - min) for each value; all 1.0 when max == min. The same floats as
+    Python's int arithmetic gives: counts are exact in a double, and the division is rounded
+    once either way."""
+    if not len(values):
+        return np.zeros(0)
+    low, high = values.min(), values.max()
     if high == low:
-        return [1.0] * len(values)
-    span = high - low
-    if low >= 0 and type(high) is int and high <= 4 * len(values):
-        # Queue lengths are small integers: each distinct value's score computed once, then
-        # looked up (measured 0.71x the time of the formula per endpoint at 1,000 endpoints).
-        table = [(high - v) / span for v in range(high + 1)]
-        return [table[v] for v in values]
-    return [(high - v) / span for v in values]
+        return np.ones(len(values))
+    scores: Column = (high - values) / (high - low)
+    return scores
 
 
 class QueueScorer(Scorer):
@@ -47,10 +47,8 @@ class QueueScorer(Scorer):
 
     type_name = "queue-scorer"
 
-    def score(
-        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
-    ) -> list[float]:
-        return low_is_better([ep.metrics.waiting_queue_size for ep in endpoints])
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Column:
+        return low_is_better(metric_columns(endpoints).waiting_queue_size)
 
 
 class RunningRequestsSizeScorer(Scorer):
@@ -59,7 +57,5 @@ class RunningRequestsSizeScorer(Scorer):
 
     type_name = "running-requests-size-scorer"
 
-    def score(
-        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
-    ) -> list[float]:
-        return low_is_better([ep.metrics.running_requests for ep in endpoints])
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Column:
+        return low_is_better(metric_columns(endpoints).running_requests)

@@ -147,7 +147,7 @@ async def test_pods_publishing_to_epps_socket_steer_the_split_pipeline(tokenizer
                     await asyncio.sleep(0.05)
             result = route(scheduler, [a, b], make_request(prompt))
             assert result.primary.endpoints[0] is b
-            assert result.primary.scorer_scores["prefix-cache-scorer"] == [0.0, 1.0]
+            assert list(result.primary.scorer_scores["prefix-cache-scorer"]) == [0.0, 1.0]
             # Another prompt: no pod holds it, load decides.
             assert route(scheduler, [a, b], make_request(words(100, 40))).primary.endpoints[0] is a
             # b evicts the blocks: the match goes.
