@@ -42,6 +42,9 @@ def test_hashes_follow_the_chained_formula() -> None:
     text = "The quick brown fox jumps over the lazy dog. " * 40
     assert hasher.block_hashes("llama", text, 64, 256) == reference_hashes("llama", text, 64, 256)
     assert len(hasher.block_hashes("llama", text, 64, 256)) == len(text) // 64
+    # Blocks are cut as whole bytes: trailing NULs and multi-byte characters included.
+    odd = ("é" * 20 + "\x00" * 24) * 9
+    assert hasher.block_hashes("llama", odd, 64, 256) == reference_hashes("llama", odd, 64, 256)
 
 
 def test_partial_block_ignored_short_prompt_gives_nothing_and_cap_applies() -> None:

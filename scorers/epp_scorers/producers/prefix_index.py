@@ -66,7 +66,9 @@ class PromptHasher:
     One call of xxhash's one-shot function per block, seeded with the previous block's hash: in
     Python the per-call overhead dominates, so a reused streaming hasher (reset/update/digest)
     measured 2x slower and hashing `block + previous hash as 8 bytes` 1.5x slower (the
-    concatenation). Nothing is allocated per request beyond the block slices and the result list.
+    concatenation). The blocks are cut in one numpy call (a view of the bytes as fixed-size
+    records, listed as `bytes`): 0.6x the time of slicing each in the loop, 390 blocks of 256.
+    Nothing is allocated per request beyond the blocks and the result list.
     """
 
     __slots__ = ()
@@ -77,14 +79,15 @@ class PromptHasher:
         data = text if isinstance(text, bytes) else text.encode()
         if len(data) < block_chars:
             return []
-        end = min(len(data) // block_chars, max_blocks) * block_chars
+        count = min(len(data) // block_chars, max_blocks)
+        blocks: list[bytes] = np.frombuffer(data, dtype=f"V{block_chars}", count=count).tolist()
         xxh64 = xxhash.xxh64_intdigest
         # cache_salt (vLLM's tenant isolation) goes into the seed, so salted blocks never match.
         prev = xxh64((model + cache_salt).encode())
         hashes: list[int] = []
         append = hashes.append
-        for start in range(0, end, block_chars):
-            prev = xxh64(data[start : start + block_chars], prev)  # chained through the seed
+        for block in blocks:
+            prev = xxh64(block, prev)  # chained through the seed
             append(prev)
         return hashes
 
