@@ -21,7 +21,7 @@ in-tree plugins) imports from epp.
 """
 
 from epp.errors import ConfigError, EppError, ErrorCode
-from epp.framework.columns import Column, MetricColumns, endpoint_positions, metric_columns
+from epp.framework.columns import SMALL_POOL_SIZE, Column, MetricColumns, endpoint_positions, metric_columns
 from epp.framework.cycle import CycleState, DataKey
 from epp.framework.datamodel import (
     EMPTY_METRICS,
@@ -73,6 +73,7 @@ __all__ = [
     "EMPTY_METRICS",
     "ENTRY_POINT_GROUP",
     "ROLE_LABEL",
+    "SMALL_POOL_SIZE",
     "Admitter",
     "Api",
     "BackgroundService",

@@ -11,6 +11,7 @@ from typing import cast
 import numpy as np
 
 from epp.framework import (
+    SMALL_POOL_SIZE,
     CycleState,
     Endpoint,
     Filter,
@@ -23,10 +24,10 @@ from epp.framework import (
 
 log = logging.getLogger("epp.scheduling.decisions")
 
-# Above this many candidates, or when a scorer returned an array (the in-tree scorers on metric
-# columns do), weighting runs in numpy: measured 2.5x faster at 100 endpoints (39 us vs 97 us
-# for 3 scorers of lists), while below ~16 lists numpy's call overhead makes it slower.
-_VECTORISE_FROM = 16
+# Above this many candidates, or when a scorer returned an array (the in-tree scorers do above
+# it), weighting runs in numpy: measured 2.5x faster at 100 endpoints (39 us vs 97 us for 3
+# scorers of lists), while below ~16 numpy's call overhead makes it slower.
+_VECTORISE_FROM = SMALL_POOL_SIZE
 
 # (extension point, plugin type, plugin name, seconds) -> None; feeds the plugin-duration histogram.
 PluginTimer = Callable[[str, str, str, float], None]

@@ -40,6 +40,7 @@ from typing import Any, Self
 import numpy as np
 
 from epp.framework import (
+    SMALL_POOL_SIZE,
     Column,
     ConfigError,
     CycleState,
@@ -50,6 +51,7 @@ from epp.framework import (
     Params,
     PluginHandle,
     Scorer,
+    Scores,
     endpoint_positions,
 )
 from epp_scorers.data import DEFAULT_PREFIX_PRODUCER, PREFIX_MATCH
@@ -149,8 +151,10 @@ class PrefixCacheScorer(Scorer):
     def producer_parameters(self, key: DataKey[Any]) -> Mapping[str, Any]:
         return self._producer_parameters if key == self.prefix_key else {}
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Column:
-        scores = np.zeros(len(endpoints))
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Scores:
+        n = len(endpoints)
+        # A numpy array above a few candidates (the profile weights arrays at C speed), else a list.
+        scores: list[float] | Column = [0.0] * n if n <= SMALL_POOL_SIZE else np.zeros(n)
         match = cycle.read(self.prefix_key)
         if match is None or not match.total_blocks or not match.matched:
             return scores

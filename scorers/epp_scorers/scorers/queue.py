@@ -5,8 +5,9 @@ min-max normalised over the candidates.
 - `running-requests-size-scorer`: the same on running requests (`vllm:num_requests_running`).
 
 The shortest queue scores 1, the longest 0; when every candidate has the same value, all score 1
-(no preference). An endpoint never scraped counts as 0. The scores are a numpy array, computed
-on the datastore's metric columns (`epp.framework.metric_columns`).
+(no preference). An endpoint never scraped counts as 0. Above `SMALL_POOL_SIZE` candidates the
+scores are a numpy array, computed on the datastore's metric columns
+(`epp.framework.metric_columns`); a list below (faster there).
 
 Consumes: scraped metrics. Produces: nothing. Parameters: none.
 
@@ -25,7 +26,27 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from epp.framework import Column, CycleState, Endpoint, InferenceRequest, Scorer, metric_columns
+from epp.framework import (
+    SMALL_POOL_SIZE,
+    Column,
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    Scorer,
+    Scores,
+    metric_columns,
+)
+
+
+def low_is_better_list(values: Sequence[int]) -> list[float]:
+    """`low_is_better` on a short list, in plain Python."""
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    if high == low:
+        return [1.0] * len(values)
+    span = high - low
+    return [(high - v) / span for v in values]
 
 
 def low_is_better(values: Column) -> Column:
@@ -47,7 +68,9 @@ class QueueScorer(Scorer):
 
     type_name = "queue-scorer"
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Column:
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Scores:
+        if len(endpoints) <= SMALL_POOL_SIZE:
+            return low_is_better_list([ep.metrics.waiting_queue_size for ep in endpoints])
         return low_is_better(metric_columns(endpoints).waiting_queue_size)
 
 
@@ -57,5 +80,7 @@ class RunningRequestsSizeScorer(Scorer):
 
     type_name = "running-requests-size-scorer"
 
-    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Column:
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Scores:
+        if len(endpoints) <= SMALL_POOL_SIZE:
+            return low_is_better_list([ep.metrics.running_requests for ep in endpoints])
         return low_is_better(metric_columns(endpoints).running_requests)
