@@ -423,13 +423,14 @@ class App:
         await self._refresh_status()
         self.ports = BoundPorts(grpc_port, health_port, metrics_port)
         log.info(
-            "epp serving: ext_proc :%d (%s), health :%d, metrics :%d (%s), %d endpoints",
+            "epp serving: ext_proc :%d (%s), health :%d, metrics :%d (%s), %d endpoints, %s event loop",
             grpc_port,
             self._describe_tls(),
             health_port,
             metrics_port,
             self._describe_metrics(),
             len(self.datastore),
+            type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop or asyncio
         )
         return self.ports
 
@@ -532,11 +533,12 @@ class App:
 
 
 async def serve(app: App) -> None:
-    await app.start()
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before starting: a SIGTERM while epp starts (a pod deleted at once) is a clean stop too.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, signalled.set)
+    await app.start()
     await signalled.wait()
     signalled.clear()
     log.info(

@@ -1,10 +1,13 @@
 """The scraper's lean HTTP/1.1 client (epp.datalayer.metrics_client) against raw servers on
-loopback that answer exactly as scripted: keep-alive, the three ways a body ends, bad answers."""
+loopback that answer exactly as scripted: keep-alive, the three ways a body ends, bad answers.
+Every test runs on asyncio's loop and on uvloop's (epp's default, `--event-loop`), whose
+transports are not asyncio.Transport instances."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import pytest
 
@@ -14,6 +17,9 @@ from epp.datalayer.model_server_metrics import PageLimitError, PageReader, names
 from epp.datalayer.scraper import Scraper
 from epp.errors import MetricsParseError
 from epp.framework import Endpoint
+
+# pytest-asyncio 1.x still honours an overridden event_loop_policy fixture (below), with a warning.
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
 
 PAGE = b"vllm:num_requests_waiting 7\nvllm:num_requests_running 2\nvllm:kv_cache_usage_perc 0.5\n"
 
@@ -41,8 +47,7 @@ class Scripted(asyncio.Protocol):
         self.answer, self.close, self.buffer = answer, close, b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         Scripted.connections += 1
 
     def data_received(self, data: bytes) -> None:
@@ -52,6 +57,14 @@ class Scripted(asyncio.Protocol):
             self.transport.write(self.answer(request))
             if self.close:
                 self.transport.close()
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
+    return asyncio.DefaultEventLoopPolicy()
 
 
 @pytest.fixture
