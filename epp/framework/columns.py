@@ -91,8 +91,9 @@ class MetricColumns:
 
 
 class EndpointColumns(MetricColumns):
-    """The datastore's columns, aligned with its endpoint tuple. Each endpoint knows its row
-    (`attach`); assigning its `metrics` writes the row (`write`)."""
+    """The datastore's columns, aligned with its endpoint tuple. Each endpoint knows its row;
+    assigning its `metrics` writes the row (`write`). An endpoint has a row in one column set at a
+    time, the newest that took it: an Endpoint object belongs to one datastore."""
 
     __slots__ = ("_kv", "_running", "_updated", "_waiting")
 
