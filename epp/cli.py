@@ -38,7 +38,7 @@ class _Report:
 
 
 def _event_loop_runner(name: str, report: _Report) -> Callable[[Coroutine[Any, Any, None]], None]:
-    """`asyncio.run` or uvloop's: libuv's loop takes 10-20 % less CPU per ext_proc request
+    """`asyncio.run` or uvloop's: libuv's loop takes about 10 % less CPU per ext_proc request
     (docs/performance.md); grpc.aio, aiohttp and kubernetes-asyncio run on either."""
     if name == "uvloop":
         try:

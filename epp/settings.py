@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--event-loop",
         choices=("uvloop", "asyncio"),
         default="uvloop",
-        help="uvloop (the default: libuv's loop, 10-20%% less CPU per ext_proc request) or asyncio "
+        help="uvloop (the default: libuv's loop, about 10%% less CPU per ext_proc request) or asyncio "
         "(Python's own loop); uvloop falls back to asyncio where it is not installed",
     )
     p.add_argument("--endpoints", help="standalone mode: host:port,host:port,...")

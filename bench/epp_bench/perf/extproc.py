@@ -58,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-seconds", type=float, default=20.0, help="time bound of a run's timed part (default 20)"
     )
     p.add_argument("--concurrency", type=int, default=16, help="concurrent streams (default 16)")
+    p.add_argument(
+        "--epp-arg",
+        action="append",
+        default=[],
+        help="a flag passed to epp, e.g. --epp-arg=--event-loop=asyncio (repeat for several)",
+    )
     p.add_argument("--out", type=Path, help="write the JSON here")
 
 
@@ -229,7 +235,7 @@ def run_epp(endpoints: int, body_bytes: int, args: argparse.Namespace) -> dict[s
         [
             "--endpoints", pool, "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
             "--metrics-port", str(metrics_port), "--bind-address", "127.0.0.1",
-            "--refresh-metrics-interval", "60s",
+            "--refresh-metrics-interval", "60s", *args.epp_arg,
         ],
         health_port,
     )  # fmt: skip
