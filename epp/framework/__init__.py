@@ -5,7 +5,7 @@ in-tree plugins) imports from epp.
   `SchedulingResult`, `ROLE_LABEL`; `Scores` (a list or a numpy array, one per candidate)
 - `metric_columns(endpoints)`: the candidates' scraped metrics as numpy arrays (`MetricColumns`,
   `Column`), for scorers that score every candidate at once; `endpoint_positions(endpoints)`,
-  an endpoint key's index among them
+  an endpoint key's index among them; `SMALL_POOL_SIZE`, up to which plain lists are faster
 - cycle state: `CycleState`, `DataKey[T]`
 - parameters: `Params`, `ConfigError`, `ParamDoc`
 - plugin bases (a plugin's kind is its base class): `Filter`, `Scorer`, `Picker`,
