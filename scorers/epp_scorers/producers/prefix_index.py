@@ -404,9 +404,17 @@ class PrefixIndex:
         slots = np.frombuffer(table.slots, dtype=np.int32)
         stored = np.frombuffer(self._e_hash, dtype=np.uint64)
         where = (wanted & np.uint64(table.mask)).astype(np.intp)
-        found = np.full(len(wanted), _NONE, dtype=np.int32)
-        pending = np.arange(len(wanted))
-        end = len(wanted)
+        # The first probe, of every hash at its home slot, on whole arrays (most are found there).
+        found = slots[where]
+        empty = found == _NONE
+        end = int(empty.argmax()) if empty.any() else len(wanted)  # absent: the chain ends there
+        found, wanted, where = found[:end], wanted[:end], where[:end]
+        hit = stored[found] == wanted  # no empty slot is left among them
+        if hit.all():
+            return found
+        pending = np.flatnonzero(~hit)  # another key's slot: probe on
+        found[pending] = _NONE
+        where[pending] += 1
         while len(pending) > _SCALAR_PROBES:
             entry = slots[where[pending]]
             empty = entry == _NONE
