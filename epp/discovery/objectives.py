@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from epp.discovery.pool_objects import PoolObjectWatcher
 from epp.errors import ConfigError
 
 if TYPE_CHECKING:  # kubernetes-asyncio is slow to import: only Kubernetes mode pays for it
-    import aiohttp
-
     from epp.discovery.kubeclient import KubeClient
     from epp.discovery.reflector import Backoff
 
@@ -34,7 +33,6 @@ OBJECTIVE_GROUP = "llm-d.ai"
 OBJECTIVE_VERSION = "v1alpha2"
 OBJECTIVE_PLURAL = "inferenceobjectives"
 OBJECTIVE_KIND = "InferenceObjective"
-DEFAULT_POOL_GROUP = "inference.networking.k8s.io"  # spec.poolRef.group's default
 MAX_OBJECTIVES = 10_000  # a bound on what a namespace can make epp hold
 
 
@@ -113,8 +111,13 @@ def load_objectives_file(path: str) -> dict[str, int | None]:
     return parse_objectives(docs, path)
 
 
-class ObjectiveWatcher:
+class ObjectiveWatcher(PoolObjectWatcher[tuple[str, int | None]]):
     """Keeps an ObjectiveStore in step with the InferenceObjectives of one pool."""
+
+    kind = OBJECTIVE_KIND
+    group = OBJECTIVE_GROUP
+    version = OBJECTIVE_VERSION
+    plural = OBJECTIVE_PLURAL
 
     def __init__(
         self,
@@ -125,64 +128,20 @@ class ObjectiveWatcher:
         store: ObjectiveStore,
         backoff: Backoff | None = None,
     ) -> None:
-        from epp.discovery.reflector import Backoff, Reflector
-
-        self.client = client
-        self.namespace = namespace
-        self.pool_name = pool_name
-        self.pool_group = pool_group
         self.store = store
-        self.reflector = Reflector(
-            f"InferenceObjectives ({OBJECTIVE_GROUP}/{OBJECTIVE_VERSION}) in {namespace}",
-            self._open,
-            self._listed,
-            self._event,
-            backoff or Backoff(),
-        )
+        super().__init__(client, namespace, pool_name, pool_group, backoff)
 
-    async def _open(self, **query: Any) -> aiohttp.ClientResponse:
-        from kubernetes_asyncio.client import CustomObjectsApi
+    def parse(self, obj: Mapping[str, Any], name: str) -> tuple[str, int | None]:
+        return name, _priority_of(obj, f"InferenceObjective {name}")
 
-        from epp.discovery.kubeclient import raw_response
+    def replace(self, entries: list[tuple[str, int | None]]) -> None:
+        self.store.replace(dict(entries))
 
-        api = CustomObjectsApi(await self.client.api())
-        return await raw_response(
-            api.list_namespaced_custom_object(
-                OBJECTIVE_GROUP,
-                OBJECTIVE_VERSION,
-                self.namespace,
-                OBJECTIVE_PLURAL,
-                _preload_content=False,
-                **query,
-            )
-        )
+    def put(self, entry: tuple[str, int | None]) -> None:
+        self.store.put(*entry)
 
-    def _ours(self, obj: Mapping[str, Any]) -> bool:
-        ref = (obj.get("spec") or {}).get("poolRef") or {}
-        group = ref.get("group") or DEFAULT_POOL_GROUP
-        return bool(ref.get("name") == self.pool_name and group == self.pool_group)
+    def delete(self, name: str) -> None:
+        self.store.delete(name)
 
-    def _entry(self, obj: Mapping[str, Any]) -> tuple[str, int | None] | None:
-        name = (obj.get("metadata") or {}).get("name")
-        if not isinstance(name, str) or not self._ours(obj):
-            return None
-        try:
-            return name, _priority_of(obj, f"InferenceObjective {name}")
-        except ConfigError as exc:
-            log.warning("%s: ignored", exc)
-            return None
-
-    def _listed(self, items: list[dict[str, Any]]) -> None:
-        entries = (self._entry(obj) for obj in items)
-        self.store.replace(dict(e for e in entries if e is not None))
-        log.info("InferenceObjectives for pool %s: %d", self.pool_name, len(self.store))
-
-    def _event(self, kind: str, obj: dict[str, Any]) -> None:
-        name = (obj.get("metadata") or {}).get("name")
-        if not isinstance(name, str):
-            return
-        entry = None if kind == "DELETED" else self._entry(obj)
-        if entry is None:
-            self.store.delete(name)  # deleted, or its poolRef moved to another pool
-        else:
-            self.store.put(*entry)
+    def __len__(self) -> int:
+        return len(self.store)

@@ -26,12 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from epp.discovery.objectives import DEFAULT_POOL_GROUP
+from epp.discovery.pool_objects import PoolObjectWatcher
 from epp.errors import ConfigError
 
 if TYPE_CHECKING:  # kubernetes-asyncio is slow to import: only Kubernetes mode pays for it
-    import aiohttp
-
     from epp.discovery.kubeclient import KubeClient
     from epp.discovery.reflector import Backoff
 
@@ -286,8 +284,13 @@ def load_rewrites_file(path: str) -> list[ModelRewrite]:
     return parse_rewrites(docs, path)
 
 
-class RewriteWatcher:
+class RewriteWatcher(PoolObjectWatcher[ModelRewrite]):
     """Keeps a RewriteStore in step with the InferenceModelRewrites of one pool."""
+
+    kind = REWRITE_KIND
+    group = REWRITE_GROUP
+    version = REWRITE_VERSION
+    plural = REWRITE_PLURAL
 
     def __init__(
         self,
@@ -298,67 +301,20 @@ class RewriteWatcher:
         store: RewriteStore,
         backoff: Backoff | None = None,
     ) -> None:
-        from epp.discovery.reflector import Backoff, Reflector
-
-        self.client = client
-        self.namespace = namespace
-        self.pool_name = pool_name
-        self.pool_group = pool_group
         self.store = store
-        self.reflector = Reflector(
-            f"InferenceModelRewrites ({REWRITE_GROUP}/{REWRITE_VERSION}) in {namespace}",
-            self._open,
-            self._listed,
-            self._event,
-            backoff or Backoff(),
-        )
+        super().__init__(client, namespace, pool_name, pool_group, backoff)
 
-    async def _open(self, **query: Any) -> aiohttp.ClientResponse:
-        from kubernetes_asyncio.client import CustomObjectsApi
+    def parse(self, obj: Mapping[str, Any], name: str) -> ModelRewrite:
+        return parse_rewrite(obj)
 
-        from epp.discovery.kubeclient import raw_response
+    def replace(self, entries: list[ModelRewrite]) -> None:
+        self.store.replace(entries)
 
-        api = CustomObjectsApi(await self.client.api())
-        return await raw_response(
-            api.list_namespaced_custom_object(
-                REWRITE_GROUP,
-                REWRITE_VERSION,
-                self.namespace,
-                REWRITE_PLURAL,
-                _preload_content=False,
-                **query,
-            )
-        )
+    def put(self, entry: ModelRewrite) -> None:
+        self.store.put(entry)
 
-    def _ours(self, obj: Mapping[str, Any]) -> bool:
-        spec = obj.get("spec")
-        ref = spec.get("poolRef") if isinstance(spec, Mapping) else None
-        if not isinstance(ref, Mapping):
-            return False
-        group = ref.get("group") or DEFAULT_POOL_GROUP
-        return bool(ref.get("name") == self.pool_name and group == self.pool_group)
+    def delete(self, name: str) -> None:
+        self.store.delete(name)
 
-    def _parsed(self, obj: Mapping[str, Any]) -> ModelRewrite | None:
-        if not self._ours(obj):
-            return None
-        try:
-            return parse_rewrite(obj)
-        except ConfigError as exc:
-            log.warning("%s: ignored", exc)
-            return None
-
-    def _listed(self, items: list[dict[str, Any]]) -> None:
-        parsed = (self._parsed(obj) for obj in items)
-        self.store.replace(r for r in parsed if r is not None)
-        log.info("InferenceModelRewrites for pool %s: %d", self.pool_name, len(self.store))
-
-    def _event(self, kind: str, obj: dict[str, Any]) -> None:
-        meta = obj.get("metadata")
-        name = meta.get("name") if isinstance(meta, Mapping) else None
-        if not isinstance(name, str):
-            return
-        parsed = None if kind == "DELETED" else self._parsed(obj)
-        if parsed is None:
-            self.store.delete(name)  # deleted, invalid now, or its poolRef moved to another pool
-        else:
-            self.store.put(parsed)
+    def __len__(self) -> int:
+        return len(self.store)

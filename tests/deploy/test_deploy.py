@@ -32,7 +32,8 @@ import aiohttp
 import pytest
 import yaml
 
-from epp.discovery.objectives import DEFAULT_POOL_GROUP, OBJECTIVE_GROUP, OBJECTIVE_PLURAL
+from epp.discovery.objectives import OBJECTIVE_GROUP, OBJECTIVE_PLURAL
+from epp.discovery.pool_objects import DEFAULT_POOL_GROUP
 from epp.discovery.rewrites import REWRITE_GROUP, REWRITE_PLURAL
 from tests.deploy.chart import (
     CHART_ARGS,
