@@ -351,6 +351,7 @@ plugins:
   name: loose
   parameters: {ttftSource: latencyPredictor, maxTTFTPenaltyMs: 5000}
 - type: slo-headroom-tier-filter
+  parameters: {epsilonExploreNeg: 0}  # no exploration: the picks below must be the prediction's
 - type: latency-scorer
 - type: latency-slo-admitter
 - type: max-score-picker

@@ -250,10 +250,21 @@ async def test_a_failed_bind_is_retried_without_subscribing_twice(tokenizer_dir:
     pool = Pool([make_endpoint("a", address="10.0.0.1")])
     with pytest.raises(zmq.ZMQError):  # the port is taken: the supervisor will start run() again
         await producer.run(pool.context())
-    squatter.close(linger=0)
-    task = asyncio.ensure_future(producer.run(pool.context()))
+    squatter.close(linger=0)  # ZMQ releases the port in its I/O thread, a moment later
+    for _attempt in range(50):  # as the supervisor would: run() again until the bind succeeds
+        task = asyncio.ensure_future(producer.run(pool.context()))
+
+        def settled(attempt: asyncio.Future[None] = task) -> bool:
+            return producer.indexer.bound_endpoint == taken or attempt.done()
+
+        await _until(settled)
+        if not task.done():
+            break
+        with pytest.raises(zmq.ZMQError):
+            task.result()
+        await asyncio.sleep(0.1)
     try:
-        await _until(lambda: producer.indexer.bound_endpoint == taken)
+        assert producer.indexer.bound_endpoint == taken
         assert len(pool.listeners) == 1
     finally:
         task.cancel()
