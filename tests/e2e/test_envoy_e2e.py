@@ -21,13 +21,12 @@ import pytest_asyncio
 
 from epp_bench.gateway import (
     EnvoyGateway,
-    EnvoyNotFoundError,
     EppProcess,
-    find_envoy_binary,
     render_envoy_config,
     validate_envoy_config,
 )
 from tests.support.fake_vllm import SERVED_BY, FakeVllm
+from tests.support.gateway_stack import epp_behind_envoy, require_envoy
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(30)]
 
@@ -55,16 +54,9 @@ class Stack:
         return f"--- envoy log ---\n{self.gateway.log_tail()}\n--- epp log ---\n{self.epp.log_tail()}"
 
 
-def _envoy_binary_or_fail() -> None:
-    try:
-        find_envoy_binary()
-    except EnvoyNotFoundError as exc:
-        pytest.fail(f"{exc} (the Envoy end-to-end tests need the real binary: run `make tools`)")
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack() -> AsyncIterator[Stack]:
-    _envoy_binary_or_fail()
+    require_envoy()
     async with AsyncExitStack() as cleanup:
         fakes = []
         for name in ("a", "b", "c"):
@@ -76,14 +68,7 @@ async def stack() -> AsyncIterator[Stack]:
         epp = EppProcess(
             [f.address for f in fakes], refresh_metrics_interval=f"{SCRAPE_INTERVAL_S * 1000:g}ms"
         )
-        await epp.start()
-        cleanup.push_async_callback(epp.stop)
-        gateway = EnvoyGateway("epp", epp_grpc_port=epp.grpc_port)
-        await gateway.start()
-        cleanup.push_async_callback(gateway.stop)
-        session = await cleanup.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        )
+        gateway, session = await epp_behind_envoy(cleanup, epp, timeout_s=10)
         yield Stack(fakes, outsider, epp, gateway, session)
 
 
@@ -106,7 +91,7 @@ async def _post(stack: Stack, path: str, payload: dict[str, Any] | bytes) -> tup
 
 
 async def test_rendered_configs_pass_envoy_validate() -> None:
-    _envoy_binary_or_fail()
+    require_envoy()
     await validate_envoy_config(render_envoy_config("epp", listen_port=0, admin_port=0, epp_grpc_port=9002))
     await validate_envoy_config(
         render_envoy_config(

@@ -18,8 +18,9 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from epp_bench.gateway import EnvoyGateway, EnvoyNotFoundError, EppProcess, find_envoy_binary
+from epp_bench.gateway import EnvoyGateway, EppProcess
 from tests.support.fake_vllm import FakeVllm
+from tests.support.gateway_stack import epp_behind_envoy, require_envoy
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(30)]
 
@@ -48,24 +49,14 @@ class Stack:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    try:
-        find_envoy_binary()
-    except EnvoyNotFoundError as exc:
-        pytest.fail(f"{exc} (the Envoy end-to-end tests need the real binary: run `make tools`)")
+    require_envoy()
     rewrites: Path = tmp_path_factory.mktemp("rewrites") / "rewrites.yaml"
     rewrites.write_text(REWRITES)
     async with AsyncExitStack() as cleanup:
         fake = await FakeVllm("a").start()
         cleanup.push_async_callback(fake.stop)
         epp = EppProcess([fake.address], extra_args=["--inference-model-rewrites-file", str(rewrites)])
-        await epp.start()
-        cleanup.push_async_callback(epp.stop)
-        gateway = EnvoyGateway("epp", epp_grpc_port=epp.grpc_port)
-        await gateway.start()
-        cleanup.push_async_callback(gateway.stop)
-        session = await cleanup.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        )
+        gateway, session = await epp_behind_envoy(cleanup, epp, timeout_s=10)
         yield Stack(fake, epp, gateway, session)
 
 

@@ -19,11 +19,12 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from epp_bench.gateway import EnvoyGateway, EnvoyNotFoundError, EppProcess, find_envoy_binary
+from epp_bench.gateway import EnvoyGateway, EppProcess
 from epp_bench.pd import PD_CONFIG, PdBenchConfig, endpoints_yaml, pd_table, run_pd_bench
 from epp_bench.sidecar import PREFILL_HEADER, PREFILLED_BY, Sidecar
 from epp_bench.sim import SERVED_BY, SimConfig, Simulator, start_simulator
 from epp_bench.workloads import make_text
+from tests.support.gateway_stack import epp_behind_envoy, require_envoy
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
@@ -49,10 +50,7 @@ class PdStack:
 
 
 def _envoy_binary_or_fail() -> None:
-    try:
-        find_envoy_binary()
-    except EnvoyNotFoundError as exc:
-        pytest.fail(f"{exc} (the Envoy end-to-end tests need the real binary: run `make tools`)")
+    require_envoy()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -76,14 +74,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PdSta
         path = Path(tmp_path_factory.mktemp("pd")) / "endpoints.yaml"
         path.write_text(endpoints_yaml([p.address for p in prefills], [s.address for s in sidecars]))
         epp = EppProcess([], extra_args=["--endpoints-file", str(path), "--config-text", PD_CONFIG])
-        await epp.start()
-        cleanup.push_async_callback(epp.stop)
-        gateway = EnvoyGateway("epp", epp_grpc_port=epp.grpc_port)
-        await gateway.start()
-        cleanup.push_async_callback(gateway.stop)
-        session = await cleanup.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20))
-        )
+        gateway, session = await epp_behind_envoy(cleanup, epp, timeout_s=20)
         yield PdStack(prefills, decodes, sidecars, outsider, epp, gateway, session)
 
 

@@ -21,9 +21,10 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from epp_bench.gateway import EnvoyGateway, EnvoyNotFoundError, EppProcess, find_envoy_binary
+from epp_bench.gateway import EnvoyGateway, EppProcess
 from epp_bench.sim import SERVED_BY, SimConfig, Simulator, start_simulator
 from epp_bench.workloads import make_text
+from tests.support.gateway_stack import epp_behind_envoy, require_envoy
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
 
@@ -78,10 +79,7 @@ class Stack:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    try:
-        find_envoy_binary()
-    except EnvoyNotFoundError as exc:
-        pytest.fail(f"{exc} (the Envoy end-to-end tests need the real binary: run `make tools`)")
+    require_envoy()
     async with AsyncExitStack() as cleanup:
         sims = []
         for name in ("sim-a", "sim-b"):
@@ -94,14 +92,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             [s.address for s in sims],
             extra_args=["--config-text", CONFIG, "--inference-objectives-file", str(objectives)],
         )
-        await epp.start()
-        cleanup.push_async_callback(epp.stop)
-        gateway = EnvoyGateway("epp", epp_grpc_port=epp.grpc_port)
-        await gateway.start()
-        cleanup.push_async_callback(gateway.stop)
-        session = await cleanup.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        )
+        gateway, session = await epp_behind_envoy(cleanup, epp, timeout_s=30)
         yield Stack(sims, epp, gateway, session)
 
 
