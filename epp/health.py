@@ -86,6 +86,9 @@ class Health:
             if status != last:
                 yield status
                 last = status
+                # Look again before waiting or ending: the state may have changed (drain() among
+                # others) while the message was being sent, and that change's event is spent.
+                continue
             if self.draining:
                 return
             await changed.wait()

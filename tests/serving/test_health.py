@@ -153,3 +153,18 @@ async def test_watch_follows_readiness_and_ends_when_draining(tmp_path: Path, fa
             await stopping
         s = health_pb2.HealthCheckResponse
         assert seen == [s.NOT_SERVING, s.SERVING, s.NOT_SERVING]
+
+
+async def test_a_drain_while_a_watch_message_is_being_sent_still_reaches_the_watcher() -> None:
+    """The stream pauses at each message until it is sent; a drain that lands in that pause
+    (its wake-up already spent) must still be sent before the stream ends."""
+    from epp.health import NOT_SERVING, SERVING, Health
+
+    health = Health()
+    health.set_ready(True)
+    watch = health.watch("")
+    assert await anext(watch) == SERVING
+    health.drain()  # while the generator is suspended at its yield
+    assert await asyncio.wait_for(anext(watch), 1) == NOT_SERVING
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(watch), 1)
