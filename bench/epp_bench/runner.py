@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from epp_bench.gateway import EnvoyGateway, EppProcess, announcing_process
 from epp_bench.load import LoadResult, run_load
 from epp_bench.peers import PEERS, peer_router
+from epp_bench.sim.__main__ import parse_args as parse_sim_args
 from epp_bench.workloads import Workload, oracle_hit_rate
 
 LOAD_ONLY_CONFIG = """\
@@ -127,6 +129,8 @@ async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> Asyn
         return
     if policy in cfg.custom_configs:
         config_args = ["--config-file", str(cfg.custom_configs[policy])]
+    elif policy == "epp-tuned":
+        config_args = ["--config-text", tuned_config(cfg.sim_args)]
     elif policy in EPP_POLICIES:
         text = EPP_POLICIES[policy]
         if isinstance(text, Path):
@@ -144,6 +148,26 @@ async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> Asyn
         EnvoyGateway("epp", epp_grpc_port=epp.grpc_port, response_body=policy != REQUEST_ONLY_POLICY) as gw,
     ):
         yield gw.url
+
+
+def sim_prefill_tokens_per_s(sim_args: Sequence[str]) -> float:
+    """The simulators' uncached prefill rate in real time: 1 / (prefill time a token x time factor),
+    with their own defaults for what `sim_args` leaves out."""
+    args = parse_sim_args(list(sim_args))
+    return 1.0 / (float(args.prefill_time_per_token_s) * float(args.time_factor))
+
+
+def tuned_config(sim_args: Sequence[str]) -> str:
+    """examples/configs/epp-tuned.yaml with `peakPrefillThroughput` set to the simulators' prefill
+    rate, as its comment tells an operator to set it to their model server's (the file's 4,000 is
+    the simulator's at its default speed; `--sim-arg=--time-factor=4` makes it 1,000)."""
+    if not TUNED_CONFIG.is_file():
+        raise ValueError(f"policy 'epp-tuned' needs {TUNED_CONFIG} (a source checkout)")
+    doc = yaml.safe_load(TUNED_CONFIG.read_text())
+    for plugin in doc["plugins"]:
+        if plugin["type"] == "prefix-cache-affinity-filter":
+            plugin["parameters"]["peakPrefillThroughput"] = round(sim_prefill_tokens_per_s(sim_args))
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 async def prefix_cache_counters(backends: Sequence[str]) -> tuple[float, float]:

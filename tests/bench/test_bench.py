@@ -8,8 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from epp.framework.registry import installed_registry
+from epp.scheduling.loader import load_config
 from epp_bench.gateway import render_envoy_config
 from epp_bench.load import LoadResult, RequestResult
+from epp_bench.runner import TUNED_CONFIG, tuned_config
 from epp_bench.workloads import (
     Arrivals,
     MultiTurn,
@@ -159,3 +164,22 @@ def test_ladder_flag_takes_rates_or_stages() -> None:
     args = build_parser().parse_args(["run", "--policy", "epp", "--ladder", "5:2,10:1"])
     assert config_from_args(args).workload.arrivals.ladder == ((5.0, 2.0), (10.0, 1.0))
     assert build_parser().parse_args(["demo", "--ladder", "8,20"]).ladder == [8.0, 20.0]
+
+
+def _peak_prefill(config_text: str) -> int:
+    (affinity,) = (
+        p for p in yaml.safe_load(config_text)["plugins"] if p["type"] == "prefix-cache-affinity-filter"
+    )
+    return int(affinity["parameters"]["peakPrefillThroughput"])
+
+
+def test_epp_tuned_is_given_the_simulators_prefill_rate() -> None:
+    # The shipped file holds the simulator's rate at its default speed; a slower simulated model
+    # (--time-factor) or another per-token prefill time gets its own, as an operator would set it.
+    shipped = TUNED_CONFIG.read_text()
+    assert _peak_prefill(shipped) == _peak_prefill(tuned_config([])) == 4000
+    assert _peak_prefill(tuned_config(["--time-factor=4", "--max-num-seqs", "4"])) == 1000
+    assert _peak_prefill(tuned_config(["--prefill-time-per-token-s", "0.0001"])) == 10000
+    # What the bench hands epp is a config epp loads.
+    loaded = load_config(tuned_config(["--time-factor=4"]), installed_registry())
+    assert loaded.scheduler is not None
