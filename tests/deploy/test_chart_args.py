@@ -150,8 +150,42 @@ class EppPod:
         return records
 
 
+async def _listening(proc: asyncio.subprocess.Process, ports: list[int]) -> bool:
+    """True once every port accepts a connection; False when the process exits first."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    waiting = list(ports)
+    while waiting and proc.returncode is None and time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", waiting[0])
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        waiting.pop(0)
+    return not waiting
+
+
 @contextlib.asynccontextmanager
 async def epp_pod(tmp_path: Path, kubeconfig: Path, name: str, *, ha: bool) -> AsyncIterator[EppPod]:
+    """Started on free ports; started again on others when another process took one of them
+    between the test's choice and epp's bind (it exits saying so), as in any test that picks
+    ports before the server binds them."""
+    for attempt in range(3):
+        running = await _start_pod(tmp_path, kubeconfig, name, ha=ha)
+        if await _listening(running.proc, [running.grpc_port, running.health_port, running.metrics_port]):
+            break
+        await running.proc.wait()
+        if "address already in use" not in running.log() or attempt == 2:
+            break  # the tests' own checks report why it exited
+    try:
+        yield running
+    finally:
+        if running.proc.returncode is None:
+            running.proc.kill()
+            await running.proc.wait()
+
+
+async def _start_pod(tmp_path: Path, kubeconfig: Path, name: str, *, ha: bool) -> EppPod:
     ports = [free_port() for _ in range(3)]
     args = [
         *chart_vector(ha=ha),
@@ -172,13 +206,7 @@ async def epp_pod(tmp_path: Path, kubeconfig: Path, name: str, *, ha: bool) -> A
             sys.executable, "-m", "epp", *args,
             stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=REPO,
         )  # fmt: skip
-    running = EppPod(name, args, proc, stderr, stdout, *ports)
-    try:
-        yield running
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    return EppPod(name, args, proc, stderr, stdout, *ports)
 
 
 @pytest.fixture
