@@ -52,14 +52,36 @@ schedulingProfiles:
 # The named config that keeps prefix groups together at moderate load (docs/benchmarks.md).
 TUNED_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "epp-tuned.yaml"
 
+
+def sim_prefill_tokens_per_s(sim_args: Sequence[str]) -> float:
+    """The simulators' uncached prefill rate in real time: 1 / (prefill time a token x time factor),
+    with their own defaults for what `sim_args` leaves out."""
+    args = parse_sim_args(list(sim_args))
+    return 1.0 / (float(args.prefill_time_per_token_s) * float(args.time_factor))
+
+
+def tuned_config(sim_args: Sequence[str]) -> str:
+    """examples/configs/epp-tuned.yaml with `peakPrefillThroughput` set to the simulators' prefill
+    rate, as its comment tells an operator to set it to their model server's (the file's 4,000 is
+    the simulator's at its default speed; `--sim-arg=--time-factor=4` makes it 1,000)."""
+    if not TUNED_CONFIG.is_file():
+        raise ValueError(f"policy 'epp-tuned' needs {TUNED_CONFIG} (a source checkout)")
+    doc = yaml.safe_load(TUNED_CONFIG.read_text())
+    for plugin in doc["plugins"]:
+        if plugin["type"] == "prefix-cache-affinity-filter":
+            plugin["parameters"]["peakPrefillThroughput"] = round(sim_prefill_tokens_per_s(sim_args))
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 # epp's default config behind an Envoy that does not send epp the response body (ext_proc's
 # response_body_mode NONE): the same routing without the per-chunk ext_proc round trip that the
 # inference extension's gateway configs add to every streamed token (docs/benchmarks.md).
 REQUEST_ONLY_POLICY = "epp-request-only"
-# Policy name -> epp config text or file (None = epp's built-in default config).
-EPP_POLICIES: dict[str, str | Path | None] = {
+# Policy name -> epp config text, or what makes it from the simulators' flags (None = epp's
+# built-in default config).
+EPP_POLICIES: dict[str, str | Callable[[Sequence[str]], str] | None] = {
     "epp": None,
-    "epp-tuned": TUNED_CONFIG,
+    "epp-tuned": tuned_config,
     REQUEST_ONLY_POLICY: None,
     "epp-load-only": LOAD_ONLY_CONFIG,
     "epp-prefix-only": PREFIX_ONLY_CONFIG,
@@ -129,16 +151,10 @@ async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> Asyn
         return
     if policy in cfg.custom_configs:
         config_args = ["--config-file", str(cfg.custom_configs[policy])]
-    elif policy == "epp-tuned":
-        config_args = ["--config-text", tuned_config(cfg.sim_args)]
     elif policy in EPP_POLICIES:
-        text = EPP_POLICIES[policy]
-        if isinstance(text, Path):
-            if not text.is_file():
-                raise ValueError(f"policy {policy!r} needs {text} (a source checkout)")
-            config_args = ["--config-file", str(text)]
-        else:
-            config_args = [] if text is None else ["--config-text", text]
+        config = EPP_POLICIES[policy]
+        text = config(cfg.sim_args) if callable(config) else config
+        config_args = [] if text is None else ["--config-text", text]
     else:
         raise ValueError(
             f"unknown policy {policy!r} (known: {', '.join((*ALL_POLICIES, *cfg.custom_configs))})"
@@ -148,26 +164,6 @@ async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> Asyn
         EnvoyGateway("epp", epp_grpc_port=epp.grpc_port, response_body=policy != REQUEST_ONLY_POLICY) as gw,
     ):
         yield gw.url
-
-
-def sim_prefill_tokens_per_s(sim_args: Sequence[str]) -> float:
-    """The simulators' uncached prefill rate in real time: 1 / (prefill time a token x time factor),
-    with their own defaults for what `sim_args` leaves out."""
-    args = parse_sim_args(list(sim_args))
-    return 1.0 / (float(args.prefill_time_per_token_s) * float(args.time_factor))
-
-
-def tuned_config(sim_args: Sequence[str]) -> str:
-    """examples/configs/epp-tuned.yaml with `peakPrefillThroughput` set to the simulators' prefill
-    rate, as its comment tells an operator to set it to their model server's (the file's 4,000 is
-    the simulator's at its default speed; `--sim-arg=--time-factor=4` makes it 1,000)."""
-    if not TUNED_CONFIG.is_file():
-        raise ValueError(f"policy 'epp-tuned' needs {TUNED_CONFIG} (a source checkout)")
-    doc = yaml.safe_load(TUNED_CONFIG.read_text())
-    for plugin in doc["plugins"]:
-        if plugin["type"] == "prefix-cache-affinity-filter":
-            plugin["parameters"]["peakPrefillThroughput"] = round(sim_prefill_tokens_per_s(sim_args))
-    return yaml.safe_dump(doc, sort_keys=False)
 
 
 async def prefix_cache_counters(backends: Sequence[str]) -> tuple[float, float]:
