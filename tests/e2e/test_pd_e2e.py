@@ -49,13 +49,9 @@ class PdStack:
         return {s.name: s.stats.requests_received for s in [*self.prefills, *self.decodes, self.outsider]}
 
 
-def _envoy_binary_or_fail() -> None:
-    require_envoy()
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PdStack]:
-    _envoy_binary_or_fail()
+    require_envoy()
     async with AsyncExitStack() as cleanup:
 
         async def sim(name: str, role: str) -> Simulator:
@@ -140,7 +136,7 @@ async def test_epp_counts_its_decisions_and_envoy_saw_no_protocol_errors(stack: 
 
 
 async def test_pd_bench_short_run() -> None:
-    _envoy_binary_or_fail()
+    require_envoy()
     cfg = PdBenchConfig(
         simulators=2,
         prefill=1,

@@ -29,10 +29,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epp_bench.gateway import EnvoyGateway, EnvoyNotFoundError, EppProcess, find_envoy_binary
+from epp_bench.gateway import EnvoyGateway, EppProcess
 from epp_bench.sim.config import SimConfig
 from epp_bench.sim.server import Simulator, start_simulators
 from epp_bench.soak import MODEL, Outcome, process_of, stream_completion
+from tests.support.gateway_stack import epp_behind_envoy, require_envoy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,10 +53,7 @@ class Stack:
 
 @asynccontextmanager
 async def stack(drain_timeout: str) -> AsyncIterator[Stack]:
-    try:
-        find_envoy_binary()
-    except EnvoyNotFoundError as exc:
-        pytest.fail(f"{exc} (this test needs the real Envoy: run `make tools`)")
+    require_envoy()
     async with AsyncExitStack() as cleanup:
         configs = [
             SimConfig(name=f"sim-{i}", model=MODEL, inter_token_latency_s=INTER_TOKEN_S) for i in range(3)
@@ -64,15 +62,8 @@ async def stack(drain_timeout: str) -> AsyncIterator[Stack]:
         for sim in sims:
             cleanup.push_async_callback(sim.stop)
         epp = EppProcess([s.address for s in sims], extra_args=["--drain-timeout", drain_timeout])
-        await epp.start()
-        cleanup.push_async_callback(epp.stop)
-        gateway = EnvoyGateway("epp", epp_grpc_port=epp.grpc_port)
-        await gateway.start()
-        cleanup.push_async_callback(gateway.stop)
-        session = await cleanup.enter_async_context(
-            aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=30), connector=aiohttp.TCPConnector(limit=0)
-            )
+        gateway, session = await epp_behind_envoy(
+            cleanup, epp, timeout_s=30, connector=aiohttp.TCPConnector(limit=0)
         )
         yield Stack(sims, epp, gateway, session)
 

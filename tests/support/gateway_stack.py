@@ -21,16 +21,20 @@ def require_envoy() -> None:
 
 
 async def epp_behind_envoy(
-    cleanup: AsyncExitStack, epp: EppProcess, timeout_s: float
+    cleanup: AsyncExitStack,
+    epp: EppProcess,
+    timeout_s: float,
+    connector: aiohttp.BaseConnector | None = None,
 ) -> tuple[EnvoyGateway, aiohttp.ClientSession]:
     """Start `epp`, an Envoy gateway calling it over ext_proc, and a client session whose
-    requests time out after `timeout_s`; `cleanup` stops them."""
+    requests time out after `timeout_s` (on `connector`, else aiohttp's default one); `cleanup`
+    stops them."""
     await epp.start()
     cleanup.push_async_callback(epp.stop)
     gateway = EnvoyGateway("epp", epp_grpc_port=epp.grpc_port)
     await gateway.start()
     cleanup.push_async_callback(gateway.stop)
     session = await cleanup.enter_async_context(
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s), connector=connector)
     )
     return gateway, session
