@@ -479,7 +479,8 @@ class App:
         while True:
             # Every second, or at once when discovery or the leader elector signals a change.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_changed.wait(), 1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: see epp.discovery.leader._run
+                    await self._status_changed.wait()
             self._status_changed.clear()
             await self._refresh_status()
 

@@ -125,7 +125,8 @@ class LeaderElector:
             self._task = None
         if release and self.is_leader:
             try:
-                await asyncio.wait_for(self._release(), _REQUEST_TIMEOUT.total)
+                async with asyncio.timeout(_REQUEST_TIMEOUT.total):
+                    await self._release()
             except Exception as exc:
                 log.warning("could not release lease %s/%s: %s", self.namespace, self.name, exc)
         self._set_leader(False, stopping=True)
@@ -154,7 +155,10 @@ class LeaderElector:
             if self.is_leader:
                 budget = max(0.05, self._last_renew + budget - loop.time())
             try:
-                renewed = await asyncio.wait_for(self.try_acquire_or_renew(), budget)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+                # lands as the attempt completes, and stop() would then wait forever.
+                async with asyncio.timeout(budget):
+                    renewed = await self.try_acquire_or_renew()
             except (KubeApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 log.debug("lease %s/%s: %s", self.namespace, self.name, exc or type(exc).__name__)
                 renewed = False

@@ -156,3 +156,22 @@ def test_selector_mode_lease_is_named_after_the_pods_deployment() -> None:
 
     assert deployment_of_pod("vllm-epp-7d4b9c8f6d-x2x9z") == "vllm-epp"
     assert deployment_of_pod("epp-0") is None and deployment_of_pod(None) is None
+
+
+async def test_stop_is_not_lost_when_it_lands_as_an_attempt_completes() -> None:
+    """A stop whose cancel arrives in the same loop turn an attempt finishes (seen in CI as a
+    replica that never stopped) still ends the election loop."""
+    elector = LeaderElector(None, "default", "race", "replica", LeaseTiming(1.0, 0.6, 30.0))  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    async def attempt() -> bool:
+        if not stopping:  # the first attempt ends just as the replica is told to stop
+            loop.call_soon(lambda: stopping.append(loop.create_task(elector.stop(release=False))))
+        return False
+
+    elector.try_acquire_or_renew = attempt  # type: ignore[method-assign]
+    elector.start()
+    await wait_until(lambda: bool(stopping), what="the stop to be issued")
+    # Otherwise the loop would sleep out its 30 s retry period and attempt again.
+    await asyncio.wait_for(stopping[0], 2.0)

@@ -573,7 +573,8 @@ class KubeApiServer:
                 if wait <= 0:
                     break  # timeoutSeconds: a normal end
                 try:
-                    ev = await asyncio.wait_for(watcher.queue.get(), wait)
+                    async with asyncio.timeout(wait):  # not wait_for: on 3.11 it can swallow a cancel
+                        ev = await watcher.queue.get()
                 except TimeoutError:
                     if bookmarks and time.monotonic() < deadline:
                         bookmark = {

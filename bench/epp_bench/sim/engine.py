@@ -427,7 +427,8 @@ class Engine:
             return
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
+            async with asyncio.timeout(delay):  # not wait_for: on 3.11 it can swallow a cancel
+                await self._wake.wait()
 
     def _admit(self, now: float) -> None:
         cfg, kv, stats = self.cfg, self.kv, self.stats
