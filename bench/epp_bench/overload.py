@@ -269,8 +269,7 @@ async def run_policy(
         if unloaded:
             run = await run_load(gw.url, cfg, cfg.unloaded_rate, cfg.unloaded_seconds, CLASSES[:1])
         else:
-            mixed = [(name, prio, share) for (name, prio, _), share in zip(CLASSES, cfg.mix, strict=True)]
-            run = await run_load(gw.url, cfg, cfg.rate, cfg.seconds, mixed)
+            run = await run_load(gw.url, cfg, cfg.rate, cfg.seconds, mixed_classes(cfg))
         waits = await queue_waits(epp.metrics_url)
     classes = summarize(run)
     for name, priority, _ in CLASSES:
@@ -399,8 +398,8 @@ def _mix(text: str) -> tuple[float, ...]:
     return shares
 
 
-def main(args: argparse.Namespace) -> int:
-    cfg = OverloadConfig(
+def config_from_args(args: argparse.Namespace) -> OverloadConfig:
+    return OverloadConfig(
         simulators=args.simulators,
         max_num_seqs=args.max_num_seqs,
         rate=args.rate,
@@ -414,7 +413,15 @@ def main(args: argparse.Namespace) -> int:
         policies=args.policy or POLICIES,
         max_seconds=args.max_seconds,
     )
-    doc = asyncio.run(run_overload(cfg))
+
+
+def mixed_classes(cfg: OverloadConfig) -> list[tuple[str, int, float]]:
+    """The classes with the shares of `--mix`."""
+    return [(name, prio, share) for (name, prio, _), share in zip(CLASSES, cfg.mix, strict=True)]
+
+
+def main(args: argparse.Namespace) -> int:
+    doc = asyncio.run(run_overload(config_from_args(args)))
     print(table(doc))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """The soak's short form (`make soak` runs it for 10 minutes: bench/epp_bench/soak.py).
 
-20 s at 10 requests/s through a real Envoy and `python -m epp` watching an endpoints file, with a
-pod replaced every 4 s (the leaving one serves out a 3 s grace, as a terminating pod does) and a
+12 s at 10 requests/s through a real Envoy and `python -m epp` watching an endpoints file, with a
+pod replaced every 2.5 s (the leaving one serves out a 3 s grace, as a terminating pod does) and a
 pod whose /metrics fails every scrape (HTTP 500, a page that is not Prometheus text, a page 3 s
 late). Not one request may be lost: each completes whole (every token, usage, [DONE]). The report
 carries what the long run is judged on (lost requests, epp's RSS growth, p99).
@@ -19,18 +19,18 @@ from epp_bench.soak import SoakConfig, run_soak, table
 pytestmark = pytest.mark.timeout(90)
 
 
-async def test_twenty_seconds_of_churn_and_failing_scrapes_lose_no_request() -> None:
+async def test_twelve_seconds_of_churn_and_failing_scrapes_lose_no_request() -> None:
     try:
         find_envoy_binary()
     except EnvoyNotFoundError as exc:
         pytest.fail(f"{exc} (the soak needs the real Envoy: run `make tools`)")
     cfg = SoakConfig(
-        duration_s=20, rate=10, churn_interval_s=4, drain_grace_s=3, rss_interval_s=1, warmup_s=5
+        duration_s=12, rate=10, churn_interval_s=2.5, drain_grace_s=3, rss_interval_s=1, warmup_s=5
     )
     report = await run_soak(cfg)
     summary = table(report)
     requests = report["requests"]
-    assert requests["sent"] == 200, summary
+    assert requests["sent"] == 120, summary
     assert requests["lost"] == 0, f"{summary}\n{report['epp_log_tail']}"
     # The faults happened: pods were replaced and served requests, scrapes failed and epp saw it.
     assert report["churn"]["events"] >= 4 and report["churn"]["pods_started"] >= 10, summary
@@ -42,5 +42,5 @@ async def test_twenty_seconds_of_churn_and_failing_scrapes_lose_no_request() -> 
     # What the long run is judged on is reported.
     assert math.isfinite(report["latency_s"]["p99"]) and report["latency_s"]["p99"] < 10, summary
     memory = report["epp_rss_mb"]
-    assert memory["samples"] >= 15 and memory["growth_pct"] is not None, summary
+    assert memory["samples"] >= 9 and memory["growth_pct"] is not None, summary
     assert memory["max"] < 500, summary  # a leak of any size would show long before this
