@@ -55,6 +55,16 @@ def demo_config() -> BenchConfig:
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _ladder(text: str) -> list[float] | tuple[tuple[float, float], ...]:
     """RATE,RATE,...: a load ladder (the whole run once per rate), a list; RATE:SECONDS,...:
     arrival stages within one run, a tuple of (rate, seconds)."""
@@ -119,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=24.0,
             help="load ladder: at most RATE x this many requests per rate (default 24)",
+        )
+        q.add_argument(
+            "--ladder-seeds",
+            type=_positive_int,
+            default=1,
+            help="load ladder: run each rate with this many workloads (the workload's seed, +1, ...); "
+            "the summary gives each figure's median and each seed's TTFT p90 (default 1)",
         )
     run.add_argument(
         "--policy",
@@ -210,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("epp_bench: error: --plot needs matplotlib: pip install 'epp-bench[plots]'")
     show_progress = not args.no_progress and sys.stderr.isatty()
     if isinstance(args.ladder, list):
-        doc = asyncio.run(run_ladder(cfg, args.ladder, args.ladder_seconds, show_progress))
+        doc = asyncio.run(run_ladder(cfg, args.ladder, args.ladder_seconds, show_progress, args.ladder_seeds))
         print(ladder_tables(doc))
     else:
         doc = asyncio.run(run_bench(cfg, show_progress=show_progress))

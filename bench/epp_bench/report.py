@@ -79,30 +79,43 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 
 def ladder_tables(doc: dict[str, Any]) -> str:
-    """A load ladder: the table of each rung, then the summary (policy x rate: TTFT p90 / hit rate)."""
-    parts = [f"--- {run['rate']:g} req/s ---\n{table(run)}" for run in doc["runs"]]
+    """A load ladder: the table of each rung (and seed), then the summary (policy x rate: TTFT p90
+    / hit rate, the median over the seeds), and with several seeds each seed's TTFT p90."""
+    seeds = int(doc.get("ladder_seeds", 1))
+
+    def title(run: dict[str, Any]) -> str:
+        return f"--- {run['rate']:g} req/s" + (f", seed {run['seed']}" if seeds > 1 else "") + " ---"
+
+    parts = [f"{title(run)}\n{table(run)}" for run in doc["runs"]]
     rates = doc["ladder"]
     cell = "{:>17}"
     header = " ".join([COLUMNS[0][1].format("TTFT p90 / hit"), *(cell.format(f"{r:g} req/s") for r in rates)])
-    lines = ["--- load ladder summary ---", header, "-" * len(header)]
+    median = f" (median of {seeds} seeds)" if seeds > 1 else ""
+    lines = [f"--- load ladder summary{median} ---", header, "-" * len(header)]
+    each = [f"--- TTFT p90 of each seed ({seeds}) ---", header, "-" * len(header)]
+    oracle: dict[float, float] = {}
     for name, points in doc["summary"].items():
         by_rate = {p["rate"]: p for p in points}
-        cells = []
+        cells, each_cells = [], []
         for rate in rates:
             p = by_rate.get(rate)
             if p is None:
                 cells.append(cell.format("-"))
-            else:
-                p90, hit = _fmt("ttft_p90_s", p["ttft_p90_s"]), _fmt("hit_rate", p["hit_rate"])
-                cells.append(cell.format(f"{p90} / {hit}"))
+                each_cells.append(cell.format("-"))
+                continue
+            oracle.setdefault(rate, p["oracle_hit_rate"])
+            p90, hit = _fmt("ttft_p90_s", p["ttft_p90_s"]), _fmt("hit_rate", p["hit_rate"])
+            cells.append(cell.format(f"{p90} / {hit}"))
+            runs = p.get("ttft_p90_s_each") or [p["ttft_p90_s"]]
+            each_cells.append(cell.format(" ".join(f"{v:.2f}" for v in runs)))
         lines.append(COLUMNS[0][1].format(name) + " " + " ".join(cells))
-    oracle = [run["oracle_hit_rate"] for run in doc["runs"]]
+        each.append(COLUMNS[0][1].format(name) + " " + " ".join(each_cells))
     lines.append(
         COLUMNS[0][1].format("oracle hit rate")
         + " "
-        + " ".join(cell.format(_fmt("hit_rate", o)) for o in oracle)
+        + " ".join(cell.format(_fmt("hit_rate", oracle[r]) if r in oracle else "-") for r in rates)
     )
-    return "\n\n".join([*parts, "\n".join(lines)])
+    return "\n\n".join([*parts, "\n".join(lines), *(["\n".join(each)] if seeds > 1 else [])])
 
 
 def ladder_plot(doc: dict[str, Any], path: Path) -> None:
@@ -117,7 +130,8 @@ def ladder_plot(doc: dict[str, Any], path: Path) -> None:
         rates = [p["rate"] for p in points]
         ax_ttft.plot(rates, [p["ttft_p90_s"] for p in points], marker="o", label=name)
         ax_hit.plot(rates, [p["hit_rate"] for p in points], marker="o", label=name)
-    ax_hit.plot(doc["ladder"], [run["oracle_hit_rate"] for run in doc["runs"]], "k--", label="oracle")
+    oracle = {p["rate"]: p["oracle_hit_rate"] for points in doc["summary"].values() for p in points}
+    ax_hit.plot(doc["ladder"], [oracle.get(r) for r in doc["ladder"]], "k--", label="oracle")
     ax_ttft.set_title("TTFT p90 (s, lower is better)")
     ax_ttft.set_xlabel("offered load (req/s)")
     ax_ttft.set_yscale("log")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -251,9 +252,12 @@ LADDER_FIGURES = (
 )
 
 
-def ladder_config(cfg: BenchConfig, rate: float, seconds: float | None) -> BenchConfig:
+def ladder_config(
+    cfg: BenchConfig, rate: float, seconds: float | None, seed: int | None = None
+) -> BenchConfig:
     """The config for one rung of a load ladder: Poisson arrivals at `rate`, and with `seconds`
-    at most rate x seconds requests (so a low rate does not run past the per-policy bound)."""
+    at most rate x seconds requests (so a low rate does not run past the per-policy bound); with
+    `seed`, the workload drawn from that seed (other prompts, order and arrival times)."""
     workload = cfg.workload
     max_requests = workload.max_requests
     if seconds is not None:
@@ -262,35 +266,61 @@ def ladder_config(cfg: BenchConfig, rate: float, seconds: float | None) -> Bench
         workload,
         arrivals=dataclasses.replace(workload.arrivals, rate=rate, ladder=()),
         max_requests=max_requests,
+        seed=workload.seed if seed is None else seed,
         system_prompts=[],
     )
     return dataclasses.replace(cfg, workload=rung)
 
 
+def ladder_point(rate: float, docs: Sequence[dict[str, Any]], policy: str) -> dict[str, Any]:
+    """One policy's point at one rate: each figure's median over the seeds' runs (the run itself
+    with one seed), and each run's TTFT p90 and hit rate in seed order."""
+    runs = [doc["policies"][policy] for doc in docs if policy in doc["policies"]]
+    point: dict[str, Any] = {"rate": rate}
+    for key in LADDER_FIGURES:
+        values = [r.get(key) for r in runs]
+        numbers = [float(v) for v in values if isinstance(v, int | float)]
+        point[key] = statistics.median(numbers) if len(numbers) == len(values) and numbers else None
+    point["oracle_hit_rate"] = statistics.median(doc["oracle_hit_rate"] for doc in docs)
+    point["seeds"] = len(runs)
+    point["ttft_p90_s_each"] = [r.get("ttft_p90_s") for r in runs]
+    point["hit_rate_each"] = [r.get("hit_rate") for r in runs]
+    return point
+
+
 async def run_ladder(
-    cfg: BenchConfig, rates: Sequence[float], seconds: float | None = None, show_progress: bool = True
+    cfg: BenchConfig,
+    rates: Sequence[float],
+    seconds: float | None = None,
+    show_progress: bool = True,
+    seeds: int = 1,
 ) -> dict[str, Any]:
     """The workload at each rate, every policy at each rate (fresh simulators each time): one
-    `run_bench` document per rung under "runs", and "summary": policy -> one point per rate
-    (TTFT p50/p90/p99, hit rate, errors) for the summary table and the plot."""
+    `run_bench` document per rung and seed under "runs", and "summary": policy -> one point per
+    rate (TTFT p50/p90/p99, hit rate, errors; the median over `seeds` workloads drawn from
+    seeds seed, seed+1, ..., every policy meeting the same ones) for the summary table and plot.
+
+    One run's TTFT p90 at a rate where a tenth of the requests are a prefix group's first (cold)
+    request sits on the edge of the cold prefills and moves by seconds with the draw of arrivals;
+    several seeds tell a difference between policies from that noise."""
+    if seeds < 1:
+        raise ValueError("seeds must be at least 1")
     runs: list[dict[str, Any]] = []
     summary: dict[str, list[dict[str, Any]]] = {}
     for rate in rates:
-        if show_progress:
-            print(f"ladder: {rate:g} req/s", file=sys.stderr)
-        doc = await run_bench(ladder_config(cfg, rate, seconds), show_progress)
-        runs.append({"rate": rate, **doc})
-        for name, figures in doc["policies"].items():
-            summary.setdefault(name, []).append(
-                {
-                    "rate": rate,
-                    **{k: figures.get(k) for k in LADDER_FIGURES},
-                    "oracle_hit_rate": doc["oracle_hit_rate"],
-                }
-            )
+        rung: list[dict[str, Any]] = []
+        for seed in range(cfg.workload.seed, cfg.workload.seed + seeds):
+            if show_progress:
+                print(f"ladder: {rate:g} req/s" + (f", seed {seed}" if seeds > 1 else ""), file=sys.stderr)
+            doc = await run_bench(ladder_config(cfg, rate, seconds, seed), show_progress)
+            rung.append(doc)
+            runs.append({"rate": rate, "seed": seed, **doc})
+        for name in dict.fromkeys(name for doc in rung for name in doc["policies"]):
+            summary.setdefault(name, []).append(ladder_point(rate, rung, name))
     return {
         "ladder": list(rates),
         "ladder_seconds": seconds,
+        "ladder_seeds": seeds,
         "runs": runs,
         "summary": summary,
         "workload": cfg.workload.describe(),

@@ -7,14 +7,19 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
 from epp.framework.registry import installed_registry
 from epp.scheduling.loader import load_config
+from epp_bench import runner
+from epp_bench.__main__ import build_parser, config_from_args
 from epp_bench.gateway import render_envoy_config
 from epp_bench.load import LoadResult, RequestResult
-from epp_bench.runner import TUNED_CONFIG, tuned_config
+from epp_bench.report import ladder_tables
+from epp_bench.runner import LADDER_FIGURES, TUNED_CONFIG, BenchConfig, tuned_config
 from epp_bench.workloads import (
     Arrivals,
     MultiTurn,
@@ -164,6 +169,46 @@ def test_ladder_flag_takes_rates_or_stages() -> None:
     args = build_parser().parse_args(["run", "--policy", "epp", "--ladder", "5:2,10:1"])
     assert config_from_args(args).workload.arrivals.ladder == ((5.0, 2.0), (10.0, 1.0))
     assert build_parser().parse_args(["demo", "--ladder", "8,20"]).ladder == [8.0, 20.0]
+
+
+async def test_ladder_seeds_run_every_rate_with_each_seed_and_report_medians(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--ladder-seeds N: each rate once per workload seed (every policy meets the same draws), the
+    summary each figure's median over them and each seed's TTFT p90; runner.run_bench stands in
+    for the real runs here (test_load_ladder_runs_each_policy_at_each_rate runs them)."""
+    seen: list[tuple[float, int]] = []
+
+    async def fake_run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict[str, Any]:
+        rate, seed = cfg.workload.arrivals.rate, cfg.workload.seed
+        seen.append((rate, seed))
+        figures = {key: 0.0 for key in LADDER_FIGURES}
+        return {
+            "policies": {
+                "epp": {**figures, "ttft_p90_s": rate + seed, "hit_rate": 0.1 * seed},
+                "peer": {**figures, "ttft_p90_s": 10.0 * seed, "hit_rate": 0.5},
+            },
+            "oracle_hit_rate": 0.9,
+        }
+
+    monkeypatch.setattr(runner, "run_bench", fake_run_bench)
+    args = build_parser().parse_args(
+        ["run", "--policy", "epp", "--seed", "3", "--ladder", "1,2", "--ladder-seeds", "3"]
+    )
+    doc = await runner.run_ladder(config_from_args(args), args.ladder, 24, False, args.ladder_seeds)
+    assert seen == [(1.0, 3), (1.0, 4), (1.0, 5), (2.0, 3), (2.0, 4), (2.0, 5)]
+    assert [(run["rate"], run["seed"]) for run in doc["runs"]] == seen
+    epp_points, peer_points = doc["summary"]["epp"], doc["summary"]["peer"]
+    assert [p["ttft_p90_s_each"] for p in epp_points] == [[4.0, 5.0, 6.0], [5.0, 6.0, 7.0]]
+    assert [p["ttft_p90_s"] for p in epp_points] == [5.0, 6.0]  # the medians
+    assert [p["hit_rate"] for p in epp_points] == pytest.approx([0.4, 0.4])
+    assert [p["ttft_p90_s"] for p in peer_points] == [40.0, 40.0] and epp_points[0]["seeds"] == 3
+    text = ladder_tables(doc)
+    assert "load ladder summary (median of 3 seeds)" in text and "--- 2 req/s, seed 5 ---" in text
+    assert "4.00 5.00 6.00" in text and "30.00 40.00 50.00" in text  # each seed's p90
+    for bad in ("0", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["run", "--ladder", "1", "--ladder-seeds", bad])
 
 
 def _peak_prefill(config_text: str) -> int:
