@@ -60,6 +60,7 @@ from tests.support.kustomize_render import (
     overlay_dirs,
     pod_templates,
     render,
+    render_many,
     selects,
     write_overlay,
 )
@@ -114,21 +115,20 @@ COMBINATIONS = _combinations()
 def overlays() -> dict[str, list[Obj]]:
     dirs = overlay_dirs()
     assert dirs, "deploy/overlays has no overlay"
-    return {d.name: render(d) for d in dirs}
+    return render_many({d.name: d for d in dirs})
 
 
 @pytest.fixture(scope="module")
 def combinations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Obj]]:
     root = tmp_path_factory.mktemp("kustomize")
-    out = {}
+    workdirs = {}
     for gateway, model, extras in COMBINATIONS:
         name = "+".join([gateway, model, *extras])
         extra = envoyfilter_replacements() if gateway == "gateway-istio-envoyfilter" else ""
-        workdir = write_overlay(
+        workdirs[name] = write_overlay(
             root / name.replace("+", "_"), _combination_components(gateway, model, extras), extra=extra
         )
-        out[name] = render(workdir)
-    return out
+    return render_many(workdirs)
 
 
 @pytest.fixture(scope="module")
@@ -662,15 +662,15 @@ def test_roles_grant_no_write_verbs(every_render: dict[str, list[Obj]]) -> None:
                     assert role["metadata"]["name"] == "epp-leader-election", where
                     assert rule["apiGroups"] == ["coordination.k8s.io"] and rule["resources"] == ["leases"]
                     assert verbs <= {"get", "create", "update"}
-        base_rules = one(render(BASE), "Role", "epp")["rules"]
-        # Exactly what epp watches: its pods, its pool, the objectives and rewrites naming the pool.
-        granted = {(g, r) for rule in base_rules for g in rule["apiGroups"] for r in rule["resources"]}
-        assert granted == {
-            ("", "pods"),
-            (DEFAULT_POOL_GROUP, "inferencepools"),
-            (OBJECTIVE_GROUP, OBJECTIVE_PLURAL),
-            (REWRITE_GROUP, REWRITE_PLURAL),
-        }
+    base_rules = one(render(BASE), "Role", "epp")["rules"]
+    # Exactly what epp watches: its pods, its pool, the objectives and rewrites naming the pool.
+    granted = {(g, r) for rule in base_rules for g in rule["apiGroups"] for r in rule["resources"]}
+    assert granted == {
+        ("", "pods"),
+        (DEFAULT_POOL_GROUP, "inferencepools"),
+        (OBJECTIVE_GROUP, OBJECTIVE_PLURAL),
+        (REWRITE_GROUP, REWRITE_PLURAL),
+    }
 
 
 # --- each choice -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from tests.support.kustomize_render import (
     one,
     pod_templates,
     render,
+    render_many,
     write_overlay,
 )
 from tests.support.kustomize_validate import KUBERNETES_VERSIONS, validate_core
@@ -243,13 +244,19 @@ def _extra(gateway: str) -> str:
 @pytest.fixture(scope="module")
 def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, tuple[str, ...]], list[Obj]]:
     root = tmp_path_factory.mktemp("netpol")
-    out = {}
-    for gateway, model, extras in COMBINATIONS:
-        workdir = root / "_".join([gateway, model, *extras])
-        out[(gateway, model, extras)] = render(
-            write_overlay(workdir, _components(gateway, model, *extras), extra=_extra(gateway))
+    workdirs = {
+        "_".join([gateway, model, *extras]): write_overlay(
+            root / "_".join([gateway, model, *extras]),
+            _components(gateway, model, *extras),
+            extra=_extra(gateway),
         )
-    return out
+        for gateway, model, extras in COMBINATIONS
+    }
+    rendered = render_many(workdirs)
+    return {
+        (gateway, model, extras): rendered["_".join([gateway, model, *extras])]
+        for gateway, model, extras in COMBINATIONS
+    }
 
 
 def _ids(combo: tuple[str, str, tuple[str, ...]]) -> str:
