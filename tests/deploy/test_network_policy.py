@@ -244,19 +244,16 @@ def _extra(gateway: str) -> str:
 @pytest.fixture(scope="module")
 def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, tuple[str, ...]], list[Obj]]:
     root = tmp_path_factory.mktemp("netpol")
-    workdirs = {
-        "_".join([gateway, model, *extras]): write_overlay(
-            root / "_".join([gateway, model, *extras]),
-            _components(gateway, model, *extras),
-            extra=_extra(gateway),
-        )
-        for gateway, model, extras in COMBINATIONS
-    }
-    rendered = render_many(workdirs)
-    return {
-        (gateway, model, extras): rendered["_".join([gateway, model, *extras])]
-        for gateway, model, extras in COMBINATIONS
-    }
+    return render_many(
+        {
+            (gateway, model, extras): write_overlay(
+                root / "_".join([gateway, model, *extras]),
+                _components(gateway, model, *extras),
+                extra=_extra(gateway),
+            )
+            for gateway, model, extras in COMBINATIONS
+        }
+    )
 
 
 def _ids(combo: tuple[str, str, tuple[str, ...]]) -> str:

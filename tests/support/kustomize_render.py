@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -24,6 +24,7 @@ COMPONENTS = DEPLOY / "components"
 OVERLAYS = DEPLOY / "overlays"
 
 Obj = dict[str, Any]
+K = TypeVar("K")
 
 
 class RenderError(AssertionError):
@@ -64,7 +65,7 @@ def render(directory: Path) -> list[Obj]:
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
-def render_many(directories: Mapping[str, Path]) -> dict[str, list[Obj]]:
+def render_many(directories: Mapping[K, Path]) -> dict[K, list[Obj]]:
     """`render` of each directory, several kustomize processes at a time (the suite renders about
     sixty overlays; one after another they took most of the deploy tests' time)."""
     with ThreadPoolExecutor(max_workers=4) as pool:
