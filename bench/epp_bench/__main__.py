@@ -25,7 +25,7 @@ from pathlib import Path
 from epp_bench import gateway_report, overload, soak
 from epp_bench.perf import extproc, memory, pick, scrape
 from epp_bench.report import ladder_plot, ladder_tables, plot, table
-from epp_bench.runner import ALL_POLICIES, BenchConfig, run_bench, run_ladder
+from epp_bench.runner import ALL_POLICIES, KNOWN_POLICIES, BenchConfig, run_bench, run_ladder
 from epp_bench.workloads import Arrivals, MultiTurn, SharedPrefix, Workload
 
 # The performance commands (epp_bench.perf): name, module, help.
@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy",
         action="append",
         default=[],
-        help=f"one of {', '.join(ALL_POLICIES)}, or NAME=CONFIG.yaml for epp with that config; "
-        "repeat for several (default: all built-in)",
+        help=f"one of {', '.join(KNOWN_POLICIES)}, or NAME=CONFIG.yaml for epp with that config; "
+        f"repeat for several (default: {', '.join(ALL_POLICIES)})",
     )
     run.add_argument("--simulators", type=int, default=8)
     run.add_argument("--workload", choices=("shared-prefix", "multi-turn"), default="shared-prefix")
@@ -193,9 +193,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             if not Path(path).is_file():
                 raise SystemExit(f"epp_bench: error: config file for policy {name!r} not found: {path}")
             custom[name] = Path(path)
-        elif name not in ALL_POLICIES:
+        elif name not in KNOWN_POLICIES:
             raise SystemExit(
-                f"epp_bench: error: unknown policy {name!r}; use one of {', '.join(ALL_POLICIES)} "
+                f"epp_bench: error: unknown policy {name!r}; use one of {', '.join(KNOWN_POLICIES)} "
                 "or NAME=CONFIG.yaml"
             )
         policies.append(name)

@@ -74,6 +74,17 @@ def tuned_config(sim_args: Sequence[str]) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+# The named config for pools run near saturation (docs/benchmarks.md, ladder D); not in the demo.
+SATURATION_CONFIG = TUNED_CONFIG.with_name("epp-saturation.yaml")
+
+
+def saturation_config(sim_args: Sequence[str]) -> str:
+    """examples/configs/epp-saturation.yaml as it is (its idleThreshold is the ladder's 4 slots - 1)."""
+    if not SATURATION_CONFIG.is_file():
+        raise ValueError(f"policy 'epp-saturation' needs {SATURATION_CONFIG} (a source checkout)")
+    return SATURATION_CONFIG.read_text()
+
+
 # epp's default config behind an Envoy that does not send epp the response body (ext_proc's
 # response_body_mode NONE): the same routing without the per-chunk ext_proc round trip that the
 # inference extension's gateway configs add to every streamed token (docs/benchmarks.md).
@@ -83,6 +94,7 @@ REQUEST_ONLY_POLICY = "epp-request-only"
 EPP_POLICIES: dict[str, str | Callable[[Sequence[str]], str] | None] = {
     "epp": None,
     "epp-tuned": tuned_config,
+    "epp-saturation": saturation_config,
     REQUEST_ONLY_POLICY: None,
     "epp-load-only": LOAD_ONLY_CONFIG,
     "epp-prefix-only": PREFIX_ONLY_CONFIG,
@@ -97,6 +109,8 @@ ALL_POLICIES = (
     "epp-prefix-only",
     *PEERS,
 )
+# Every policy name `--policy` takes: the demo's (ALL_POLICIES) and the ones run only when named.
+KNOWN_POLICIES = (*ALL_POLICIES, "epp-saturation")
 
 
 @dataclass
@@ -158,7 +172,7 @@ async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> Asyn
         config_args = [] if text is None else ["--config-text", text]
     else:
         raise ValueError(
-            f"unknown policy {policy!r} (known: {', '.join((*ALL_POLICIES, *cfg.custom_configs))})"
+            f"unknown policy {policy!r} (known: {', '.join((*KNOWN_POLICIES, *cfg.custom_configs))})"
         )
     async with (
         EppProcess(backends, extra_args=[*config_args, "--log-level", "warning", *cfg.epp_args]) as epp,
