@@ -61,13 +61,18 @@ def sim_prefill_tokens_per_s(sim_args: Sequence[str]) -> float:
     return 1.0 / (float(args.prefill_time_per_token_s) * float(args.time_factor))
 
 
+def _shipped_config(path: Path, policy: str) -> str:
+    """The text of a config under examples/configs, which only a source checkout has."""
+    if not path.is_file():
+        raise ValueError(f"policy {policy!r} needs {path} (a source checkout)")
+    return path.read_text()
+
+
 def tuned_config(sim_args: Sequence[str]) -> str:
     """examples/configs/epp-tuned.yaml with `peakPrefillThroughput` set to the simulators' prefill
     rate, as its comment tells an operator to set it to their model server's (the file's 4,000 is
     the simulator's at its default speed; `--sim-arg=--time-factor=4` makes it 1,000)."""
-    if not TUNED_CONFIG.is_file():
-        raise ValueError(f"policy 'epp-tuned' needs {TUNED_CONFIG} (a source checkout)")
-    doc = yaml.safe_load(TUNED_CONFIG.read_text())
+    doc = yaml.safe_load(_shipped_config(TUNED_CONFIG, "epp-tuned"))
     for plugin in doc["plugins"]:
         if plugin["type"] == "prefix-cache-affinity-filter":
             plugin["parameters"]["peakPrefillThroughput"] = round(sim_prefill_tokens_per_s(sim_args))
@@ -80,9 +85,7 @@ SATURATION_CONFIG = TUNED_CONFIG.with_name("epp-saturation.yaml")
 
 def saturation_config(sim_args: Sequence[str]) -> str:
     """examples/configs/epp-saturation.yaml as it is (its idleThreshold is the ladder's 4 slots - 1)."""
-    if not SATURATION_CONFIG.is_file():
-        raise ValueError(f"policy 'epp-saturation' needs {SATURATION_CONFIG} (a source checkout)")
-    return SATURATION_CONFIG.read_text()
+    return _shipped_config(SATURATION_CONFIG, "epp-saturation")
 
 
 # epp's default config behind an Envoy that does not send epp the response body (ext_proc's
@@ -110,7 +113,7 @@ ALL_POLICIES = (
     *PEERS,
 )
 # Every policy name `--policy` takes: the demo's (ALL_POLICIES) and the ones run only when named.
-KNOWN_POLICIES = (*ALL_POLICIES, "epp-saturation")
+KNOWN_POLICIES = (*ALL_POLICIES, *(name for name in EPP_POLICIES if name not in ALL_POLICIES))
 
 
 @dataclass

@@ -69,8 +69,7 @@ def render_many(directories: Mapping[K, Path]) -> dict[K, list[Obj]]:
     """`render` of each directory, several kustomize processes at a time (the suite renders about
     sixty overlays; one after another they took most of the deploy tests' time)."""
     with ThreadPoolExecutor(max_workers=4) as pool:
-        rendered = dict(zip(directories, pool.map(render, directories.values()), strict=True))
-    return rendered
+        return dict(zip(directories, pool.map(render, directories.values()), strict=True))
 
 
 def write_overlay(
