@@ -79,13 +79,15 @@ def tuned_config(sim_args: Sequence[str]) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-# The named config for pools run near saturation (docs/benchmarks.md, ladder D); not in the demo.
-SATURATION_CONFIG = TUNED_CONFIG.with_name("epp-saturation.yaml")
+# The named config that keeps prefix groups whole until a pod's wait outweighs a cold prefill
+# (docs/benchmarks.md, ladder D); not in the demo.
+ADAPTIVE_CONFIG = TUNED_CONFIG.with_name("epp-adaptive.yaml")
 
 
-def saturation_config(sim_args: Sequence[str]) -> str:
-    """examples/configs/epp-saturation.yaml as it is (its idleThreshold is the ladder's 4 slots - 1)."""
-    return _shipped_config(SATURATION_CONFIG, "epp-saturation")
+def adaptive_config(sim_args: Sequence[str]) -> str:
+    """examples/configs/epp-adaptive.yaml as it is (its idleThreshold is the ladder's 4 slots - 1;
+    its latency model learns the simulators' speed from their responses)."""
+    return _shipped_config(ADAPTIVE_CONFIG, "epp-adaptive")
 
 
 # epp's default config behind an Envoy that does not send epp the response body (ext_proc's
@@ -97,7 +99,7 @@ REQUEST_ONLY_POLICY = "epp-request-only"
 EPP_POLICIES: dict[str, str | Callable[[Sequence[str]], str] | None] = {
     "epp": None,
     "epp-tuned": tuned_config,
-    "epp-saturation": saturation_config,
+    "epp-adaptive": adaptive_config,
     REQUEST_ONLY_POLICY: None,
     "epp-load-only": LOAD_ONLY_CONFIG,
     "epp-prefix-only": PREFIX_ONLY_CONFIG,

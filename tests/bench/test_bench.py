@@ -20,11 +20,11 @@ from epp_bench.gateway import render_envoy_config
 from epp_bench.load import LoadResult, RequestResult
 from epp_bench.report import ladder_tables
 from epp_bench.runner import (
+    ADAPTIVE_CONFIG,
     LADDER_FIGURES,
-    SATURATION_CONFIG,
     TUNED_CONFIG,
     BenchConfig,
-    saturation_config,
+    adaptive_config,
     tuned_config,
 )
 from epp_bench.workloads import (
@@ -237,19 +237,19 @@ def test_epp_tuned_is_given_the_simulators_prefill_rate() -> None:
     assert loaded.scheduler is not None
 
 
-def test_epp_saturation_is_a_named_policy_the_demo_does_not_run() -> None:
-    """`--policy epp-saturation` runs examples/configs/epp-saturation.yaml as it is; the demo's
+def test_epp_adaptive_is_a_named_policy_the_demo_does_not_run() -> None:
+    """`--policy epp-adaptive` runs examples/configs/epp-adaptive.yaml as it is; the demo's
     default policy list leaves it out, and an unknown name is still refused."""
     parse = build_parser().parse_args
-    assert "epp-saturation" not in config_from_args(parse(["run"])).policies
-    cfg = config_from_args(parse(["run", "--policy", "epp", "--policy", "epp-saturation"]))
-    assert cfg.policies == ["epp", "epp-saturation"]
-    text = saturation_config(cfg.sim_args)
-    assert text == SATURATION_CONFIG.read_text()
-    weights = {
-        ref["pluginRef"]: ref["weight"] for ref in yaml.safe_load(text)["schedulingProfiles"][0]["plugins"]
-    }
+    assert "epp-adaptive" not in config_from_args(parse(["run"])).policies
+    cfg = config_from_args(parse(["run", "--policy", "epp", "--policy", "epp-adaptive"]))
+    assert cfg.policies == ["epp", "epp-adaptive"]
+    text = adaptive_config(cfg.sim_args)
+    assert text == ADAPTIVE_CONFIG.read_text()
+    profile = yaml.safe_load(text)["schedulingProfiles"][0]["plugins"]
+    assert profile[0] == {"pluginRef": "prefix-cache-affinity-filter"}
+    weights = {ref["pluginRef"]: ref.get("weight") for ref in profile}
     assert weights["prefix-cache-scorer"] == 3.5 and weights["active-request-scorer"] == 1
     assert load_config(text, installed_registry()).scheduler is not None
-    with pytest.raises(SystemExit, match="unknown policy 'epp-saturated'"):
-        config_from_args(parse(["run", "--policy", "epp-saturated"]))
+    with pytest.raises(SystemExit, match="unknown policy 'epp-saturation'"):
+        config_from_args(parse(["run", "--policy", "epp-saturation"]))
