@@ -19,12 +19,16 @@ SYSTEM = [f"You are assistant number {g}. Answer briefly and cite the manual. " 
 TAUGHT = 4  # groups 0-3 teach the model (every pod holds them); 4 and 5 are the groups under test
 
 
-def with_queue(ep: Endpoint, waiting: int, inflight: int = 0, kv: float = 0.0) -> Endpoint:
+def set_load(ep: Endpoint, waiting: int, inflight: int = 0, kv: float = 0.0) -> None:
     """`ep` as a scrape and epp's ledger would show it: `waiting` queued, `inflight` requests epp
     routed there and not yet completed, `kv` of its KV cache in use."""
     ep.metrics = dataclasses.replace(ep.metrics, waiting_queue_size=waiting, kv_cache_usage=kv)
     ep.inflight_requests = inflight
-    return ep
+
+
+def set_loads(loads: tuple[tuple[Endpoint, int, int, float], ...]) -> None:
+    for ep, waiting, inflight, kv in loads:
+        set_load(ep, waiting, inflight, kv)
 
 
 def ttft_s(waiting: int, uncached_chars: int) -> float:
@@ -41,7 +45,7 @@ def trained_scheduler() -> tuple[Scheduler, list[Endpoint]]:
     holds: set[tuple[str, int]] = set()
     for i in range(96):
         group, pod = rng.randrange(TAUGHT), rng.choice(pods)
-        with_queue(pod, rng.randrange(6))
+        set_load(pod, rng.randrange(6))
         request = make_request(SYSTEM[group] + f"Question {i}?", request_id=f"teach-{i}")
         result = route(scheduler, [pod], request)
         uncached = len(request.prompt_text) - (len(SYSTEM[group]) if (pod.name, group) in holds else 0)
@@ -50,7 +54,7 @@ def trained_scheduler() -> tuple[Scheduler, list[Endpoint]]:
         complete(scheduler, request, result)
         holds.add((pod.name, group))
     for pod in pods:
-        with_queue(pod, 0)
+        set_load(pod, 0)
     return scheduler, pods
 
 
@@ -70,8 +74,7 @@ def test_a_group_stays_on_its_pod_until_the_wait_there_outweighs_a_cold_prefill(
     # One queued request costs less than a cold prefill of the ~2,500-character prefix elsewhere,
     # so the affinity filter keeps the group on a, each time.
     moderate = ((a, 1, 4, 0.6), (b, 0, 2, 0.3), (c, 0, 2, 0.3))
-    for ep, waiting, inflight, kv in moderate:
-        with_queue(ep, waiting, inflight, kv)
+    set_loads(moderate)
     assert {next_pod(scheduler, [a, b, c], 4, i) for i in range(5)} == {"a"}
     # The same state without the filter: the scorers alone would move the group (what the
     # filter's gate is there to prevent at moderate load).
@@ -79,13 +82,11 @@ def test_a_group_stays_on_its_pod_until_the_wait_there_outweighs_a_cold_prefill(
     assert ungated != CONFIG.read_text()
     plain = load_scheduler(ungated)
     complete(plain, fresh, route(plain, [a], fresh))
-    for ep, waiting, inflight, kv in moderate:
-        with_queue(ep, waiting, inflight, kv)
+    set_loads(moderate)
     assert next_pod(plain, [a, b, c], 4, 50) in {"b", "c"}
     # A saturated a (eight waiting, seven in flight): the wait costs more than the cold prefill,
     # the filter opens and the request goes to another pod, which then holds the prefix too.
-    for ep, waiting, inflight, kv in ((a, 8, 7, 0.9), (b, 0, 2, 0.3), (c, 0, 2, 0.3)):
-        with_queue(ep, waiting, inflight, kv)
+    set_loads(((a, 8, 7, 0.9), (b, 0, 2, 0.3), (c, 0, 2, 0.3)))
     assert next_pod(scheduler, [a, b, c], 4, 99) in {"b", "c"}
 
 
@@ -94,5 +95,5 @@ def test_until_the_model_has_learned_a_group_never_leaves_its_pod() -> None:
     a, b, c = (make_endpoint(name) for name in ("a", "b", "c"))
     first = make_request(SYSTEM[5] + "Hello?", request_id="first")
     complete(scheduler, first, route(scheduler, [a], first))
-    with_queue(a, 8, 7, 0.9)
+    set_load(a, 8, 7, 0.9)
     assert {next_pod(scheduler, [a, b, c], 5, i) for i in range(5)} == {"a"}
