@@ -9,12 +9,13 @@ the config's `defaultEngine` says otherwise). Each value is a metric spec in Pro
 `name` or `name{label="value",...}`; the config's `engineConfigs` and the Go `*-metric` flags
 replace them (`build_engine_table`).
 
-vLLM's /metrics is large (histograms for every latency: about 43 kB and 450 lines for one model,
-300 kB with eight data-parallel engines) and epp reads five of its series, so a page is read as it
-arrives (`PageReader`): each chunk is searched for the lines of the families read, and only those
-are decoded and parsed, into running sums; the rest is never kept. A page costs about 40 µs
-instead of the 870 µs prometheus-client's parser took on the whole of it, and a hostile page
-costs time in proportion to its bytes, in small slices, with bounded memory.
+vLLM's /metrics is large (histograms for every latency: 40-60 kB and 450-630 lines for one model,
+about 280 kB with eight data-parallel engines) and epp reads five of its families, so a page is
+read as it arrives (`PageReader`): each family is searched for until its lines are over, only
+those lines are decoded and parsed, into running sums; the rest is never kept. A realistic 59 kB
+page (`epp_bench.perf.vllm_page`) costs about 90 µs on the 2-core development machine, where
+prometheus-client's parser takes 22 ms on the whole of it; a hostile page costs time in
+proportion to its bytes, in small slices, with bounded memory.
 """
 
 from __future__ import annotations
@@ -405,35 +406,62 @@ def _parse_labels(text: str, line: str) -> dict[str, str]:
     return labels
 
 
+@dataclass(frozen=True)
+class _ReadPlan:
+    """What a PageReader for one engine mapping looks for, worked out once per mapping."""
+
+    names: tuple[bytes, ...]  # the families read, as their samples' lines start, in spec order
+    specs: tuple[MetricSpec, ...]  # the value specs, each summed in its slot (its position here)
+    by_name: Mapping[str, tuple[tuple[int, MetricSpec], ...]]  # each name's value specs and slots
+    label_names: frozenset[str]  # the names whose labels are read
+    # A value's later specs are fallbacks (vLLM renamed its KV-cache metric): once an earlier one
+    # matched, the later ones' names need not be looked for, unless something else reads them.
+    superseded: Mapping[int, frozenset[bytes]]
+
+
 @functools.lru_cache(maxsize=64)
-def _plan(
-    names: MetricNames,
-) -> tuple[tuple[bytes, ...], tuple[bytes, ...], Mapping[str, Sequence[MetricSpec]], frozenset[str]]:
-    """What a PageReader for `names` looks for, worked out once per engine mapping: the wanted
-    line starts, the same after a newline, the value specs by name, the names whose labels are
-    read."""
-    starts = tuple(n.encode() for n in names.all_names())
-    by_name: dict[str, list[MetricSpec]] = {}
-    for spec in (*names.waiting, *names.running, *names.kv_usage, names.block_size, names.num_blocks):
-        if spec is not None and spec not in by_name.get(spec.name, ()):
-            by_name.setdefault(spec.name, []).append(spec)
+def _plan(names: MetricNames) -> _ReadPlan:
+    specs = tuple(
+        dict.fromkeys(
+            s
+            for s in (*names.waiting, *names.running, *names.kv_usage, names.block_size, names.num_blocks)
+            if s is not None
+        )
+    )
+    by_name: dict[str, tuple[tuple[int, MetricSpec], ...]] = {}
+    for slot, spec in enumerate(specs):
+        by_name[spec.name] = (*by_name.get(spec.name, ()), (slot, spec))
     label_names = frozenset(
         s.name
         for s in (*names.specs(), names.lora_info, names.cache_info)
         if s is not None and (s.labels or s is names.lora_info or s is names.cache_info)
     )
-    return starts, tuple(b"\n" + n for n in starts), by_name, label_names
+    superseded: dict[int, frozenset[bytes]] = {}
+    for value in (names.waiting, names.running, names.kv_usage):
+        for i, spec in enumerate(value):
+            later = {s.name for s in value[i + 1 :]}
+            others = [s.name for s in names.specs() if s not in value[i + 1 :]]
+            dropped = frozenset(n.encode() for n in later if n not in others)
+            if dropped:
+                superseded[specs.index(spec)] = dropped
+    return _ReadPlan(tuple(n.encode() for n in names.all_names()), specs, by_name, label_names, superseded)
 
 
 class PageReader:
     """Reads a Prometheus text page piece by piece, as it arrives, into an EndpointMetrics
     snapshot: `feed(bytes)` as often as needed, then `finish(now)`.
 
-    Only the lines of the families `names` reads are parsed: each chunk is searched for line
-    starts with those names (`bytes.find`, C speed), and everything else (vLLM's histograms, most
-    of its page) is skipped without being decoded or kept. Memory is one partial line, never the
-    page; work per chunk is proportional to the chunk. Sample names are matched as the page gives
-    them, as the Go extractor matches them (a counter `x` is `x`, not `x_total`).
+    Only the lines of the families `names` reads are parsed, and the page is searched for each
+    family only until its group of lines is over: the text format keeps a family's lines together,
+    and the families epp reads are few. Each is looked for with `bytes.find` (C speed; on vLLM's
+    page the gauges come first, the info gauges last), its lines parsed, and once the line after
+    them is another family's, it is not looked for again; a value's fallback name (vLLM's older
+    KV-cache gauge) is not looked for once the newer one was read. Everything else (vLLM's
+    histograms, most of its page) is skipped without being decoded or kept. Memory is one partial
+    line, never the page; work per chunk is at most one search per family still missing. Sample
+    names are matched as the page gives them, as the Go extractor matches them (a counter `x` is
+    `x`, not `x_total`). A family whose lines come in two groups (which the format forbids) is
+    read from its first.
 
     Raises MetricsParseError for a wanted line that is not a valid sample (or a non-finite value
     of a value read), PageLimitError past `max_line_bytes` or `max_samples`."""
@@ -442,14 +470,17 @@ class PageReader:
         self, names: MetricNames, *, max_line_bytes: int = MAX_LINE_BYTES, max_samples: int = MAX_SAMPLES
     ) -> None:
         self._names = names
-        self._starts, self._needles, self._by_name, self._label_names = _plan(names)
+        plan = self._plan = _plan(names)
+        self._starts = plan.names
+        self._missing = list(plan.names)  # families not read yet, in spec order
+        self._open: bytes | None = None  # the family whose lines ran to the last chunk's end
         self._max_line = max_line_bytes
         self._max_samples = max_samples
         self._carry = b""
         self._skipping = False  # inside an over-long unwanted line: drop up to its newline
         self.bytes_read = 0
         self.samples = 0
-        self._summed: dict[MetricSpec, float] = {}
+        self._summed: list[float | None] = [None] * len(plan.specs)  # by slot
         self._lora_best: tuple[float, Mapping[str, str]] | None = None
         self._cache_labels: Mapping[str, str] | None = None
 
@@ -466,7 +497,8 @@ class PageReader:
         if end < 0:
             self._carry = data
         else:
-            self._scan(data, end)
+            if self._missing:
+                self._scan(data, end)
             self._carry = data[end + 1 :]
         if len(self._carry) > self._max_line:
             if self._carry.startswith(self._starts):
@@ -478,18 +510,66 @@ class PageReader:
 
     def _scan(self, data: bytes, end: int) -> None:
         """The wanted lines among the complete ones, data[:end] (data starts at a line start)."""
-        starts = [0] if data.startswith(self._starts) else []
-        for needle in self._needles:
-            at = data.find(needle, 0, end)
-            while at >= 0:
-                starts.append(at + 1)
-                at = data.find(needle, at + 1, end)
-        if len(starts) > 1:
-            starts = sorted(set(starts))  # page order; a name may prefix another
-        for start in starts:
-            self._line(data[start : data.find(b"\n", start, end + 1)])
+        if self._open is not None:
+            name, self._open = self._open, None
+            at = _past_comments(data, 0, end)
+            if at > end:
+                self._open = name  # nothing but comments here: its lines may still go on
+                return
+            if data.startswith(name, at):
+                self._group(data, at, end, name, read=True)
+                if self._open is not None:
+                    return  # every line here was that family's, and its lines go on
+            else:
+                self._read(name)  # its lines ended with the last chunk
+        for name in tuple(self._missing):
+            if name not in self._missing:
+                continue  # superseded by a name read above
+            at = 0 if data.startswith(name) else data.find(b"\n" + name, 0, end) + 1
+            while at > 0 or (at == 0 and data.startswith(name)):
+                if self._group(data, at, end, name):
+                    break
+                at = data.find(b"\n" + name, data.find(b"\n", at, end + 1), end) + 1
+                if at == 0:
+                    break
 
-    def _line(self, raw: bytes) -> None:
+    def _group(self, data: bytes, at: int, end: int, name: bytes, read: bool = False) -> bool:
+        """Parse the lines from `at` (one that starts with `name`) while they are `name`'s.
+        Returns True when the family is read (its lines are over, or run past this chunk)."""
+        wanted = name.decode()
+        while True:
+            nl = data.find(b"\n", at, end + 1)
+            parsed = self._line(data[at:nl], wanted)
+            if parsed == wanted:
+                read = True
+            elif read:
+                break  # a longer name right after the family: its lines are over
+            else:
+                return False  # a longer name that starts like this one: look further
+            at = _past_comments(data, nl + 1, end)
+            if at > end:
+                self._open = name  # its lines may go on in the next chunk
+                return True
+            if not data.startswith(name, at):
+                break
+        self._read(name)
+        return True
+
+    def _read(self, name: bytes) -> None:
+        """`name`'s lines are over: stop looking for it, and for the names a value read from it
+        makes needless."""
+        if name in self._missing:
+            self._missing.remove(name)
+        for slot, _ in self._plan.by_name.get(name.decode(), ()):
+            if self._summed[slot] is not None:
+                for other in self._plan.superseded.get(slot, ()):
+                    if other in self._missing:
+                        self._missing.remove(other)
+
+    def _line(self, raw: bytes, family: str) -> str | None:
+        """Parse one line that starts with `family`'s name and record it if it is that family's
+        sample; returns the sample's name, or None when it is not a sample (a longer name that is
+        not a valid one)."""
         try:
             line = raw.decode()
         except UnicodeDecodeError:
@@ -499,10 +579,10 @@ class PageReader:
             bad = _SPEC_NAME_RE.match(line)
             if bad is not None and bad.group(0) in self._names.wanted:
                 raise MetricsParseError(f"not a valid sample: {line[:200]!r}")
-            return  # a longer name that starts like a wanted one
+            return None  # a longer name that starts like a wanted one
         name: str = m.group(1)
-        if name not in self._names.wanted:
-            return
+        if name != family:
+            return name  # a longer name: another family (read, if wanted, when it is looked for)
         self.samples += 1
         if self.samples > self._max_samples:
             raise PageLimitError(f"more than {self._max_samples} samples of the metrics read")
@@ -511,7 +591,7 @@ class PageReader:
         except ValueError:
             raise MetricsParseError(f"bad value in {line[:200]!r}") from None
         labels: Mapping[str, str] = (
-            _cached_labels(m.group(2), line) if m.group(2) and name in self._label_names else {}
+            _cached_labels(m.group(2), line) if m.group(2) and name in self._plan.label_names else {}
         )
         names = self._names
         lora = names.lora_info
@@ -525,11 +605,13 @@ class PageReader:
         cache = names.cache_info
         if cache is not None and name == cache.name and cache.matches(labels):
             self._cache_labels = labels
-        for spec in self._by_name.get(name, ()):
-            if spec.matches(labels):
+        summed = self._summed
+        for slot, spec in self._plan.by_name.get(name, ()):
+            if not spec.labels or spec.matches(labels):
                 if not math.isfinite(value):  # NaN/inf would poison every score
                     raise MetricsParseError(f"{spec} is {value}")
-                self._summed[spec] = self._summed.get(spec, 0.0) + value
+                summed[slot] = (summed[slot] or 0.0) + value
+        return name
 
     def finish(self, now: float) -> EndpointMetrics:
         """The snapshot of everything fed. Raises MetricsParseError when nothing usable was there."""
@@ -539,12 +621,12 @@ class PageReader:
         return self._snapshot(now)
 
     def _snapshot(self, now: float) -> EndpointMetrics:
-        names, summed = self._names, self._summed
+        names, summed = self._names, dict(zip(self._plan.specs, self._summed, strict=True))
 
         def first(specs: Iterable[MetricSpec]) -> float | None:
             for spec in specs:
-                if spec in summed:
-                    return summed[spec]
+                if (value := summed[spec]) is not None:
+                    return value
             return None
 
         waiting, running, kv = first(names.waiting), first(names.running), first(names.kv_usage)
@@ -571,10 +653,10 @@ class PageReader:
         if self._cache_labels is not None:
             block_size = _int_or(self._cache_labels.get(names.block_size_label), None)
             num_blocks = _int_or(self._cache_labels.get(names.num_blocks_label), None)
-        if names.block_size is not None and names.block_size in summed:
-            block_size = _int_or(str(summed[names.block_size]), None)
-        if names.num_blocks is not None and names.num_blocks in summed:
-            num_blocks = _int_or(str(summed[names.num_blocks]), None)
+        if names.block_size is not None and (value := summed[names.block_size]) is not None:
+            block_size = _int_or(str(value), None)
+        if names.num_blocks is not None and (value := summed[names.num_blocks]) is not None:
+            num_blocks = _int_or(str(value), None)
         return EndpointMetrics(
             waiting_queue_size=int(waiting or 0),
             running_requests=int(running or 0),
@@ -589,6 +671,16 @@ class PageReader:
 
 
 _SPEC_NAME_RE = re.compile(_METRIC_NAME)
+
+
+def _past_comments(data: bytes, at: int, end: int) -> int:
+    """The start of the first line from `at` that is neither blank nor a plain comment (a HELP or
+    TYPE line starts the next family), or past `end` when there is none before it."""
+    while at <= end and data.startswith((b"\n", b"#"), at):
+        if data.startswith((b"# HELP ", b"# TYPE "), at):
+            break
+        at = data.find(b"\n", at, end + 1) + 1
+    return at
 
 
 def _split_adapters(value: str) -> frozenset[str]:

@@ -38,7 +38,7 @@ CHUNK = 256 * 1024
 
 def vllm_page(waiting: int = 3, running: int = 5, kv: float = 0.4, engines: int = 1) -> str:
     """What vLLM v1 serves at /metrics for one model (process, HTTP and engine families, with
-    vLLM's histogram buckets); `engines` > 1 repeats the engine families per data-parallel rank."""
+    vLLM's histogram buckets); `engines` > 1 gives the engine families a sample per data-parallel rank."""
     out: list[str] = []
 
     def family(name: str, kind: str, text: str) -> None:
@@ -92,26 +92,29 @@ def vllm_page(waiting: int = 3, running: int = 5, kv: float = 0.4, engines: int 
         ("vllm:request_prefill_time_seconds", latency),
         ("vllm:request_decode_time_seconds", latency),
     )
-    for engine in range(engines):
-        labels = f'engine="{engine}",model_name="{MODEL}"'
-        for name, kind, text, value in (
-            ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", running),
-            ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", waiting),
-            ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", kv),
-        ):
-            family(name, kind, text)
-            out.append(f"{name}{{{labels}}} {float(value)}\n")
-        for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions",
-                     "vllm:prompt_tokens", "vllm:generation_tokens"):  # fmt: skip
-            family(name + "_total", "counter", "A counter.")
-            out.append(f"{name}_total{{{labels}}} 123456.0\n")
-        family("vllm:request_success_total", "counter", "Count of successfully processed requests.")
-        out.extend(
-            f'vllm:request_success_total{{{labels},finished_reason="{r}"}} 100.0\n'
-            for r in ("stop", "length")
-        )
-        for name, buckets in histograms:
-            family(name, "histogram", "A histogram.")
+    # One family each, a sample per data-parallel rank, as prometheus-client renders vLLM's
+    # labelled metrics (the text format keeps a family's lines together).
+    ranks = [f'engine="{engine}",model_name="{MODEL}"' for engine in range(engines)]
+    for name, kind, text, value in (
+        ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", running),
+        ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", waiting),
+        ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", kv),
+    ):
+        family(name, kind, text)
+        out.extend(f"{name}{{{labels}}} {float(value)}\n" for labels in ranks)
+    for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions",
+                 "vllm:prompt_tokens", "vllm:generation_tokens"):  # fmt: skip
+        family(name + "_total", "counter", "A counter.")
+        out.extend(f"{name}_total{{{labels}}} 123456.0\n" for labels in ranks)
+    family("vllm:request_success_total", "counter", "Count of successfully processed requests.")
+    out.extend(
+        f'vllm:request_success_total{{{labels},finished_reason="{r}"}} 100.0\n'
+        for labels in ranks
+        for r in ("stop", "length")
+    )
+    for name, buckets in histograms:
+        family(name, "histogram", "A histogram.")
+        for labels in ranks:
             out.extend(f'{name}_bucket{{{labels},le="{float(b)}"}} 42.0\n' for b in buckets)
             out.append(f'{name}_bucket{{{labels},le="+Inf"}} 42.0\n')
             out.append(f"{name}_count{{{labels}}} 42.0\n{name}_sum{{{labels}}} 123.4\n")

@@ -56,6 +56,28 @@ def test_a_page_reads_the_same_whatever_its_chunks(size: int) -> None:
     assert (m.block_size, m.num_gpu_blocks, m.updated_at) == (16, 27000, 5.0)
 
 
+@pytest.mark.parametrize("size", [1, 5, 64 * 1024])
+def test_a_family_is_read_whole_and_only_once(size: int) -> None:
+    # The text format keeps a family's lines together, so the reader stops looking for a family
+    # once its lines are over. What it must still get right: a longer name found first is not
+    # the family; comments and blank lines inside a family do not end it; the older KV-cache
+    # name is read only when the newer one is absent; a family given twice (which the format
+    # forbids) is read from its first group.
+    page = (
+        b'vllm:num_requests_waiting_by_reason{reason="capacity"} 9\n'
+        b"vllm:gpu_cache_usage_perc 0.9\n"
+        b"# HELP vllm:num_requests_waiting Requests waiting.\n# TYPE vllm:num_requests_waiting gauge\n"
+        b'vllm:num_requests_waiting{engine="0"} 1\n# a comment\n\nvllm:num_requests_waiting{engine="1"} 2\n'
+        b"vllm:num_requests_running 3\n"
+        b"vllm:kv_cache_usage_perc 0.25\n"
+        b'vllm:num_requests_waiting{engine="2"} 50\n'
+    )
+    m = read_in_chunks(page, size).finish(now=1)
+    assert (m.waiting_queue_size, m.running_requests, m.kv_cache_usage) == (3, 3, 0.25)
+    older_only = page.replace(b"vllm:kv_cache_usage_perc 0.25\n", b"")
+    assert read_in_chunks(older_only, size).finish(now=1).kv_cache_usage == 0.9
+
+
 def test_sample_syntax_as_the_text_format_has_it() -> None:
     page = (
         "# HELP vllm:num_requests_waiting x\r\n# TYPE vllm:num_requests_waiting gauge\r\n"
