@@ -1,0 +1,120 @@
+"""The page reader against prometheus-client's parser, on random valid pages read in random chunks.
+
+The reader searches for each family only until its lines are over and skips the rest unparsed;
+prometheus-client parses every line. On pages the text format allows (each family's lines
+together, in any order, with unwanted families, longer names that start like wanted ones,
+comments, histograms, several series per family), both must give the same values.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from epp.datalayer.model_server_metrics import VLLM, PageReader
+
+WAITING, RUNNING = "vllm:num_requests_waiting", "vllm:num_requests_running"
+KV, OLD_KV = "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"
+LORA, CACHE = "vllm:lora_requests_info", "vllm:cache_config_info"
+
+
+def _family(rng: random.Random, name: str, kind: str, samples: list[str]) -> str:
+    head = f"# HELP {name} Some help.\n# TYPE {name} {kind}\n" if rng.random() < 0.8 else ""
+    if rng.random() < 0.2 and len(samples) > 1:
+        samples.insert(1, "# just a comment")
+    return head + "".join(line + "\n" for line in samples)
+
+
+def _gauge(rng: random.Random, name: str, ranks: int, low: float, high: float) -> str:
+    samples = [f'{name}{{engine="{r}",model_name="m"}} {rng.uniform(low, high):.4f}' for r in range(ranks)]
+    return _family(rng, name, "gauge", samples)
+
+
+def random_page(rng: random.Random) -> str:
+    ranks = rng.randint(1, 3)
+    families = [
+        _gauge(rng, WAITING, ranks, 0, 20),
+        _gauge(rng, RUNNING, ranks, 0, 60),
+        _gauge(rng, WAITING + "_by_reason", ranks, 0, 9),  # a longer name, not ours
+        _family(rng, RUNNING + "_total", "counter", [f"{RUNNING}_total {rng.randint(0, 99)}"]),
+        _family(rng, "process_open_fds", "gauge", [f"process_open_fds {rng.randint(1, 999)}"]),
+    ]
+    if rng.random() < 0.8:
+        families.append(_gauge(rng, KV, ranks, 0, 1))
+    if rng.random() < 0.5:
+        families.append(_gauge(rng, OLD_KV, ranks, 0, 1))
+    if rng.random() < 0.7:
+        adapters = ",".join(rng.sample(["a", "b", "c", "d"], rng.randint(0, 3)))
+        stamps = sorted(rng.uniform(1e9, 2e9) for _ in range(rng.randint(1, 3)))
+        max_lora = rng.randint(1, 8)
+        samples = [
+            f'{LORA}{{max_lora="{max_lora}",running_lora_adapters="{adapters}{i}",'
+            f'waiting_lora_adapters=""}} {t:.1f}'
+            for i, t in enumerate(rng.sample(stamps, len(stamps)))
+        ]
+        families.append(_family(rng, LORA, "gauge", samples))
+    if rng.random() < 0.8:
+        line = f'{CACHE}{{block_size="{rng.choice([16, 32])}",num_gpu_blocks="{rng.randint(1, 99999)}"}} 1.0'
+        families.append(_family(rng, CACHE, "gauge", [line]))
+    for h in range(rng.randint(0, 4)):
+        name = f"vllm:latency_{h}_seconds"
+        buckets = [f'{name}_bucket{{le="{b}",model_name="m"}} {b * 3}' for b in (0.1, 1.0, 10.0)]
+        families.append(_family(rng, name, "histogram", [*buckets, f"{name}_count 9", f"{name}_sum 4.5"]))
+    rng.shuffle(families)
+    return "".join(families)
+
+
+Snapshot = tuple[int, int, float, tuple[str, ...], int, int | None, int | None]
+
+
+def expected(page: str) -> Snapshot:
+    """Waiting, running and KV use (the newer gauge, else the older), summed over series; the LoRA
+    info series with the newest value's adapters and max; the cache info's block size and blocks."""
+    sums: dict[str, float] = {}
+    lora: tuple[float, dict[str, str]] | None = None
+    cache: dict[str, str] = {}
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name in (WAITING, RUNNING, KV, OLD_KV):
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+            elif sample.name == LORA and (lora is None or sample.value > lora[0]):
+                lora = (sample.value, sample.labels)
+            elif sample.name == CACHE:
+                cache = sample.labels
+    kv = sums.get(KV, sums.get(OLD_KV, 0.0))
+    running_loras = sorted(a for a in (lora[1]["running_lora_adapters"].split(",") if lora else []) if a)
+    return (
+        int(sums.get(WAITING, 0)),
+        int(sums.get(RUNNING, 0)),
+        round(min(max(kv, 0.0), 1.0), 9),
+        tuple(running_loras),
+        int(lora[1]["max_lora"]) if lora else 0,
+        int(cache["block_size"]) if cache else None,
+        int(cache["num_gpu_blocks"]) if cache else None,
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_reader_agrees_with_prometheus_client_on_valid_pages(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(10):
+        page = random_page(rng)
+        reader = PageReader(VLLM)
+        data, at = page.encode(), 0
+        while at < len(data):
+            step = rng.choice([1, 7, 64, 1000, 1 << 20])
+            reader.feed(data[at : at + step])
+            at += step
+        m = reader.finish(now=1.0)
+        got: Snapshot = (
+            m.waiting_queue_size,
+            m.running_requests,
+            round(m.kv_cache_usage, 9),
+            tuple(sorted(m.running_loras)),
+            m.max_loras,
+            m.block_size,
+            m.num_gpu_blocks,
+        )
+        assert got == expected(page), page
