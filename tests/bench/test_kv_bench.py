@@ -47,10 +47,15 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
     assert (tmp_path / "kv.png").stat().st_size > 10_000
 
 
-def test_precise_config_loads_in_epp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("approx", [False, True], ids=["epp-precise", "epp-precise-approx"])
+def test_precise_config_loads_in_epp(tmp_path: Path, approx: bool) -> None:
     write_tokenizer(tmp_path)
     config = tmp_path / "precise.yaml"
-    config.write_text(precise_config(tmp_path, "42", 5557))
+    text = precise_config(tmp_path, "42", 5557, approx)
+    config.write_text(text)
+    # epp-precise-approx adds the approximate scorer behind the events (and nothing else).
+    assert ("pluginRef: prefix-cache-scorer" in text) is approx
+    assert text.count("pluginRef") == 4 + approx
     check = subprocess.run(
         [sys.executable, "-m", "epp", "--config-file", str(config), "--endpoints", "127.0.0.1:8000",
          "--check-config"],
