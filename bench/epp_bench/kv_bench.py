@@ -65,8 +65,8 @@ from epp_bench.report import table
 from epp_bench.runner import prefix_cache_counters
 from epp_bench.workloads import Arrivals, SharedPrefix, Workload, oracle_hit_rate
 
-POLICIES = ("epp-precise", "epp-precise-approx", "epp", "vllm-router-kv-aware", "vllm-router", "round-robin")
 PRECISE_POLICIES = ("epp-precise", "epp-precise-approx")  # epp fed by the events
+POLICIES = (*PRECISE_POLICIES, "epp", "vllm-router-kv-aware", "vllm-router", "round-robin")
 MODEL = "sim-model"
 BLOCK_SIZE = 16
 DEFAULT_HASH_SEED = "42"
@@ -370,6 +370,7 @@ def verdict(doc: dict[str, Any]) -> list[str]:
     """The issue's targets, measured, for each event-fed epp: its TTFT p90 against epp's and
     kv_aware's, and its hit rate against the oracle's and the capacity-aware reference's."""
     policies = doc["policies"]
+    oracle, capacity = doc["oracle_hit_rate"], doc.get("capacity_hit_rate")
     lines = []
     for name in PRECISE_POLICIES:
         precise = policies.get(name)
@@ -379,16 +380,14 @@ def verdict(doc: dict[str, Any]) -> list[str]:
         for other in ("epp", "vllm-router-kv-aware"):
             if other in policies and p90 > 0:
                 lines.append(f"TTFT p90 {name} vs {other}: {policies[other]['ttft_p90_s'] / p90:.2f}x")
-        oracle = doc["oracle_hit_rate"]
         if oracle:
             lines.append(f"hit rate {name} {precise['hit_rate']:.1%} vs oracle {oracle:.1%}")
-        capacity = doc.get("capacity_hit_rate")
         if capacity:
             lines.append(
                 f"hit rate {name} {precise['hit_rate']:.1%} vs capacity-aware reference {capacity:.1%} "
                 f"({precise['hit_rate'] / capacity:.0%} of it)"
             )
-    if lines and doc.get("capacity_hit_rate"):
+    if lines and capacity:
         floor = doc["capacity_reference"]["ttft_p90_floor_s"]
         lines.append(f"TTFT p90 floor with these caches (the reference's own prefills): {floor:.2f} s")
     return lines

@@ -471,7 +471,6 @@ class PageReader:
     ) -> None:
         self._names = names
         plan = self._plan = _plan(names)
-        self._starts = plan.names
         self._missing = list(plan.names)  # families not read yet, in spec order
         self._open: bytes | None = None  # the family whose lines ran to the last chunk's end
         self._max_line = max_line_bytes
@@ -501,7 +500,7 @@ class PageReader:
                 self._scan(data, end)
             self._carry = data[end + 1 :]
         if len(self._carry) > self._max_line:
-            if self._carry.startswith(self._starts):
+            if self._carry.startswith(self._plan.names):
                 raise PageLimitError(
                     f"a line of {self._carry[:60]!r}... is longer than {self._max_line} bytes"
                 )
@@ -525,13 +524,9 @@ class PageReader:
         for name in tuple(self._missing):
             if name not in self._missing:
                 continue  # superseded by a name read above
-            at = 0 if data.startswith(name) else data.find(b"\n" + name, 0, end) + 1
-            while at > 0 or (at == 0 and data.startswith(name)):
-                if self._group(data, at, end, name):
-                    break
-                at = data.find(b"\n" + name, data.find(b"\n", at, end + 1), end) + 1
-                if at == 0:
-                    break
+            at = 0 if data.startswith(name) else _line_starting(data, name, 0, end)
+            while at >= 0 and not self._group(data, at, end, name):
+                at = _line_starting(data, name, data.find(b"\n", at, end + 1), end)
 
     def _group(self, data: bytes, at: int, end: int, name: bytes, read: bool = False) -> bool:
         """Parse the lines from `at` (one that starts with `name`) while they are `name`'s.
@@ -671,6 +666,13 @@ class PageReader:
 
 
 _SPEC_NAME_RE = re.compile(_METRIC_NAME)
+
+
+def _line_starting(data: bytes, name: bytes, start: int, end: int) -> int:
+    """The start of the first line after data[start] (a newline, or 0) and before `end` that
+    begins with `name`, or -1."""
+    at = data.find(b"\n" + name, start, end)
+    return at + 1 if at >= 0 else -1
 
 
 def _past_comments(data: bytes, at: int, end: int) -> int:
