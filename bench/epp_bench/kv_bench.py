@@ -3,6 +3,7 @@
     python -m epp_bench.kv_bench                                  # every scenario, every policy
     python -m epp_bench.kv_bench --scenario eviction --policy epp-precise --policy epp
     python -m epp_bench.kv_bench --out kv.json --plot kv.png      # the JSON document and a PNG
+    python -m epp_bench.kv_bench --scenario eviction --rate 20 --seed 2   # the same caches, more load
 
 Every run starts fresh simulators that publish vLLM KV events (`epp_bench.sim`: real token ids from
 the tokenizer directory `epp_bench.make_tokenizer` writes, vLLM's sha256 block hashes with
@@ -132,6 +133,17 @@ SCENARIOS: dict[str, Scenario] = {
     "restart": Scenario("restart", _shared_prefix(8, 20, 1024, 10.0), kv_cache_blocks=1024, restart_at=0.5),
     "replicas": Scenario("replicas", _shared_prefix(8, 20, 1024, 10.0), kv_cache_blocks=512, epp_replicas=2),
 }
+
+
+def at_load(scenario: Scenario, rate: float | None, seed: int | None) -> Scenario:
+    """The scenario with its arrivals at `rate` requests/s and its prompts and arrivals drawn with
+    `seed` (either left as the scenario has it when None): the same caches under more load."""
+    workload = scenario.workload
+    if rate is not None:
+        workload = dataclasses.replace(workload, arrivals=dataclasses.replace(workload.arrivals, rate=rate))
+    if seed is not None:
+        workload = dataclasses.replace(workload, seed=seed)
+    return dataclasses.replace(scenario, workload=workload)
 
 
 def quick(scenario: Scenario) -> Scenario:
@@ -412,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="default: all")
     parser.add_argument("--policy", action="append", choices=list(POLICIES), help="default: all")
     parser.add_argument("--quick", action="store_true", help="each scenario in miniature (seconds)")
+    parser.add_argument("--rate", type=float, help="arrivals per second (default: the scenario's)")
+    parser.add_argument("--seed", type=int, help="the workload's seed (default: the scenario's, 1)")
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer directory (default: make_tokenizer's)")
     parser.add_argument("--hash-seed", default=DEFAULT_HASH_SEED, help="the engines' PYTHONHASHSEED")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
@@ -420,6 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenarios = [SCENARIOS[name] for name in (args.scenario or SCENARIOS)]
     if args.quick:
         scenarios = [quick(s) for s in scenarios]
+    if args.rate is not None and args.rate <= 0:
+        parser.error("--rate must be positive")
+    scenarios = [at_load(s, args.rate, args.seed) for s in scenarios]
     try:
         doc = asyncio.run(run(scenarios, args.policy or POLICIES, args.tokenizer, args.hash_seed))
     except (GatewayError, OSError, ValueError) as exc:

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from epp_bench.kv_bench import PRECISE_CONFIG, SCENARIOS, precise_config, quick
+from epp_bench.kv_bench import PRECISE_CONFIG, SCENARIOS, Scenario, at_load, main, precise_config, quick
 from epp_bench.make_tokenizer import write_tokenizer
 
 pytestmark = pytest.mark.timeout(120)
@@ -20,12 +20,14 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
     """Two pods, a restart of one at half time: the precise epp and vllm-router kv_aware serve every
-    request and each result has throughput, TTFT percentiles and hit rates to compare."""
+    request and each result has throughput, TTFT percentiles and hit rates to compare. The load
+    and the draw are the ones asked for (--rate, --seed)."""
     out = tmp_path / "kv.json"
     run = subprocess.run(
         [
             sys.executable, "-m", "epp_bench.kv_bench", "--quick", "--scenario", "restart",
-            "--policy", "epp-precise", "--policy", "vllm-router-kv-aware", "--out", str(out),
+            "--policy", "epp-precise", "--policy", "vllm-router-kv-aware", "--rate", "12", "--seed", "3",
+            "--out", str(out),
             "--plot", str(tmp_path / "kv.png"),
         ],
         capture_output=True, text=True, timeout=110,
@@ -33,6 +35,7 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     doc: dict[str, Any] = orjson.loads(out.read_bytes())["scenarios"]["restart"]
     assert doc["restart_at"] == 0.5 and 0 < doc["oracle_hit_rate"] < 1
+    assert doc["workload"]["arrivals"]["rate"] == 12 and doc["workload"]["seed"] == 3
     for policy in ("epp-precise", "vllm-router-kv-aware"):
         figures = doc["policies"][policy]
         assert figures["requests"] == 12
@@ -73,3 +76,25 @@ def test_quick_scenarios_stay_small() -> None:
         small = quick(scenario)
         assert small.simulators == 2 and len(small.workload.turns()) == 12 and small.max_seconds <= 20
         assert small.restart_at == scenario.restart_at and small.epp_replicas == scenario.epp_replicas
+
+
+def test_more_load_on_the_same_caches() -> None:
+    """--rate and --seed change the arrivals and the draw, nothing else; a rate that is not
+    positive is refused before anything starts."""
+    eviction = SCENARIOS["eviction"]
+    loaded = at_load(eviction, 20.0, 2)
+    assert loaded.workload.arrivals.rate == 20.0 and loaded.workload.seed == 2
+    assert loaded.workload.spec == eviction.workload.spec
+    assert (loaded.simulators, loaded.kv_cache_blocks) == (eviction.simulators, eviction.kv_cache_blocks)
+    assert at_load(eviction, None, None) == eviction
+
+    # Another seed draws other prompts and arrival times; the same seed at another rate sends the
+    # same prompts, only sooner.
+    def prompts(scenario: Scenario) -> list[str]:
+        return [turn.prompt for turn in scenario.workload.turns()]
+
+    assert prompts(loaded) != prompts(eviction)
+    assert prompts(at_load(eviction, 20.0, None)) == prompts(eviction)
+    with pytest.raises(SystemExit) as refused:
+        main(["--rate", "0", "--scenario", "eviction"])
+    assert refused.value.code == 2
