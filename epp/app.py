@@ -35,7 +35,8 @@ from epp.datalayer.scraper import ScrapeConfig, Scraper
 from epp.discovery.objectives import ObjectiveStore, load_objectives_file
 from epp.discovery.rewrites import RewriteStore, RewriteWatcher, load_rewrites_file
 from epp.discovery.static import StaticDiscovery, parse_endpoints_flag
-from epp.extproc.handler import ExtProcService, StreamLimits
+from epp.extproc.handler import ExtProcService
+from epp.extproc.limits import StreamLimits
 from epp.flowcontrol.admission import Admission
 from epp.flowcontrol.controller import FlowController
 from epp.flowcontrol.metrics import FlowControlMetrics

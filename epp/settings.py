@@ -88,7 +88,7 @@ def parse_size(text: str) -> int:
 
 
 # What one byte of request body costs in memory while its stream lasts (measured in
-# epp.extproc.handler's terms: the chunks joined once, the parsed JSON, the prompt text and its
+# epp.extproc.limits' terms: the chunks joined once, the parsed JSON, the prompt text and its
 # UTF-8 form): --request-body-memory-budget counts this many bytes per body byte.
 REQUEST_BODY_MEMORY_FACTOR = 5
 
@@ -180,7 +180,7 @@ class Settings:
     kube_backoff_initial_s: float = 0.2
     kube_backoff_max_s: float = 10.0
     kube_watch_timeout_s: float = 300.0
-    # --- ext_proc request-path limits (epp.extproc.handler; docs/architecture.md "Reliability") ----
+    # --- ext_proc request-path limits (epp.extproc.limits; docs/architecture.md "Reliability") -----
     max_request_body_size: int = 64 * 1024 * 1024  # one request's body, else 413
     request_body_memory_budget: int = 320 * 1024 * 1024  # all streams' bodies' memory, else 429
     max_extproc_streams: int = 10_000  # open ext_proc streams, else 429 at once

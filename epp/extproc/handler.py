@@ -11,21 +11,8 @@ The stream owns only protocol state; what a request means is the director's busi
 the request and response phases for epp's metrics, holds the request's trace span
 (`gateway.request`), and, with --enable-grpc-stream-metrics, counts the stream.
 
-Limits, for clients that do not behave (docs/architecture.md, "Reliability"):
-- a body larger than --max-request-body-size is refused with a 413, as soon as its declared
-  content-length or its bytes so far say so;
-- every stream's body is charged to one memory budget (--request-body-memory-budget) from its
-  first byte, or its declared content-length, until the stream ends; a body the budget cannot
-  hold now is refused with a 429 (`x-llm-d-request-dropped-reason: rejected-saturated`);
-- at most --max-extproc-streams streams are open at once; one more is answered at once with a
-  429 (rejected-saturated), as the Go EPP answers when it is saturated;
-- a stream that sends nothing for --extproc-stream-idle-timeout ends: with a 408 while its request
-  is still arriving, else with gRPC DEADLINE_EXCEEDED; its state is freed either way;
-- the messages must come in the protocol's order: request headers once and first, the response
-  only after the request was routed. Anything else is refused with a 400 (the stream's first pick,
-  if any, is released);
-- every refusal is counted in llm_d_epp_request_error_total and logged in one line, at most
-  LOG_BURST lines per LOG_INTERVAL_S seconds, then one line saying how many were suppressed.
+The limits every stream is held to (body size, body memory, open streams, idle time, message
+order) are `epp.extproc.limits`'s.
 """
 
 from __future__ import annotations
@@ -33,197 +20,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from epp.errors import DROPPED_SATURATED, EppError, ErrorCode
+from epp.errors import EppError, ErrorCode
 from epp.extproc import messages
+from epp.extproc.limits import (
+    BODY_MEMORY_FACTOR,
+    HTTP_PAYLOAD_TOO_LARGE,
+    HTTP_REQUEST_TIMEOUT,
+    REFUSED_BUDGET,
+    REFUSED_IDLE,
+    REFUSED_STREAMS,
+    REFUSED_TOO_LARGE,
+    WIDE_BODY_MEMORY_FACTOR,
+    LimitsCollector,
+    Refused,
+    StreamLimits,
+    StreamShared,
+    protocol_error,
+    saturated,
+)
 from epp.framework import Api, InferenceRequest
-from epp.observability import DEFAULT_FAIRNESS_ID, DEFAULT_PRIORITY, PREFIX, fairness_id
+from epp.observability import DEFAULT_FAIRNESS_ID, DEFAULT_PRIORITY, fairness_id
 from epp.requestcontrol.director import Decision, Director
 from epp.requestcontrol.model_rewrite import ResponseModelRestorer, forwarded_body
 from epp.requestcontrol.parsing import api_for_path, parse_request
 from epp.requestcontrol.usage import UsageReader
-from epp.settings import REQUEST_BODY_MEMORY_FACTOR
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from epp.settings import Settings
 
 log = logging.getLogger(__name__)
-
-MiB = 1024 * 1024
-# Defaults of the limits (the flags' defaults; docs/configuration.md).
-MAX_REQUEST_BODY = 64 * MiB  # --max-request-body-size: one request's body, else 413
-BODY_MEMORY_BUDGET = 320 * MiB  # --request-body-memory-budget: all streams' bodies, else 429
-MAX_STREAMS = 10_000  # --max-extproc-streams: open ext_proc streams, else 429
-STREAM_IDLE_TIMEOUT_S = 300.0  # --extproc-stream-idle-timeout (Envoy's stream_idle_timeout default)
-# What one byte of request body costs in memory while its stream lasts, measured: the received
-# chunks joined once (the joined bytes held until sent back to Envoy), the parsed JSON's strings,
-# the prompt text (for chat, the serialized messages) and its UTF-8 form the prefix index hashes:
-# 3.2x for a 60 MB ASCII completion, 4.1x for a chat request (4.5x with four at once). The
-# budget charges this many bytes per body byte from the first byte.
-BODY_MEMORY_FACTOR = REQUEST_BODY_MEMORY_FACTOR
-# Python keeps a text with one character beyond U+FFFF at 4 bytes per character, so a body with
-# non-ASCII bytes or \u escapes may parse into strings 4x its size (the parsed JSON, the prompt
-# text; 12x the body in all, measured): charged this many bytes per body byte while it is parsed,
-# then what it turned out to hold.
-WIDE_BODY_MEMORY_FACTOR = 14
-# Refusals are logged one line each, at most LOG_BURST lines per LOG_INTERVAL_S seconds (per kind:
-# client errors, server errors); then one line says how many were suppressed.
-LOG_BURST = 10
-LOG_INTERVAL_S = 10.0
-
-_HTTP_PAYLOAD_TOO_LARGE = 413
-_HTTP_REQUEST_TIMEOUT = 408
-
-
-@dataclass(frozen=True, slots=True)
-class StreamLimits:
-    """The ext_proc request path's limits (the flags of docs/configuration.md, "Serving")."""
-
-    max_body_bytes: int = MAX_REQUEST_BODY
-    body_budget_bytes: int = BODY_MEMORY_BUDGET
-    max_streams: int = MAX_STREAMS
-    idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S  # 0: no idle timeout
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> StreamLimits:
-        return cls(
-            max_body_bytes=settings.max_request_body_size,
-            body_budget_bytes=settings.request_body_memory_budget,
-            max_streams=settings.max_extproc_streams,
-            idle_timeout_s=settings.extproc_stream_idle_timeout_s,
-        )
-
-
-class BodyBudget:
-    """Memory charged for request bodies by all streams together (BODY_MEMORY_FACTOR bytes per body
-    byte), against --request-body-memory-budget."""
-
-    __slots__ = ("limit", "used")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def take(self, amount: int) -> bool:
-        if self.used + amount > self.limit:
-            return False
-        self.used += amount
-        return True
-
-    def give_back(self, amount: int) -> None:
-        self.used -= amount
-
-
-class LogLimiter:
-    """At most `burst` lines per `interval_s` seconds through `logger`; past that, lines are only
-    counted, and one line at the end of the interval says how many were suppressed."""
-
-    __slots__ = ("_emitted", "_flush", "_level", "_logger", "_started", "_suppressed", "burst", "interval_s")
-
-    def __init__(self, logger: logging.Logger, burst: int, interval_s: float) -> None:
-        self._logger = logger
-        self.burst = burst
-        self.interval_s = interval_s
-        self._started = -math.inf
-        self._emitted = 0
-        self._suppressed = 0
-        self._level = logging.DEBUG  # the highest level suppressed in this interval
-        self._flush: asyncio.TimerHandle | None = None
-
-    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
-        if not self._logger.isEnabledFor(level):
-            return
-        now = time.monotonic()
-        if now - self._started >= self.interval_s:
-            self._summarise()
-            self._started, self._emitted = now, 0
-        if self._emitted < self.burst:
-            self._emitted += 1
-            self._logger.log(level, msg, *args, exc_info=exc_info)
-            return
-        self._suppressed += 1
-        self._level = max(self._level, level)
-        if self._flush is None:
-            with contextlib.suppress(RuntimeError):  # no running loop: the next line summarises
-                delay = self._started + self.interval_s - now
-                self._flush = asyncio.get_running_loop().call_later(delay, self._summarise)
-
-    def _summarise(self) -> None:
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
-        if self._suppressed:
-            self._logger.log(
-                self._level,
-                "suppressed %d similar log lines in the last %gs",
-                self._suppressed,
-                self.interval_s,
-            )
-            self._suppressed, self._level = 0, logging.DEBUG
-
-
-class StreamShared:
-    """What every stream of one ext_proc server shares: the limits, the body budget, the count of
-    open streams, the refusals by reason and the rate-limited logs of refusals."""
-
-    __slots__ = ("budget", "client_errors", "limits", "open_streams", "refusals", "server_errors")
-
-    def __init__(self, limits: StreamLimits) -> None:
-        self.limits = limits
-        self.budget = BodyBudget(limits.body_budget_bytes)
-        self.open_streams = 0
-        self.refusals = dict.fromkeys(REFUSAL_REASONS, 0)
-        self.client_errors = LogLimiter(log, LOG_BURST, LOG_INTERVAL_S)  # 4xx
-        self.server_errors = LogLimiter(log, LOG_BURST, LOG_INTERVAL_S)  # 5xx
-
-
-class _LimitsCollector(Collector):
-    """The request path's limits at work, read when /metrics is scraped."""
-
-    def __init__(self, shared: StreamShared) -> None:
-        self._shared = shared
-
-    def describe(self) -> Iterator[Metric]:
-        return iter(self._families())
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self._families())
-
-    def _families(self) -> list[Metric]:
-        shared = self._shared
-        streams = GaugeMetricFamily(
-            PREFIX + "extproc_streams_open",
-            "[ALPHA] ext_proc streams open now (at most --max-extproc-streams).",
-            value=shared.open_streams,
-        )
-        memory = GaugeMetricFamily(
-            PREFIX + "request_body_memory_bytes",
-            "[ALPHA] Memory charged for request bodies now (at most --request-body-memory-budget).",
-            value=shared.budget.used,
-        )
-        refusals = CounterMetricFamily(
-            PREFIX + "extproc_refusals",
-            "[ALPHA] Streams refused by a request-path limit, by reason.",
-            labels=["reason"],
-        )
-        for reason, count in shared.refusals.items():
-            refusals.add_metric([reason], count)
-        return [streams, memory, refusals]
 
 
 def _headers_dict(headers: Any) -> dict[str, str]:
@@ -270,40 +106,6 @@ def _content_length(headers: Mapping[str, str]) -> int | None:
     return int(value) if value.isdigit() and len(value) <= 18 else None
 
 
-# Why a stream was refused by a limit (llm_d_epp_extproc_refusals_total{reason}).
-REFUSED_PROTOCOL = "protocol-error"
-REFUSED_TOO_LARGE = "body-too-large"
-REFUSED_BUDGET = "body-memory-budget"
-REFUSED_STREAMS = "stream-limit"
-REFUSED_IDLE = "idle-timeout"
-REFUSAL_REASONS = (REFUSED_PROTOCOL, REFUSED_TOO_LARGE, REFUSED_BUDGET, REFUSED_STREAMS, REFUSED_IDLE)
-
-
-class _Refused(EppError):
-    """A stream refused by one of the limits: its reason, and the HTTP status when no error code
-    maps to it (413, 408)."""
-
-    def __init__(
-        self,
-        code: ErrorCode,
-        message: str,
-        reason: str,
-        http_status: int | None = None,
-        dropped_reason: str | None = None,
-    ) -> None:
-        super().__init__(code, message, dropped_reason)
-        self.reason = reason
-        self.http_status = http_status or code.http_status
-
-
-def _protocol_error(message: str) -> EppError:
-    return _Refused(ErrorCode.BAD_REQUEST, f"ext_proc protocol error: {message}", REFUSED_PROTOCOL)
-
-
-def _saturated(message: str, reason: str) -> EppError:
-    return _Refused(ErrorCode.RESOURCE_EXHAUSTED, message, reason, dropped_reason=DROPPED_SATURATED)
-
-
 # The stream's protocol phase.
 _START = 0  # nothing received yet: only request headers may come
 _REQUEST = 1  # request headers received, the body is arriving
@@ -339,7 +141,7 @@ class RequestStream:
 
     def __init__(self, director: Director, shared: StreamShared | None = None) -> None:
         self._director = director
-        self._shared = shared if shared is not None else StreamShared(StreamLimits())
+        self._shared = shared if shared is not None else StreamShared(StreamLimits(), log)
         self._phase = _START
         self._received = 0.0  # perf_counter() at the request headers
         self._request_timed = False  # request processing time observed (once per request)
@@ -378,7 +180,7 @@ class RequestStream:
                 self._expect_response("response trailers")
                 self._finish(completed=True)
                 return [messages.trailers_reply(request=False)]
-            raise _protocol_error("a message with no request or response part")
+            raise protocol_error("a message with no request or response part")
         except EppError as exc:
             return self._fail(exc)
         except Exception as exc:  # a bug must give the client a 500, never a hung request
@@ -419,7 +221,7 @@ class RequestStream:
         if self._span is not None and director.tracer is not None:
             director.tracer.fail(self._span, exc, exc.message)
         status = exc.code.http_status
-        if isinstance(exc, _Refused):
+        if isinstance(exc, Refused):
             status = exc.http_status
             self._shared.refusals[exc.reason] += 1
         if status >= 500:
@@ -450,7 +252,7 @@ class RequestStream:
         if self._phase != _START:
             # Envoy sends one request's headers once per stream. Refused, not restarted: the
             # stream's first pick is released when the stream ends.
-            raise _protocol_error("request headers received twice on one stream")
+            raise protocol_error("request headers received twice on one stream")
         self._phase = _REQUEST
         self._received = time.perf_counter()
         self.headers = _headers_dict(msg.request_headers.headers)
@@ -487,11 +289,11 @@ class RequestStream:
     def _check_body_size(self, size: int) -> None:
         limit = self._shared.limits.max_body_bytes
         if size > limit:
-            raise _Refused(
+            raise Refused(
                 ErrorCode.BAD_REQUEST,
                 f"request body of {size} bytes exceeds the limit of {limit} bytes",
                 REFUSED_TOO_LARGE,
-                _HTTP_PAYLOAD_TOO_LARGE,
+                HTTP_PAYLOAD_TOO_LARGE,
             )
 
     def _charge(self, body_bytes: int, what: str) -> None:
@@ -501,7 +303,7 @@ class RequestStream:
     def _take(self, amount: int, what: str) -> None:
         budget = self._shared.budget
         if not budget.take(amount):
-            raise _saturated(
+            raise saturated(
                 f"the request body memory budget is full ({what}; {budget.used} of {budget.limit} "
                 "bytes in use): retry later",
                 REFUSED_BUDGET,
@@ -556,7 +358,7 @@ class RequestStream:
     def _on_request_body(self, chunk: bytes, end_of_stream: bool) -> Iterable[pb.ProcessingResponse]:
         if self._phase != _REQUEST:
             if self._phase == _START:
-                raise _protocol_error("request body before the request headers")
+                raise protocol_error("request body before the request headers")
             return []  # body after routing (headers-only request): nothing to do
         size = self._body_size + len(chunk)
         self._check_body_size(size)
@@ -572,7 +374,7 @@ class RequestStream:
 
     def _on_request_trailers(self) -> Iterable[pb.ProcessingResponse]:
         if self._phase == _START:
-            raise _protocol_error("request trailers before the request headers")
+            raise protocol_error("request trailers before the request headers")
         if self._phase != _REQUEST:
             return [messages.trailers_reply(request=True)]
         # The body ended with trailers instead of an end_of_stream body chunk.
@@ -608,7 +410,7 @@ class RequestStream:
 
     def _expect_response(self, what: str) -> None:
         if self._phase < _ROUTED:
-            raise _protocol_error(f"{what} before the request was routed")
+            raise protocol_error(f"{what} before the request was routed")
 
     def _on_response_headers(self, headers: Any, served: str | None) -> list[pb.ProcessingResponse]:
         self._expect_response("response headers")
@@ -662,16 +464,16 @@ class RequestStream:
     def idle(self, seconds: float) -> list[pb.ProcessingResponse]:
         """No message for `seconds` while the request was arriving: a 408 ends it."""
         return self._fail(
-            _Refused(
+            Refused(
                 ErrorCode.BAD_REQUEST,
                 f"no request data for {seconds:g}s (--extproc-stream-idle-timeout)",
                 REFUSED_IDLE,
-                _HTTP_REQUEST_TIMEOUT,
+                HTTP_REQUEST_TIMEOUT,
             )
         )
 
-    def refuse_saturated(self, message: str) -> list[pb.ProcessingResponse]:
-        return self._fail(_saturated(message, REFUSED_STREAMS))
+    def refusesaturated(self, message: str) -> list[pb.ProcessingResponse]:
+        return self._fail(saturated(message, REFUSED_STREAMS))
 
     def close(self) -> bool:
         """The stream ended, normally or because Envoy or the client went away: free its state.
@@ -745,10 +547,10 @@ def _chain(
 class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, director: Director, limits: StreamLimits | None = None) -> None:
         self._director = director
-        self.shared = StreamShared(limits if limits is not None else StreamLimits())
+        self.shared = StreamShared(limits if limits is not None else StreamLimits(), log)
         # One ext_proc server per metrics registry reports these (a second one would clash).
         with contextlib.suppress(ValueError):
-            director.metrics.registry.register(_LimitsCollector(self.shared))
+            director.metrics.registry.register(LimitsCollector(self.shared))
 
     @property
     def open_streams(self) -> int:
@@ -768,7 +570,7 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if shared.open_streams >= limits.max_streams:
             # Answered at once, before reading anything: Envoy has sent the request headers.
             try:
-                yield stream.refuse_saturated(
+                yield stream.refusesaturated(
                     f"too many ext_proc streams open (--max-extproc-streams={limits.max_streams})"
                 )[0]
             finally:

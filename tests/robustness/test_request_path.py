@@ -24,7 +24,7 @@ import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from epp.extproc import handler
+from epp.extproc import limits
 from epp.settings import parse_settings
 from epp_bench.gateway import EnvoyGateway, EnvoyNotFoundError, find_envoy_binary
 from tests.plugins.test_pd import pd_config
@@ -253,8 +253,8 @@ async def test_deeply_nested_json_is_a_400_with_a_reason_and_one_log_line(
 async def test_a_flood_of_bad_requests_is_logged_in_a_few_lines_and_a_summary(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(handler, "LOG_BURST", 5)
-    monkeypatch.setattr(handler, "LOG_INTERVAL_S", 1.0)
+    monkeypatch.setattr(limits, "LOG_BURST", 5)
+    monkeypatch.setattr(limits, "LOG_INTERVAL_S", 1.0)
     caplog.set_level(logging.INFO, logger="epp.extproc.handler")
     async with running_epp("--endpoints", ENDPOINTS) as epp:
         started = time.monotonic()
