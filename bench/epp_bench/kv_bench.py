@@ -4,6 +4,7 @@
     python -m epp_bench.kv_bench --scenario eviction --policy epp-precise --policy epp
     python -m epp_bench.kv_bench --out kv.json --plot kv.png      # the JSON document and a PNG
     python -m epp_bench.kv_bench --scenario eviction --rate 20 --seed 2   # the same caches, more load
+    python -m epp_bench.kv_bench --policy epp-precise --policy mine=my-precise.yaml   # your config
 
 Every run starts fresh simulators that publish vLLM KV events (`epp_bench.sim`: real token ids from
 the tokenizer directory `epp_bench.make_tokenizer` writes, vLLM's sha256 block hashes with
@@ -32,6 +33,7 @@ Policies:
 | `vllm-router-kv-aware` | vllm-router `--policy kv_aware`, `--kv-event-source` on the events (topic "") |
 | `vllm-router` | vllm-router `--policy cache_aware` (its own prefix tree of what it routed) |
 | `round-robin` | Envoy round-robin |
+| `NAME=FILE` | Envoy + epp with the config FILE, after the bench fills its placeholders (`ConfigPolicy`) |
 
 Each result: output tokens/s, TTFT p50/p90/p99, the engines' own prefix-cache hit rate (their
 `vllm:prefix_cache_hits_total` / `queries_total`), the oracle's (the hit rate if every request
@@ -53,9 +55,11 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from epp_bench.gateway import EnvoyGateway, EppProcess, GatewayError, free_port, terminate
 from epp_bench.kv_reference import capacity_reference
@@ -240,9 +244,72 @@ def precise_config(tokenizer: Path, hash_seed: str, zmq_port: int, approx: bool 
     )
 
 
+PLACEHOLDERS = ("tokenizer", "hash_seed", "block_size", "zmq_endpoint")
+
+
+@dataclass(frozen=True)
+class ConfigPolicy:
+    """A policy given as `NAME=FILE`: epp with the config in FILE, where the bench fills in what only
+    a run knows (string.Template placeholders; `$$` is a literal `$`):
+
+    - `${tokenizer}`: the tokenizer directory the engines use (a `tokenizersPoolConfig.modelName`);
+    - `${hash_seed}`: the engines' PYTHONHASHSEED (`tokenProcessorConfig.hashSeed`);
+    - `${block_size}`: the engines' tokens per block (`tokenProcessorConfig.blockSize`);
+    - `${zmq_endpoint}`: the address each epp replica binds its SUB socket on
+      (`kvEventsConfig.zmqEndpoint`). A config that names it is event-fed: the engines connect
+      their PUB sockets to it, as for epp-precise. Without it the config runs as given, with
+      epp-precise's topic on the engines' own sockets (for `endpoint-notification-source`).
+    """
+
+    name: str
+    template: str
+
+    @property
+    def event_fed(self) -> bool:
+        return "zmq_endpoint" in Template(self.template).get_identifiers()
+
+    def render(self, tokenizer: Path, hash_seed: str, zmq_endpoint: str = "") -> str:
+        values = {
+            "tokenizer": str(tokenizer),
+            "hash_seed": hash_seed,
+            "block_size": str(BLOCK_SIZE),
+            "zmq_endpoint": zmq_endpoint,
+        }
+        return Template(self.template).substitute(values)
+
+    @classmethod
+    def from_argument(cls, item: str) -> ConfigPolicy:
+        """`NAME=FILE` from the command line, read and checked before anything starts."""
+        name, _, path = item.partition("=")
+        if not name or name in POLICIES:
+            raise ValueError(
+                f"policy {item!r}: give a name of your own before '=' (not one of {', '.join(POLICIES)})"
+            )
+        try:
+            policy = cls(name, Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"policy {name!r}: cannot read its config {path!r}: {exc.strerror}") from exc
+        try:
+            policy.render(Path("tokenizer"), "0", "tcp://127.0.0.1:1")
+        except KeyError as exc:
+            raise ValueError(
+                f"policy {name!r}: {path} has a placeholder the bench does not fill: ${{{exc.args[0]}}} "
+                f"(it fills {', '.join('${' + p + '}' for p in PLACEHOLDERS)}; write $$ for a literal $)"
+            ) from None
+        except ValueError as exc:
+            raise ValueError(f"policy {name!r}: {path}: {exc} (write $$ for a literal $)") from None
+        return policy
+
+
+@dataclass(frozen=True)
+class EppGateway:
+    url: str  # Envoy's, in front of the replicas
+    metrics_urls: list[str]  # each epp replica's /metrics
+
+
 @contextlib.asynccontextmanager
-async def epp_gateway(backends: Sequence[str], configs: Sequence[str | None]) -> AsyncIterator[str]:
-    """One epp per config (None: epp's default) behind one Envoy; yields the gateway URL."""
+async def epp_gateway(backends: Sequence[str], configs: Sequence[str | None]) -> AsyncIterator[EppGateway]:
+    """One epp per config (None: epp's default) behind one Envoy."""
     async with contextlib.AsyncExitStack() as stack:
         epps = []
         for config in configs:
@@ -252,7 +319,21 @@ async def epp_gateway(backends: Sequence[str], configs: Sequence[str | None]) ->
         gw = await stack.enter_async_context(
             EnvoyGateway("epp", epp_grpc_port=ports[0], extra_epp_grpc_ports=ports[1:])
         )
-        yield gw.url
+        yield EppGateway(gw.url, [epp.metrics_url for epp in epps])
+
+
+async def kv_event_batches(metrics_urls: Sequence[str]) -> int:
+    """KV-event batches the epp replicas applied (`epp_kv_events_batches`, summed; 0 without a
+    precise plugin): a config whose subscription matched nothing shows 0 here."""
+    total = 0.0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for url in metrics_urls:
+            async with session.get(url) as resp:
+                page = await resp.text()
+            for family in text_string_to_metric_families(page):
+                if family.name == "epp_kv_events_batches":
+                    total += sum(sample.value for sample in family.samples)
+    return int(total)
 
 
 async def restart_later(address: str, delay_s: float) -> None:
@@ -265,26 +346,40 @@ async def restart_later(address: str, delay_s: float) -> None:
             raise GatewayError(f"restart of {address} answered {resp.status}")
 
 
-async def run_policy(policy: str, scenario: Scenario, tokenizer: Path, hash_seed: str) -> dict[str, Any]:
-    replicas = scenario.epp_replicas if policy == "epp" or policy in PRECISE_POLICIES else 1
-    zmq_ports = [free_port() for _ in range(replicas)] if policy in PRECISE_POLICIES else []
+async def run_policy(
+    policy: str, scenario: Scenario, tokenizer: Path, hash_seed: str, custom: ConfigPolicy | None = None
+) -> dict[str, Any]:
+    """One policy (a built-in name, or `custom`'s) on fresh simulators: its figures."""
+    epp_based = policy == "epp" or policy in PRECISE_POLICIES or custom is not None
+    replicas = scenario.epp_replicas if epp_based else 1
+    event_fed = policy in PRECISE_POLICIES or (custom is not None and custom.event_fed)
+    zmq_ports = [free_port() for _ in range(replicas)] if event_fed else []
     connect = [f"tcp://127.0.0.1:{port}" for port in zmq_ports]
     async with contextlib.AsyncExitStack() as stack:
         topic = "" if policy == "vllm-router-kv-aware" else LLM_D_TOPIC
         sims = await stack.enter_async_context(simulators(scenario, tokenizer, hash_seed, connect, topic))
         backends = sims.addresses
-        if policy == "round-robin":
+        configs: list[str | None] = []
+        if custom is not None:
+            if event_fed:
+                configs = [custom.render(tokenizer, hash_seed, endpoint) for endpoint in connect]
+            else:
+                configs = [custom.render(tokenizer, hash_seed)] * replicas
+        elif policy == "epp":
+            configs = [None] * replicas
+        elif policy in PRECISE_POLICIES:
+            approx = policy == "epp-precise-approx"
+            configs = [precise_config(tokenizer, hash_seed, port, approx) for port in zmq_ports]
+        gateway: EppGateway | None = None
+        if configs:
+            gateway = await stack.enter_async_context(epp_gateway(backends, configs))
+            url = gateway.url
+        elif policy == "round-robin":
             url = (await stack.enter_async_context(EnvoyGateway("round-robin", backends=backends))).url
         elif policy == "vllm-router":
             url = await stack.enter_async_context(peer_router(PEERS["vllm-router"], backends))
         elif policy == "vllm-router-kv-aware":
             url = await stack.enter_async_context(peer_router(kv_aware_peer(sims), backends))
-        elif policy == "epp":
-            url = await stack.enter_async_context(epp_gateway(backends, [None] * replicas))
-        elif policy in PRECISE_POLICIES:
-            approx = policy == "epp-precise-approx"
-            configs = [precise_config(tokenizer, hash_seed, port, approx) for port in zmq_ports]
-            url = await stack.enter_async_context(epp_gateway(backends, configs))
         else:
             raise ValueError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
         await asyncio.sleep(0.5)  # subscriptions reach the engines' PUB sockets before the first event
@@ -301,6 +396,7 @@ async def run_policy(policy: str, scenario: Scenario, tokenizer: Path, hash_seed
                 with contextlib.suppress(asyncio.CancelledError):
                     await restart
         hits, queries = await prefix_cache_counters(backends)
+        batches = await kv_event_batches(gateway.metrics_urls) if gateway is not None else None
     served: dict[str, int] = {}
     for r in load.results:
         if r.ok:
@@ -310,18 +406,26 @@ async def run_policy(policy: str, scenario: Scenario, tokenizer: Path, hash_seed
         "hit_rate": hits / queries if queries else 0.0,
         "served_by": served,
         "epp_replicas": replicas,
+        "kv_event_batches": batches,  # None: not epp
+        "event_fed": event_fed,
         "_prompts": load.prompts,
     }
 
 
 async def run_scenario(
-    scenario: Scenario, policies: Sequence[str], tokenizer: Path, hash_seed: str
+    scenario: Scenario,
+    policies: Sequence[str],
+    tokenizer: Path,
+    hash_seed: str,
+    custom: Sequence[ConfigPolicy] = (),
 ) -> dict[str, Any]:
+    """Every policy of `policies` (built-in names, and the names of `custom`'s) in turn."""
     results: dict[str, Any] = {}
     oracle = 0.0
+    by_name = {c.name: c for c in custom}
     for policy in policies:
         print(f"kv_bench: {scenario.name} / {policy}", file=sys.stderr, flush=True)
-        figures = await run_policy(policy, scenario, tokenizer, hash_seed)
+        figures = await run_policy(policy, scenario, tokenizer, hash_seed, by_name.get(policy))
         prompts = figures.pop("_prompts")
         if prompts and not oracle:
             oracle = oracle_hit_rate(prompts)
@@ -332,6 +436,7 @@ async def run_scenario(
     return {
         "scenario": scenario.name,
         "policies": results,
+        "config_policies": list(by_name),
         "oracle_hit_rate": oracle,
         "capacity_hit_rate": reference["best"],
         "capacity_reference": reference,
@@ -379,12 +484,13 @@ def kv_plot(doc: dict[str, Any], path: Path) -> None:
 
 
 def verdict(doc: dict[str, Any]) -> list[str]:
-    """The issue's targets, measured, for each event-fed epp: its TTFT p90 against epp's and
-    kv_aware's, and its hit rate against the oracle's and the capacity-aware reference's."""
+    """The issue's targets, measured, for each event-fed epp and each config given as NAME=FILE:
+    its TTFT p90 against epp's and kv_aware's, and its hit rate against the oracle's and the
+    capacity-aware reference's."""
     policies = doc["policies"]
     oracle, capacity = doc["oracle_hit_rate"], doc.get("capacity_hit_rate")
     lines = []
-    for name in PRECISE_POLICIES:
+    for name in (*PRECISE_POLICIES, *doc.get("config_policies", ())):
         precise = policies.get(name)
         if precise is None:
             continue
@@ -392,12 +498,20 @@ def verdict(doc: dict[str, Any]) -> list[str]:
         for other in ("epp", "vllm-router-kv-aware"):
             if other in policies and p90 > 0:
                 lines.append(f"TTFT p90 {name} vs {other}: {policies[other]['ttft_p90_s'] / p90:.2f}x")
+        if precise.get("kv_event_batches"):
+            lines.append(f"KV-event batches {name} applied: {precise['kv_event_batches']}")
         if oracle:
             lines.append(f"hit rate {name} {precise['hit_rate']:.1%} vs oracle {oracle:.1%}")
         if capacity:
             lines.append(
                 f"hit rate {name} {precise['hit_rate']:.1%} vs capacity-aware reference {capacity:.1%} "
                 f"({precise['hit_rate'] / capacity:.0%} of it)"
+            )
+    for name, figures in policies.items():
+        if figures.get("event_fed") and not figures.get("kv_event_batches"):
+            lines.append(
+                f"WARNING: {name} applied no KV-event batch: its precise plugin heard nothing from the "
+                "engines (they publish on topic kv@<host:port>@<model> to its zmqEndpoint)"
             )
     if lines and capacity:
         floor = doc["capacity_reference"]["ttft_p90_floor_s"]
@@ -406,13 +520,17 @@ def verdict(doc: dict[str, Any]) -> list[str]:
 
 
 async def run(
-    scenarios: Sequence[Scenario], policies: Sequence[str], tokenizer: Path | None, hash_seed: str
+    scenarios: Sequence[Scenario],
+    policies: Sequence[str],
+    tokenizer: Path | None,
+    hash_seed: str,
+    custom: Sequence[ConfigPolicy] = (),
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kv-bench-tokenizer-") as tmp:
         if tokenizer is None:
             tokenizer = Path(tmp)
             write_tokenizer(tokenizer)
-        docs = {s.name: await run_scenario(s, policies, tokenizer, hash_seed) for s in scenarios}
+        docs = {s.name: await run_scenario(s, policies, tokenizer, hash_seed, custom) for s in scenarios}
     return {"scenarios": docs, "hash_seed": hash_seed, "block_size": BLOCK_SIZE}
 
 
@@ -422,7 +540,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="default: all")
-    parser.add_argument("--policy", action="append", choices=list(POLICIES), help="default: all")
+    parser.add_argument(
+        "--policy",
+        action="append",
+        metavar="POLICY",
+        help=f"one of {', '.join(POLICIES)}, or NAME=FILE: epp with your config (placeholders: "
+        f"{', '.join('${' + p + '}' for p in PLACEHOLDERS)}); default: every built-in one",
+    )
     parser.add_argument("--quick", action="store_true", help="each scenario in miniature (seconds)")
     parser.add_argument("--rate", type=float, help="arrivals per second (default: the scenario's)")
     parser.add_argument("--seed", type=int, help="the workload's seed (default: the scenario's, 1)")
@@ -431,6 +555,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--plot", type=Path, help="write a PNG: TTFT, hit rate and tok/s per scenario")
     args = parser.parse_args(argv)
+    policies: list[str] = []  # in the order given
+    custom: list[ConfigPolicy] = []
+    for item in args.policy or POLICIES:
+        if "=" in item:
+            try:
+                custom.append(ConfigPolicy.from_argument(item))
+            except ValueError as exc:
+                parser.error(str(exc))
+            policies.append(custom[-1].name)
+        elif item in POLICIES:
+            policies.append(item)
+        else:
+            parser.error(f"unknown policy {item!r}: use one of {', '.join(POLICIES)}, or NAME=FILE")
+    if len({c.name for c in custom}) < len(custom):
+        parser.error("two NAME=FILE policies have the same name")
     scenarios = [SCENARIOS[name] for name in (args.scenario or SCENARIOS)]
     if args.quick:
         scenarios = [quick(s) for s in scenarios]
@@ -438,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--rate must be positive")
     scenarios = [at_load(s, args.rate, args.seed) for s in scenarios]
     try:
-        doc = asyncio.run(run(scenarios, args.policy or POLICIES, args.tokenizer, args.hash_seed))
+        doc = asyncio.run(run(scenarios, policies, args.tokenizer, args.hash_seed, custom))
     except (GatewayError, OSError, ValueError) as exc:
         print(f"kv_bench: {exc}", file=sys.stderr)
         return 1

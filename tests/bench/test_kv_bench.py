@@ -4,6 +4,7 @@ events, real Envoy + epp with the precise scorer, real vllm-router kv_aware on t
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,16 @@ from typing import Any
 import orjson
 import pytest
 
-from epp_bench.kv_bench import PRECISE_CONFIG, SCENARIOS, Scenario, at_load, main, precise_config, quick
+from epp_bench.kv_bench import (
+    PRECISE_CONFIG,
+    SCENARIOS,
+    ConfigPolicy,
+    Scenario,
+    at_load,
+    main,
+    precise_config,
+    quick,
+)
 from epp_bench.make_tokenizer import write_tokenizer
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,7 +36,7 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
     run = subprocess.run(
         [
             sys.executable, "-m", "epp_bench.kv_bench", "--quick", "--scenario", "restart",
-            "--policy", "epp-precise", "--policy", "vllm-router-kv-aware", "--rate", "12", "--seed", "3",
+            "--policy", "epp-precise", "--policy", "vllm-router-kv-aware", "--rate", "6", "--seed", "3",
             "--out", str(out),
             "--plot", str(tmp_path / "kv.png"),
         ],
@@ -35,7 +45,7 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     doc: dict[str, Any] = orjson.loads(out.read_bytes())["scenarios"]["restart"]
     assert doc["restart_at"] == 0.5 and 0 < doc["oracle_hit_rate"] < 1
-    assert doc["workload"]["arrivals"]["rate"] == 12 and doc["workload"]["seed"] == 3
+    assert doc["workload"]["arrivals"]["rate"] == 6 and doc["workload"]["seed"] == 3
     for policy in ("epp-precise", "vllm-router-kv-aware"):
         figures = doc["policies"][policy]
         assert figures["requests"] == 12
@@ -98,3 +108,106 @@ def test_more_load_on_the_same_caches() -> None:
     with pytest.raises(SystemExit) as refused:
         main(["--rate", "0", "--scenario", "eviction"])
     assert refused.value.code == 2
+
+
+MY_PRECISE = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-scorer
+  parameters:
+    tokenProcessorConfig: {blockSize: ${block_size}, hashSeed: "${hash_seed}"}
+    indexerConfig:
+      tokenizersPoolConfig: {modelName: "${tokenizer}"}
+    kvEventsConfig: {zmqEndpoint: "${zmq_endpoint}", topicFilter: "kv@", discoverPods: false}
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: precise-prefix-cache-scorer, weight: 3}
+  - {pluginRef: queue-scorer, weight: 1}
+"""
+
+
+def test_your_own_config_runs_fed_by_the_events(tmp_path: Path) -> None:
+    """--policy NAME=FILE: the bench fills the file's placeholders, the engines publish to the
+    address it names, and the run reports it like a built-in policy, with the KV-event batches
+    epp applied. A config whose subscription matches nothing is run too, and called out."""
+    mine, deaf = tmp_path / "mine.yaml", tmp_path / "deaf.yaml"
+    mine.write_text(MY_PRECISE)
+    deaf.write_text(MY_PRECISE.replace('topicFilter: "kv@"', 'topicFilter: "nothing@"'))
+    out = tmp_path / "kv.json"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "epp_bench.kv_bench", "--quick", "--scenario", "restart",
+            "--policy", f"mine={mine}", "--policy", f"deaf={deaf}", "--out", str(out),
+        ],
+        capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc: dict[str, Any] = orjson.loads(out.read_bytes())["scenarios"]["restart"]
+    assert list(doc["policies"]) == ["mine", "deaf"]  # in the order given
+    for name in ("mine", "deaf"):
+        figures = doc["policies"][name]
+        assert figures["requests"] == 12 and figures["errors"] <= 2, figures
+        assert figures["event_fed"] is True
+    # Every request's blocks reach epp as BlockStored batches (and the restart's clear).
+    assert doc["policies"]["mine"]["kv_event_batches"] >= 12
+    assert doc["policies"]["deaf"]["kv_event_batches"] == 0
+    assert "hit rate mine" in run.stdout and "KV-event batches mine applied" in run.stdout
+    assert "WARNING: deaf applied no KV-event batch" in run.stdout
+    assert "WARNING: mine" not in run.stdout
+
+
+def test_a_config_policy_is_checked_before_anything_starts(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(MY_PRECISE)
+    policy = ConfigPolicy.from_argument(f"mine={mine}")
+    assert policy.event_fed
+    text = policy.render(tmp_path, "42", "tcp://127.0.0.1:5557")
+    assert 'zmqEndpoint: "tcp://127.0.0.1:5557"' in text and 'hashSeed: "42"' in text
+    assert f'modelName: "{tmp_path}"' in text and "blockSize: 16" in text
+    # Without the SUB address the config runs as given (no engine connects to epp).
+    approximate = tmp_path / "approx.yaml"
+    approximate.write_text("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n# costs $$0\n")
+    assert not ConfigPolicy.from_argument(f"a={approximate}").event_fed
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(MY_PRECISE.replace("${hash_seed}", "${hashseed}"))
+    bad = [
+        (f"mine={typo}", "placeholder the bench does not fill: ${hashseed}"),
+        (f"mine={tmp_path / 'absent.yaml'}", "cannot read its config"),
+        (f"epp={mine}", "give a name of your own"),
+    ]
+    for argument, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ConfigPolicy.from_argument(argument)
+    dollar = tmp_path / "dollar.yaml"
+    dollar.write_text("name: $ 5\n")
+    with pytest.raises(ValueError, match="write \\$\\$ for a literal \\$"):
+        ConfigPolicy.from_argument(f"d={dollar}")
+    # On the command line: a clear error and exit status 2, before any simulator starts.
+    for argument in (f"mine={typo}", "nope"):
+        with pytest.raises(SystemExit) as refused:
+            main(["--policy", argument, "--scenario", "eviction"])
+        assert refused.value.code == 2
+
+
+def test_the_documented_config_policy_loads_in_epp(tmp_path: Path) -> None:
+    """docs/benchmarks.md's example for --policy NAME=FILE, filled as the bench fills it, is a
+    config epp accepts, and an event-fed one."""
+    guide = (Path(__file__).parents[2] / "docs" / "benchmarks.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", guide, re.S) if "${zmq_endpoint}" in b]
+    assert len(blocks) == 1
+    example = tmp_path / "light.yaml"
+    example.write_text(blocks[0])
+    policy = ConfigPolicy.from_argument(f"light={example}")
+    assert policy.event_fed
+    write_tokenizer(tmp_path)
+    check = subprocess.run(
+        [sys.executable, "-m", "epp", "--config-text", policy.render(tmp_path, "42", "tcp://127.0.0.1:5557"),
+         "--endpoints", "127.0.0.1:8000", "--check-config"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "ignored" not in check.stdout + check.stderr
