@@ -48,7 +48,9 @@ def table(doc: dict[str, Any]) -> str:
     for name, figures in doc["policies"].items():
         p90 = figures.get("ttft_p90_s")
         if name != "round-robin" and base and p90 and not math.isnan(p90) and p90 > 0:
-            lines.append(f"TTFT p90 {name} vs round-robin: {base / p90:.1f}x better")
+            ratio = base / p90
+            verdict = f"{ratio:.1f}x better" if ratio >= 1 else f"{1 / ratio:.1f}x worse"
+            lines.append(f"TTFT p90 {name} vs round-robin: {verdict}")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from epp_bench import runner
 from epp_bench.__main__ import build_parser, config_from_args
 from epp_bench.gateway import render_envoy_config
 from epp_bench.load import LoadResult, RequestResult
-from epp_bench.report import ladder_tables
+from epp_bench.report import ladder_tables, table
 from epp_bench.runner import (
     ADAPTIVE_CONFIG,
     LADDER_FIGURES,
@@ -253,3 +253,18 @@ def test_epp_adaptive_is_a_named_policy_the_demo_does_not_run() -> None:
     assert load_config(text, installed_registry()).scheduler is not None
     with pytest.raises(SystemExit, match="unknown policy 'epp-saturation'"):
         config_from_args(parse(["run", "--policy", "epp-saturation"]))
+
+
+def test_the_table_says_worse_when_a_policy_is_slower_than_round_robin() -> None:
+    figures = {"ttft_p90_s": 1.5, "hit_rate": 0.3}
+    doc = {
+        "oracle_hit_rate": 0.9,
+        "policies": {
+            "round-robin": figures,
+            "epp": {**figures, "ttft_p90_s": 0.075},
+            "power-of-two": {**figures, "ttft_p90_s": 1.68},
+        },
+    }
+    lines = table(doc).splitlines()
+    assert "TTFT p90 epp vs round-robin: 20.0x better" in lines
+    assert "TTFT p90 power-of-two vs round-robin: 1.1x worse" in lines
