@@ -257,8 +257,8 @@ class ConfigPolicy:
     - `${block_size}`: the engines' tokens per block (`tokenProcessorConfig.blockSize`);
     - `${zmq_endpoint}`: the address each epp replica binds its SUB socket on
       (`kvEventsConfig.zmqEndpoint`). A config that names it is event-fed: the engines connect
-      their PUB sockets to it, as for epp-precise. Without it the config runs as given, with
-      epp-precise's topic on the engines' own sockets (for `endpoint-notification-source`).
+      their PUB sockets to it, as for epp-precise. Without it the config runs as given and no
+      engine connects to epp (the engines' own sockets are on ports epp cannot discover here).
     """
 
     name: str
