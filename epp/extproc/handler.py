@@ -58,7 +58,6 @@ from epp.requestcontrol.usage import UsageReader
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-
 log = logging.getLogger(__name__)
 
 
