@@ -232,25 +232,14 @@ def kv_aware_peer(sims: Simulators) -> Peer:
     return Peer("vllm-router-kv-aware", "vllm-router", "kv_aware", extra=tuple(extra))
 
 
-def precise_config(tokenizer: Path, hash_seed: str, zmq_port: int, approx: bool = False) -> str:
-    """epp-precise's config; with `approx`, epp-precise-approx's."""
-    return PRECISE_CONFIG.format(
-        block_size=BLOCK_SIZE,
-        hash_seed=hash_seed,
-        tokenizer=tokenizer,
-        zmq_endpoint=f"tcp://127.0.0.1:{zmq_port}",
-        approx_plugin="\n- type: prefix-cache-scorer" if approx else "",
-        approx_ref=f"\n  - {{pluginRef: prefix-cache-scorer, weight: {APPROX_WEIGHT}}}" if approx else "",
-    )
-
-
 PLACEHOLDERS = ("tokenizer", "hash_seed", "block_size", "zmq_endpoint")
 
 
 @dataclass(frozen=True)
 class ConfigPolicy:
-    """A policy given as `NAME=FILE`: epp with the config in FILE, where the bench fills in what only
-    a run knows (string.Template placeholders; `$$` is a literal `$`):
+    """An epp config with what only a run knows left as string.Template placeholders (`$$` is a
+    literal `$`), which the bench fills: the built-in event-fed policies' (PRECISE_CONFIGS) and
+    each given as `NAME=FILE`.
 
     - `${tokenizer}`: the tokenizer directory the engines use (a `tokenizersPoolConfig.modelName`);
     - `${hash_seed}`: the engines' PYTHONHASHSEED (`tokenProcessorConfig.hashSeed`);
@@ -299,6 +288,21 @@ class ConfigPolicy:
         except ValueError as exc:
             raise ValueError(f"policy {name!r}: {path}: {exc} (write $$ for a literal $)") from None
         return policy
+
+
+def _precise_template(approx: bool) -> str:
+    """PRECISE_CONFIG with ConfigPolicy's placeholders; with `approx`, epp-precise-approx's."""
+    return PRECISE_CONFIG.format(
+        **{name: f"${{{name}}}" for name in PLACEHOLDERS},
+        approx_plugin="\n- type: prefix-cache-scorer" if approx else "",
+        approx_ref=f"\n  - {{pluginRef: prefix-cache-scorer, weight: {APPROX_WEIGHT}}}" if approx else "",
+    )
+
+
+PRECISE_CONFIGS = {
+    "epp-precise": ConfigPolicy("epp-precise", _precise_template(approx=False)),
+    "epp-precise-approx": ConfigPolicy("epp-precise-approx", _precise_template(approx=True)),
+}
 
 
 @dataclass(frozen=True)
@@ -350,26 +354,22 @@ async def run_policy(
     policy: str, scenario: Scenario, tokenizer: Path, hash_seed: str, custom: ConfigPolicy | None = None
 ) -> dict[str, Any]:
     """One policy (a built-in name, or `custom`'s) on fresh simulators: its figures."""
-    epp_based = policy == "epp" or policy in PRECISE_POLICIES or custom is not None
-    replicas = scenario.epp_replicas if epp_based else 1
-    event_fed = policy in PRECISE_POLICIES or (custom is not None and custom.event_fed)
-    zmq_ports = [free_port() for _ in range(replicas)] if event_fed else []
-    connect = [f"tcp://127.0.0.1:{port}" for port in zmq_ports]
+    config = custom if custom is not None else PRECISE_CONFIGS.get(policy)
+    replicas = scenario.epp_replicas if policy == "epp" or config is not None else 1
+    event_fed = config is not None and config.event_fed
+    # Each event-fed replica's SUB address, which the engines connect their PUB sockets to.
+    connect = [f"tcp://127.0.0.1:{free_port()}" for _ in range(replicas)] if event_fed else []
     async with contextlib.AsyncExitStack() as stack:
         topic = "" if policy == "vllm-router-kv-aware" else LLM_D_TOPIC
         sims = await stack.enter_async_context(simulators(scenario, tokenizer, hash_seed, connect, topic))
         backends = sims.addresses
         configs: list[str | None] = []
-        if custom is not None:
-            if event_fed:
-                configs = [custom.render(tokenizer, hash_seed, endpoint) for endpoint in connect]
-            else:
-                configs = [custom.render(tokenizer, hash_seed)] * replicas
+        if config is not None and event_fed:
+            configs = [config.render(tokenizer, hash_seed, endpoint) for endpoint in connect]
+        elif config is not None:
+            configs = [config.render(tokenizer, hash_seed)] * replicas
         elif policy == "epp":
             configs = [None] * replicas
-        elif policy in PRECISE_POLICIES:
-            approx = policy == "epp-precise-approx"
-            configs = [precise_config(tokenizer, hash_seed, port, approx) for port in zmq_ports]
         gateway: EppGateway | None = None
         if configs:
             gateway = await stack.enter_async_context(epp_gateway(backends, configs))

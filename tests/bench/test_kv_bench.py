@@ -15,12 +15,12 @@ import pytest
 
 from epp_bench.kv_bench import (
     PRECISE_CONFIG,
+    PRECISE_CONFIGS,
     SCENARIOS,
     ConfigPolicy,
     Scenario,
     at_load,
     main,
-    precise_config,
     quick,
 )
 from epp_bench.make_tokenizer import write_tokenizer
@@ -64,7 +64,9 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
 def test_precise_config_loads_in_epp(tmp_path: Path, approx: bool) -> None:
     write_tokenizer(tmp_path)
     config = tmp_path / "precise.yaml"
-    text = precise_config(tmp_path, "42", 5557, approx)
+    name = "epp-precise-approx" if approx else "epp-precise"
+    text = PRECISE_CONFIGS[name].render(tmp_path, "42", "tcp://127.0.0.1:5557")
+    assert PRECISE_CONFIGS[name].event_fed
     config.write_text(text)
     # epp-precise-approx adds the approximate scorer behind the events (and nothing else).
     assert ("pluginRef: prefix-cache-scorer" in text) is approx
