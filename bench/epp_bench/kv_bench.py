@@ -59,7 +59,6 @@ from string import Template
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from epp_bench.gateway import EnvoyGateway, EppProcess, GatewayError, free_port, terminate
 from epp_bench.kv_reference import capacity_reference
@@ -67,7 +66,7 @@ from epp_bench.load import run_load
 from epp_bench.make_tokenizer import write_tokenizer
 from epp_bench.peers import PEERS, Peer, peer_router
 from epp_bench.report import table
-from epp_bench.runner import prefix_cache_counters
+from epp_bench.runner import prefix_cache_counters, summed_samples
 from epp_bench.workloads import Arrivals, SharedPrefix, Workload, oracle_hit_rate
 
 PRECISE_POLICIES = ("epp-precise", "epp-precise-approx")  # epp fed by the events
@@ -329,15 +328,8 @@ async def epp_gateway(backends: Sequence[str], configs: Sequence[str | None]) ->
 async def kv_event_batches(metrics_urls: Sequence[str]) -> int:
     """KV-event batches the epp replicas applied (`epp_kv_events_batches`, summed; 0 without a
     precise plugin): a config whose subscription matched nothing shows 0 here."""
-    total = 0.0
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        for url in metrics_urls:
-            async with session.get(url) as resp:
-                page = await resp.text()
-            for family in text_string_to_metric_families(page):
-                if family.name == "epp_kv_events_batches":
-                    total += sum(sample.value for sample in family.samples)
-    return int(total)
+    name = "epp_kv_events_batches"
+    return int((await summed_samples(metrics_urls, (name,), timeout_s=10))[name])
 
 
 async def restart_later(address: str, delay_s: float) -> None:

@@ -186,20 +186,27 @@ async def router(policy: str, backends: Sequence[str], cfg: BenchConfig) -> Asyn
         yield gw.url
 
 
-async def prefix_cache_counters(backends: Sequence[str]) -> tuple[float, float]:
-    """Sum of the simulators' vllm:prefix_cache_hits_total and queries_total (tokens)."""
-    hits = queries = 0.0
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        for backend in backends:
-            async with session.get(f"http://{backend}/metrics") as resp:
+async def summed_samples(
+    urls: Sequence[str], names: Sequence[str], timeout_s: float = 5.0
+) -> dict[str, float]:
+    """Each sample name of `names` summed over the Prometheus pages at `urls` (0 where absent)."""
+    sums = dict.fromkeys(names, 0.0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        for url in urls:
+            async with session.get(url) as resp:
                 text = await resp.text()
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
-                    if sample.name == "vllm:prefix_cache_hits_total":
-                        hits += sample.value
-                    elif sample.name == "vllm:prefix_cache_queries_total":
-                        queries += sample.value
-    return hits, queries
+                    if sample.name in sums:
+                        sums[sample.name] += sample.value
+    return sums
+
+
+async def prefix_cache_counters(backends: Sequence[str]) -> tuple[float, float]:
+    """Sum of the simulators' vllm:prefix_cache_hits_total and queries_total (tokens)."""
+    hits, queries = "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"
+    sums = await summed_samples([f"http://{backend}/metrics" for backend in backends], (hits, queries))
+    return sums[hits], sums[queries]
 
 
 async def run_policy(
