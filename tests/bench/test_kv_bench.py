@@ -28,6 +28,15 @@ from epp_bench.make_tokenizer import write_tokenizer
 pytestmark = pytest.mark.timeout(120)
 
 
+def check_config(text: str) -> subprocess.CompletedProcess[str]:
+    """`epp --check-config` on a config's text."""
+    return subprocess.run(
+        [sys.executable, "-m", "epp", "--config-text", text, "--endpoints", "127.0.0.1:8000",
+         "--check-config"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
     """Two pods, a restart of one at half time: the precise epp and vllm-router kv_aware serve every
     request and each result has throughput, TTFT percentiles and hit rates to compare. The load
@@ -63,19 +72,13 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
 @pytest.mark.parametrize("approx", [False, True], ids=["epp-precise", "epp-precise-approx"])
 def test_precise_config_loads_in_epp(tmp_path: Path, approx: bool) -> None:
     write_tokenizer(tmp_path)
-    config = tmp_path / "precise.yaml"
     name = "epp-precise-approx" if approx else "epp-precise"
     text = PRECISE_CONFIGS[name].render(tmp_path, "42", "tcp://127.0.0.1:5557")
     assert PRECISE_CONFIGS[name].event_fed
-    config.write_text(text)
     # epp-precise-approx adds the approximate scorer behind the events (and nothing else).
     assert ("pluginRef: prefix-cache-scorer" in text) is approx
     assert text.count("pluginRef") == 4 + approx
-    check = subprocess.run(
-        [sys.executable, "-m", "epp", "--config-file", str(config), "--endpoints", "127.0.0.1:8000",
-         "--check-config"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    check = check_config(text)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "precise-prefix-cache-scorer" in PRECISE_CONFIG
     # The picked pod is credited before its events arrive (--check-config names any parameter
@@ -206,10 +209,6 @@ def test_the_documented_config_policy_loads_in_epp(tmp_path: Path) -> None:
     policy = ConfigPolicy.from_argument(f"light={example}")
     assert policy.event_fed
     write_tokenizer(tmp_path)
-    check = subprocess.run(
-        [sys.executable, "-m", "epp", "--config-text", policy.render(tmp_path, "42", "tcp://127.0.0.1:5557"),
-         "--endpoints", "127.0.0.1:8000", "--check-config"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    check = check_config(policy.render(tmp_path, "42", "tcp://127.0.0.1:5557"))
     assert check.returncode == 0, check.stdout + check.stderr
     assert "ignored" not in check.stdout + check.stderr
