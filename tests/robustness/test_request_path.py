@@ -372,6 +372,30 @@ async def test_a_body_over_the_size_limit_is_a_413_at_once() -> None:
         await all_freed(epp)
 
 
+async def test_a_body_that_may_parse_into_wide_text_is_charged_for_it() -> None:
+    """Non-ASCII bytes or a \\u escape may parse into strings of up to 4 bytes a character: such a
+    body is charged 14 bytes a byte while it is parsed, an ASCII one 5 (other JSON escapes, such as
+    \\n, included). A 100 kB body fits a 1 MiB budget as ASCII text, not as wide text."""
+    async with running_epp(
+        "--endpoints", ENDPOINTS, "--max-request-body-size", "200000", "--request-body-memory-budget", "1MiB"
+    ) as epp:
+
+        def body(unit: bytes) -> bytes:  # the prompt's JSON text, as it goes on the wire
+            head, tail = b'{"model":"m","prompt":"', b'"}'
+            return head + unit * ((100_000 - len(head) - len(tail)) // len(unit)) + tail
+
+        for ascii_text in (body(b"x"), body(b"line\\n"), body(b'say \\"hi\\" '), body(b"a\\\\b ")):
+            replies = await one_request(epp.stub, request_headers(), ascii_text)
+            assert replies[0].HasField("request_headers"), replies[0].immediate_response.body
+        wide_texts = (body(b"caf\\u00e9 "), body(b"x" * 500 + b"\\ud83d\\ude00"), body("é".encode()))
+        for wide in wide_texts:
+            replies = await one_request(epp.stub, request_headers(), wide)
+            assert replies[0].immediate_response.status.code == 429, replies[0]
+            assert b"with wide text" in replies[0].immediate_response.body
+        assert refusals(epp, "body-memory-budget") == len(wide_texts)
+        await all_freed(epp)
+
+
 async def test_a_body_the_budget_cannot_hold_now_is_a_429_until_there_is_room() -> None:
     async with running_epp(
         "--endpoints", ENDPOINTS, "--max-request-body-size", "1MiB", "--request-body-memory-budget", "5MiB"
