@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -424,7 +425,8 @@ class App:
         await self._refresh_status()
         self.ports = BoundPorts(grpc_port, health_port, metrics_port)
         log.info(
-            "epp serving: ext_proc :%d (%s), health :%d, metrics :%d (%s), %d endpoints, %s event loop",
+            "epp serving: ext_proc :%d (%s), health :%d, metrics :%d (%s), %d endpoints, %s event loop, "
+            "gRPC experiments: %s",
             grpc_port,
             self._describe_tls(),
             health_port,
@@ -432,6 +434,7 @@ class App:
             self._describe_metrics(),
             len(self.datastore),
             type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop or asyncio
+            os.environ.get("GRPC_EXPERIMENTS") or "grpcio's defaults",
         )
         return self.ports
 

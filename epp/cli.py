@@ -14,6 +14,8 @@ from epp.framework import ConfigError
 from epp.logsetup import configure, warn_ignored_flags
 from epp.settings import parse_settings
 
+DEFAULT_GRPC_EXPERIMENTS = "-event_engine_listener"
+
 log = logging.getLogger("epp")
 
 
@@ -58,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     # gRPC's C core logs in its own text format, past Python logging (e.g. an INFO line per failed
     # TLS handshake): keep it to errors unless the operator asks otherwise. Read at grpc's import.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # grpcio's EventEngine server listener cost about 13 % more CPU per ext_proc request than its
+    # older iomgr one (docs/performance.md): off unless the operator sets GRPC_EXPERIMENTS (an
+    # empty value keeps grpcio's defaults). Read when gRPC's core starts.
+    os.environ.setdefault("GRPC_EXPERIMENTS", DEFAULT_GRPC_EXPERIMENTS)
     from epp.tls import export_cipher_suites  # gRPC reads its cipher list once, when first imported:
 
     export_cipher_suites(settings.tls_cipher_suites, enabled=settings.secure_serving)  # before epp.app
