@@ -4,6 +4,7 @@
     python -m epp_bench.kv_bench --scenario eviction --policy epp-precise --policy epp
     python -m epp_bench.kv_bench --out kv.json --plot kv.png      # the JSON document and a PNG
     python -m epp_bench.kv_bench --scenario eviction --rate 20 --seed 2   # the same caches, more load
+    python -m epp_bench.kv_bench --scenario eviction --replicas 2         # ... and two epp replicas
     python -m epp_bench.kv_bench --policy epp-precise --policy mine=my-precise.yaml   # your config
 
 Every run starts fresh simulators that publish vLLM KV events (`epp_bench.sim`: real token ids from
@@ -147,6 +148,12 @@ def at_load(scenario: Scenario, rate: float | None, seed: int | None) -> Scenari
     if seed is not None:
         workload = dataclasses.replace(workload, seed=seed)
     return dataclasses.replace(scenario, workload=workload)
+
+
+def with_replicas(scenario: Scenario, replicas: int | None) -> Scenario:
+    """The scenario with `replicas` epp replicas behind the one Envoy (as the scenario has it when
+    None): e.g. the eviction scenario's caches with two replicas that each see half the traffic."""
+    return scenario if replicas is None else dataclasses.replace(scenario, epp_replicas=replicas)
 
 
 def quick(scenario: Scenario) -> Scenario:
@@ -542,6 +549,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="each scenario in miniature (seconds)")
     parser.add_argument("--rate", type=float, help="arrivals per second (default: the scenario's)")
     parser.add_argument("--seed", type=int, help="the workload's seed (default: the scenario's, 1)")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        help="epp replicas behind the one Envoy, for every epp policy (default: the scenario's: "
+        "2 for replicas, else 1)",
+    )
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer directory (default: make_tokenizer's)")
     parser.add_argument("--hash-seed", default=DEFAULT_HASH_SEED, help="the engines' PYTHONHASHSEED")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
@@ -567,7 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         scenarios = [quick(s) for s in scenarios]
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate must be positive")
-    scenarios = [at_load(s, args.rate, args.seed) for s in scenarios]
+    if args.replicas is not None and args.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    scenarios = [with_replicas(at_load(s, args.rate, args.seed), args.replicas) for s in scenarios]
     try:
         doc = asyncio.run(run(scenarios, policies, args.tokenizer, args.hash_seed, custom))
     except (GatewayError, OSError, ValueError) as exc:

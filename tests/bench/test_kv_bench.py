@@ -3,6 +3,7 @@ events, real Envoy + epp with the precise scorer, real vllm-router kv_aware on t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import subprocess
@@ -22,6 +23,7 @@ from epp_bench.kv_bench import (
     at_load,
     main,
     quick,
+    with_replicas,
 )
 from epp_bench.make_tokenizer import write_tokenizer
 
@@ -112,6 +114,19 @@ def test_more_load_on_the_same_caches() -> None:
     assert prompts(at_load(eviction, 20.0, None)) == prompts(eviction)
     with pytest.raises(SystemExit) as refused:
         main(["--rate", "0", "--scenario", "eviction"])
+    assert refused.value.code == 2
+
+
+def test_more_replicas_on_the_same_caches() -> None:
+    """--replicas puts that many epp replicas behind the Envoy of any scenario, nothing else
+    changes; fewer than one is refused before anything starts."""
+    eviction = SCENARIOS["eviction"]
+    doubled = with_replicas(eviction, 2)
+    assert doubled.epp_replicas == 2 and eviction.epp_replicas == 1
+    assert dataclasses.replace(doubled, epp_replicas=1) == eviction
+    assert with_replicas(SCENARIOS["replicas"], None).epp_replicas == 2  # the scenario's own
+    with pytest.raises(SystemExit) as refused:
+        main(["--replicas", "0", "--scenario", "eviction"])
     assert refused.value.code == 2
 
 
