@@ -589,7 +589,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kv_bench: {exc}", file=sys.stderr)
         return 1
     for name, scenario_doc in doc["scenarios"].items():
-        print(f"\n=== {name} ===\n{table(scenario_doc)}")
+        replicas = scenario_doc["epp_replicas"]
+        heading = f"{name} ({replicas} epp replicas)" if replicas > 1 else name
+        print(f"\n=== {heading} ===\n{table(scenario_doc)}")
         for line in verdict(scenario_doc):
             print(line)
     if args.out:

@@ -40,15 +40,16 @@ def check_config(text: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
-    """Two pods, a restart of one at half time: the precise epp and vllm-router kv_aware serve every
-    request and each result has throughput, TTFT percentiles and hit rates to compare. The load
-    and the draw are the ones asked for (--rate, --seed)."""
+    """Two pods, a restart of one at half time: the precise epp (two replicas behind the Envoy) and
+    vllm-router kv_aware serve every request and each result has throughput, TTFT percentiles and
+    hit rates to compare. The load, the draw and the replicas are the ones asked for (--rate,
+    --seed, --replicas)."""
     out = tmp_path / "kv.json"
     run = subprocess.run(
         [
             sys.executable, "-m", "epp_bench.kv_bench", "--quick", "--scenario", "restart",
             "--policy", "epp-precise", "--policy", "vllm-router-kv-aware", "--rate", "6", "--seed", "3",
-            "--out", str(out),
+            "--replicas", "2", "--out", str(out),
             "--plot", str(tmp_path / "kv.png"),
         ],
         capture_output=True, text=True, timeout=110,
@@ -57,6 +58,9 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
     doc: dict[str, Any] = orjson.loads(out.read_bytes())["scenarios"]["restart"]
     assert doc["restart_at"] == 0.5 and 0 < doc["oracle_hit_rate"] < 1
     assert doc["workload"]["arrivals"]["rate"] == 6 and doc["workload"]["seed"] == 3
+    assert doc["epp_replicas"] == 2 and "=== restart (2 epp replicas) ===" in run.stdout
+    # Peers run one router, as they would.
+    assert [doc["policies"][p]["epp_replicas"] for p in ("epp-precise", "vllm-router-kv-aware")] == [2, 1]
     for policy in ("epp-precise", "vllm-router-kv-aware"):
         figures = doc["policies"][policy]
         assert figures["requests"] == 12
