@@ -21,13 +21,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Final
-
-import zmq
-import zmq.asyncio
+from typing import TYPE_CHECKING, Final
 
 from epp_scorers.kvcache.consumer import EventConsumer, Replay
 from epp_scorers.kvcache.wire import END_SEQ, WireError, parse_frames, parse_topic
+
+# pyzmq is imported when a subscriber starts (see epp_scorers.kvcache.tokenize on why).
+if TYPE_CHECKING:
+    import zmq.asyncio
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,15 @@ _context: zmq.asyncio.Context | None = None
 def zmq_context() -> zmq.asyncio.Context:
     global _context
     if _context is None:
+        import zmq.asyncio
+
         _context = zmq.asyncio.Context()
     return _context
 
 
 def _sub_socket(topic_filter: str) -> zmq.asyncio.Socket:
+    import zmq
+
     sock = zmq_context().socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, RCV_HWM)
     sock.setsockopt(zmq.LINGER, 0)
@@ -58,6 +63,8 @@ def replay_from(endpoint: str) -> Replay:
     big-endian)], read ["", seq, payload] until the end marker ["", -1, ""]."""
 
     async def replay(start: int) -> list[tuple[int, bytes]]:
+        import zmq
+
         sock = zmq_context().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
@@ -85,6 +92,8 @@ async def bound_subscriber(
     on_bound: Callable[[str], None] | None = None,
 ) -> None:
     """Bind a SUB socket at `endpoint` and apply what every connecting engine publishes."""
+    import zmq
+
     sock = _sub_socket(topic_filter)
     try:
         sock.bind(endpoint)
@@ -121,6 +130,8 @@ async def connected_subscriber(
     replay_endpoint: str | None = None,
 ) -> None:
     """Connect a SUB socket to one engine's PUB socket at `endpoint`; its events are `pod`'s."""
+    import zmq
+
     sock = _sub_socket(topic_filter)
     replay = replay_from(replay_endpoint) if replay_endpoint else None
     try:

@@ -29,11 +29,13 @@ import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
-
-import valkey.asyncio as valkey_asyncio
+from typing import TYPE_CHECKING, Any, Final
 
 from epp_scorers.kvcache.index import DEFAULT_CAPACITY, DEFAULT_PODS_PER_KEY, MemoryBlockIndex
+
+# valkey is imported when the index connects (see epp_scorers.kvcache.tokenize on why).
+if TYPE_CHECKING:
+    import valkey.asyncio as valkey_asyncio
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,8 @@ class ValkeyBlockIndex:
 
     def _connect(self) -> valkey_asyncio.Valkey:
         if self._client is None:
+            import valkey.asyncio as valkey_asyncio
+
             url = self.address if "://" in self.address else f"redis://{self.address}"
             self._client = valkey_asyncio.Valkey.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         return self._client

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -339,3 +341,30 @@ def test_scores_are_normalized_over_the_profiles_candidates(tokenizer_dir: Path)
     assert scorer.score(cycle, request, [a, b, c]) == pytest.approx([0.0, 1.0, 3 / (len(keys) - 2)])
     assert scorer.score(cycle, request, [a, c]) == pytest.approx([0.0, 1.0])  # b filtered out
     assert scorer.score(CycleState(), request, [c]) == [1.0]  # no produce: it matches itself
+
+
+_HEAVY = ("jinja2", "tokenizers", "valkey", "zmq")
+_IMPORTED = f"sorted({{m.split('.')[0] for m in sys.modules}} & {set(_HEAVY)!r})"
+
+
+def test_the_precise_plugins_libraries_load_only_when_used(tokenizer_dir: Path) -> None:
+    """tokenizers, jinja2, pyzmq and valkey (about 9 MB of epp's RSS) are imported by the
+    precise plugins when they start, not with epp: the default config, loaded as epp loads it
+    (every installed plugin registered), imports none of them; loading a tokenizer imports its
+    two, and a subscriber's ZMQ context pyzmq."""
+    code = f"""
+import sys
+from epp.framework.registry import installed_registry
+from epp.scheduling.loader import DEFAULT_CONFIG, load_config
+load_config(DEFAULT_CONFIG, installed_registry())
+print({_IMPORTED})
+from epp_scorers.kvcache.tokenize import load_tokenizer
+load_tokenizer({str(tokenizer_dir)!r})
+print({_IMPORTED})
+from epp_scorers.kvcache.subscriber import zmq_context
+zmq_context()
+print({_IMPORTED})
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == ["[]", "['jinja2', 'tokenizers']", "['jinja2', 'tokenizers', 'zmq']"]
