@@ -36,26 +36,16 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
-from epp.datalayer.scraper import MetricsExtractorParams, MetricsSourceParams, ScrapeConfig, engines_of
-from epp.flowcontrol.config import (
-    DEFAULT_FAIRNESS_POLICY,
-    DEFAULT_ORDERING_POLICY,
-    FlowControlConfig,
-    build_config,
-)
+from epp.flowcontrol.config import FlowControlConfig
 from epp.framework import (
     Admitter,
-    BackgroundService,
     ConfigError,
     DataProducer,
-    DataSource,
     Filter,
-    OrderingPolicy,
-    Params,
     Parser,
     Picker,
     Plugin,
@@ -64,7 +54,13 @@ from epp.framework import (
     ProfileHandler,
     SaturationDetector,
     Scorer,
-    UsageLimitPolicy,
+)
+from epp.scheduling.config_reader import FEATURE_GATES, FLOW_CONTROL_GATE
+from epp.scheduling.data_layer_section import DataLayerSection, MetricsDataLayer
+from epp.scheduling.flow_control_section import (
+    DEFAULT_FLOW_CONTROL_POLICIES,
+    DEFAULT_SATURATION_DETECTOR,
+    FlowControlSection,
 )
 from epp.scheduling.profile import PluginTimer, SchedulerProfile, WeightedScorer
 from epp.scheduling.scheduler import Scheduler
@@ -114,34 +110,8 @@ _TOP_FIELDS = (
 _PLUGIN_FIELDS = ("type", "name", "parameters")
 _PROFILE_FIELDS = ("name", "plugins")
 _REF_FIELDS = ("pluginRef", "weight")
-_PLUGIN_REF_FIELDS = ("pluginRef",)
 _REQUEST_HANDLER_FIELDS = ("parsers",)
-_DATA_LAYER_FIELDS = (
-    "injectDefaults",
-    "sources",
-    "discovery",
-    "peerDiscovery",
-    "crossReplicaSyncerPluginRef",
-    "crossReplicaSyncInterval",
-)
-_DATA_SOURCE_FIELDS = ("pluginRef", "extractors")
-_FLOW_CONTROL_FIELDS = (
-    "maxBytes",
-    "maxRequests",
-    "defaultRequestTTL",
-    "noEndpointRequestTTL",
-    "defaultPriorityBand",
-    "defaultNegativePriorityBand",
-    "priorityBands",
-    "usageLimitPolicyPluginRef",
-    "saturationDetector",
-    "enableEviction",
-)
-_PRIORITY_BAND_FIELDS = ("priority", "maxBytes", "maxRequests", "fairnessPolicyRef", "orderingPolicyRef")
 
-# The feature gates the Go EPP registers (llm-d-router cmd/epp/runner), with their defaults.
-FLOW_CONTROL_GATE = "flowControl"
-FEATURE_GATES = {FLOW_CONTROL_GATE: False, "haPopulateNonLeaderDatastore": True}
 _GO_TRUE = {"1", "t", "true"}
 _GO_FALSE = {"0", "f", "false"}
 
@@ -156,20 +126,7 @@ GO_PARSER_TYPES = (
     "vertexai-parser",
     "passthrough-parser",
 )
-# What the Go loader adds when these are referenced and not declared.
-DEFAULT_SATURATION_DETECTOR = "utilization-detector"
-DEFAULT_FLOW_CONTROL_POLICIES = (
-    "global-strict-fairness-policy",
-    "fcfs-ordering-policy",
-    "static-usage-limit-policy",
-)
-METRICS_SOURCE_NAME = "metrics-data-source"
-METRICS_EXTRACTOR_NAME = "core-metrics-extractor"
 
-# Kubernetes quantities ("10Gi", "1k", "500") and Go durations ("60s", "1m30s"), as the Go
-# decoder accepts them.
-_QUANTITY = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+|[KMGTPE]i|[numkMGTPE])?$")
-_DURATION = re.compile(r"^[+-]?(?:0|(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+)$")
 
 # prefix-cache-affinity-filter's default peakPrefillThroughput (tokens/s), to read the removed
 # maxTokensInFlightPenalty.
@@ -200,15 +157,6 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
-@dataclass(frozen=True)
-class MetricsDataLayer:
-    """The metrics data source and extractor the config wires for epp's scraper (None: the Go
-    EPP's default ones, i.e. the defaults and the flags)."""
-
-    source: MetricsSourceParams | None = None
-    extractor: MetricsExtractorParams | None = None
-
-
 @dataclass
 class LoadedConfig:
     scheduler: Scheduler
@@ -236,53 +184,11 @@ def _ref_of(value: Any) -> str:
     return ref if isinstance(ref, str) else ""
 
 
-class _Loader:
-    def __init__(
-        self, registry: PluginRegistry, source: str, timer: PluginTimer | None, handle: PluginHandle
-    ) -> None:
-        self.registry = registry
-        self.source = source
-        self.timer = timer
-        self.handle = handle
-        self.warnings: list[str] = []
-        self.implicit: list[str] = []
-        self.instances: dict[str, Plugin] = {}
-        self.types: dict[str, str] = {}
-        self.gates: dict[str, bool] = dict(FEATURE_GATES)
-
-    # --- messages --------------------------------------------------------------------------------
-
-    def error(self, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {message}")
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(f"{self.source}: {message}")
-
-    def _check_fields(self, spec: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-        for key in spec:
-            if key not in allowed:
-                raise self.error(f"{where}: unknown field {key!r} (allowed: {', '.join(allowed)})")
-
-    def _mapping(self, value: Any, allowed: tuple[str, ...], where: str) -> Mapping[str, Any]:
-        """A nested object of the config, decoded strictly (None: absent, an empty mapping)."""
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise self.error(f"{where} must be a mapping, got {value!r}")
-        self._check_fields(value, allowed, where)
-        return value
-
-    def _ref(self, value: Any, where: str, required: bool = True) -> str:
-        spec = self._mapping(value, _PLUGIN_REF_FIELDS, where)
-        ref = spec.get("pluginRef")
-        if ref is None and not required:
-            return ""
-        if not isinstance(ref, str) or (required and not ref):
-            raise self.error(f"{where} needs a 'pluginRef' string")
-        return ref
-
-    def _describe(self, name: str) -> str:
-        return f"plugin {name!r} ({self.types.get(name, '?')})"
+class _Loader(FlowControlSection, DataLayerSection):
+    """The whole document: its fields and feature gates, the plugins, the profiles and their
+    handler, request handling; flow control and the data layer are sections of their own
+    (`epp.scheduling.flow_control_section`, `epp.scheduling.data_layer_section`), and what they
+    all share is `epp.scheduling.config_reader`'s."""
 
     # --- document --------------------------------------------------------------------------------
 
@@ -412,13 +318,6 @@ class _Loader:
                 "replica always keeps its endpoints and metrics current"
             )
 
-    def _list(self, value: Any, what: str) -> list[Any]:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise self.error(f"{what} must be a list")
-        return value
-
     # --- removed Go parameters that upstream configs still carry -----------------------------------
 
     def _legacy_parameters(self, type_name: str, name: str, raw: Any) -> Any:
@@ -464,26 +363,6 @@ class _Loader:
         return params
 
     # --- plugins ---------------------------------------------------------------------------------
-
-    def _create(self, type_name: str, name: str, raw: Any, where: str = "") -> Plugin:
-        where = where or f"plugin {name!r} ({type_name})"
-        cls = self.registry.get(type_name)
-        if cls is None:
-            known = ", ".join(self.registry.types())
-            raise self.error(f"plugin {name!r}: unknown plugin type {type_name!r} (known: {known})")
-        try:
-            params = Params(raw, name)
-            plugin = cls.from_params(name, params, self.handle)
-        except ConfigError as exc:
-            raise self.error(f"{where}: {exc}") from None
-        except (TypeError, ValueError) as exc:
-            raise self.error(f"{where}: bad parameters: {exc}") from None
-        unread = params.unread()
-        if unread:
-            raise self.error(f"{where}: unknown parameter {unread[0]!r}")
-        for message in params.warnings:
-            self.warn(f"{where}: {message}")
-        return plugin
 
     def plugins(self, specs: list[Any]) -> None:
         for i, spec in enumerate(specs):
@@ -674,18 +553,6 @@ class _Loader:
             "disaggregation: disagg-profile-handler with profiles decode and prefill)"
         )
 
-    def _implicit(self, type_name: str, kind: type[K]) -> K:
-        """A plugin the loader adds with default parameters, named after its type."""
-        existing = self.instances.get(type_name)
-        if isinstance(existing, kind):
-            return existing
-        plugin = self._create(type_name, type_name, None, where=f"the {type_name} epp adds")
-        if not isinstance(plugin, kind):
-            raise self.error(f"plugin type {type_name!r} is not a {kind.__name__}")
-        self.instances.setdefault(type_name, plugin)
-        self.implicit.append(type_name)
-        return plugin
-
     # --- request handling ------------------------------------------------------------------------
 
     def request_handler(self, doc: Mapping[str, Any]) -> None:
@@ -713,247 +580,6 @@ class _Loader:
                 self.types[ref] = ref
             if not isinstance(plugin, Parser):
                 raise self.error(f"{where}: {self._describe(ref)} is not a parser plugin")
-
-    # --- saturation detection and flow control (docs/flow-control.md) ------------------------------
-
-    def flow_control(
-        self, doc: Mapping[str, Any]
-    ) -> tuple[FlowControlConfig | None, SaturationDetector | None]:
-        """The flow-control settings (None unless the `flowControl` gate is on, as in Go) and the
-        saturation detector (the default `utilization-detector` when none is named: Go's legacy
-        admission refuses sheddable requests with it when flow control is off)."""
-        flow = self._mapping(doc.get("flowControl"), _FLOW_CONTROL_FIELDS, "flowControl")
-        self._flow_control_shapes(flow)
-        detector_spec, where = flow.get("saturationDetector"), "flowControl.saturationDetector"
-        if doc.get("saturationDetector") is not None:
-            legacy = self._ref(doc.get("saturationDetector"), "saturationDetector", required=False)
-            if detector_spec is None:
-                self.warn("top-level 'saturationDetector' is deprecated; use flowControl.saturationDetector")
-                detector_spec, where = {"pluginRef": legacy}, "saturationDetector"
-            else:
-                self.warn(
-                    "top-level 'saturationDetector' is deprecated and ignored: "
-                    "flowControl.saturationDetector is set"
-                )
-        # An empty reference means Go's default detector, which the Go loader adds itself.
-        ref = self._ref(detector_spec, where, required=False) if detector_spec is not None else ""
-        detector = self._flow_plugin(ref, where, SaturationDetector, "saturation detector") if ref else None
-        settings = [k for k in flow if k != "saturationDetector"]
-        if self.gates[FLOW_CONTROL_GATE]:
-            if detector is None:
-                detector = self._implicit(DEFAULT_SATURATION_DETECTOR, SaturationDetector)
-            if flow.get("enableEviction"):
-                self.warn("flowControl.enableEviction is not implemented by epp and is ignored")
-            return build_config(flow, self._flow_policy), detector
-        if settings:
-            # The Go EPP's own warning: without the gate only the saturation detector is used.
-            self.warn(
-                "the flowControl section is set but the flowControl feature gate is disabled; its "
-                f"settings (other than saturationDetector) are ignored: {', '.join(settings)}"
-            )
-        if detector is None and DEFAULT_SATURATION_DETECTOR in self.registry:
-            made = self._create(DEFAULT_SATURATION_DETECTOR, DEFAULT_SATURATION_DETECTOR, None)
-            detector = made if isinstance(made, SaturationDetector) else None
-        return None, detector
-
-    def _flow_policy(self, ref: str, kind: type[K], where: str) -> K:
-        """A band's policy: the default type when the reference is empty; a default type that no
-        plugin declares is added, as Go adds it."""
-        if not ref:
-            default = DEFAULT_ORDERING_POLICY if kind is OrderingPolicy else DEFAULT_FAIRNESS_POLICY
-            return self._implicit(default, kind)
-        if ref not in self.instances and ref in DEFAULT_FLOW_CONTROL_POLICIES and ref in self.registry:
-            return self._implicit(ref, kind)
-        name = {OrderingPolicy: "ordering policy", UsageLimitPolicy: "usage limit policy"}.get(
-            kind, "fairness policy"
-        )
-        return self._flow_plugin(ref, where, kind, name)
-
-    def _flow_plugin(self, ref: str, where: str, kind: type[K], name: str) -> K:
-        plugin = self.instances.get(ref)
-        if plugin is None:
-            raise self.error(f"{where} references undefined plugin {ref!r}")
-        if not isinstance(plugin, kind):
-            raise self.error(f"{where}: {self._describe(ref)} is not a {name}")
-        return plugin
-
-    def _flow_control_shapes(self, flow: Mapping[str, Any]) -> None:
-        """The field types the Go decoder enforces (quantities, durations, bands)."""
-        for key in ("maxBytes", "maxRequests"):
-            self._quantity(flow.get(key), f"flowControl.{key}")
-        for key in ("defaultRequestTTL", "noEndpointRequestTTL"):
-            self._duration(flow.get(key), f"flowControl.{key}")
-        if "enableEviction" in flow and not isinstance(flow["enableEviction"], bool):
-            raise self.error(
-                f"flowControl.enableEviction must be true or false, got {flow['enableEviction']!r}"
-            )
-        usage = flow.get("usageLimitPolicyPluginRef")
-        if usage is not None and not isinstance(usage, str):
-            raise self.error(f"flowControl.usageLimitPolicyPluginRef must be a string, got {usage!r}")
-        bands: list[tuple[str, Any]] = [
-            ("flowControl.defaultPriorityBand", flow.get("defaultPriorityBand")),
-            ("flowControl.defaultNegativePriorityBand", flow.get("defaultNegativePriorityBand")),
-        ]
-        bands += [
-            (f"flowControl.priorityBands[{i}]", b)
-            for i, b in enumerate(self._list(flow.get("priorityBands"), "flowControl.priorityBands"))
-        ]
-        for where, value in bands:
-            band = self._mapping(value, _PRIORITY_BAND_FIELDS, where)
-            priority = band.get("priority", 0)
-            if isinstance(priority, bool) or not isinstance(priority, int):
-                raise self.error(f"{where}.priority must be an integer, got {priority!r}")
-            for key in ("maxBytes", "maxRequests"):
-                self._quantity(band.get(key), f"{where}.{key}")
-            for key in ("fairnessPolicyRef", "orderingPolicyRef"):
-                if band.get(key) is not None and not isinstance(band[key], str):
-                    raise self.error(f"{where}.{key} must be a string, got {band[key]!r}")
-
-    def _quantity(self, value: Any, where: str) -> None:
-        if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
-            return
-        if not isinstance(value, str) or not _QUANTITY.match(value.strip()):
-            raise self.error(f"{where} must be a quantity (e.g. 500, 1k, 10Gi), got {value!r}")
-
-    def _duration(self, value: Any, where: str) -> None:
-        if value is not None and (not isinstance(value, str) or not _DURATION.match(value.strip())):
-            raise self.error(f"{where} must be a duration (e.g. 60s, 1m30s), got {value!r}")
-
-    # --- data layer -----------------------------------------------------------------------------
-
-    def check_data_plugins(self) -> None:
-        """Metric specs, the default engine and https files of every metrics data source and
-        extractor, checked when the plugin is built (as Go's factories check them)."""
-        for name, plugin in self.instances.items():
-            try:
-                if isinstance(plugin, MetricsExtractorParams):
-                    engines_of(plugin)
-                if isinstance(plugin, MetricsSourceParams):
-                    ScrapeConfig().with_source(plugin)
-            except ValueError as exc:
-                raise self.error(f"{self._describe(name)}: {exc}") from None
-
-    def data_layer(self, doc: Mapping[str, Any]) -> MetricsDataLayer:
-        """Go's data layer: the listed sources with their extractors, plus (unless
-        `injectDefaults: false`, or a source is the plugin named `metrics-data-source`) the plugins
-        named `metrics-data-source` and `core-metrics-extractor`, declared or default. epp scrapes
-        one metrics page per endpoint, with the first metrics source and its extractor."""
-        layer = self._mapping(doc.get("dataLayer"), _DATA_LAYER_FIELDS, "dataLayer")
-        inject = layer.get("injectDefaults", True)
-        if not isinstance(inject, bool):
-            raise self.error(f"dataLayer.injectDefaults must be true or false, got {inject!r}")
-        chosen: list[tuple[MetricsSourceParams | None, MetricsExtractorParams | None, str]] = []
-        wired: set[str] = set()
-        source_refs: list[str] = []
-        for i, entry in enumerate(self._list(layer.get("sources"), "dataLayer.sources")):
-            where = f"dataLayer.sources[{i}]"
-            spec = self._mapping(entry, _DATA_SOURCE_FIELDS, where)
-            ref = self._ref({"pluginRef": spec.get("pluginRef")}, where)
-            source_refs.append(ref)
-            plugin = self.instances.get(ref)
-            if plugin is None:
-                raise self.error(f"{where} references undefined plugin {ref!r}")
-            if not isinstance(plugin, DataSource) or isinstance(plugin, MetricsExtractorParams):
-                raise self.error(f"{where}: {self._describe(ref)} is not a data source")
-            extractors: list[str] = []
-            for j, ext in enumerate(self._list(spec.get("extractors"), f"{where}.extractors")):
-                ext_ref = self._ref(ext, f"{where}.extractors[{j}]")
-                if ext_ref not in self.instances:
-                    raise self.error(f"{where}.extractors[{j}] references undefined plugin {ext_ref!r}")
-                extractors.append(ext_ref)
-            wired.update((ref, *extractors))
-            if not isinstance(plugin, MetricsSourceParams):
-                if not isinstance(plugin, BackgroundService):  # one that runs in epp does its own work
-                    what = "is not run by epp (it scrapes model-server metrics only)"
-                    self.warn(f"{where}: {self._describe(ref)} {what}")
-                continue
-            metric_extractors = []
-            for ext_ref in extractors:
-                candidate = self.instances[ext_ref]
-                if not isinstance(candidate, MetricsExtractorParams):
-                    raise self.error(
-                        f"{where}: {self._describe(ext_ref)} cannot extract the metrics of "
-                        f"{self._describe(ref)}"
-                    )
-                metric_extractors.append(candidate)
-            if not metric_extractors:
-                self.warn(
-                    f"{where}: {self._describe(ref)} has no extractor (the Go EPP would read no metrics "
-                    "from it); epp reads it with the built-in engine mappings"
-                )
-            chosen.append((plugin, metric_extractors[0] if metric_extractors else None, ref))
-        if inject and METRICS_SOURCE_NAME not in source_refs:
-            default_source = self.instances.get(METRICS_SOURCE_NAME)
-            default_extractor = self.instances.get(METRICS_EXTRACTOR_NAME)
-            for default_name, declared, kind in (
-                (METRICS_SOURCE_NAME, default_source, MetricsSourceParams),
-                (METRICS_EXTRACTOR_NAME, default_extractor, MetricsExtractorParams),
-            ):
-                if declared is not None and not isinstance(declared, kind):
-                    raise self.error(
-                        f"{self._describe(default_name)} takes the name of the default {default_name}, "
-                        "which the data layer adds; rename it"
-                    )
-                wired.add(default_name)
-            chosen.append(
-                (
-                    default_source if isinstance(default_source, MetricsSourceParams) else None,
-                    default_extractor if isinstance(default_extractor, MetricsExtractorParams) else None,
-                    METRICS_SOURCE_NAME,
-                )
-            )
-        for name, plugin in self.instances.items():
-            if name not in wired and isinstance(plugin, MetricsSourceParams | MetricsExtractorParams):
-                self.warn(
-                    f"{self._describe(name)} is not in the data layer, so neither the Go EPP nor epp "
-                    "uses it; list it under dataLayer.sources, or name it after its type"
-                )
-        self._data_layer_extras(layer)
-        if not chosen:
-            self.warn(
-                "dataLayer.injectDefaults is false and no metrics-data-source is listed: the Go EPP "
-                "would collect no metrics; epp scrapes each endpoint's /metrics with the flags' settings"
-            )
-            return MetricsDataLayer()
-        if len(chosen) > 1:
-            self.warn(
-                f"epp reads one metrics page per endpoint: it uses {chosen[0][2]!r} and ignores "
-                + ", ".join(repr(c[2]) for c in chosen[1:])
-            )
-        source_plugin, extractor_plugin, _ = chosen[0]
-        try:
-            ScrapeConfig().with_source(source_plugin, extractor_plugin)
-        except ValueError as exc:
-            raise self.error(f"dataLayer: {exc}") from None
-        return MetricsDataLayer(source_plugin, extractor_plugin)
-
-    def _data_layer_extras(self, layer: Mapping[str, Any]) -> None:
-        """Endpoint discovery, peer discovery and cross-replica sync by plugin: epp has none of
-        those plugin kinds, so a reference names an undefined plugin or one of the wrong kind."""
-        for key, kind in (("discovery", "endpoint discovery"), ("peerDiscovery", "peer discovery")):
-            if layer.get(key) is not None:
-                ref = self._ref(layer[key], f"dataLayer.{key}")
-                self._wrong_kind(ref, f"dataLayer.{key}", kind)
-        syncer = layer.get("crossReplicaSyncerPluginRef")
-        if syncer is not None:
-            if not isinstance(syncer, str):
-                raise self.error(f"dataLayer.crossReplicaSyncerPluginRef must be a string, got {syncer!r}")
-            if syncer:
-                self._wrong_kind(syncer, "dataLayer.crossReplicaSyncerPluginRef", "cross-replica syncer")
-        if layer.get("crossReplicaSyncInterval") is not None:
-            self._duration(layer["crossReplicaSyncInterval"], "dataLayer.crossReplicaSyncInterval")
-            self.warn(
-                "dataLayer.crossReplicaSyncInterval is not implemented by epp and is ignored "
-                "(no cross-replica syncer)"
-            )
-
-    def _wrong_kind(self, ref: str, where: str, kind: str) -> None:
-        if ref not in self.instances:
-            raise self.error(f"{where} references undefined plugin {ref!r}")
-        raise self.error(f"{where}: {self._describe(ref)} is not a {kind} plugin (epp has none)")
-
-
-K = TypeVar("K", bound=Plugin)
 
 
 def load_config(
