@@ -105,3 +105,23 @@ def test_extproc_compares_epp_with_the_do_nothing_server(tmp_path: Path) -> None
         assert r["p50_ms"] <= r["p99_ms"]
     assert all(r["rps_ratio"] > 0 and r["cpu_ratio"] > 0 for r in runs if r["server"] == "epp")
     assert "CPU vs floor" in stdout
+
+
+def test_extproc_repeated_reports_medians_and_each_rounds_ratio(tmp_path: Path) -> None:
+    """--repeat N alternates the do-nothing server and epp N times per case: each row holds its
+    figures' medians, and an epp row each round's ratios (against that round's floor)."""
+    stdout, doc = run_ok(
+        tmp_path,
+        "extproc",
+        *("--endpoints", "3", "--body-kb", "1", "--requests", "40", "--repeat", "2"),
+        *("--max-seconds", "10", "--concurrency", "4"),
+    )
+    assert doc["repeat"] == 2
+    floor, epp = doc["runs"]
+    assert (floor["server"], epp["server"], floor["rounds"], epp["rounds"]) == ("do-nothing", "epp", 2, 2)
+    assert len(epp["cpu_ratio_rounds"]) == len(epp["rps_ratio_rounds"]) == 2
+    low, high = sorted(epp["cpu_ratio_rounds"])
+    assert low <= epp["cpu_ratio"] <= high  # the median of the two
+    assert "medians of 2 rounds" in stdout and "epp 3 endpoints, 1 kB: " in stdout
+    refused = bench("extproc", "--repeat", "0")
+    assert refused.returncode == 2 and "must be positive" in refused.stderr

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -59,12 +60,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--concurrency", type=int, default=16, help="concurrent streams (default 16)")
     p.add_argument(
+        "--repeat",
+        type=_positive,
+        default=1,
+        help="run every case N times, the do-nothing server and epp alternated; the table shows each "
+        "figure's median, the ratios the median of each round's own (default 1)",
+    )
+    p.add_argument(
         "--epp-arg",
         action="append",
         default=[],
         help="a flag passed to epp, e.g. --epp-arg=--event-loop=asyncio (repeat for several)",
     )
     p.add_argument("--out", type=Path, help="write the JSON here")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
 
 
 def _ints(text: str) -> list[int]:
@@ -245,27 +263,59 @@ def run_epp(endpoints: int, body_bytes: int, args: argparse.Namespace) -> dict[s
         stop(proc)
 
 
+_FIGURES = ("requests", "requests_per_s", "p50_ms", "p90_ms", "p99_ms", "cpu_us_per_request")
+
+
+def _median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a case's rounds: each figure's median; with several rounds, each round's
+    ratios too (a round's epp against the same round's do-nothing server)."""
+    row = dict(rounds[0])
+    for key in _FIGURES:
+        row[key] = round(statistics.median(r[key] for r in rounds), 3)
+    for key in ("rps_ratio", "cpu_ratio"):
+        if key in row:
+            row[key] = round(statistics.median(r[key] for r in rounds), 3)
+            if len(rounds) > 1:
+                row[f"{key}_rounds"] = [r[key] for r in rounds]
+    if len(rounds) > 1:
+        row["rounds"] = len(rounds)
+    return row
+
+
 def main(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for kb in args.body_kb:
-        floor = {"server": "do-nothing", "endpoints": "-", "body_kb": kb, **run_nothing(kb * 1000, args)}
-        rows.append(floor)
-        print(table([floor], COLUMNS).splitlines()[-1], flush=True)
-        for n in args.endpoints:
-            row: dict[str, Any] = {
-                "server": "epp",
-                "endpoints": n,
-                "body_kb": kb,
-                **run_epp(n, kb * 1000, args),
-            }
-            row["rps_ratio"] = round(row["requests_per_s"] / floor["requests_per_s"], 3)
-            row["cpu_ratio"] = round(row["cpu_us_per_request"] / floor["cpu_us_per_request"], 3)
-            rows.append(row)
-            print(table([row], COLUMNS).splitlines()[-1], flush=True)
+        floors: list[dict[str, Any]] = []
+        epps: dict[int, list[dict[str, Any]]] = {n: [] for n in args.endpoints}
+        for _ in range(args.repeat):
+            floor = {"server": "do-nothing", "endpoints": "-", "body_kb": kb, **run_nothing(kb * 1000, args)}
+            floors.append(floor)
+            print(table([floor], COLUMNS).splitlines()[-1], flush=True)
+            for n in args.endpoints:
+                row: dict[str, Any] = {
+                    "server": "epp",
+                    "endpoints": n,
+                    "body_kb": kb,
+                    **run_epp(n, kb * 1000, args),
+                }
+                row["rps_ratio"] = round(row["requests_per_s"] / floor["requests_per_s"], 3)
+                row["cpu_ratio"] = round(row["cpu_us_per_request"] / floor["cpu_us_per_request"], 3)
+                epps[n].append(row)
+                print(table([row], COLUMNS).splitlines()[-1], flush=True)
+        rows.append(_median_row(floors))
+        rows.extend(_median_row(epps[n]) for n in args.endpoints)
     print()
     print(table(rows, COLUMNS))
+    if args.repeat > 1:
+        print(f"(medians of {args.repeat} rounds; each round's CPU vs floor:)")
+        for row in rows:
+            if "cpu_ratio_rounds" in row:
+                ratios = ", ".join(f"{r:.2f}" for r in row["cpu_ratio_rounds"])
+                print(f"  epp {row['endpoints']} endpoints, {row['body_kb']} kB: {ratios}")
     print(f"({args.concurrency} concurrent streams, client in its own process; {machine()})")
-    write_json(args.out, {"concurrency": args.concurrency, "machine": machine(), "runs": rows})
+    write_json(
+        args.out, {"concurrency": args.concurrency, "repeat": args.repeat, "machine": machine(), "runs": rows}
+    )
     return 0
 
 
