@@ -6,7 +6,8 @@ response: the floor of gRPC streaming in Python), then epp at each endpoint coun
 one stream shaped as Envoy's FULL_DUPLEX_STREAMED one: request headers, the body, response
 headers and a response body; the stream is half-closed and read to its end. Reported: requests/s,
 latency percentiles, and the server's own CPU per request (user + system, from /proc/<pid>/stat,
-over the timed requests only), each also as a ratio to the do-nothing server's.
+over the timed requests only), each also as a ratio to the do-nothing server's. With `--repeat N`
+each case runs N times, the two servers alternated: the medians, and each round's ratios.
 
 epp runs with its default config over endpoints where nothing listens; their metrics are scraped
 once a minute (the cost of scraping is `python -m epp_bench scrape`'s), so this measures the
