@@ -372,9 +372,12 @@ class App:
 
     def _bind(self, server: grpc.aio.Server, port: int, creds: grpc.ServerCredentials | None) -> int:
         address = f"{self.settings.bind_address}:{port}"
-        bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        try:
+            bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises where older versions returned 0 (a port in use, ...)
+            bound = 0
         if bound == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address} (in use, or not an address of this host)")
         return int(bound)
 
     async def start(self) -> BoundPorts:
