@@ -39,7 +39,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from epp.datalayer.datastore import Datastore
@@ -202,6 +202,8 @@ class ScrapeConfig:
 class _PollState:
     limit_failures: int = 0  # pages past a limit in a row
     last_bytes: int = 0  # the size of the last page read
+    # Where each family read was in the last page: the next poll looks there first (PageReader).
+    hints: dict[bytes, int] = field(default_factory=dict)
 
 
 class Scraper:
@@ -296,7 +298,7 @@ class Scraper:
         """One poll. True when a fresh snapshot was stored."""
         url = self.config.url(ep)
         state = self._state.setdefault(ep.key, _PollState())
-        reader = PageReader(self.config.engines.for_labels(ep.labels))
+        reader = PageReader(self.config.engines.for_labels(ep.labels), hints=state.hints)
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._read(ep, reader)

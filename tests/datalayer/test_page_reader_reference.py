@@ -13,6 +13,7 @@ import random
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from epp.datalayer import model_server_metrics
 from epp.datalayer.model_server_metrics import VLLM, PageReader
 
 WAITING, RUNNING = "vllm:num_requests_waiting", "vllm:num_requests_running"
@@ -118,3 +119,64 @@ def test_the_reader_agrees_with_prometheus_client_on_valid_pages(seed: int) -> N
             m.num_gpu_blocks,
         )
         assert got == expected(page), page
+
+
+def _read(reader: PageReader, data: bytes, rng: random.Random) -> Snapshot:
+    at = 0
+    while at < len(data):
+        step = rng.choice([1, 7, 64, 1000, 1 << 20])
+        reader.feed(data[at : at + step])
+        at += step
+    m = reader.finish(now=1.0)
+    return (
+        m.waiting_queue_size,
+        m.running_requests,
+        round(m.kv_cache_usage, 9),
+        tuple(sorted(m.running_loras)),
+        m.max_loras,
+        m.block_size,
+        m.num_gpu_blocks,
+    )
+
+
+@pytest.mark.parametrize("slack", [0, 16, 200, model_server_metrics.HINT_SLACK_BYTES])
+@pytest.mark.parametrize("seed", range(12))
+def test_where_the_last_page_had_a_family_never_changes_what_is_read(
+    seed: int, slack: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One endpoint's pages in a row share their hints (as the scraper's polls do): the next page
+    is searched first where the last one had each family. Here every page has its families in
+    another order and size, so the hints point at other families, into the middle of a family's
+    lines (comments between them), or past the page's end; what is read must not change."""
+    monkeypatch.setattr(model_server_metrics, "HINT_SLACK_BYTES", slack)
+    rng = random.Random(1000 + seed)
+    hints: dict[bytes, int] = {}
+    for _ in range(30):
+        page = random_page(rng)
+        assert _read(PageReader(VLLM, hints=hints), page.encode(), rng) == expected(page), page
+        assert hints, "the reader records where it found the families"
+
+
+def test_a_family_that_moved_up_is_read_from_its_first_line() -> None:
+    """The hint points at the family's second line (the page before it shrank): its first line,
+    before the hint, must still be counted."""
+    filler = "".join(f"filler_{i} {i}\n" for i in range(400))
+
+    def page(pad: str) -> bytes:
+        return (
+            pad + f'{WAITING}{{engine="0"}} 1\n# a comment\n{WAITING}{{engine="1"}} 2\n{RUNNING} 3\n'
+        ).encode()
+
+    hints: dict[bytes, int] = {}
+    first = PageReader(VLLM, hints=hints)
+    first.feed(page(filler))
+    assert first.finish(now=1.0).waiting_queue_size == 3
+    second = PageReader(VLLM, hints=hints)
+    second.feed(page(""))  # 5 kB shorter: the old offset is now past the page's end
+    assert second.finish(now=1.0).waiting_queue_size == 3
+    # And the other way: the family sits exactly where the last page's second line was.
+    line = f'{WAITING}{{engine="0"}} 1\n# a comment\n'.encode()
+    hints[WAITING.encode()] = len(line)
+    third = PageReader(VLLM, hints=hints)
+    third.feed(page(""))
+    assert third.finish(now=1.0).waiting_queue_size == 3
