@@ -45,7 +45,7 @@ def test_pick_writes_one_row_per_case(tmp_path: Path) -> None:
 
 def test_pick_refuses_a_bad_count() -> None:
     done = bench("pick", "--endpoints", "0")
-    assert done.returncode == 2 and "counts must be positive" in done.stderr
+    assert done.returncode == 2 and "values must be positive" in done.stderr
 
 
 def test_memory_fills_the_index_and_reports_bytes_per_entry(tmp_path: Path) -> None:

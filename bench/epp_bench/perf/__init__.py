@@ -8,6 +8,7 @@ read its CPU time from /proc (Linux); `pick` and `memory` import epp in this pro
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -21,6 +22,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: `N` or `N,N,...`, each a positive whole number."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or N,N,...") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: values must be positive")
+    return values
 
 
 def cpu_seconds(pid: int) -> float:

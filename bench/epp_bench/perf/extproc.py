@@ -35,7 +35,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp_bench.gateway import free_port
-from epp_bench.perf import cpu_seconds, machine, percentile, start_epp, stop, table, write_json
+from epp_bench.perf import cpu_seconds, machine, percentile, positive_ints, start_epp, stop, table, write_json
 
 COLUMNS = (
     ("server", "server", ""),
@@ -51,8 +51,10 @@ COLUMNS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoints", type=_ints, default=[8, 100, 1000], help="N,N,... (default 8,100,1000)")
-    p.add_argument("--body-kb", type=_ints, default=[1, 10, 100], help="kB,kB,... (default 1,10,100)")
+    p.add_argument(
+        "--endpoints", type=positive_ints, default=[8, 100, 1000], help="N,N,... (default 8,100,1000)"
+    )
+    p.add_argument("--body-kb", type=positive_ints, default=[1, 10, 100], help="kB,kB,... (default 1,10,100)")
     p.add_argument(
         "--requests", type=int, default=3000, help="timed requests per run, at most (default 3000)"
     )
@@ -84,16 +86,6 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
     return value
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected N or N,N,...") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: values must be positive")
-    return values
 
 
 # --- the do-nothing server -------------------------------------------------------------------

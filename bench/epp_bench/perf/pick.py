@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from epp_bench.perf import machine, percentile, table, write_json
+from epp_bench.perf import machine, percentile, positive_ints, table, write_json
 
 COLUMNS = (
     ("endpoints", "endpoints", ",d"),
@@ -31,25 +31,18 @@ COLUMNS = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--endpoints", type=_counts, default=[8, 100, 1000], help="N or N,N,... (default 8,100,1000)"
+        "--endpoints", type=positive_ints, default=[8, 100, 1000], help="N or N,N,... (default 8,100,1000)"
     )
     p.add_argument(
-        "--prompt-chars", type=_counts, default=[10_000, 100_000], help="C or C,C,... (default 10000,100000)"
+        "--prompt-chars",
+        type=positive_ints,
+        default=[10_000, 100_000],
+        help="C or C,C,... (default 10000,100000)",
     )
     p.add_argument("--picks", type=int, default=2000, help="timed picks per case, at most (default 2000)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="time bound per case (default 20)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, help="write the JSON list here")
-
-
-def _counts(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected N or N,N,...") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: counts must be positive")
-    return values
 
 
 def measure(endpoints: int, prompt_chars: int, picks: int, max_seconds: float, seed: int) -> dict[str, Any]:
