@@ -21,7 +21,6 @@ hostile page costs time in proportion to its bytes, in small slices, with bounde
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -115,6 +114,11 @@ class MetricNames:
     @cached_property
     def wanted(self) -> frozenset[str]:
         return frozenset(self.all_names())
+
+    @cached_property
+    def read_plan(self) -> _ReadPlan:
+        """What a PageReader looks for, worked out once per mapping (not hashed per poll)."""
+        return _plan(self)
 
     @cached_property
     def line_prefixes(self) -> tuple[str, ...]:
@@ -421,13 +425,19 @@ class _ReadPlan:
     names: tuple[bytes, ...]  # the families read, as their samples' lines start, in spec order
     specs: tuple[MetricSpec, ...]  # the value specs, each summed in its slot (its position here)
     by_name: Mapping[str, tuple[tuple[int, MetricSpec], ...]]  # each name's value specs and slots
+    # The slots of each value's specs, in the order they are tried; the gauges' slots, or None.
+    waiting: tuple[int, ...]
+    running: tuple[int, ...]
+    kv_usage: tuple[int, ...]
+    block_size: int | None
+    num_blocks: int | None
     label_names: frozenset[str]  # the names whose labels are read
     # A value's later specs are fallbacks (vLLM renamed its KV-cache metric): once an earlier one
     # matched, the later ones' names need not be looked for, unless something else reads them.
     superseded: Mapping[int, frozenset[bytes]]
+    by_family: Mapping[bytes, tuple[int, ...]]  # each family's value slots, by its name as bytes
 
 
-@functools.lru_cache(maxsize=64)
 def _plan(names: MetricNames) -> _ReadPlan:
     specs = tuple(
         dict.fromkeys(
@@ -452,7 +462,23 @@ def _plan(names: MetricNames) -> _ReadPlan:
             dropped = frozenset(n.encode() for n in later if n not in others)
             if dropped:
                 superseded[specs.index(spec)] = dropped
-    return _ReadPlan(tuple(n.encode() for n in names.all_names()), specs, by_name, label_names, superseded)
+
+    def slots(value: Iterable[MetricSpec | None]) -> tuple[int, ...]:
+        return tuple(specs.index(s) for s in value if s is not None)
+
+    return _ReadPlan(
+        names=tuple(n.encode() for n in names.all_names()),
+        specs=specs,
+        by_name=by_name,
+        waiting=slots(names.waiting),
+        running=slots(names.running),
+        kv_usage=slots(names.kv_usage),
+        block_size=specs.index(names.block_size) if names.block_size is not None else None,
+        num_blocks=specs.index(names.num_blocks) if names.num_blocks is not None else None,
+        label_names=label_names,
+        superseded=superseded,
+        by_family={n.encode(): tuple(slot for slot, _ in pairs) for n, pairs in by_name.items()},
+    )
 
 
 class PageReader:
@@ -492,7 +518,7 @@ class PageReader:
         hints: dict[bytes, int] | None = None,
     ) -> None:
         self._names = names
-        plan = self._plan = _plan(names)
+        plan = self._plan = names.read_plan
         self._missing = list(plan.names)  # families not read yet, in spec order
         self._open: bytes | None = None  # the family whose lines ran to the last chunk's end
         self._max_line = max_line_bytes
@@ -610,7 +636,7 @@ class PageReader:
         makes needless."""
         if name in self._missing:
             self._missing.remove(name)
-        for slot, _ in self._plan.by_name.get(name.decode(), ()):
+        for slot in self._plan.by_family.get(name, ()):
             if self._summed[slot] is not None:
                 for other in self._plan.superseded.get(slot, ()):
                     if other in self._missing:
@@ -672,15 +698,15 @@ class PageReader:
         return self._snapshot(now)
 
     def _snapshot(self, now: float) -> EndpointMetrics:
-        names, summed = self._names, dict(zip(self._plan.specs, self._summed, strict=True))
+        names, plan, summed = self._names, self._plan, self._summed
 
-        def first(specs: Iterable[MetricSpec]) -> float | None:
-            for spec in specs:
-                if (value := summed[spec]) is not None:
+        def first(slots: tuple[int, ...]) -> float | None:
+            for slot in slots:
+                if (value := summed[slot]) is not None:
                     return value
             return None
 
-        waiting, running, kv = first(names.waiting), first(names.running), first(names.kv_usage)
+        waiting, running, kv = first(plan.waiting), first(plan.running), first(plan.kv_usage)
         if (
             waiting is None
             and running is None
@@ -704,9 +730,9 @@ class PageReader:
         if self._cache_labels is not None:
             block_size = _int_or(self._cache_labels.get(names.block_size_label), None)
             num_blocks = _int_or(self._cache_labels.get(names.num_blocks_label), None)
-        if names.block_size is not None and (value := summed[names.block_size]) is not None:
+        if plan.block_size is not None and (value := summed[plan.block_size]) is not None:
             block_size = _int_or(str(value), None)
-        if names.num_blocks is not None and (value := summed[names.num_blocks]) is not None:
+        if plan.num_blocks is not None and (value := summed[plan.num_blocks]) is not None:
             num_blocks = _int_or(str(value), None)
         return EndpointMetrics(
             waiting_queue_size=int(waiting or 0),
@@ -723,6 +749,7 @@ class PageReader:
 
 _SPEC_NAME_RE = re.compile(_METRIC_NAME)
 _NEWLINE = ord("\n")
+_NO_ADAPTERS: frozenset[str] = frozenset()
 
 
 def _line_starting(data: bytes, name: bytes, start: int, end: int) -> int:
@@ -743,6 +770,8 @@ def _past_comments(data: bytes, at: int, end: int) -> int:
 
 
 def _split_adapters(value: str) -> frozenset[str]:
+    if not value:
+        return _NO_ADAPTERS
     return frozenset(a for a in (s.strip() for s in value.split(",")) if a)
 
 
