@@ -20,6 +20,7 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from epp.datalayer import model_server_metrics
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.model_server_metrics import (
     TRITON,
@@ -139,6 +140,30 @@ def test_too_many_samples_of_the_families_read_is_a_limit() -> None:
     page = "".join(f'vllm:num_requests_waiting{{engine="{i}"}} 1\n' for i in range(10_001)).encode()
     with pytest.raises(PageLimitError, match="more than 10000 samples"):
         read_in_chunks(page, 64 * 1024)
+
+
+def test_lines_parsed_before_are_remembered_within_bounds() -> None:
+    """The reader remembers the samples it parsed (a pod's next page repeats them) and the label
+    sets; a page of thousands of distinct series cannot grow either memory past its bound, and a
+    page read again reads the same."""
+    page = "".join(f'vllm:num_requests_waiting{{engine="{i}"}} 1\n' for i in range(9_000))
+    page += 'vllm:cache_config_info{block_size="16",num_gpu_blocks="' + "9" * 2000 + '"} 1\n'
+    for _ in range(2):
+        m = read_in_chunks(page.encode(), 64 * 1024).finish(now=1)
+        assert m.waiting_queue_size == 9_000 and m.num_gpu_blocks is None  # past _int_or's digits
+        assert len(model_server_metrics._SAMPLE_CACHE) <= model_server_metrics._SAMPLE_CACHE_SIZE
+        assert len(model_server_metrics._LABEL_CACHE) <= model_server_metrics._LABEL_CACHE_SIZE
+        assert all(
+            len(line) <= model_server_metrics._SAMPLE_CACHE_LINE_BYTES
+            for line in model_server_metrics._SAMPLE_CACHE
+        )
+
+
+@pytest.mark.parametrize("line", ["vllm:num_requests_waiting one", "vllm:num_requests_waiting NaN"])
+def test_a_bad_sample_is_an_error_every_time_it_is_read(line: str) -> None:
+    for _ in range(3):
+        with pytest.raises(MetricsParseError):
+            parse_metrics(f"{line}\n", VLLM, now=1)
 
 
 def test_reading_costs_time_in_proportion_to_the_page_in_small_slices() -> None:
