@@ -56,6 +56,14 @@ class _Op:
     tier: str = ""
 
 
+def _raise_if_cancelled() -> None:
+    """valkey-py can swallow a cancellation that lands while it opens a connection (the command
+    then runs on, and the loop around it would never end): a loop that calls it checks for one."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _pack(keys: Sequence[int]) -> bytes:
     return struct.pack(f">{len(keys)}Q", *keys)
 
@@ -189,6 +197,7 @@ class ValkeyBlockIndex:
             while self._pending:
                 ops = [self._pending.popleft() for _ in range(min(len(self._pending), _FEED_BATCH))]
                 await self._write(client, ops, generations)
+                _raise_if_cancelled()
 
     async def _write(
         self, client: valkey_asyncio.Valkey, ops: list[_Op], generations: dict[str, int]
@@ -224,6 +233,7 @@ class ValkeyBlockIndex:
         stream = f"{self.prefix}:feed"
         while True:
             reply = await client.xread({stream: last}, count=_FEED_BATCH, block=_FEED_BLOCK_MS)
+            _raise_if_cancelled()
             for _name, entries in reply or ():
                 for entry_id, fields in entries:
                     last = entry_id.decode()

@@ -81,6 +81,25 @@ async def test_a_replica_that_starts_later_is_warm_and_cleared_pods_stay_cleared
             await _until(lambda: late.match([9], {"b": ["10.0.0.2"]}) == {"b": 1})
 
 
+async def test_a_replica_stops_when_cancelled_as_it_starts_following_the_feed(address: str) -> None:
+    """valkey-py can swallow a cancellation that lands while it opens a connection; the replica's
+    loops check for one, so stopping epp never waits on them (this hung before)."""
+    for _ in range(3):
+        index = ValkeyBlockIndex(address)
+        task = asyncio.ensure_future(index.run())
+        async with asyncio.timeout(10):
+            await index.ready.wait()
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+        stopped = task.done()
+        if not stopped:
+            task.cancel()  # once more: it is past the connection now, and this one is not lost
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await index.close()
+        assert stopped, "the replica's task went on after it was cancelled"
+
+
 async def test_without_valkey_lookups_go_on_and_writes_are_bounded() -> None:
     index = ValkeyBlockIndex("127.0.0.1:1", max_pending=2)  # nothing listens there
     task = asyncio.ensure_future(index.run())
