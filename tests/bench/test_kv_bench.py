@@ -75,14 +75,17 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
     assert (tmp_path / "kv.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("approx", [False, True], ids=["epp-precise", "epp-precise-approx"])
-def test_precise_config_loads_in_epp(tmp_path: Path, approx: bool) -> None:
+@pytest.mark.parametrize("name", ["epp-precise", "epp-precise-approx", "epp-precise-shared"])
+def test_precise_config_loads_in_epp(tmp_path: Path, name: str) -> None:
     write_tokenizer(tmp_path)
-    name = "epp-precise-approx" if approx else "epp-precise"
-    text = PRECISE_CONFIGS[name].render(tmp_path, "42", "tcp://127.0.0.1:5557")
+    approx, shared = name == "epp-precise-approx", name == "epp-precise-shared"
+    text = PRECISE_CONFIGS[name].render(tmp_path, "42", "tcp://127.0.0.1:5557", "127.0.0.1:6379")
     assert PRECISE_CONFIGS[name].event_fed
-    # epp-precise-approx adds the approximate scorer behind the events (and nothing else).
+    # epp-precise-approx adds the approximate scorer behind the events, epp-precise-shared the
+    # Valkey index the bench starts (and nothing else).
     assert ("pluginRef: prefix-cache-scorer" in text) is approx
+    assert PRECISE_CONFIGS[name].shares_index is shared
+    assert ('valkeyConfig: {address: "127.0.0.1:6379"}' in text) is shared
     assert text.count("pluginRef") == 4 + approx
     check = check_config(text)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -10,7 +10,11 @@ applies locally at once and writes to Valkey from a background task:
   expiring `ttl` seconds after the block was last stored), and per pod its generation
   `<prefix>:gen:<pod>` (INCR on AllBlocksCleared, a restarted engine, a pod removed);
 - a change feed, the stream `<prefix>:feed` (bounded: MAXLEN ~ `feed_length`), one entry per
-  add / remove / clear with the writer's replica id.
+  add / remove / clear with the writer's replica id, and one per speculative entry
+  (`speculativeIndexing`: the blocks of a request this replica just routed, credited to its pod
+  until the engine's events confirm them or the guess expires), with the time it has left, so
+  that the other replicas send the same prefix to the same pod before the events arrive. Guesses
+  are not part of the state: a replica starting later does not load them.
 
 Every replica reads the feed (XREAD) and applies the other replicas' entries to its memory index;
 at start it loads the state first (SCAN + pipelined HGETALL, entries of a pod's current generation
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -46,14 +51,17 @@ DEFAULT_MAX_PENDING: Final = 100_000
 _SCAN_BATCH: Final = 1000
 _FEED_BLOCK_MS: Final = 1000
 _FEED_BATCH: Final = 500
+# A guess from another replica living longer than this is not applied (upstream's TTL is 2 s).
+_MAX_GUESS_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class _Op:
-    kind: str  # "add" | "remove" | "clear"
+    kind: str  # "add" | "remove" | "clear" | "guess"
     pod: str
     keys: tuple[int, ...] = ()
     tier: str = ""
+    expires: float = 0.0  # a guess's end (time.monotonic())
 
 
 def _raise_if_cancelled() -> None:
@@ -119,7 +127,8 @@ class ValkeyBlockIndex:
         self._queue(_Op("clear", pod))
 
     def add_speculative(self, pod: str, keys: Sequence[int], expires: float) -> None:
-        self.memory.add_speculative(pod, keys, expires)  # this replica's guess: not shared
+        self.memory.add_speculative(pod, keys, expires)
+        self._queue(_Op("guess", pod, tuple(keys), expires=expires))
 
     def match(self, keys: Sequence[int], pods: Mapping[str, Sequence[str]]) -> dict[str, int]:
         return self.memory.match(keys, pods)
@@ -206,6 +215,18 @@ class ValkeyBlockIndex:
             generations[pod] = int(await client.get(f"{self.prefix}:gen:{pod}") or 0)
         async with client.pipeline(transaction=False) as pipe:
             for op in ops:
+                fields: dict[Any, Any] = {
+                    "op": op.kind,
+                    "pod": op.pod,
+                    "keys": _pack(op.keys),
+                    "src": self.replica,
+                }
+                if op.kind == "guess":
+                    left = op.expires - time.monotonic()  # the clocks of replicas differ: send what is left
+                    if left > 0:
+                        fields["ttl"] = f"{left:.3f}"
+                        pipe.xadd(f"{self.prefix}:feed", fields, maxlen=self.feed_length, approximate=True)
+                    continue
                 if op.kind == "clear":
                     generations[op.pod] = generations.get(op.pod, 0) + 1
                     pipe.incr(f"{self.prefix}:gen:{op.pod}")
@@ -217,13 +238,7 @@ class ValkeyBlockIndex:
                             pipe.expire(name, self.ttl_s)
                         else:
                             pipe.hdel(name, op.pod)
-                fields: dict[Any, Any] = {
-                    "op": op.kind,
-                    "pod": op.pod,
-                    "tier": op.tier,
-                    "keys": _pack(op.keys),
-                    "src": self.replica,
-                }
+                fields["tier"] = op.tier
                 pipe.xadd(f"{self.prefix}:feed", fields, maxlen=self.feed_length, approximate=True)
             await pipe.execute()
         self.written += len(ops)
@@ -251,6 +266,14 @@ class ValkeyBlockIndex:
             self.memory.remove(pod, _unpack(fields.get(b"keys", b"")), tier)
         elif op == "clear":
             self.memory.clear_pod(pod)
+        elif op == "guess":
+            try:
+                left = float(fields.get(b"ttl", b""))
+            except ValueError:
+                return
+            if not 0 < left <= _MAX_GUESS_S:
+                return
+            self.memory.add_speculative(pod, _unpack(fields.get(b"keys", b"")), time.monotonic() + left)
         else:
             return
         self.applied += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -79,6 +80,23 @@ async def test_a_replica_that_starts_later_is_warm_and_cleared_pods_stay_cleared
             assert late.match([7], {"c": ["10.0.0.3"]}) == {"c": 1}
             one.add("10.0.0.2", [9], "gpu")  # after the load: arrives through the feed
             await _until(lambda: late.match([9], {"b": ["10.0.0.2"]}) == {"b": 1})
+
+
+async def test_a_guess_of_one_replica_counts_in_the_others_until_it_expires(address: str) -> None:
+    """speculativeIndexing: the blocks a replica just routed count for that pod in every replica
+    (before the engine's events arrive), for the time the guess has left, and a replica starting
+    later does not load them."""
+    async with replica(address) as one, replica(address) as two:
+        one.add_speculative("10.0.0.1", [4, 5], time.monotonic() + 1.0)
+        assert one.match([4, 5], POD) == {"a": 2}
+        await _until(lambda: two.match([4, 5], POD) == {"a": 2})
+        async with replica(address) as late:
+            assert late.loaded == 0 and late.match([4, 5], POD) == {}
+        await _until(lambda: two.match([4, 5], POD) == {}, timeout=3.0)  # expired
+        one.add_speculative("10.0.0.1", [6], time.monotonic() - 1.0)  # already over: not sent
+        one.add("10.0.0.1", [7], "gpu")
+        await _until(lambda: two.match([7], POD) == {"a": 1})
+        assert two.match([6], POD) == {}
 
 
 async def test_a_replica_stops_when_cancelled_as_it_starts_following_the_feed(address: str) -> None:
