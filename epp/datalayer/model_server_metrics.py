@@ -504,7 +504,7 @@ class PageReader:
     line, never the page; work per chunk is at most one search per family still missing. Sample
     names are matched as the page gives them, as the Go extractor matches them (a counter `x` is
     `x`, not `x_total`). A family whose lines come in two groups (which the format forbids) is
-    read from its first.
+    read from its first (with `hints`, from either: below).
 
     `hints` (optional, one dict per endpoint, kept from poll to poll) remembers where each family's
     first line was in the endpoint's last page. A model server renders its page the same way

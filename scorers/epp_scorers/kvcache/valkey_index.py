@@ -211,7 +211,8 @@ class ValkeyBlockIndex:
     async def _write(
         self, client: valkey_asyncio.Valkey, ops: list[_Op], generations: dict[str, int]
     ) -> None:
-        for pod in {op.pod for op in ops if op.pod not in generations}:
+        # A pod's generation, for the state its adds write (a guess writes only to the feed).
+        for pod in {op.pod for op in ops if op.kind != "guess" and op.pod not in generations}:
             generations[pod] = int(await client.get(f"{self.prefix}:gen:{pod}") or 0)
         async with client.pipeline(transaction=False) as pipe:
             for op in ops:
