@@ -96,7 +96,7 @@ def load_scheduler_config(
     else:
         text, source = DEFAULT_CONFIG, "default config"
     handle = PluginHandle(metrics.registry if metrics else None, ledger)
-    timer = metrics.observe_plugin if metrics else None
+    timer = metrics.plugin_series if metrics else None
     return load_config(text, installed_registry(), source, timer=timer, handle=handle)
 
 

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from epp import __version__
 from epp.framework import Endpoint
@@ -40,6 +38,10 @@ from epp.framework import Endpoint
 # The fairness id helpers live in the plugin API (plugins read it too); re-exported here.
 from epp.framework.fairness import DEFAULT_FAIRNESS_ID as DEFAULT_FAIRNESS_ID
 from epp.framework.fairness import fairness_id as fairness_id
+
+# The request path's histogram lives in the plugin API (plugins record on the path too).
+from epp.framework.histogram import HistogramChild as HistogramChild
+from epp.framework.histogram import LeanHistogram as LeanHistogram
 
 PREFIX = "llm_d_epp_"
 
@@ -119,72 +121,6 @@ class BoundedLabel:
     def pin(self, value: str) -> None:
         if value:
             self._pinned.add(value)
-
-
-class HistogramChild:
-    """One series of a `LeanHistogram`: per-bucket counts (the last is +Inf) and the sum."""
-
-    __slots__ = ("_bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self._bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, amount: float) -> None:
-        self.counts[bisect_left(self._bounds, amount)] += 1
-        self.sum += amount
-
-
-class LeanHistogram(Collector):
-    """A histogram for the request path, exposed exactly as prometheus_client's: `observe` is a
-    bisect and two additions, no locks (epp records and serves /metrics on one event-loop
-    thread), about five times cheaper. Streaming responses observe once per chunk."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        buckets: Sequence[float],
-        registry: CollectorRegistry,
-    ) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = tuple(labelnames)
-        self._bounds = tuple(float(b) for b in buckets if b != math.inf)
-        self._le = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> HistogramChild:
-        if len(values) != len(self._labelnames):
-            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {values}")
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = HistogramChild(self._bounds)
-        return child
-
-    def remove(self, *values: str) -> None:
-        del self._children[values]
-
-    def describe(self) -> Iterator[Metric]:
-        yield Metric(self._name, self._documentation, "histogram")
-
-    def collect(self) -> Iterator[Metric]:
-        family = Metric(self._name, self._documentation, "histogram")
-        bucket, count, total = f"{self._name}_bucket", f"{self._name}_count", f"{self._name}_sum"
-        for values, child in list(self._children.items()):
-            labels = dict(zip(self._labelnames, values, strict=True))
-            cumulative = 0
-            for le, n in zip(self._le, child.counts, strict=False):
-                cumulative += n
-                family.add_sample(bucket, {**labels, "le": le}, cumulative)
-            cumulative += child.counts[-1]
-            family.add_sample(bucket, {**labels, "le": "+Inf"}, cumulative)
-            family.add_sample(count, labels, cumulative)
-            family.add_sample(total, labels, child.sum)
-        yield family
 
 
 class _Alias(Collector):
@@ -677,7 +613,6 @@ class EppMetrics:
         self._requests: dict[tuple[str, str, str, str], RequestMetrics] = {}
         self._errors: dict[tuple[str, str, str, str, str], Counter] = {}
         self._attempts: dict[tuple[str, str, str], Counter] = {}
-        self._plugin_children: dict[tuple[str, str, str], HistogramChild] = {}
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -724,12 +659,10 @@ class EppMetrics:
         upstream caps it; the rewrite's name and target come from the configured objects)."""
         self.rewrite_decisions.labels(rewrite, self.models.bound(model), target).inc()
 
-    def observe_plugin(self, point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
-        key = (point, plugin_type, plugin_name)
-        child = self._plugin_children.get(key)
-        if child is None:  # labels() is slow; cache the child per plugin
-            child = self._plugin_children[key] = self.plugin_duration.labels(*key)
-        child.observe(seconds)
+    def plugin_series(self, point: str, plugin_type: str, plugin_name: str) -> HistogramChild:
+        """One plugin's series of the plugin-duration histogram at one extension point (the
+        scheduler resolves each once; a plugin run then costs one observation)."""
+        return self.plugin_duration.labels(point, plugin_type, plugin_name, exposed_before_observed=False)
 
     # --- the pool and its endpoints ---------------------------------------------------------------
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,28 @@ def _headers_dict(headers: Any) -> dict[str, str]:
         # Envoy sends raw_value (bytes) in current versions, value in older ones.
         out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
     return out
+
+
+# A generator of its own, seeded from os.urandom: a request id needs to be unique, not secret, and
+# uuid4 pays a urandom system call per request (2.2 us against 0.4).
+_random_bits = random.Random().getrandbits
+
+
+def _new_request_id() -> str:
+    """A random version-4 UUID as 32 hex digits, the form of `uuid.uuid4().hex`."""
+    n = _random_bits(128)
+    n = (n & ~(0xF000 << 64)) | (0x4000 << 64)  # version 4
+    n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # the RFC 4122 variant
+    return f"{n:032x}"
+
+
+def _header_value(headers: Any, name: str) -> str:
+    """One header's value ("" when absent), without making a dict of them all."""
+    for h in headers.headers:
+        if h.key.lower() == name:
+            value: str = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            return value
+    return ""
 
 
 def _metadata_value(msg: pb.ProcessingRequest, namespace: str, key: str) -> Any:
@@ -265,7 +287,7 @@ class RequestStream:
         self.subset = _subset_hint(msg)
         self.request_id = self.headers.get(messages.REQUEST_ID_HEADER, "")
         if not self.request_id:
-            self.request_id = uuid.uuid4().hex
+            self.request_id = _new_request_id()
             self._generated_request_id = True
         tracer = self._director.tracer
         if tracer is not None and self._span is None:
@@ -423,9 +445,8 @@ class RequestStream:
         self._expect_response("response headers")
         self._phase = _RESPONSE
         started = time.perf_counter()
-        response_headers = _headers_dict(headers.headers)
         decision = self.decision
-        if "text/event-stream" in response_headers.get("content-type", ""):
+        if "text/event-stream" in _header_value(headers.headers, "content-type"):
             if self._usage is not None:
                 self._usage.streaming = True
             if decision is not None:

@@ -15,7 +15,8 @@ in-tree plugins) imports from epp.
   flow control and admission `SaturationDetector`, `OrderingPolicy`, `FairnessPolicy`,
   `Admitter`, `UsageLimitPolicy` (with `FlowItem`, a queued request, and `FlowQueue`, a flow's
   queue); `fairness_id(headers)`, a request's flow
-- `PluginHandle`: metrics, the `InFlightLedger`, peers by name
+- `PluginHandle`: metrics, the `InFlightLedger`, peers by name; `LeanHistogram` and its series
+  `HistogramChild` (`PluginHandle.lean_histogram`: a histogram for the request path)
 - `PluginRegistry`: what an `epp.plugins` entry point's register function receives
 - `EppError` / `ErrorCode`: fail a request with an HTTP status
 """
@@ -36,6 +37,7 @@ from epp.framework.datamodel import (
 )
 from epp.framework.fairness import fairness_id
 from epp.framework.handle import PluginHandle
+from epp.framework.histogram import HistogramChild, LeanHistogram
 from epp.framework.inflight import InFlightLedger
 from epp.framework.params import Params
 from epp.framework.plugin import (
@@ -92,8 +94,10 @@ __all__ = [
     "Filter",
     "FlowItem",
     "FlowQueue",
+    "HistogramChild",
     "InFlightLedger",
     "InferenceRequest",
+    "LeanHistogram",
     "MetricColumns",
     "OrderingPolicy",
     "ParamDoc",

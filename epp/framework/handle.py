@@ -12,6 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from epp.framework.histogram import LeanHistogram
 from epp.framework.inflight import InFlightLedger
 from epp.framework.plugin import Plugin
 
@@ -48,6 +49,18 @@ class PluginHandle:
                 name, documentation, labels, registry=self.registry, **kwargs
             )
         assert isinstance(metric, Histogram), f"metric {name} is registered as another type"
+        return metric
+
+    def lean_histogram(
+        self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> LeanHistogram:
+        """A histogram for the request path (`LeanHistogram`: no lock, about five times cheaper an
+        observation than `histogram`'s); observe it on the event loop only, never from a thread.
+        Its series are `labels(*values)` (no values for an unlabelled one)."""
+        metric = self._metrics.get(name)
+        if metric is None:
+            metric = self._metrics[name] = LeanHistogram(name, documentation, labels, buckets, self.registry)
+        assert isinstance(metric, LeanHistogram), f"metric {name} is registered as another type"
         return metric
 
     def gauge_sum(self, name: str, documentation: str, read: Callable[[], float]) -> None:

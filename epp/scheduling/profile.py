@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from epp.framework import (
     Filter,
     InferenceRequest,
     Picker,
+    Plugin,
     ProfileResult,
     Scorer,
     Scores,
@@ -29,8 +30,31 @@ log = logging.getLogger("epp.scheduling.decisions")
 # scorers of lists), while below ~16 numpy's call overhead makes it slower.
 _VECTORISE_FROM = SMALL_POOL_SIZE
 
-# (extension point, plugin type, plugin name, seconds) -> None; feeds the plugin-duration histogram.
-PluginTimer = Callable[[str, str, str, float], None]
+
+class PluginSeries(Protocol):
+    """Where one plugin's durations at one extension point go (a histogram series)."""
+
+    def observe(self, amount: float) -> None: ...
+
+
+# (extension point, plugin type, plugin name) -> that plugin's series of the plugin-duration
+# histogram; resolved once per plugin and point when the scheduler is built, not per request.
+PluginTimer = Callable[[str, str, str], PluginSeries]
+
+
+class _Untimed:
+    __slots__ = ()
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+UNTIMED: PluginSeries = _Untimed()
+
+
+def series_of(timer: PluginTimer | None, point: str, plugin: Plugin) -> PluginSeries:
+    """The series `plugin`'s durations at `point` go to (nowhere without a timer)."""
+    return timer(point, plugin.type_name, plugin.name) if timer is not None else UNTIMED
 
 
 @dataclass(slots=True)
@@ -52,12 +76,10 @@ class SchedulerProfile:
         self.filters = list(filters)
         self.scorers = list(scorers)
         self.picker = picker
-        self._timer = timer
         self._weights = np.array([s.weight for s in self.scorers], dtype=np.float64)
-
-    def _observe(self, point: str, plugin: Filter | Scorer | Picker, started: float) -> None:
-        if self._timer is not None:
-            self._timer(point, plugin.type_name, plugin.name, time.perf_counter() - started)
+        self._timed_filters = [(f, series_of(timer, "Filter", f)) for f in self.filters]
+        self._timed_scorers = [(s.scorer, series_of(timer, "Scorer", s.scorer)) for s in self.scorers]
+        self._picker_series = series_of(timer, "Picker", picker)
 
     def _weighted_totals(self, all_scores: list[Scores], n: int) -> Scores:
         """sum over scorers of weight x clamp(score, 0, 1), a numpy array when computed in numpy.
@@ -89,10 +111,10 @@ class SchedulerProfile:
     ) -> ProfileResult | None:
         """The chosen endpoints and the scores behind them, or None when the filters left no
         candidate."""
-        for flt in self.filters:
+        for flt, series in self._timed_filters:
             started = time.perf_counter()
             candidates = flt.filter(cycle, request, candidates)
-            self._observe("Filter", flt, started)
+            series.observe(time.perf_counter() - started)
             if not candidates:
                 return None
         if not candidates:  # no filters and nothing to choose from
@@ -100,11 +122,10 @@ class SchedulerProfile:
         n = len(candidates)
         per_scorer: dict[str, Scores] = {}
         all_scores: list[Scores] = []
-        for weighted in self.scorers:
-            scorer = weighted.scorer
+        for scorer, series in self._timed_scorers:
             started = time.perf_counter()
             scores = scorer.score(cycle, request, candidates)
-            self._observe("Scorer", scorer, started)
+            series.observe(time.perf_counter() - started)
             if len(scores) != n:
                 raise RuntimeError(f"scorer {scorer.name} returned {len(scores)} scores for {n} endpoints")
             all_scores.append(scores)
@@ -116,7 +137,7 @@ class SchedulerProfile:
             chosen = picker.pick(cycle, candidates, totals.tolist())  # a picker written for lists
         else:
             chosen = picker.pick(cycle, candidates, cast("Sequence[float]", totals))
-        self._observe("Picker", self.picker, started)
+        self._picker_series.observe(time.perf_counter() - started)
         result = ProfileResult(self.name, chosen, candidates, totals, per_scorer)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request %s profile %s: %s", request.request_id, self.name, describe(result))

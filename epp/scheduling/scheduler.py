@@ -30,7 +30,7 @@ from epp.framework import (
     SchedulingResult,
     ServedElsewhere,
 )
-from epp.scheduling.profile import PluginTimer, SchedulerProfile
+from epp.scheduling.profile import PluginSeries, PluginTimer, SchedulerProfile, series_of
 from epp.tracing import ProfileRun
 
 log = logging.getLogger(__name__)
@@ -65,16 +65,30 @@ class Scheduler:
         self.handler = handler
         self.profiles = dict(profiles)
         self._profile_names = list(self.profiles)
-        self._timer = timer
         self.trace_profiles = False  # record PROFILE_RUNS in the cycle state (tracing is on)
         self.plugins = list(plugins)
         # What the plugins were built with: their metrics registry and the in-flight ledger.
         self.handle = handle or PluginHandle()
+        self._timer = timer
+        self._picker_series = series_of(timer, PROFILE_PICKER_POINT, handler)
+        self._results_series = series_of(timer, PROCESS_RESULTS_POINT, handler)
+        self._resolve_hooks()
+
+    def add_plugin(self, plugin: Plugin) -> None:
+        """One more plugin whose hooks run (after the others'), e.g. a test's recorder."""
+        self.plugins.append(plugin)
+        self._resolve_hooks()
+
+    def _resolve_hooks(self) -> None:
+        """Every hook resolved once, by the base class the plugin derives from, with the series
+        of the plugin-duration histogram its time goes to."""
 
         def of(kind: type[P]) -> list[P]:
             return [p for p in self.plugins if isinstance(p, kind)]
 
-        # Every hook resolved once, by the base class the plugin derives from.
+        def timed(point: str, kind: type[P]) -> list[tuple[P, PluginSeries]]:
+            return [(p, series_of(self._timer, point, p)) for p in of(kind)]
+
         self.producers = of(DataProducer)
         self.pre_request_hooks = of(PreRequest)
         self.response_header_hooks = of(ResponseHeaders)
@@ -82,10 +96,12 @@ class Scheduler:
         self.response_measured_hooks = of(ResponseMeasured)
         self.response_complete_hooks = of(ResponseComplete)
         self.endpoint_listeners = of(EndpointListener)
-
-    def _observe(self, point: str, plugin: Plugin, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer(point, plugin.type_name, plugin.name, seconds)
+        self._timed_producers = timed(DATA_PRODUCER_POINT, DataProducer)
+        self._timed_pre_request = timed(PRE_REQUEST_POINT, PreRequest)
+        self._timed_response_headers = timed(RESPONSE_RECEIVED_POINT, ResponseHeaders)
+        self._timed_served_elsewhere = timed(RESPONSE_RECEIVED_POINT, ServedElsewhere)
+        self._timed_response_measured = timed(RESPONSE_COMPLETE_POINT, ResponseMeasured)
+        self._timed_response_complete = timed(RESPONSE_COMPLETE_POINT, ResponseComplete)
 
     def schedule(
         self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]
@@ -95,10 +111,10 @@ class Scheduler:
 
     def produce(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None:
         """The data producers (the first half of `schedule`; admitters run after it)."""
-        for producer in self.producers:
+        for producer, series in self._timed_producers:
             started = time.perf_counter()
             producer.produce(cycle, request, candidates)
-            self._observe(DATA_PRODUCER_POINT, producer, time.perf_counter() - started)
+            series.observe(time.perf_counter() - started)
 
     def run_profiles(
         self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]
@@ -113,7 +129,7 @@ class Scheduler:
         for _ in range(_MAX_ROUNDS):
             started = time.perf_counter()
             names = handler.pick_profiles(cycle, request, self._profile_names, results)
-            self._observe(PROFILE_PICKER_POINT, handler, time.perf_counter() - started)
+            self._picker_series.observe(time.perf_counter() - started)
             if not names:
                 break
             for name in names:
@@ -135,23 +151,26 @@ class Scheduler:
         chosen = {k: v for k, v in results.items() if v is not None and v.endpoints}
         result = SchedulingResult(primary, chosen)
         result.headers = handler.routing_headers(request, result)
-        self._observe(PROCESS_RESULTS_POINT, handler, time.perf_counter() - started)
+        self._results_series.observe(time.perf_counter() - started)
         return result
 
     # --- request lifecycle (called by the director) ----------------------------------------------
 
-    def _each(self, point: str, hooks: Sequence[P], call: Callable[[P], object]) -> None:
+    @staticmethod
+    def _each(point: str, hooks: Sequence[tuple[P, PluginSeries]], call: Callable[[P], object]) -> None:
         """Run one hook of every plugin that has it; a failing plugin is logged, never fatal."""
-        for hook in hooks:
+        for hook, series in hooks:
             started = time.perf_counter()
             try:
                 call(hook)
             except Exception:
                 log.exception("%s hook of plugin %s failed", point, hook.name)
-            self._observe(point, hook, time.perf_counter() - started)
+            series.observe(time.perf_counter() - started)
 
     def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
-        self._each(PRE_REQUEST_POINT, self.pre_request_hooks, lambda h: h.pre_request(cycle, request, result))
+        self._each(
+            PRE_REQUEST_POINT, self._timed_pre_request, lambda h: h.pre_request(cycle, request, result)
+        )
 
     def response_headers(
         self, request: InferenceRequest, result: SchedulingResult | None, endpoint: Endpoint
@@ -164,27 +183,27 @@ class Scheduler:
             if headers:
                 added.update(headers)
 
-        self._each(RESPONSE_RECEIVED_POINT, self.response_header_hooks, run)
+        self._each(RESPONSE_RECEIVED_POINT, self._timed_response_headers, run)
         return added
 
     def served_elsewhere(self, request: InferenceRequest, planned: Endpoint, served: Endpoint) -> None:
         self._each(
             RESPONSE_RECEIVED_POINT,
-            self.served_elsewhere_hooks,
+            self._timed_served_elsewhere,
             lambda h: h.served_elsewhere(request, planned, served),
         )
 
     def response_measured(self, request: InferenceRequest, endpoint: Endpoint, stats: ResponseStats) -> None:
         self._each(
             RESPONSE_COMPLETE_POINT,
-            self.response_measured_hooks,
+            self._timed_response_measured,
             lambda h: h.response_measured(request, endpoint, stats),
         )
 
     def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         self._each(
             RESPONSE_COMPLETE_POINT,
-            self.response_complete_hooks,
+            self._timed_response_complete,
             lambda h: h.response_complete(request, endpoint),
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -270,8 +271,15 @@ async def test_health_reports_serving_for_every_service_name(epp: RunningEpp) ->
 
 
 async def test_request_id_is_generated_when_absent(epp: RunningEpp) -> None:
-    replies = await one_request(epp.stub, request_headers(), completion())
-    assert len(set_headers(replies[0]).get("x-request-id", "")) == 32
+    generated = []
+    for _ in range(2):
+        replies = await one_request(epp.stub, request_headers(), completion())
+        generated.append(set_headers(replies[0]).get("x-request-id", ""))
+    # A random UUID (version 4, RFC 4122 variant) as 32 hex digits, as uuid4().hex writes it.
+    assert all(len(value) == 32 and uuid.UUID(hex=value).hex == value for value in generated)
+    assert all(uuid.UUID(hex=value).version == 4 for value in generated)
+    assert all(uuid.UUID(hex=value).variant == uuid.RFC_4122 for value in generated)
+    assert generated[0] != generated[1]
     replies = await one_request(epp.stub, request_headers(**{"x-request-id": "abc"}), completion())
     assert "x-request-id" not in set_headers(replies[0])
 

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 import epp.framework.registry as registry_module
 import epp_scorers
@@ -661,9 +662,13 @@ def test_plugin_duration_histogram_has_every_extension_point() -> None:
     text = DEFAULT_CONFIG.replace(
         "plugins:\n- type: queue", "plugins:\n- type: decode-filter\n- type: queue"
     ).replace("  - pluginRef: queue-scorer", "  - pluginRef: decode-filter\n  - pluginRef: queue-scorer")
-    scheduler = load_config(text, installed_registry(), timer=metrics.observe_plugin).scheduler
+    scheduler = load_config(text, installed_registry(), timer=metrics.plugin_series).scheduler
     endpoints = [make_endpoint("a"), make_endpoint("b")]
     request = make_request("s" * 500)
+    # As in the Go EPP, a plugin's series appears with its first run, not when it is configured.
+    page = generate_latest(metrics.registry).decode()
+    assert "llm_d_epp_plugin_duration_seconds_count{" not in page
+    assert "# TYPE llm_d_epp_plugin_duration_seconds histogram" in page
     result = route(scheduler, endpoints, request)
     complete(scheduler, request, result)
     for point, kind in [

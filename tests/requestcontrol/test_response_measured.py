@@ -66,8 +66,7 @@ def director_with(endpoint: Endpoint) -> Director:
 async def test_a_completed_response_is_measured_once_before_it_completes() -> None:
     director = director_with(make_endpoint("a"))
     recorder = Recorder()
-    director.scheduler.response_measured_hooks.append(recorder)
-    director.scheduler.response_complete_hooks.append(recorder)
+    director.scheduler.add_plugin(recorder)
     decision = director.schedule(make_request("hi", body={"stream": True}), None)
     await asyncio.sleep(0)  # the pre_request hooks
     decision.started -= 0.1  # it arrived 100 ms ago; its chunks came at 50 and 60 ms
@@ -89,8 +88,7 @@ async def test_a_completed_response_is_measured_once_before_it_completes() -> No
 async def test_a_stream_that_went_away_is_not_measured() -> None:
     director = director_with(make_endpoint("a"))
     recorder = Recorder()
-    director.scheduler.response_measured_hooks.append(recorder)
-    director.scheduler.response_complete_hooks.append(recorder)
+    director.scheduler.add_plugin(recorder)
     decision = director.schedule(make_request("hi"), None)
     await asyncio.sleep(0)
     director.release(decision, completed=False)

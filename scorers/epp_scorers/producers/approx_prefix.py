@@ -58,7 +58,7 @@ import weakref
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any, Self
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -69,6 +69,7 @@ from epp.framework import (
     DataProducer,
     Endpoint,
     EndpointListener,
+    HistogramChild,
     InferenceRequest,
     ParamDoc,
     Params,
@@ -137,12 +138,11 @@ class PrefixIndexMetrics:
 
         def both(
             canonical: str, old: str, text: str, buckets: Sequence[float]
-        ) -> tuple[Histogram, Histogram]:
+        ) -> tuple[HistogramChild, HistogramChild]:
+            deprecated = text.replace("[ALPHA]", f"[ALPHA] [Deprecated: Use {canonical}]")
             return (
-                handle.histogram(canonical, text, _PLUGIN_LABELS, buckets).labels(name, type_name),
-                handle.histogram(
-                    old, text.replace("[ALPHA]", f"[ALPHA] [Deprecated: Use {canonical}]"), (), buckets
-                ),
+                handle.lean_histogram(canonical, text, _PLUGIN_LABELS, buckets).labels(name, type_name),
+                handle.lean_histogram(old, deprecated, (), buckets).labels(),
             )
 
         self._ratio = both(HIT_RATIO_METRIC, OLD_HIT_RATIO_METRIC, _RATIO_HELP, HIT_RATIO_BUCKETS)
