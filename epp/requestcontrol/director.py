@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from epp.datalayer.datastore import Datastore
 from epp.discovery.rewrites import REWRITE_HEADERS, RewriteStore
 from epp.errors import DROPPED_NO_ENDPOINTS, DROPPED_SATURATED
@@ -166,7 +168,8 @@ class Director:
         # Prefer endpoints whose metrics are fresh: a pod that stopped answering /metrics is likely
         # down or overloaded. When none are fresh (start-up, scraper lagging), use them all.
         fresh = metric_columns(endpoints).updated_at >= time.monotonic() - self.staleness_threshold_s
-        if fresh.all() or not fresh.any():
+        count = np.count_nonzero(fresh)  # one C call (all() and any() are two Python wrappers)
+        if count == len(endpoints) or not count:
             return endpoints
         return [endpoints[i] for i in fresh.nonzero()[0].tolist()]
 
