@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp.datalayer.model_server_metrics import VLLM, parse_metrics
+from epp_bench.perf.extproc import ECHO_CHUNK, EchoServicer, stream_messages
 from epp_bench.perf.vllm_page import page
 
 pytestmark = pytest.mark.timeout(180)
@@ -103,8 +106,50 @@ def test_extproc_compares_epp_with_the_do_nothing_server(tmp_path: Path) -> None
     for r in runs:
         assert r["requests"] == 60 and r["requests_per_s"] > 0 and r["cpu_us_per_request"] > 0
         assert r["p50_ms"] <= r["p99_ms"]
+        # The server's CPU split between its event-loop thread and the others (gRPC's).
+        assert r["loop_cpu_us_per_request"] > 0 and r["other_cpu_us_per_request"] >= 0
+        split = r["loop_cpu_us_per_request"] + r["other_cpu_us_per_request"]
+        assert split == pytest.approx(r["cpu_us_per_request"], abs=0.2)
     assert all(r["rps_ratio"] > 0 and r["cpu_ratio"] > 0 for r in runs if r["server"] == "epp")
-    assert "CPU vs floor" in stdout
+    assert "CPU vs floor" in stdout and "loop thread" in stdout
+
+
+def test_extproc_echo_server_replies_as_full_duplex_streamed_requires(tmp_path: Path) -> None:
+    """--echo adds the echo server, measured against the do-nothing server like epp; what it
+    answers is what Envoy needs from any ext_proc server in FULL_DUPLEX_STREAMED mode."""
+    stdout, doc = run_ok(
+        tmp_path,
+        "extproc",
+        *("--endpoints", "3", "--body-kb", "70", "--requests", "30", "--echo"),
+        *("--max-seconds", "10", "--concurrency", "2"),
+    )
+    assert [r["server"] for r in doc["runs"]] == ["do-nothing", "echo", "epp"]
+    echo = doc["runs"][1]
+    assert echo["requests"] == 30 and echo["cpu_ratio"] > 0 and echo["rps_ratio"] > 0
+    assert "echo" in stdout
+
+
+async def test_the_echo_server_routes_and_echoes_each_body_in_chunks() -> None:
+    body = b"x" * (ECHO_CHUNK + 10)
+
+    async def messages() -> AsyncIterator[pb.ProcessingRequest]:
+        for message in stream_messages(body):
+            yield message
+
+    replies = [r async for r in EchoServicer().Process(messages(), None)]
+    kinds = [r.WhichOneof("response") for r in replies]
+    assert kinds == ["request_headers", "request_body", "request_body", "response_headers", "response_body"]
+    mutation = replies[0].request_headers.response.header_mutation
+    assert {h.header.key: h.header.raw_value for h in mutation.set_headers} == {
+        "x-gateway-destination-endpoint": b"127.0.0.1:9",
+        "content-length": str(len(body)).encode(),
+    }
+    lb = replies[0].dynamic_metadata.fields["envoy.lb"].struct_value
+    assert lb.fields["x-gateway-destination-endpoint"].string_value == "127.0.0.1:9"
+    chunks = [r.request_body.response.body_mutation.streamed_response for r in replies[1:3]]
+    assert b"".join(c.body for c in chunks) == body and [c.end_of_stream for c in chunks] == [False, True]
+    last = replies[4].response_body.response.body_mutation.streamed_response
+    assert last.body == stream_messages(body)[3].response_body.body and last.end_of_stream
 
 
 def test_extproc_repeated_reports_medians_and_each_rounds_ratio(tmp_path: Path) -> None:

@@ -41,6 +41,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S  # utime, stime (fields 14, 15)
 
 
+def loop_thread_cpu_seconds(pid: int) -> float:
+    """CPU time so far of a process's main thread, where its event loop runs (the rest of its CPU,
+    `cpu_seconds` less this, is its other threads': gRPC's poller, workers)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+
+
 def rss_bytes(pid: int | str = "self") -> int:
     """Resident memory of a process now, from /proc/<pid>/status."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -6,8 +6,13 @@ response: the floor of gRPC streaming in Python), then epp at each endpoint coun
 one stream shaped as Envoy's FULL_DUPLEX_STREAMED one: request headers, the body, response
 headers and a response body; the stream is half-closed and read to its end. Reported: requests/s,
 latency percentiles, and the server's own CPU per request (user + system, from /proc/<pid>/stat,
-over the timed requests only), each also as a ratio to the do-nothing server's. With `--repeat N`
-each case runs N times, the two servers alternated: the medians, and each round's ratios.
+over the timed requests only), each also as a ratio to the do-nothing server's, and split between
+the server's event-loop thread and its other threads (gRPC's poller). With `--echo`, a built-in
+echo server runs too, after the do-nothing one: only the replies Envoy's FULL_DUPLEX_STREAMED mode
+requires of any ext_proc server, shaped as epp's (the routing reply and the body back, a
+response-headers reply, the response body back), with no parsing and no pick; its ratio to the
+do-nothing server is the protocol's own share of epp's. With `--repeat N` each case runs N times,
+the servers alternated: the medians, and each round's ratios.
 
 epp runs with its default config over endpoints where nothing listens; their metrics are scraped
 once a minute (the cost of scraping is `python -m epp_bench scrape`'s), so this measures the
@@ -35,7 +40,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp_bench.gateway import free_port
-from epp_bench.perf import cpu_seconds, machine, percentile, positive_ints, start_epp, stop, table, write_json
+from epp_bench.perf import (
+    cpu_seconds,
+    loop_thread_cpu_seconds,
+    machine,
+    percentile,
+    positive_ints,
+    start_epp,
+    stop,
+    table,
+    write_json,
+)
 
 COLUMNS = (
     ("server", "server", ""),
@@ -45,6 +60,8 @@ COLUMNS = (
     ("p50_ms", "p50 ms", ".2f"),
     ("p99_ms", "p99 ms", ".2f"),
     ("cpu_us_per_request", "CPU us/req", ",.0f"),
+    ("loop_cpu_us_per_request", "loop thread", ",.0f"),
+    ("other_cpu_us_per_request", "other threads", ",.0f"),
     ("rps_ratio", "req/s vs floor", ".0%"),
     ("cpu_ratio", "CPU vs floor", ".2f"),
 )
@@ -68,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="run every case N times, the do-nothing server and epp alternated; the table shows each "
         "figure's median, the ratios the median of each round's own (default 1)",
+    )
+    p.add_argument(
+        "--echo",
+        action="store_true",
+        help="also run the built-in echo server (the replies FULL_DUPLEX_STREAMED requires, no "
+        "routing): the protocol's own cost against the do-nothing server's",
     )
     p.add_argument(
         "--epp-arg",
@@ -101,9 +124,74 @@ class NothingServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             yield pb.ProcessingResponse()
 
 
-async def serve_nothing(port: int) -> None:
+# What the echo server routes to (no request is ever sent there).
+ECHO_DESTINATION = "127.0.0.1:9"
+# Bodies go back in chunks of at most this many bytes, as epp cuts them for Envoy's buffers.
+ECHO_CHUNK = 62_000
+
+
+def _routing_reply(content_length: int) -> pb.ProcessingResponse:
+    """What routing a request takes on the wire: the destination header and the body's length set,
+    the route cache cleared, the destination in the `envoy.lb` metadata (as epp's reply)."""
+    reply = pb.ProcessingResponse()
+    common = reply.request_headers.response
+    common.clear_route_cache = True
+    for key, value in (
+        ("x-gateway-destination-endpoint", ECHO_DESTINATION),
+        ("content-length", str(content_length)),
+    ):
+        header = common.header_mutation.set_headers.add().header
+        header.key, header.raw_value = key, value.encode()
+    lb = reply.dynamic_metadata.fields["envoy.lb"].struct_value
+    lb.fields["x-gateway-destination-endpoint"].string_value = ECHO_DESTINATION
+    return reply
+
+
+def _body_replies(body: bytes, *, request: bool, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+    """The body back as FULL_DUPLEX_STREAMED's `streamed_response` chunks; the last carries EoS."""
+    replies = []
+    for start in range(0, max(len(body), 1), ECHO_CHUNK):
+        reply = pb.ProcessingResponse()
+        part = reply.request_body if request else reply.response_body
+        streamed = part.response.body_mutation.streamed_response
+        streamed.body = body[start : start + ECHO_CHUNK]
+        streamed.end_of_stream = end_of_stream and start + ECHO_CHUNK >= len(body)
+        replies.append(reply)
+    return replies
+
+
+class EchoServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """The replies FULL_DUPLEX_STREAMED requires of any ext_proc server, nothing else: once the
+    request body is whole, the routing reply and the body back; a response-headers reply; each
+    response body chunk back."""
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        body: list[bytes] = []
+        async for msg in request_iterator:
+            kind = msg.WhichOneof("request")
+            if kind == "request_body":
+                body.append(msg.request_body.body)
+                if msg.request_body.end_of_stream:
+                    whole = b"".join(body)
+                    yield _routing_reply(len(whole))
+                    for reply in _body_replies(whole, request=True, end_of_stream=True):
+                        yield reply
+            elif kind == "response_headers":
+                reply = pb.ProcessingResponse()
+                reply.response_headers.response.SetInParent()
+                yield reply
+            elif kind == "response_body":
+                part = msg.response_body
+                for reply in _body_replies(part.body, request=False, end_of_stream=part.end_of_stream):
+                    yield reply
+
+
+async def serve_reference(servicer: pb_grpc.ExternalProcessorServicer, port: int) -> None:
+    """A reference server on grpc.aio's defaults (asyncio's loop, grpcio's default experiments)."""
     server = grpc.aio.server()
-    pb_grpc.add_ExternalProcessorServicer_to_server(NothingServicer(), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print("ready", flush=True)
@@ -188,17 +276,22 @@ async def drive(
                     return
                 latencies.append(await one(stub, streams[i % 64]))
 
-        cpu_before, started = cpu_seconds(server_pid), time.perf_counter()
+        loop_before, cpu_before = loop_thread_cpu_seconds(server_pid), cpu_seconds(server_pid)
+        started = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout=max_s + 30)
         elapsed, cpu = time.perf_counter() - started, cpu_seconds(server_pid) - cpu_before
+        loop_cpu = loop_thread_cpu_seconds(server_pid) - loop_before
     latencies.sort()
+    n = len(latencies)
     return {
         "requests": len(latencies),
         "requests_per_s": round(len(latencies) / elapsed, 1),
         "p50_ms": round(percentile(latencies, 0.5) * 1e3, 3),
         "p90_ms": round(percentile(latencies, 0.9) * 1e3, 3),
         "p99_ms": round(percentile(latencies, 0.99) * 1e3, 3),
-        "cpu_us_per_request": round(cpu / len(latencies) * 1e6, 1),
+        "cpu_us_per_request": round(cpu / n * 1e6, 1),
+        "loop_cpu_us_per_request": round(loop_cpu / n * 1e6, 1),
+        "other_cpu_us_per_request": round((cpu - loop_cpu) / n * 1e6, 1),
     }
 
 
@@ -224,15 +317,16 @@ def run_client(
 # --- the runs --------------------------------------------------------------------------------
 
 
-def run_nothing(body_bytes: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_reference(kind: str, body_bytes: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The do-nothing (`kind` "nothing") or the echo server ("echo"), in its own process."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "epp_bench.perf.extproc", "--serve-nothing", str(port)], stdout=subprocess.PIPE
+        [sys.executable, "-m", "epp_bench.perf.extproc", f"--serve-{kind}", str(port)], stdout=subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
-            raise SystemExit("the do-nothing ext_proc server did not start")
+            raise SystemExit(f"the {kind} ext_proc server did not start")
         return run_client(port, proc.pid, body_bytes, args.requests, args.concurrency, args.max_seconds)
     finally:
         stop(proc)
@@ -256,7 +350,16 @@ def run_epp(endpoints: int, body_bytes: int, args: argparse.Namespace) -> dict[s
         stop(proc)
 
 
-_FIGURES = ("requests", "requests_per_s", "p50_ms", "p90_ms", "p99_ms", "cpu_us_per_request")
+_FIGURES = (
+    "requests",
+    "requests_per_s",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "cpu_us_per_request",
+    "loop_cpu_us_per_request",
+    "other_cpu_us_per_request",
+)
 
 
 def _median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -279,23 +382,38 @@ def main(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for kb in args.body_kb:
         floors: list[dict[str, Any]] = []
+        echoes: list[dict[str, Any]] = []
         epps: dict[int, list[dict[str, Any]]] = {n: [] for n in args.endpoints}
+
+        def against(floor: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+            row["rps_ratio"] = round(row["requests_per_s"] / floor["requests_per_s"], 3)
+            row["cpu_ratio"] = round(row["cpu_us_per_request"] / floor["cpu_us_per_request"], 3)
+            print(table([row], COLUMNS).splitlines()[-1], flush=True)
+            return row
+
         for _ in range(args.repeat):
-            floor = {"server": "do-nothing", "endpoints": "-", "body_kb": kb, **run_nothing(kb * 1000, args)}
+            floor = {
+                "server": "do-nothing",
+                "endpoints": "-",
+                "body_kb": kb,
+                **run_reference("nothing", kb * 1000, args),
+            }
             floors.append(floor)
             print(table([floor], COLUMNS).splitlines()[-1], flush=True)
-            for n in args.endpoints:
-                row: dict[str, Any] = {
-                    "server": "epp",
-                    "endpoints": n,
+            if args.echo:
+                echo = {
+                    "server": "echo",
+                    "endpoints": "-",
                     "body_kb": kb,
-                    **run_epp(n, kb * 1000, args),
+                    **run_reference("echo", kb * 1000, args),
                 }
-                row["rps_ratio"] = round(row["requests_per_s"] / floor["requests_per_s"], 3)
-                row["cpu_ratio"] = round(row["cpu_us_per_request"] / floor["cpu_us_per_request"], 3)
-                epps[n].append(row)
-                print(table([row], COLUMNS).splitlines()[-1], flush=True)
+                echoes.append(against(floor, echo))
+            for n in args.endpoints:
+                row = {"server": "epp", "endpoints": n, "body_kb": kb, **run_epp(n, kb * 1000, args)}
+                epps[n].append(against(floor, row))
         rows.append(_median_row(floors))
+        if echoes:
+            rows.append(_median_row(echoes))
         rows.extend(_median_row(epps[n]) for n in args.endpoints)
     print()
     print(table(rows, COLUMNS))
@@ -304,7 +422,8 @@ def main(args: argparse.Namespace) -> int:
         for row in rows:
             if "cpu_ratio_rounds" in row:
                 ratios = ", ".join(f"{r:.2f}" for r in row["cpu_ratio_rounds"])
-                print(f"  epp {row['endpoints']} endpoints, {row['body_kb']} kB: {ratios}")
+                what = f"epp {row['endpoints']} endpoints" if row["server"] == "epp" else row["server"]
+                print(f"  {what}, {row['body_kb']} kB: {ratios}")
     print(f"({args.concurrency} concurrent streams, client in its own process; {machine()})")
     write_json(
         args.out, {"concurrency": args.concurrency, "repeat": args.repeat, "machine": machine(), "runs": rows}
@@ -313,9 +432,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _entry(argv: list[str]) -> None:
-    """The two helper processes: `--serve-nothing PORT` and `--client PORT PID BYTES N C S`."""
+    """The helper processes: `--serve-nothing PORT`, `--serve-echo PORT` and
+    `--client PORT PID BYTES N C S`."""
     if argv[0] == "--serve-nothing":
-        asyncio.run(serve_nothing(int(argv[1])))
+        asyncio.run(serve_reference(NothingServicer(), int(argv[1])))
+    elif argv[0] == "--serve-echo":
+        asyncio.run(serve_reference(EchoServicer(), int(argv[1])))
     elif argv[0] == "--client":
         port, pid, body, n, c = (int(v) for v in argv[1:6])
         print(json.dumps(asyncio.run(drive(port, pid, body, n, c, float(argv[6])))))

@@ -25,6 +25,11 @@ def extproc(doc: dict[str, Any]) -> str:
             f"{r['requests_per_s']:,.0f}",
             f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}",
             f"{r['cpu_us_per_request']:,.0f}",
+            (
+                f"{r['loop_cpu_us_per_request']:,.0f} / {r['other_cpu_us_per_request']:,.0f}"
+                if "loop_cpu_us_per_request" in r
+                else "-"
+            ),
             f"{r['rps_ratio']:.0%}" if "rps_ratio" in r else "-",
             f"{r['cpu_ratio']:.2f}x" if "cpu_ratio" in r else "-",
         ]
@@ -37,6 +42,7 @@ def extproc(doc: dict[str, Any]) -> str:
         "req/s",
         "p50 / p99 ms",
         "CPU us/req",
+        "loop / other threads us",
         "req/s vs floor",
         "CPU vs floor",
     ]
