@@ -187,6 +187,8 @@ class App:
             max_bytes=settings.model_server_metrics_max_bytes,
             supervisor=self.supervisor,
             idle_interval_s=settings.idle_refresh_metrics_interval_s,
+            # Stretched only while the event loop is busy, never past half the staleness threshold.
+            max_interval_s=settings.metrics_staleness_threshold_s / 2,
         )
         self.objectives, self.flow_controller = self._build_admission()
         # InferenceModelRewrites (docs/flow-control.md): from the file, or watched in Kubernetes.

@@ -26,6 +26,11 @@ another client (another epp replica, direct traffic) sends to an idle endpoint i
 idle interval late. The gain: at 100 idle pods with vLLM's 59 kB pages the base interval is 2,000
 pages a second for nothing.
 
+While the event loop's thread is busy (a large pool, or requests near epp's capacity), every
+interval is stretched, never past `max_interval_s` (half the staleness threshold), and shrinks
+back once the loop has room (`epp.datalayer.pacing.PollPacer`): one loop serves the requests and
+the polls, and the polls yield.
+
 Where and how a page is read (`ScrapeConfig`) comes, as in the Go EPP, from built-in defaults,
 then the `--model-server-metrics-*` flags, then the config's `metrics-data-source` parameters
 (the highest wins); which series are read, per engine, from the `core-metrics-extractor`
@@ -52,6 +57,7 @@ from epp.datalayer.model_server_metrics import (
     PageReader,
     build_engine_table,
 )
+from epp.datalayer.pacing import PollPacer
 from epp.errors import MetricsParseError
 from epp.framework import Endpoint
 from epp.supervision import Supervisor, current_supervisor
@@ -217,6 +223,7 @@ class Scraper:
         max_bytes: int = DEFAULT_MAX_PAGE_BYTES,
         supervisor: Supervisor | None = None,
         idle_interval_s: float = 0.0,
+        max_interval_s: float | None = None,
     ) -> None:
         self._datastore = datastore
         self.config = config or ScrapeConfig()
@@ -224,6 +231,8 @@ class Scraper:
         if self.config.interval_s:
             # The Go data layer rounds a source's interval to a multiple of its base tick.
             self._interval = max(1, round(self.config.interval_s / interval_s)) * interval_s
+        # Polls stretched while the event loop is busy, up to `max_interval_s` (None: never).
+        self.pacer = PollPacer(self._interval, max_interval_s or self._interval)
         self._timeout_s = timeout_s
         self._on_error = on_error
         self.max_bytes = max_bytes
@@ -330,16 +339,18 @@ class Scraper:
         """How long after the start of its last poll an endpoint is polled again."""
         state = self._state.get(ep.key)
         if state is None:
-            return self._interval
+            return self.pacer.interval_s
         if state.limit_failures:
             return min(LIMIT_BACKOFF_MAX_S, LIMIT_BACKOFF_S * 2.0 ** (state.limit_failures - 1))
-        return max(self._interval, state.last_bytes / PACE_BYTES_PER_S)
+        return max(self.pacer.interval_s, state.last_bytes / PACE_BYTES_PER_S)
 
     async def _poll_forever(self, ep: Endpoint) -> None:
         loop = asyncio.get_running_loop()
+        pacer = self.pacer
         while True:
             started = loop.time()
             await self.scrape_once(ep)
+            pacer.tick(loop.time())  # polls stretched while the loop is busy (epp.datalayer.pacing)
             await asyncio.sleep(max(0.0, self.next_delay(ep) - (loop.time() - started)))
             if self.idle(ep):
                 await self._idle_wait(ep, started + self.idle_interval_s - loop.time())
