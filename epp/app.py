@@ -188,7 +188,9 @@ class App:
             supervisor=self.supervisor,
             idle_interval_s=settings.idle_refresh_metrics_interval_s,
             # Stretched only while the event loop is busy, never past half the staleness threshold.
-            max_interval_s=settings.metrics_staleness_threshold_s / 2,
+            max_interval_s=settings.metrics_staleness_threshold_s / 2
+            if settings.refresh_metrics_yield_when_busy
+            else None,
         )
         self.objectives, self.flow_controller = self._build_admission()
         # InferenceModelRewrites (docs/flow-control.md): from the file, or watched in Kubernetes.

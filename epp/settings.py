@@ -188,6 +188,7 @@ class Settings:
     # --- model-server scrapes (epp.datalayer.scraper) ---------------------------------------------
     model_server_metrics_max_bytes: int = 16 * 1024 * 1024  # a larger /metrics page is an error
     idle_refresh_metrics_interval_s: float = 0.0  # an idle endpoint's polls (0: every interval, as Go)
+    refresh_metrics_yield_when_busy: bool = True  # polls stretched while the loop is busy (pacing)
     # --- the process ----------------------------------------------------------------------------
     event_loop: str = "uvloop"  # epp.cli: uvloop (libuv) or asyncio's own loop
 
@@ -256,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often an idle endpoint's /metrics is polled: one reporting nothing waiting or "
         "running, with nothing of epp's in flight; below --metrics-staleness-threshold; 0 (the "
         "default): every --refresh-metrics-interval, as the Go EPP",
+    )
+    _bool_flag(  # epp's own: the Go EPP polls on every core it has, epp on its one event loop
+        p,
+        "--refresh-metrics-yield-when-busy",
+        True,
+        "while epp's event loop is over 75%% busy, poll model servers less often (up to half "
+        "--metrics-staleness-threshold) so the requests keep the CPU; false: every interval regardless",
     )
     p.add_argument(  # epp's own: the event loop epp runs on
         "--event-loop",
@@ -602,6 +610,7 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         refresh_metrics_interval_s=args.refresh_metrics_interval,
         metrics_staleness_threshold_s=args.metrics_staleness_threshold,
         idle_refresh_metrics_interval_s=args.idle_refresh_metrics_interval,
+        refresh_metrics_yield_when_busy=args.refresh_metrics_yield_when_busy,
         event_loop=args.event_loop,
         endpoints=args.endpoints,
         endpoints_file=args.endpoints_file,

@@ -91,15 +91,18 @@ def test_ticks_within_a_window_read_the_cpu_clock_once() -> None:
 
 
 def test_epp_lets_the_interval_stretch_to_half_the_staleness_threshold() -> None:
-    settings = parse_settings(
-        ["--endpoints", "127.0.0.1:8000", "--metrics-staleness-threshold", "4s", "--secure-serving=false"]
-    )
-    pacer = App(settings).scraper.pacer
+    args = ["--endpoints", "127.0.0.1:8000", "--metrics-staleness-threshold", "4s", "--secure-serving=false"]
+    pacer = App(parse_settings(args)).scraper.pacer
     assert pacer.interval_s == 0.05
     cpu = FakeCpu()
     pacer._clock = cpu  # the loop kept busy, as a test says
     run_windows(pacer, cpu, 1.0, 60, start=0.0)
     assert pacer.interval_s == pytest.approx(2.0)
+    # --refresh-metrics-yield-when-busy=false: every interval, however busy the loop.
+    regardless = App(parse_settings([*args, "--refresh-metrics-yield-when-busy=false"])).scraper.pacer
+    regardless._clock = cpu
+    run_windows(regardless, cpu, 1.0, 10, start=100.0)
+    assert regardless.stretch == 1.0 and regardless.interval_s == 0.05
 
 
 async def test_a_busy_loop_is_polled_less_and_a_loop_with_room_every_interval(page: CountingPage) -> None:
