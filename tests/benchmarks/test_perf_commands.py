@@ -15,7 +15,8 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp.datalayer.model_server_metrics import VLLM, parse_metrics
-from epp_bench.perf.extproc import ECHO_CHUNK, EchoServicer, stream_messages
+from epp.extproc.messages import MAX_BODY_CHUNK
+from epp_bench.perf.extproc import EchoServicer, stream_messages
 from epp_bench.perf.vllm_page import page
 
 pytestmark = pytest.mark.timeout(180)
@@ -130,7 +131,7 @@ def test_extproc_echo_server_replies_as_full_duplex_streamed_requires(tmp_path: 
 
 
 async def test_the_echo_server_routes_and_echoes_each_body_in_chunks() -> None:
-    body = b"x" * (ECHO_CHUNK + 10)
+    body = b"x" * (MAX_BODY_CHUNK + 10)
 
     async def messages() -> AsyncIterator[pb.ProcessingRequest]:
         for message in stream_messages(body):

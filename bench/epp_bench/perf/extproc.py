@@ -39,6 +39,7 @@ from envoy.config.core.v3 import base_pb2 as core_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from epp.extproc import messages
 from epp_bench.gateway import free_port
 from epp_bench.perf import (
     cpu_seconds,
@@ -126,42 +127,11 @@ class NothingServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
 # What the echo server routes to (no request is ever sent there).
 ECHO_DESTINATION = "127.0.0.1:9"
-# Bodies go back in chunks of at most this many bytes, as epp cuts them for Envoy's buffers.
-ECHO_CHUNK = 62_000
-
-
-def _routing_reply(content_length: int) -> pb.ProcessingResponse:
-    """What routing a request takes on the wire: the destination header and the body's length set,
-    the route cache cleared, the destination in the `envoy.lb` metadata (as epp's reply)."""
-    reply = pb.ProcessingResponse()
-    common = reply.request_headers.response
-    common.clear_route_cache = True
-    for key, value in (
-        ("x-gateway-destination-endpoint", ECHO_DESTINATION),
-        ("content-length", str(content_length)),
-    ):
-        header = common.header_mutation.set_headers.add().header
-        header.key, header.raw_value = key, value.encode()
-    lb = reply.dynamic_metadata.fields["envoy.lb"].struct_value
-    lb.fields["x-gateway-destination-endpoint"].string_value = ECHO_DESTINATION
-    return reply
-
-
-def _body_replies(body: bytes, *, request: bool, end_of_stream: bool) -> list[pb.ProcessingResponse]:
-    """The body back as FULL_DUPLEX_STREAMED's `streamed_response` chunks; the last carries EoS."""
-    replies = []
-    for start in range(0, max(len(body), 1), ECHO_CHUNK):
-        reply = pb.ProcessingResponse()
-        part = reply.request_body if request else reply.response_body
-        streamed = part.response.body_mutation.streamed_response
-        streamed.body = body[start : start + ECHO_CHUNK]
-        streamed.end_of_stream = end_of_stream and start + ECHO_CHUNK >= len(body)
-        replies.append(reply)
-    return replies
 
 
 class EchoServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    """The replies FULL_DUPLEX_STREAMED requires of any ext_proc server, nothing else: once the
+    """The replies FULL_DUPLEX_STREAMED requires of any ext_proc server, nothing else, built by
+    epp's own reply builders (`epp.extproc.messages`, so they are shaped as epp's): once the
     request body is whole, the routing reply and the body back; a response-headers reply; each
     response body chunk back."""
 
@@ -175,16 +145,16 @@ class EchoServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 body.append(msg.request_body.body)
                 if msg.request_body.end_of_stream:
                     whole = b"".join(body)
-                    yield _routing_reply(len(whole))
-                    for reply in _body_replies(whole, request=True, end_of_stream=True):
+                    yield messages.request_headers_reply(ECHO_DESTINATION, len(whole))
+                    for reply in messages.iter_body_replies(whole, request=True):
                         yield reply
             elif kind == "response_headers":
-                reply = pb.ProcessingResponse()
-                reply.response_headers.response.SetInParent()
-                yield reply
+                yield messages.response_headers_reply()
             elif kind == "response_body":
                 part = msg.response_body
-                for reply in _body_replies(part.body, request=False, end_of_stream=part.end_of_stream):
+                for reply in messages.iter_body_replies(
+                    part.body, request=False, end_of_stream=part.end_of_stream
+                ):
                     yield reply
 
 
