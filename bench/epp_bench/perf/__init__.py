@@ -35,17 +35,21 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def _stat_cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds from a /proc `stat` file (a process's or a thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S  # utime, stime (fields 14, 15)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S  # utime, stime (fields 14, 15)
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
 
 
 def loop_thread_cpu_seconds(pid: int) -> float:
     """CPU time so far of a process's main thread, where its event loop runs (the rest of its CPU,
     `cpu_seconds` less this, is its other threads': gRPC's poller, workers)."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
 
 
 def rss_bytes(pid: int | str = "self") -> int:
