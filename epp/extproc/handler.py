@@ -62,12 +62,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _header_text(h: Any) -> str:
+    """One HeaderValue's value: Envoy sends raw_value (bytes) in current versions, value in older ones."""
+    value: str = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return value
+
+
 def _headers_dict(headers: Any) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for h in headers.headers:
-        # Envoy sends raw_value (bytes) in current versions, value in older ones.
-        out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-    return out
+    return {h.key.lower(): _header_text(h) for h in headers.headers}
 
 
 # A generator of its own, seeded from os.urandom: a request id needs to be unique, not secret, and
@@ -87,8 +89,7 @@ def _header_value(headers: Any, name: str) -> str:
     """One header's value ("" when absent), without making a dict of them all."""
     for h in headers.headers:
         if h.key.lower() == name:
-            value: str = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-            return value
+            return _header_text(h)
     return ""
 
 
