@@ -8,13 +8,15 @@ type share their series).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from epp.framework.histogram import LeanHistogram
 from epp.framework.inflight import InFlightLedger
 from epp.framework.plugin import Plugin
+
+M = TypeVar("M")
 
 
 class PluginHandle:
@@ -32,24 +34,26 @@ class PluginHandle:
     def plugin(self, name: str) -> Plugin | None:
         return self.plugins.get(name)
 
-    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+    def _metric(self, name: str, kind: type[M], make: Callable[[], M]) -> M:
+        """The metric registered under `name`, made by `make` the first time it is asked for."""
         metric = self._metrics.get(name)
         if metric is None:
-            metric = self._metrics[name] = Counter(name, documentation, labels, registry=self.registry)
-        assert isinstance(metric, Counter), f"metric {name} is registered as another type"
+            metric = self._metrics[name] = make()
+        assert isinstance(metric, kind), f"metric {name} is registered as another type"
         return metric
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        return self._metric(
+            name, Counter, lambda: Counter(name, documentation, labels, registry=self.registry)
+        )
 
     def histogram(
         self, name: str, documentation: str, labels: Sequence[str] = (), buckets: Sequence[float] = ()
     ) -> Histogram:
-        metric = self._metrics.get(name)
-        if metric is None:
-            kwargs: dict[str, Any] = {"buckets": tuple(buckets)} if buckets else {}
-            metric = self._metrics[name] = Histogram(
-                name, documentation, labels, registry=self.registry, **kwargs
-            )
-        assert isinstance(metric, Histogram), f"metric {name} is registered as another type"
-        return metric
+        kwargs: dict[str, Any] = {"buckets": tuple(buckets)} if buckets else {}
+        return self._metric(
+            name, Histogram, lambda: Histogram(name, documentation, labels, registry=self.registry, **kwargs)
+        )
 
     def lean_histogram(
         self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]
@@ -57,11 +61,9 @@ class PluginHandle:
         """A histogram for the request path (`LeanHistogram`: no lock, about five times cheaper an
         observation than `histogram`'s); observe it on the event loop only, never from a thread.
         Its series are `labels(*values)` (no values for an unlabelled one)."""
-        metric = self._metrics.get(name)
-        if metric is None:
-            metric = self._metrics[name] = LeanHistogram(name, documentation, labels, buckets, self.registry)
-        assert isinstance(metric, LeanHistogram), f"metric {name} is registered as another type"
-        return metric
+        return self._metric(
+            name, LeanHistogram, lambda: LeanHistogram(name, documentation, labels, buckets, self.registry)
+        )
 
     def gauge_sum(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """An unlabelled gauge whose value, computed when /metrics is read, is the sum of `read()`
