@@ -331,8 +331,8 @@ async def _stream_timed(
 
 
 async def test_queueing_at_max_num_seqs(start_sim: StartSim, session: aiohttp.ClientSession) -> None:
-    # 100 tokens x 20 ms x 0.05 = 0.1 s of real decode per request; one slot.
-    sim = await start_sim(max_num_seqs=1, time_factor=0.05)
+    # 100 tokens x 20 ms x 0.25 = 0.5 s of real decode per request (room for a loaded CI box); one slot.
+    sim = await start_sim(max_num_seqs=1, time_factor=0.25)
     body = {"prompt": "queue me", "max_tokens": 100}
     first = asyncio.create_task(_stream_timed(session, sim, body))
     await wait_for(lambda: sim.engine.num_running == 1)
@@ -350,7 +350,7 @@ async def test_queueing_at_max_num_seqs(start_sim: StartSim, session: aiohttp.Cl
 
 
 async def test_full_waiting_queue_answers_429(start_sim: StartSim, session: aiohttp.ClientSession) -> None:
-    sim = await start_sim(max_num_seqs=1, max_waiting=1, time_factor=0.05)
+    sim = await start_sim(max_num_seqs=1, max_waiting=1, time_factor=0.25)  # 0.5 s a request
     body = {"prompt": "busy", "max_tokens": 100}
     running = asyncio.create_task(complete(session, sim, **body))
     await wait_for(lambda: sim.engine.num_running == 1)
@@ -380,7 +380,9 @@ async def test_cached_prompt_has_a_shorter_ttft(start_sim: StartSim, session: ai
 async def test_kv_usage_rises_while_running_and_returns_to_zero(
     start_sim: StartSim, session: aiohttp.ClientSession
 ) -> None:
-    sim = await start_sim(kv_cache_blocks=64, time_factor=0.05)
+    # 100 tokens x 20 ms x 0.5 = 1 s of decode: the scrape lands mid-request even on a loaded CI box
+    # (at 0.05 the request once finished first).
+    sim = await start_sim(kv_cache_blocks=64, time_factor=0.5)
     body = {"prompt": prompt_of("usage ", 10 * BLOCK_CHARS), "max_tokens": 100}  # 160 + 100 tokens: 17 blocks
     task = asyncio.create_task(complete(session, sim, **body))
     await wait_for(lambda: sim.engine.num_running == 1)
