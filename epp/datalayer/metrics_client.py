@@ -40,6 +40,7 @@ class MetricsConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._sink: PageSink | None = None
         self._max_bytes = 0
@@ -63,6 +64,7 @@ class MetricsConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport; uvloop's do not derive from asyncio.Transport, so no isinstance.
         self._transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -152,24 +154,37 @@ class MetricsConnection(asyncio.Protocol):
 
     # --- polling ---------------------------------------------------------------------------------
 
-    async def get(self, request: bytes, sink: PageSink, max_bytes: int) -> None:
+    async def get(
+        self, request: bytes, sink: PageSink, max_bytes: int, deadline: float | None = None
+    ) -> None:
         """Send `request` and feed the answer's body to `sink`; raises MetricsParseError (a bad
-        answer, an HTTP status other than 200; PageLimitError past `max_bytes`) or OSError."""
-        if self._transport is None or self.closed:
+        answer, an HTTP status other than 200; PageLimitError past `max_bytes`), OSError, or
+        TimeoutError when the answer is not complete at `deadline` (the loop's clock).
+
+        The deadline is a timer of this connection's rather than an `asyncio.timeout` around the
+        call: the same effect for about a fifth of the CPU, which at 20 polls a second an endpoint
+        is a few percent of a core at 100 pods."""
+        if self._transport is None or self._loop is None or self.closed:
             raise ConnectionError("not connected")
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         self._sink, self._max_bytes = sink, max_bytes
         self._parser = httptools.HttpResponseParser(self)
         self._head_bytes, self._header_bytes, self._in_head, self._messages = 0, 0, True, 0
         self._length, self._chunked, self._until_close = None, False, False
         self._error, self._complete, self._keep_alive = None, False, False
+        timer = self._loop.call_at(deadline, self._expire) if deadline is not None else None
         self._transport.write(request)
         try:
             await self._waiter
         finally:
+            if timer is not None:
+                timer.cancel()
             self._parser = self._waiter = self._sink = None
             if not self._complete or self._error is not None or not self._keep_alive:
                 self.close()
+
+    def _expire(self) -> None:
+        self._finish(TimeoutError())
 
     def close(self) -> None:
         self.closed = True

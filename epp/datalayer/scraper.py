@@ -247,10 +247,12 @@ class Scraper:
         self._connections: dict[str, MetricsConnection] = {}
         self._started = False
         self._ssl: ssl.SSLContext | None = None
+        self._clock: Callable[[], float] | None = None  # the loop's clock, once started
         datastore.subscribe(self._start, self._stop)
 
     async def start(self) -> None:
         self._ssl = self.config.ssl_context()
+        self._clock = asyncio.get_running_loop().time
         self._started = True
         if self._supervisor is None:
             self._supervisor = current_supervisor()
@@ -287,16 +289,20 @@ class Scraper:
         if task is not None:
             task.cancel()
 
-    async def _read(self, ep: Endpoint, reader: PageReader) -> None:
-        """One page of `ep` into `reader`, over its kept-alive connection (a new one if it has none
-        or the last one failed). Raises OSError, TimeoutError, MetricsParseError."""
+    async def _read(self, ep: Endpoint, reader: PageReader, deadline: float) -> None:
+        """One page of `ep` into `reader` by `deadline` (the loop's clock), over its kept-alive
+        connection (a new one if it has none or the last one failed). Raises OSError,
+        TimeoutError, MetricsParseError."""
         connection = self._connections.get(ep.key)
         host, port = self.config.target(ep)
         if connection is None or connection.closed:
-            connection = await connect(host, port, self._ssl)
+            async with asyncio.timeout_at(deadline):
+                connection = await connect(host, port, self._ssl)
             self._connections[ep.key] = connection
         try:
-            await connection.get(request_bytes(host, port, self.config.path), reader, self.max_bytes)
+            await connection.get(
+                request_bytes(host, port, self.config.path), reader, self.max_bytes, deadline
+            )
         except BaseException:
             connection.close()  # mid-answer: the connection cannot be reused
             if self._connections.get(ep.key) is connection:
@@ -304,13 +310,14 @@ class Scraper:
             raise
 
     async def scrape_once(self, ep: Endpoint) -> bool:
-        """One poll. True when a fresh snapshot was stored."""
+        """One poll (reading and parsing within the scrape timeout). True when a fresh snapshot
+        was stored."""
         url = self.config.url(ep)
         state = self._state.setdefault(ep.key, _PollState())
         reader = PageReader(self.config.engines.for_labels(ep.labels), hints=state.hints)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._read(ep, reader)
+            clock = self._clock or asyncio.get_running_loop().time
+            await self._read(ep, reader, clock() + self._timeout_s)
             ep.metrics = reader.finish(time.monotonic())
             ep.scrape_errors = 0  # failures in a row: the next outage is logged again at once
             state.limit_failures = 0

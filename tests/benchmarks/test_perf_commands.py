@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from epp.datalayer.model_server_metrics import VLLM, parse_metrics
 from epp.extproc.messages import MAX_BODY_CHUNK
 from epp_bench.perf.extproc import EchoServicer, stream_messages
+from epp_bench.perf.summary import scrape as scrape_table
 from epp_bench.perf.vllm_page import page
 
 pytestmark = pytest.mark.timeout(180)
@@ -63,12 +64,14 @@ def test_memory_fills_the_index_and_reports_bytes_per_entry(tmp_path: Path) -> N
 def test_scrape_measures_an_idle_epp_scraping_idle_and_busy_pods_with_and_without_idle_polling(
     tmp_path: Path,
 ) -> None:
-    _, rows = run_ok(
+    stdout, rows = run_ok(
         tmp_path, "scrape", "--pods", "3", "--seconds", "2", "--warmup", "1", "--interval", "100ms"
     )
-    idle, idle_slow, busy = rows
-    assert [r["pods_state"] for r in rows] == ["idle", "idle", "busy"]
-    assert [r["idle_interval"] for r in rows] == ["every interval", "every 1s", "every interval"]
+    idle, idle_slow, busy, floor = rows
+    assert [r["client"] for r in rows] == ["epp", "epp", "epp", "floor"]
+    assert [r["pods_state"] for r in rows] == ["idle", "idle", "busy", "idle"]
+    every = "every interval"
+    assert [r["idle_interval"] for r in rows] == [every, "every 1s", every, every]
     for row in rows:
         assert row["pods"] == 3 and row["expected_scrapes_per_s"] == 30
         assert row["cpu_percent"] >= 0 and row["page_bytes"] == len(page())
@@ -79,6 +82,13 @@ def test_scrape_measures_an_idle_epp_scraping_idle_and_busy_pods_with_and_withou
     # most); with --idle-refresh-metrics-interval=1s idle pods are polled about once a second.
     assert idle["scrapes_per_s"] > 10 and busy["scrapes_per_s"] > 10
     assert 0 < idle_slow["scrapes_per_s"] < 6
+    # The floor client polls the same pods as often (the pods' server counted its answers).
+    assert 10 < floor["scrapes_per_s"] <= 31
+    assert "floor" in stdout
+    # The docs' table (perf.summary) names each row's client.
+    assert [line.split(" | ")[0] for line in scrape_table(rows).splitlines()[2:]] == [
+        "| epp", "| epp, idle pods every 1s", "| epp", "| floor (no parsing)",
+    ]  # fmt: skip
 
 
 def test_the_fixture_page_is_a_vllm_page_epp_reads() -> None:

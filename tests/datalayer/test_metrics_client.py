@@ -180,3 +180,30 @@ async def test_an_overlong_head_is_an_error(serve: Callable[..., asyncio.Future[
     port = await serve(lambda _: b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 0\r\n\r\n", close=True)
     with pytest.raises(MetricsParseError, match="head is past"):
         await read(port)
+
+
+async def test_an_answer_not_complete_by_the_deadline_times_out_and_drops_the_connection(
+    serve: Callable[..., asyncio.Future[int]],
+) -> None:
+    # The head and half the page, then nothing: the poll ends at its deadline, not the server's.
+    port = await serve(lambda _: fixed()[: -len(PAGE) // 2])
+    connection = await connect("127.0.0.1", port, None)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(TimeoutError):
+        await connection.get(
+            request_bytes("127.0.0.1", port, "/metrics"),
+            PageReader(names_for_engine("vllm")),
+            1 << 20,
+            start + 0.3,
+        )
+    assert 0.25 <= loop.time() - start < 2.0
+    assert connection.closed  # a half-read answer leaves the connection unusable
+    # A complete answer well before its deadline leaves no timer behind to close it later.
+    port = await serve(lambda _: fixed())
+    connection = await connect("127.0.0.1", port, None)
+    reader = PageReader(names_for_engine("vllm"))
+    await connection.get(request_bytes("127.0.0.1", port, "/metrics"), reader, 1 << 20, loop.time() + 0.1)
+    await asyncio.sleep(0.2)
+    assert not connection.closed and reader.finish(1.0).waiting_queue_size == 7
+    connection.close()

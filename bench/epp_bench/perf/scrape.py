@@ -9,6 +9,12 @@ default, as the Go EPP), the same with `--idle-refresh-metrics-interval=1s` (epp
 endpoints polled every second), and busy pods (the queue, running and KV gauges changing from
 poll to poll: every pod polled every interval, the cost of scraping under load). The pods'
 server counts the polls it answered, so the table says how many scrapes per second epp made.
+
+A fourth row is the floor: the same idle pods polled every interval by the least a client can
+do (`floor_poll`: blocking sockets on keep-alive connections, the answer framed by its
+Content-Length and parsed no further), in a process of its own whose CPU is read the same way.
+What it spends is the kernel's side of the traffic (a 59 kB page 20 times a second a pod) plus a
+few microseconds of Python a poll: what any scraper pays before it reads a value.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,7 @@ from epp_bench.perf import cpu_seconds, machine, start_epp, stop, table, write_j
 from epp_bench.perf.vllm_page import page
 
 COLUMNS = (
+    ("client", "client", ""),
     ("pods_state", "pods", ""),
     ("pods", "count", "d"),
     ("interval_ms", "interval ms", ".0f"),
@@ -34,7 +43,7 @@ COLUMNS = (
     ("page_bytes", "page bytes", ",d"),
     ("scrapes_per_s", "scrapes/s", ",.0f"),
     ("expected_scrapes_per_s", "expected/s", ",.0f"),
-    ("cpu_percent", "epp CPU % of a core", ".1f"),
+    ("cpu_percent", "CPU % of a core", ".1f"),
     ("cpu_us_per_scrape", "CPU us/scrape", ".0f"),
 )
 _VARIANTS = 8  # pages with different gauge values, served in turn
@@ -97,12 +106,62 @@ async def serve_pods(count: int, busy: bool) -> None:
         print(_PodProtocol.served, flush=True)
 
 
+# --- the floor: the least a client can do ---------------------------------------------------------
+
+
+def floor_poll(ports: list[int], interval_s: float) -> None:
+    """Poll every port's /metrics every `interval_s` until stdin closes: one keep-alive connection
+    each, the answer read to its Content-Length and not parsed."""
+    conns = []
+    for port in ports:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conns.append((sock, f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()))
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    stop_reading = _stdin_closed()
+    next_tick = time.monotonic()
+    while not stop_reading.is_set():
+        for sock, request in conns:
+            sock.sendall(request)
+            got, need = 0, -1
+            while need < 0 or got < need:
+                n = sock.recv_into(view[got:])
+                if n == 0:
+                    raise SystemExit("a pod closed its connection")
+                got += n
+                if need < 0 and (end := buf.find(b"\r\n\r\n", 0, got)) >= 0:
+                    at = buf.find(b"Content-Length: ", 0, end) + len(b"Content-Length: ")
+                    need = end + 4 + int(buf[at : buf.find(b"\r\n", at)])
+        next_tick += interval_s
+        time.sleep(max(0.0, next_tick - time.monotonic()))
+
+
+def _stdin_closed() -> threading.Event:
+    """An event set when stdin closes (the bench's way of stopping a helper process)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        sys.stdin.read()
+        done.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return done
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 
 def measure(
-    pods: int, interval: str, seconds: float, warmup: float, busy: bool, idle_interval: str = "0"
+    pods: int,
+    interval: str,
+    seconds: float,
+    warmup: float,
+    busy: bool,
+    idle_interval: str = "0",
+    floor: bool = False,
 ) -> dict[str, Any]:
+    """One row: epp (or, with `floor`, `floor_poll`) polling `pods` pods every `interval`."""
     if pods <= 0 or seconds <= 0 or warmup < 0:
         raise SystemExit("epp_bench scrape: --pods and --seconds must be positive")
     server = subprocess.Popen(
@@ -123,29 +182,25 @@ def measure(
         if not ready.startswith(b"["):
             raise SystemExit("the pods' server did not start")
         ports: list[int] = json.loads(ready)
-        grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
-        epp = start_epp(
-            [
-                "--endpoints", ",".join(f"127.0.0.1:{p}" for p in ports), "--grpc-port", str(grpc_port),
-                "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port),
-                "--bind-address", "127.0.0.1", "--refresh-metrics-interval", interval,
-                "--idle-refresh-metrics-interval", idle_interval,
-            ],
-            health_port,
-        )  # fmt: skip
+        client = _start_floor(ports, interval) if floor else _start_epp(ports, interval, idle_interval)
         try:
             time.sleep(warmup)
-            cpu0, polls0, t0 = cpu_seconds(epp.pid), served(), time.monotonic()
+            if client.poll() is not None:
+                raise SystemExit(f"the scraping client exited early ({client.returncode})")
+            cpu0, polls0, t0 = cpu_seconds(client.pid), served(), time.monotonic()
             time.sleep(seconds)
-            cpu1, polls1, t1 = cpu_seconds(epp.pid), served(), time.monotonic()
+            cpu1, polls1, t1 = cpu_seconds(client.pid), served(), time.monotonic()
         finally:
-            stop(epp)
+            if client.stdin is not None:
+                client.stdin.close()
+            stop(client)
     finally:
         server.stdin.close()
         stop(server)
     elapsed, cpu, polls = t1 - t0, cpu1 - cpu0, polls1 - polls0
     interval_s = _seconds(interval)
     return {
+        "client": "floor" if floor else "epp",
         "pods_state": "busy" if busy else "idle",
         "pods": pods,
         "interval_ms": interval_s * 1e3,
@@ -157,6 +212,24 @@ def measure(
         "cpu_percent": round(cpu / elapsed * 100, 2),
         "cpu_us_per_scrape": round(cpu / polls * 1e6, 1) if polls else None,
     }
+
+
+def _start_epp(ports: list[int], interval: str, idle_interval: str) -> subprocess.Popen[bytes]:
+    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+    return start_epp(
+        [
+            "--endpoints", ",".join(f"127.0.0.1:{p}" for p in ports), "--grpc-port", str(grpc_port),
+            "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port),
+            "--bind-address", "127.0.0.1", "--refresh-metrics-interval", interval,
+            "--idle-refresh-metrics-interval", idle_interval,
+        ],
+        health_port,
+    )  # fmt: skip
+
+
+def _start_floor(ports: list[int], interval: str) -> subprocess.Popen[bytes]:
+    command = ["-m", "epp_bench.perf.scrape", "--floor", str(_seconds(interval)), json.dumps(ports)]
+    return subprocess.Popen([sys.executable, *command], stdin=subprocess.PIPE)
 
 
 def _seconds(text: str) -> float:
@@ -171,8 +244,9 @@ def main(args: argparse.Namespace) -> int:
         measure(args.pods, args.interval, args.seconds, args.warmup, busy, idle)
         for busy, idle in ((False, "0"), (False, "1s"), (True, "0"))
     ]
+    rows.append(measure(args.pods, args.interval, args.seconds, args.warmup, busy=False, floor=True))
     print(table(rows, COLUMNS))
-    print(f"(epp serving no requests; {machine()})")
+    print(f"(epp serving no requests; floor: blocking sockets, no parsing; {machine()})")
     write_json(args.out, rows)
     return 0
 
@@ -180,5 +254,7 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
         asyncio.run(serve_pods(int(sys.argv[2]), sys.argv[3] == "busy"))
+    elif sys.argv[1:2] == ["--floor"]:
+        floor_poll(json.loads(sys.argv[3]), float(sys.argv[2]))
     else:
         raise SystemExit("use `python -m epp_bench scrape`")

@@ -61,9 +61,10 @@ def pick(rows: list[dict[str, Any]]) -> str:
 
 def scrape(rows: list[dict[str, Any]]) -> str:
     return _rows(
-        ["pods", "interval", "page", "scrapes/s (at most)", "epp CPU", "CPU per scrape"],
+        ["client", "pods", "interval", "page", "scrapes/s (at most)", "CPU", "CPU per scrape"],
         [
             [
+                _scrape_client(row),
                 f"{row['pods']} {row['pods_state']}",
                 f"{row['interval_ms']:.0f} ms",
                 f"{row['page_bytes']:,} B",
@@ -74,6 +75,12 @@ def scrape(rows: list[dict[str, Any]]) -> str:
             for row in rows
         ],
     )
+
+
+def _scrape_client(row: dict[str, Any]) -> str:
+    if row.get("client") == "floor":
+        return "floor (no parsing)"
+    return "epp" if row["idle_interval"] == "every interval" else f"epp, idle pods {row['idle_interval']}"
 
 
 def memory(row: dict[str, Any]) -> str:
