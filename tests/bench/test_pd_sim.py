@@ -101,8 +101,9 @@ async def test_remote_prefill_costs_the_kv_transfer_not_the_prefill(
     start_sim: StartSim, session: aiohttp.ClientSession
 ) -> None:
     # 2,000 prompt tokens: a local prefill takes 15 ms + 500 ms; pulling the KV at 0.1 ms a token
-    # takes 200 ms, then one decode step (20 ms) samples the first token.
-    knobs = {"time_factor": 0.2, "kv_transfer_time_per_token_s": 0.0001}
+    # takes 200 ms, then one decode step (20 ms) samples the first token. Real time (factor 1):
+    # a late wake-up of the engine on a loaded machine then adds to the TTFT only what it lasts.
+    knobs = {"time_factor": 1.0, "kv_transfer_time_per_token_s": 0.0001}
     local, decode = await start_sim(name="local", **knobs), await start_sim(name="d", role="decode", **knobs)
     ttft = "vllm:time_to_first_token_seconds_sum"
     prompt = document(2000)
@@ -125,9 +126,11 @@ async def test_remote_prefill_costs_the_kv_transfer_not_the_prefill(
 async def test_kv_in_flight_counts_as_waiting_and_holds_blocks(
     start_sim: StartSim, session: aiohttp.ClientSession
 ) -> None:
-    decode = await start_sim(role="decode", time_factor=0.5, kv_transfer_time_per_token_s=0.004)
+    decode = await start_sim(role="decode", time_factor=0.5, kv_transfer_time_per_token_s=0.01)
     task = asyncio.create_task(post(session, decode.address, {"prompt": document(320), **REMOTE_PREFILL}))
-    async with asyncio.timeout(5):  # admitted at once; the transfer takes 320 x 4 ms x 0.5 = 640 ms
+    # Admitted at once; the transfer takes 320 x 10 ms x 0.5 = 1.6 s: room for two scrapes on a
+    # loaded machine before it lands.
+    async with asyncio.timeout(5):
         while decode.engine.kv.used_blocks == 0:
             await asyncio.sleep(0.005)
     assert await metric(session, decode, "vllm:num_requests_waiting") == 1

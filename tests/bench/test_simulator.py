@@ -331,8 +331,8 @@ async def _stream_timed(
 
 
 async def test_queueing_at_max_num_seqs(start_sim: StartSim, session: aiohttp.ClientSession) -> None:
-    # 100 tokens x 20 ms x 0.25 = 0.5 s of real decode per request (room for a loaded CI box); one slot.
-    sim = await start_sim(max_num_seqs=1, time_factor=0.25)
+    # 100 tokens x 20 ms x 0.5 = 1 s of real decode per request (room for a loaded CI box); one slot.
+    sim = await start_sim(max_num_seqs=1, time_factor=0.5)
     body = {"prompt": "queue me", "max_tokens": 100}
     first = asyncio.create_task(_stream_timed(session, sim, body))
     await wait_for(lambda: sim.engine.num_running == 1)
@@ -350,7 +350,8 @@ async def test_queueing_at_max_num_seqs(start_sim: StartSim, session: aiohttp.Cl
 
 
 async def test_full_waiting_queue_answers_429(start_sim: StartSim, session: aiohttp.ClientSession) -> None:
-    sim = await start_sim(max_num_seqs=1, max_waiting=1, time_factor=0.25)  # 0.5 s a request
+    # 1 s a request: two more requests must arrive while the first runs, even on a loaded machine.
+    sim = await start_sim(max_num_seqs=1, max_waiting=1, time_factor=0.5)
     body = {"prompt": "busy", "max_tokens": 100}
     running = asyncio.create_task(complete(session, sim, **body))
     await wait_for(lambda: sim.engine.num_running == 1)
@@ -366,7 +367,7 @@ async def test_full_waiting_queue_answers_429(start_sim: StartSim, session: aioh
 
 
 async def test_cached_prompt_has_a_shorter_ttft(start_sim: StartSim, session: aiohttp.ClientSession) -> None:
-    sim = await start_sim(time_factor=0.2)
+    sim = await start_sim(time_factor=0.5)  # a late engine wake-up counts twice, not five times
     prompt = prompt_of("long document ", 8000)  # 2,000 tokens: 15 ms + 500 ms of prefill
     ttft = "vllm:time_to_first_token_seconds_sum"
     await complete(session, sim, prompt=prompt, max_tokens=1)

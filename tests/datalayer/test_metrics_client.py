@@ -17,6 +17,7 @@ from epp.datalayer.model_server_metrics import PageLimitError, PageReader, names
 from epp.datalayer.scraper import Scraper
 from epp.errors import MetricsParseError
 from epp.framework import Endpoint
+from tests.support.epp_app import wait_until
 
 # pytest-asyncio 1.x still honours an overridden event_loop_policy fixture (below), with a warning.
 pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
@@ -158,7 +159,7 @@ async def test_the_scraper_keeps_one_connection_and_opens_another_after_a_failur
     scraper = Scraper(store, interval_s=60.0, timeout_s=2.0)
     await scraper.start()
     try:
-        await asyncio.sleep(0.2)  # the first poll, at start
+        await wait_until(lambda: ep.metrics.updated_at > 0, what="the first poll, at start")
         assert await scraper.scrape_once(ep) and Scripted.connections == 1  # kept alive
         assert not await scraper.scrape_once(ep) and ep.scrape_errors == 1
         assert await scraper.scrape_once(ep) and ep.metrics.waiting_queue_size == 7

@@ -113,9 +113,11 @@ async def test_a_busy_loop_is_polled_less_and_a_loop_with_room_every_interval(pa
     try:
         await asyncio.sleep(WINDOW_S * 2.5)  # a loop with room: as configured
         assert scraper.pacer.stretch == 1.0
-        assert await polls_in(page, 0.6) >= 6
+        assert await polls_in(page, 1.2) >= 6  # 24 at 50 ms: a loaded machine may lose some
 
-        # Something keeps the loop's thread busy 45 ms of every 50: the polls stretch.
+        # Something keeps the loop's thread busy, 45 ms at a time with the polls' callbacks in
+        # between: the polls stretch. (No pause between the slices: on a loaded machine the
+        # thread gets only its share of a core, and the pacer must still see it over 75 % busy.)
         loop = asyncio.get_running_loop()
         hogging = True
 
@@ -124,7 +126,7 @@ async def test_a_busy_loop_is_polled_less_and_a_loop_with_room_every_interval(pa
             while time.thread_time() < end:
                 pass
             if hogging:
-                loop.call_later(0.005, hog)
+                loop.call_soon(hog)
 
         hog()
         await asyncio.sleep(WINDOW_S * 4.5)

@@ -263,9 +263,11 @@ async def test_a_source_interval_is_rounded_to_the_base_interval() -> None:
     )
     await scraper.start()
     try:
-        store.replace_all([Endpoint("127.0.0.1", page.port)])
-        await asyncio.sleep(0.55)
-        assert 3 <= page.hits <= 8  # every 100 ms (5 x 20 ms), not every 20 ms
+        ep = Endpoint("127.0.0.1", page.port)
+        store.replace_all([ep])
+        assert scraper.next_delay(ep) == pytest.approx(0.1)  # 5 x 20 ms
+        await asyncio.sleep(1.05)
+        assert 5 <= page.hits <= 13  # about 11 at 100 ms, not about 53 at 20 ms
     finally:
         await scraper.close()
         await page.stop()

@@ -164,7 +164,7 @@ async def test_a_sheddable_request_no_busy_endpoint_can_serve_in_time_is_refused
     # Both simulators busy with long requests (running > 0, a few % of KV cache in use).
     rng = random.Random(3)
     busy = [
-        asyncio.create_task(direct(stack, sim, f"busy {i} " + make_text(rng, 1500), 400))
+        asyncio.create_task(direct(stack, sim, f"busy {i} " + make_text(rng, 1500), 1000))
         for i in range(2)
         for sim in stack.sims
     ]
@@ -173,10 +173,16 @@ async def test_a_sheddable_request_no_busy_endpoint_can_serve_in_time_is_refused
         while not all(s.engine.num_running for s in stack.sims):
             assert time.monotonic() < deadline, "the simulators never got busy"
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)  # a scrape sees them busy
         tight = {"x-llm-d-slo-ttft-ms": "0.001"}
         shed = {**tight, "x-llm-d-inference-objective": "batch"}
-        status, headers, body = await complete(stack, "a sheddable request", 4, shed)
+        # Until a scrape has shown epp both busy (a request admitted before that is served).
+        deadline = time.monotonic() + 5
+        while True:
+            status, headers, body = await complete(stack, "a sheddable request", 4, shed)
+            if status != 200 or time.monotonic() > deadline:
+                break
+            assert not any(t.done() for t in busy), "the busy requests ended first"
+            await asyncio.sleep(0.05)
         assert status == 429, (status, body[:300], stack.diagnostics())
         assert headers.get("x-llm-d-request-dropped-reason") == "rejected-saturated"
         assert b"latency SLO" in body  # the admitter's refusal, not the pool's saturation
@@ -185,7 +191,9 @@ async def test_a_sheddable_request_no_busy_endpoint_can_serve_in_time_is_refused
     finally:
         results = await asyncio.gather(*busy)
     assert results == [200] * len(busy)
-    # Idle again: the same sheddable request is admitted (an idle endpoint may serve it).
-    await asyncio.sleep(0.3)
-    status, _, body = await complete(stack, "sheddable, idle pool", 4, shed)
-    assert status == 200, body[:300]
+    # Idle again: the same sheddable request is admitted (an idle endpoint may serve it), once a
+    # scrape has shown epp the pool idle.
+    deadline = time.monotonic() + 5
+    while (result := await complete(stack, "sheddable, idle pool", 4, shed))[0] != 200:
+        assert time.monotonic() < deadline, result[2][:300]
+        await asyncio.sleep(0.05)

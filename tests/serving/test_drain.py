@@ -9,12 +9,13 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from tests.serving.support import epp_command, health_status
+from tests.serving.support import EppCommand, epp_command, health_status
 from tests.support.epp_app import RunningEpp, running_epp, wait_until
 from tests.support.extproc_client import ExtProcClient, body_msgs, headers_msg, one_request, request_headers
 from tests.support.fake_vllm import FakeVllm
@@ -46,6 +47,29 @@ async def finish(client: ExtProcClient) -> list[str]:
     return [r.WhichOneof("response") for r in replies]
 
 
+STREAMS_OPEN = "llm_d_epp_extproc_streams_open"
+
+
+async def streams_reached(epp: RunningEpp, n: int) -> None:
+    """Until `n` streams are open in epp: a client's channel connects lazily, so a stream is
+    not epp's (and a drain does not wait for it) until then."""
+    await wait_until(
+        lambda: epp.app.metrics.registry.get_sample_value(STREAMS_OPEN) == n, what=f"{n} streams open"
+    )
+
+
+async def command_streams_reached(epp: EppCommand, n: int, timeout: float = 10.0) -> None:
+    """`streams_reached` for epp as a subprocess: read off its /metrics page."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"http://127.0.0.1:{epp.metrics_port}/metrics") as response:
+                if f"{STREAMS_OPEN} {float(n)}" in await response.text():
+                    return
+            assert time.monotonic() < deadline, f"{n} streams never open:\n{epp.log}"
+            await asyncio.sleep(0.05)
+
+
 async def assert_refused(stub: pb_grpc.ExternalProcessorStub) -> None:
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -63,7 +87,7 @@ async def drain_status(epp: RunningEpp) -> dict[str, str]:
 async def test_in_flight_streams_finish_and_new_ones_are_refused(fake: FakeVllm) -> None:
     async with running_epp("--endpoints", fake.address, "--drain-timeout", "10s") as epp:
         in_flight = [open_stream(epp.stub) for _ in range(3)]
-        await asyncio.sleep(0.1)  # the streams have reached epp
+        await streams_reached(epp, 3)
         started = time.monotonic()
         stopping = asyncio.create_task(epp.app.stop())  # --drain-timeout's 10 s
         await wait_until(lambda: epp.app.health.draining, what="draining")
@@ -85,7 +109,7 @@ async def test_in_flight_streams_finish_and_new_ones_are_refused(fake: FakeVllm)
 async def test_streams_still_open_at_the_drain_timeout_are_cut(fake: FakeVllm) -> None:
     async with running_epp("--endpoints", fake.address) as epp:
         client = open_stream(epp.stub)
-        await asyncio.sleep(0.1)
+        await streams_reached(epp, 1)
         started = time.monotonic()
         await asyncio.wait_for(epp.app.stop(drain_timeout_s=0.5), 5)
         assert 0.4 < time.monotonic() - started < 3
@@ -103,7 +127,7 @@ async def test_the_leader_releases_its_lease_at_once_while_streams_finish(tmp_pa
         async with running_k8s_epp(kubeconfig, *ha, "--drain-timeout", "10s") as epp:
             await wait_until(lambda: epp.app.is_ready(), what="leader and synced")
             client = open_stream(epp.stub)
-            await asyncio.sleep(0.1)
+            await streams_reached(epp, 1)
             stopping = asyncio.create_task(epp.app.stop())
 
             def released() -> bool:
@@ -128,7 +152,7 @@ async def test_sigterm_drains_the_epp_command_and_exits_0(fake: FakeVllm, tmp_pa
         async with grpc.aio.insecure_channel(f"127.0.0.1:{epp.grpc_port}") as channel:
             stub = pb_grpc.ExternalProcessorStub(channel)
             in_flight = [open_stream(stub) for _ in range(2)]
-            await asyncio.sleep(0.2)
+            await command_streams_reached(epp, 2)
             started = time.monotonic()
             epp.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 5
@@ -151,7 +175,7 @@ async def test_a_second_sigterm_ends_the_drain_at_once(fake: FakeVllm, tmp_path:
         await epp.wait_serving()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{epp.grpc_port}") as channel:
             client = open_stream(pb_grpc.ExternalProcessorStub(channel))
-            await asyncio.sleep(0.2)
+            await command_streams_reached(epp, 1)
             epp.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
             assert epp.proc.returncode is None  # draining, for up to 60 s

@@ -24,9 +24,19 @@ class FakeVllm:
     kv_usage: float = 0.0
     metrics_status: int = 200  # set to 500 to make scrapes fail
     metrics_delay_s: float = 0.0
+    metrics_hits: int = 0  # /metrics requests received
     received: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
     _runner: web.AppRunner | None = None
+
+    async def scraped_since_now(self, polls: int = 3, timeout: float = 10.0) -> None:
+        """Until `polls` more /metrics requests arrive: a scraper polling one page at a time has
+        then read at least one page served after this call whole (the last may be in flight)."""
+        target = self.metrics_hits + polls
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.metrics_hits < target:
+            assert asyncio.get_running_loop().time() < deadline, f"{self.name} not scraped {polls} times"
+            await asyncio.sleep(0.01)
 
     def metrics_text(self) -> str:
         return (
@@ -41,6 +51,7 @@ class FakeVllm:
         )
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        self.metrics_hits += 1
         if self.metrics_delay_s:
             await asyncio.sleep(self.metrics_delay_s)
         if self.metrics_status != 200:

@@ -225,11 +225,11 @@ def test_parameters_as_upstream_names_them_and_bad_ones_refused() -> None:
 def test_speculative_indexing_keeps_a_burst_on_the_pod_picked_first(tokenizer_dir: Path) -> None:
     config = SPLIT.format(tokenizer=tokenizer_dir).replace(
         "    tokenProcessorConfig: {blockSize: 4",
-        "    speculativeIndexing: true\n    speculativeTTL: 500ms\n    tokenProcessorConfig: {blockSize: 4",
+        "    speculativeIndexing: true\n    speculativeTTL: 5s\n    tokenProcessorConfig: {blockSize: 4",
     )
     scheduler = load_scheduler(config)
     producer = _plugin(scheduler, PrecisePrefixCacheProducer)
-    assert producer.config.speculative and producer.config.speculative_ttl_s == 0.5
+    assert producer.config.speculative and producer.config.speculative_ttl_s == 5.0
     pods = [make_endpoint(name, address=f"10.0.0.{i}") for i, name in enumerate("abcd")]
     prompt = words(0, 40)
     first = route(scheduler, pods, make_request(prompt)).primary.endpoints[0]

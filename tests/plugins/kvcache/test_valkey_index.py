@@ -83,12 +83,12 @@ async def test_a_guess_of_one_replica_counts_in_the_others_until_it_expires(addr
     (before the engine's events arrive), for the time the guess has left, and a replica starting
     later does not load them."""
     async with replica(address) as one, replica(address) as two:
-        one.add_speculative("10.0.0.1", [4, 5], time.monotonic() + 1.0)
+        one.add_speculative("10.0.0.1", [4, 5], time.monotonic() + 3.0)  # room for a slow feed
         assert one.match([4, 5], POD) == {"a": 2}
         await _until(lambda: two.match([4, 5], POD) == {"a": 2})
         async with replica(address) as late:
             assert late.loaded == 0 and late.match([4, 5], POD) == {}
-        await _until(lambda: two.match([4, 5], POD) == {}, timeout=3.0)  # expired
+        await _until(lambda: two.match([4, 5], POD) == {}, timeout=8.0)  # expired
         one.add_speculative("10.0.0.1", [6], time.monotonic() - 1.0)  # already over: not sent
         one.add("10.0.0.1", [7], "gpu")
         await _until(lambda: two.match([7], POD) == {"a": 1})
