@@ -518,10 +518,12 @@ class _Loader(FlowControlSection, DataLayerSection):
             profiles[pname] = SchedulerProfile(pname, filters, scorers, picker, timer=self.timer)
         return profiles
 
-    def unused(self, profiles: Mapping[str, SchedulerProfile]) -> None:
+    def unused(self, profiles: Mapping[str, SchedulerProfile], detector: object = None) -> None:
+        """Warn of scorers, filters and pickers no profile uses (a saturation detector is also a
+        filter: the one flow control uses is in use)."""
         used_pickers = {id(p.picker) for p in profiles.values()}
         for name, plugin in self.instances.items():
-            if name in self.referenced:
+            if name in self.referenced or plugin is detector:
                 continue
             if isinstance(plugin, Scorer):
                 # The Go EPP loads it; it does nothing.
@@ -602,10 +604,10 @@ def load_config(
     loader.bind_references(profile_specs)
     loader.default_producers()
     profiles = loader.profiles(profile_specs)
-    loader.unused(profiles)
     handler = loader.handler(profiles)
     loader.request_handler(doc)
     flow_control, detector = loader.flow_control(doc)
+    loader.unused(profiles, detector)
     data_layer = loader.data_layer(doc)
     for warning in loader.warnings:
         log.warning("%s", warning)
