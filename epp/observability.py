@@ -51,7 +51,8 @@ OVERFLOW_VALUE = "other"
 MAX_MODEL_LABEL_VALUES = 1000  # shared by model_name and target_model_name
 MAX_FAIRNESS_LABEL_VALUES = 1000
 
-# epp has no InferenceObjective: every request has the Go EPP's default priority.
+# The priority label of a request without an InferenceObjective (and of every error series): the
+# Go EPP's default priority.
 DEFAULT_PRIORITY = "0"
 
 # The data source whose polls fail, in llm_d_epp_datalayer_poll_errors_total{source_type}.

@@ -120,7 +120,7 @@ _SIZE_HELP = "[ALPHA] Size of the prefix indexer."
 _RATIO_HELP = "[ALPHA] Ratio of prefix length matched to total prefix length in the cache lookup."
 _BYTES_HELP = "[ALPHA] Length of the prefix match in number of bytes in the cache lookup."
 _EVICTIONS_HELP = (
-    "Prefix indexer entries evicted, by reason: capacity (an endpoint's LRU is full), "
+    "[ALPHA] Prefix indexer entries evicted, by reason: capacity (an endpoint's LRU is full), "
     "max_entries / max_bytes (the whole index's cap)."
 )
 

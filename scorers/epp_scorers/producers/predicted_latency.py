@@ -189,8 +189,8 @@ class PredictionHistograms:
                 "target model."
             )
             name = f"request_predicted_{kind}_seconds"
-            new = handle.histogram(f"llm_d_epp_{name}", what, _LABELS, buckets)
-            old_help = f"[Deprecated: Use llm_d_epp_{name}] {what}"
+            new = handle.histogram(f"llm_d_epp_{name}", f"[ALPHA] {what}", _LABELS, buckets)
+            old_help = f"[ALPHA] [Deprecated: Use llm_d_epp_{name}] {what}"
             return new, handle.histogram(f"inference_objective_{name}", old_help, _OLD_LABELS, buckets)
 
         ttft, old_ttft = pair("ttft", _TTFT_BUCKETS)
