@@ -15,7 +15,7 @@ tokenizer loaded from `indexerConfig.tokenizersPoolConfig.modelName`. Without to
 tokenizer, an API without a prompt) the match is empty.
 
 Consumes: nothing. Produces: `prefix-cache-match` (a `PrefixMatch`: matched blocks per endpoint).
-Parameters (upstream's; see docs/kv-events.md#parameters): `tokenProcessorConfig` (`blockSize`
+Parameters (upstream's; see docs/kv-events.md#configuring-it): `tokenProcessorConfig` (`blockSize`
 or `blockSizeTokens`, default 16; `hashSeed`, default ""; `hashAlgo`, epp's, default sha256),
 `indexerConfig` (`tokenizersPoolConfig.modelName`; `kvBlockIndexConfig`: `inMemoryConfig.size`
 (block keys, default 1,000,000), `inMemoryConfig.podCacheSize` (pods per key, default 10),
