@@ -40,6 +40,7 @@ class ConfigReader:
         self.warnings: list[str] = []
         self.implicit: list[str] = []
         self.instances: dict[str, Plugin] = {}
+        self.referenced: set[str] = set()  # plugins a profile or the flowControl section uses
         self.types: dict[str, str] = {}
         self.gates: dict[str, bool] = dict(FEATURE_GATES)
 

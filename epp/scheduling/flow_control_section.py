@@ -69,6 +69,7 @@ class FlowControlSection(ConfigReader):
         if self.gates[FLOW_CONTROL_GATE]:
             if detector is None:
                 detector = self._implicit(DEFAULT_SATURATION_DETECTOR, SaturationDetector)
+                self.referenced.add(DEFAULT_SATURATION_DETECTOR)
             if flow.get("enableEviction"):
                 self.warn("flowControl.enableEviction is not implemented by epp and is ignored")
             return build_config(flow, self._flow_policy), detector
@@ -102,6 +103,7 @@ class FlowControlSection(ConfigReader):
             raise self.error(f"{where} references undefined plugin {ref!r}")
         if not isinstance(plugin, kind):
             raise self.error(f"{where}: {self._describe(ref)} is not a {name}")
+        self.referenced.add(ref)
         return plugin
 
     def _flow_control_shapes(self, flow: Mapping[str, Any]) -> None:

@@ -465,7 +465,6 @@ class _Loader(FlowControlSection, DataLayerSection):
             (p for p in self.instances.values() if isinstance(p, Picker)), None
         )
         profiles: dict[str, SchedulerProfile] = {}
-        self.referenced: set[str] = set()
         for i, pspec in enumerate(specs):
             if not isinstance(pspec, dict) or not isinstance(pspec.get("name"), str) or not pspec["name"]:
                 raise self.error(f"schedulingProfiles[{i}] needs a 'name' string")
@@ -518,12 +517,12 @@ class _Loader(FlowControlSection, DataLayerSection):
             profiles[pname] = SchedulerProfile(pname, filters, scorers, picker, timer=self.timer)
         return profiles
 
-    def unused(self, profiles: Mapping[str, SchedulerProfile], detector: object = None) -> None:
-        """Warn of scorers, filters and pickers no profile uses (a saturation detector is also a
-        filter: the one flow control uses is in use)."""
+    def unused(self, profiles: Mapping[str, SchedulerProfile]) -> None:
+        """Warn of scorers, filters and pickers nothing uses (run after the flowControl section:
+        a saturation detector is a filter too, and the one flow control uses is in use)."""
         used_pickers = {id(p.picker) for p in profiles.values()}
         for name, plugin in self.instances.items():
-            if name in self.referenced or plugin is detector:
+            if name in self.referenced:
                 continue
             if isinstance(plugin, Scorer):
                 # The Go EPP loads it; it does nothing.
@@ -607,7 +606,7 @@ def load_config(
     handler = loader.handler(profiles)
     loader.request_handler(doc)
     flow_control, detector = loader.flow_control(doc)
-    loader.unused(profiles, detector)
+    loader.unused(profiles)
     data_layer = loader.data_layer(doc)
     for warning in loader.warnings:
         log.warning("%s", warning)

@@ -69,6 +69,8 @@ def test_defaults() -> None:
     assert fc.bands[5].fairness.type_name == "global-strict-fairness-policy"
     assert fc.band_for(-3).max_requests == DEFAULT_BAND_MAX_REQUESTS
     assert loaded.saturation_detector.type_name == "utilization-detector"  # type: ignore[attr-defined]
+    # The detector epp adds is flow control's: not a filter no profile uses.
+    assert not [w for w in loaded.warnings if "no profile uses it" in w], loaded.warnings  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
