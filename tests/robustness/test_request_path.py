@@ -29,7 +29,7 @@ from epp.settings import parse_settings
 from epp_bench.gateway import EnvoyGateway, EnvoyNotFoundError, find_envoy_binary
 from tests.plugins.test_pd import pd_config
 from tests.serving.support import epp_command
-from tests.support.epp_app import RunningEpp, running_epp, wait_until
+from tests.support.epp_app import RunningEpp, metrics_page_with, running_epp, wait_until
 from tests.support.extproc_client import ExtProcClient, body_msgs, headers_msg, one_request, request_headers
 from tests.support.fake_vllm import FakeVllm
 
@@ -490,15 +490,7 @@ async def test_twenty_concurrent_60_mb_bodies_stay_within_the_memory_budget(tmp_
         routed = [r for r in results if r[0] == "routed"]
         assert routed and all(echoed == len(body) for _, echoed in routed)
         assert all(outcome == "429" for outcome, _ in results if outcome != "routed")
-        async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{epp.metrics_port}/metrics"
-            for _ in range(50):
-                async with session.get(url) as response:
-                    text = await response.text()
-                if "llm_d_epp_request_body_memory_bytes 0.0" in text:
-                    break
-                await asyncio.sleep(0.1)
-        assert "llm_d_epp_request_body_memory_bytes 0.0" in text
+        text = await metrics_page_with(epp.metrics_port, "llm_d_epp_request_body_memory_bytes 0.0", 5.0)
         assert "llm_d_epp_extproc_streams_open 0.0" in text
         assert f'llm_d_epp_extproc_refusals_total{{reason="body-memory-budget"}} {20 - len(routed)}.0' in text
 

@@ -9,14 +9,13 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import grpc
 import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from tests.serving.support import EppCommand, epp_command, health_status
-from tests.support.epp_app import RunningEpp, running_epp, wait_until
+from tests.support.epp_app import RunningEpp, metrics_page_with, running_epp, wait_until
 from tests.support.extproc_client import ExtProcClient, body_msgs, headers_msg, one_request, request_headers
 from tests.support.fake_vllm import FakeVllm
 from tests.support.kube_api import LEASES, PODS, POOLS_V1, KubeApiServer, inference_pool, pod, running_k8s_epp
@@ -58,16 +57,9 @@ async def streams_reached(epp: RunningEpp, n: int) -> None:
     )
 
 
-async def command_streams_reached(epp: EppCommand, n: int, timeout: float = 10.0) -> None:
+async def command_streams_reached(epp: EppCommand, n: int) -> None:
     """`streams_reached` for epp as a subprocess: read off its /metrics page."""
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while True:
-            async with session.get(f"http://127.0.0.1:{epp.metrics_port}/metrics") as response:
-                if f"{STREAMS_OPEN} {float(n)}" in await response.text():
-                    return
-            assert time.monotonic() < deadline, f"{n} streams never open:\n{epp.log}"
-            await asyncio.sleep(0.05)
+    await metrics_page_with(epp.metrics_port, f"{STREAMS_OPEN} {float(n)}")
 
 
 async def assert_refused(stub: pb_grpc.ExternalProcessorStub) -> None:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -81,3 +82,17 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def metrics_page_with(port: int, line: str, timeout: float = 10.0) -> str:
+    """epp's /metrics page (plain HTTP on `port`, e.g. an epp subprocess's) once it holds `line`."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                text = await response.text()
+            if line in text:
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {line!r} on /metrics")
+            await asyncio.sleep(0.05)
