@@ -113,6 +113,7 @@ def scrape_config(settings: Settings, loaded: LoadedConfig) -> ScrapeConfig:
         scheme=s.model_server_metrics_scheme,
         port=s.model_server_metrics_port,
         https_insecure_skip_verify=s.model_server_metrics_https_insecure_skip_verify,
+        only_read_families=s.model_server_metrics_only_read_families,
     )
     overrides = MetricOverrides(
         waiting=s.total_queued_requests_metric,

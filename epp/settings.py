@@ -163,6 +163,7 @@ class Settings:
     model_server_metrics_scheme: str = "http"
     model_server_metrics_port: int | None = None  # None: the endpoint's own port
     model_server_metrics_https_insecure_skip_verify: bool = True
+    model_server_metrics_only_read_families: bool = True  # epp's own: `name[]` on every poll
     # --- observability ---------------------------------------------------------------------------
     tracing: bool = True
     metrics_endpoint_auth: bool = True
@@ -399,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-server-metrics-https-insecure-skip-verify",
         True,
         "with https: do not verify the model server's certificate (default true)",
+    )
+    _bool_flag(  # epp's own: the Go EPP reads the whole page
+        msm,
+        "--model-server-metrics-only-read-families",
+        True,
+        "ask each model server for only the families epp reads (Prometheus' name[] query, which "
+        "prometheus-client servers such as vLLM and SGLang honour), checked against the whole page "
+        "on each new connection; false: the whole page every poll, as the Go EPP",
     )
     obs = p.add_argument_group("Observability")
     _bool_flag(
@@ -649,6 +658,7 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         model_server_metrics_scheme=args.model_server_metrics_scheme,
         model_server_metrics_port=args.model_server_metrics_port,
         model_server_metrics_https_insecure_skip_verify=args.model_server_metrics_https_insecure_skip_verify,
+        model_server_metrics_only_read_families=args.model_server_metrics_only_read_families,
         tracing=args.tracing,
         metrics_endpoint_auth=args.metrics_endpoint_auth,
         metrics_client_ca_file=args.metrics_client_ca_file,

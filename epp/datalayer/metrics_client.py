@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import httptools
 
-from epp.datalayer.model_server_metrics import PageLimitError
+from epp.datalayer.model_server_metrics import HttpStatusError, PageLimitError
 from epp.errors import MetricsParseError
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -41,7 +42,7 @@ class MetricsConnection(asyncio.Protocol):
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._on_done: Callable[[BaseException | None], None] | None = None  # the poll in flight
         self._sink: PageSink | None = None
         self._max_bytes = 0
         self._parser: httptools.HttpResponseParser | None = None
@@ -68,7 +69,7 @@ class MetricsConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._waiter is None:
+        if self._on_done is None:
             return
         if self._until_close and self._error is None:
             self._finish(None)
@@ -80,7 +81,7 @@ class MetricsConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if self._waiter is None or self._waiter.done() or parser is None:
+        if self._on_done is None or parser is None:
             self.close()  # nothing asked: a server talking out of turn
             return
         if self._in_head:
@@ -124,7 +125,7 @@ class MetricsConnection(asyncio.Protocol):
         self._in_head = False
         status = self._parser.get_status_code()
         if status != 200:
-            self._fail(MetricsParseError(f"HTTP {status}"))  # its body is not read
+            self._fail(HttpStatusError(status))  # its body is not read
         elif self._length is not None and self._length > self._max_bytes:
             self._fail(
                 PageLimitError(f"the page is {self._length} bytes, past the limit of {self._max_bytes}")
@@ -154,37 +155,67 @@ class MetricsConnection(asyncio.Protocol):
 
     # --- polling ---------------------------------------------------------------------------------
 
-    async def get(
-        self, request: bytes, sink: PageSink, max_bytes: int, deadline: float | None = None
-    ) -> None:
-        """Send `request` and feed the answer's body to `sink`; raises MetricsParseError (a bad
-        answer, an HTTP status other than 200; PageLimitError past `max_bytes`), OSError, or
-        TimeoutError when the answer is not complete at `deadline` (the loop's clock).
+    @property
+    def busy(self) -> bool:
+        """A poll is in flight."""
+        return self._on_done is not None
 
-        The deadline is a timer of this connection's rather than an `asyncio.timeout` around the
-        call: the same effect for about a fifth of the CPU, which at 20 polls a second an endpoint
-        is a few percent of a core at 100 pods."""
+    def start(
+        self,
+        request: bytes,
+        sink: PageSink,
+        max_bytes: int,
+        on_done: Callable[[BaseException | None], None],
+    ) -> None:
+        """Send `request` and feed the answer's body to `sink`; `on_done` is called once, from a
+        callback of the loop's, with None when the page is complete, else the error:
+        MetricsParseError (a bad answer, an HTTP status other than 200; PageLimitError past
+        `max_bytes`), OSError (the connection failed), or TimeoutError (`expire()`). After an
+        error, or an answer that does not keep the connection alive, the connection is closed.
+
+        A poll is a write and, when its answer arrives, a callback: no task, future or timer of
+        its own, which is most of what a poll costs on the loop (the scraper polls every
+        endpoint from one tick, epp.datalayer.scraper)."""
         if self._transport is None or self._loop is None or self.closed:
             raise ConnectionError("not connected")
-        self._waiter = self._loop.create_future()
+        if self._on_done is not None:
+            raise RuntimeError("a poll is already in flight on this connection")
+        self._on_done = on_done
         self._sink, self._max_bytes = sink, max_bytes
         self._parser = httptools.HttpResponseParser(self)
         self._head_bytes, self._header_bytes, self._in_head, self._messages = 0, 0, True, 0
         self._length, self._chunked, self._until_close = None, False, False
         self._error, self._complete, self._keep_alive = None, False, False
-        timer = self._loop.call_at(deadline, self._expire) if deadline is not None else None
         self._transport.write(request)
+
+    def expire(self) -> None:
+        """The poll in flight took too long: it ends with TimeoutError (and the connection)."""
+        self._finish(TimeoutError())
+
+    async def get(
+        self, request: bytes, sink: PageSink, max_bytes: int, deadline: float | None = None
+    ) -> None:
+        """`start()` as a coroutine: returns when the page is complete, raises what `on_done`
+        would be given, or TimeoutError when the answer is not complete at `deadline` (the loop's
+        clock). Cancelled, it drops the connection (an answer may be half read)."""
+        if self._loop is None:
+            raise ConnectionError("not connected")
+        done: asyncio.Future[None] = self._loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if not done.done():
+                done.set_result(None) if error is None else done.set_exception(error)
+
+        self.start(request, sink, max_bytes, settle)
+        timer = self._loop.call_at(deadline, self.expire) if deadline is not None else None
         try:
-            await self._waiter
+            await done
         finally:
             if timer is not None:
                 timer.cancel()
-            self._parser = self._waiter = self._sink = None
-            if not self._complete or self._error is not None or not self._keep_alive:
+            if self._on_done is settle:  # cancelled mid-poll
+                self._on_done = None
                 self.close()
-
-    def _expire(self) -> None:
-        self._finish(TimeoutError())
 
     def close(self) -> None:
         self.closed = True
@@ -192,13 +223,16 @@ class MetricsConnection(asyncio.Protocol):
             self._transport.close()
 
     def _finish(self, error: BaseException | None) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            if error is None:
-                self._complete = True
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
+        on_done = self._on_done
+        if on_done is None:
+            return
+        self._on_done = None
+        if error is None:
+            self._complete = True
+        if error is not None or not self._keep_alive:
+            self.close()
+        self._parser = self._sink = None
+        on_done(error)
 
 
 def _framing_error(exc: httptools.HttpParserError, in_head: bool) -> MetricsParseError:

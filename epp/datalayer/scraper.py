@@ -1,30 +1,42 @@
 """Poll each endpoint's /metrics and swap in a fresh EndpointMetrics snapshot.
 
-One asyncio task per endpoint, started and stopped as the datastore changes, each under the
-supervisor (epp.supervision: an unexpected exception is logged, counted and the poller restarted).
-A failed poll keeps the last snapshot (its `updated_at` does not advance, so the endpoint ages
-into staleness) and counts the error.
+One task, the ticker, under the supervisor (epp.supervision): every interval it starts each
+endpoint's poll that is due, and between ticks wakes only to time out a poll at its deadline. A
+poll is a write on the endpoint's keep-alive connection (`epp.datalayer.metrics_client`, a lean
+HTTP/1.1 client) and, when the answer arrives, a callback that stores the snapshot: no task,
+future or timer an endpoint, which is most of what polling costs on the loop (a connection is
+opened by a short task of its own). An unexpected error in a poll's callback is logged and
+counted by the supervisor, and polling goes on; an error in the ticker restarts it. A failed poll
+keeps the last snapshot (its `updated_at` does not advance, so the endpoint ages into staleness)
+and counts the error.
 
-One model server cannot stall the others, nor the request path: each endpoint has one keep-alive
-connection (`epp.datalayer.metrics_client`, a lean HTTP/1.1 client: a poll is one write and one
-callback a socket read), and a page is handed as it arrives to a `PageReader`, which parses only
-the lines of the families read (the rest is never decoded or kept), so the event loop runs other
-work between reads and memory stays small whatever the page. Limits: `max_bytes` per page (a declared
-Content-Length past it is refused unread; an undeclared one is cut there), the `timeout_s` of
-the whole poll (reading and parsing), 64 kB per wanted line and 10,000 wanted samples. A page
-past a limit is an error like any other, and that endpoint is then polled less often: after 1 s,
-doubling up to 30 s, until a poll succeeds. A large page that is within the limits is paced so
-that one endpoint is read at most at 16 MiB/s (a page of 1.6 MB at most ten times a second).
+What a poll asks for: only the families the endpoint's engine mapping reads (`?name[]=...`,
+which prometheus-client servers such as vLLM and SGLang honour; 1.3 kB of vLLM's 59 kB page),
+once a whole page and then one filtered page have shown that the server answers it with every
+family the whole page has. A server that does not (an error status, an empty page, a family
+missing) is read whole; both verdicts are checked again every FILTER_RECHECK_S
+(`only_read_families=False`, --model-server-metrics-only-read-families=false: always whole, as the
+Go EPP). A page of at most 16 kB that is byte for byte the endpoint's last one is not parsed again
+(`RepeatAwareReader`), only stamped with the new time: an idle server's filtered page.
+
+One model server cannot stall the others, nor the request path: a page is handed as it arrives
+to a `PageReader`, which parses only the lines of the families read (the rest is never decoded
+or kept), so the event loop runs other work between reads and memory stays small whatever the
+page; the ticker polls at most TICK_SLICE endpoints a tick, the ticks spread over the interval. Limits:
+`max_bytes` per page (a declared Content-Length past it is refused unread; an undeclared one is
+cut there), the `timeout_s` of the whole poll (reading and parsing), 64 kB per wanted line and
+10,000 wanted samples. A page past a limit is an error like any other, and that endpoint is then
+polled less often: after 1 s, doubling up to 30 s, until a poll succeeds. A large page that is
+within the limits is paced so that one endpoint is read at most at 16 MiB/s (a page of 1.6 MB at
+most ten times a second).
 
 With `idle_interval_s` (--idle-refresh-metrics-interval, opt-in; 0, the default, polls every
 endpoint at the base interval as the Go EPP does) an idle endpoint is polled less often: one whose
 last page said no request waiting and none running, to which epp has no request in flight. Its
 values cannot change unless another client sends it work, and the interval is kept below the
 staleness threshold, so it never goes stale; as soon as epp routes a request to it (its in-flight
-count rises) it is polled again at the base interval, within one base interval. The cost: work
-another client (another epp replica, direct traffic) sends to an idle endpoint is seen up to one
-idle interval late. The gain: at 100 idle pods with vLLM's 59 kB pages the base interval is 2,000
-pages a second for nothing.
+count rises) it is polled again at the next tick. The cost: work another client (another epp
+replica, direct traffic) sends to an idle endpoint is seen up to one idle interval late.
 
 While the event loop's thread is busy (a large pool, or requests near epp's capacity), every
 interval is stretched, never past `max_interval_s` (half the staleness threshold), and shrinks
@@ -41,10 +53,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 from epp.datalayer.datastore import Datastore
@@ -52,9 +66,13 @@ from epp.datalayer.metrics_client import MetricsConnection, connect, request_byt
 from epp.datalayer.model_server_metrics import (
     DEFAULT_ENGINES,
     EngineTable,
+    HttpStatusError,
+    LastPage,
+    MetricNames,
     MetricOverrides,
+    NoValuesError,
     PageLimitError,
-    PageReader,
+    RepeatAwareReader,
     build_engine_table,
 )
 from epp.datalayer.pacing import PollPacer
@@ -74,6 +92,13 @@ LIMIT_BACKOFF_S = 1.0
 LIMIT_BACKOFF_MAX_S = 30.0
 # One endpoint's pages are read at most at this rate: a large page is polled less often.
 PACE_BYTES_PER_S = 16 * 1024 * 1024
+# The most endpoints one tick polls: 100 endpoints are polled in 4 ticks spread over the interval.
+TICK_SLICE = 16
+# A timer may fire up to a millisecond early (libuv's timers, uvloop's, count whole milliseconds):
+# a wake-up this close to its time is on time, not a reason to sleep again for the rest.
+TIMER_SLACK_S = 0.002
+# How often an endpoint's `name[]` answers are checked against its whole page again.
+FILTER_RECHECK_S = 300.0
 
 
 @runtime_checkable
@@ -129,6 +154,8 @@ class ScrapeConfig:
     client_key_path: str | None = None
     interval_s: float | None = None  # None: the scraper's own interval (--refresh-metrics-interval)
     engines: EngineTable = DEFAULT_ENGINES
+    # Ask for the families read alone (`name[]`), once the server is seen to honour it.
+    only_read_families: bool = True
 
     def url(self, ep: Endpoint) -> str:
         host = (
@@ -139,6 +166,12 @@ class ScrapeConfig:
             else f"{ep.address}:{self.port}"
         )
         return f"{self.scheme}://{host}{self.path}"
+
+    def request_path(self, names: MetricNames, filtered: bool) -> str:
+        """The path a poll asks for: with `filtered`, only the families `names` reads."""
+        if not filtered:
+            return self.path
+        return f"{self.path}{'&' if '?' in self.path else '?'}{names.families_query}"
 
     def target(self, ep: Endpoint) -> tuple[str, int]:
         """The host and port an endpoint's page is read from."""
@@ -204,12 +237,31 @@ class ScrapeConfig:
         return context
 
 
-@dataclass
+@dataclass(eq=False)
 class _PollState:
+    ep: Endpoint
     limit_failures: int = 0  # pages past a limit in a row
     last_bytes: int = 0  # the size of the last page read
     # Where each family read was in the last page: the next poll looks there first (PageReader).
     hints: dict[bytes, int] = field(default_factory=dict)
+    started: float = -math.inf  # when the last poll started (the loop's clock)
+    due: float = -math.inf  # when the next poll is due (idle endpoints: see Scraper._due)
+    deadline: float = 0.0  # when the poll in flight times out
+    in_flight: bool = False
+    by_caller: bool = False  # the poll in flight is scrape_once's, which keeps its own deadline
+    connecting: asyncio.Task[None] | None = None  # opening the connection for the poll in flight
+    last_page: LastPage = field(default_factory=LastPage)  # a repeated small page is not parsed
+    # Asking for the families read alone (`name[]`): a whole page first (WHOLE), then one
+    # filtered page (TRIAL) that must hold every family the whole one had; then FILTERED, or
+    # WHOLE_ONLY. Both are checked again from WHOLE every FILTER_RECHECK_S (the model server may
+    # have been replaced), and a FILTERED poll the server refuses goes back to WHOLE at once.
+    filtering: int = 0
+    families: frozenset[str] = frozenset()  # the families the whole page had
+    filter_refused_noted: bool = False
+    filter_recheck_at: float = 0.0  # FILTERED, WHOLE_ONLY: when to check again
+
+
+WHOLE, TRIAL, FILTERED, WHOLE_ONLY = 0, 1, 2, 3
 
 
 class Scraper:
@@ -237,14 +289,15 @@ class Scraper:
         self._on_error = on_error
         self.max_bytes = max_bytes
         self._supervisor = supervisor
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._state: dict[str, _PollState] = {}
-        # Idle endpoints (see the module's doc) wait on a future the waker sets, or the idle interval.
+        self._state: dict[str, _PollState] = {}  # every endpoint polled, by the ticker or scrape_once
+        self._polled: dict[str, _PollState] = {}  # the datastore's endpoints, which the ticker polls
+        self._ticker: asyncio.Task[None] | None = None
+        self._order: list[_PollState] | None = None  # the ticker's order of _polled (None: redo)
+        self._flying: set[_PollState] = set()  # the ticker's polls in flight
         self.idle_interval_s = idle_interval_s if idle_interval_s > self._interval else 0.0
-        self._idle_waits: dict[str, tuple[Endpoint, asyncio.Future[None]]] = {}
-        self._waker: asyncio.Task[None] | None = None
         # One keep-alive connection per endpoint (opened by its first poll, dropped after an error).
         self._connections: dict[str, MetricsConnection] = {}
+        self._requests: dict[tuple[str, bool], bytes] = {}  # each endpoint's GETs, built once
         self._started = False
         self._ssl: ssl.SSLContext | None = None
         self._clock: Callable[[], float] | None = None  # the loop's clock, once started
@@ -258,89 +311,295 @@ class Scraper:
             self._supervisor = current_supervisor()
         for ep in self._datastore.endpoints():
             self._start(ep)
-        if self.idle_interval_s:
-            self._waker = self._supervisor.spawn("scraper-waker", self._wake_busy)
+        self._ticker = self._supervisor.spawn("scraper", self._tick_forever)
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        if self._waker is not None:
-            tasks.append(self._waker)
-            self._waker = None
+        tasks = [s.connecting for s in self._state.values() if s.connecting is not None]
+        if self._ticker is not None:
+            tasks.append(self._ticker)
+            self._ticker = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for connection in self._connections.values():
             connection.close()
         self._connections.clear()
+        self._polled.clear()
+        self._flying.clear()
+        self._order = None
         self._started = False
 
+    def polled(self) -> frozenset[str]:
+        """The keys of the endpoints the ticker polls (the datastore's, once started)."""
+        return frozenset(self._polled)
+
     def _start(self, ep: Endpoint) -> None:
-        if not self._started or self._supervisor is None or ep.key in self._tasks:
+        if not self._started or ep.key in self._polled:
             return  # not started yet: start() picks up every endpoint
-        self._tasks[ep.key] = self._supervisor.spawn("scraper", lambda: self._poll_forever(ep), detail=ep.key)
+        state = self._state.get(ep.key)
+        if state is None or state.ep is not ep:
+            state = self._state[ep.key] = _PollState(ep)
+        self._polled[ep.key] = state
+        self._order = None
 
     def _stop(self, ep: Endpoint) -> None:
-        task = self._tasks.pop(ep.key, None)
-        self._state.pop(ep.key, None)
+        self._polled.pop(ep.key, None)
+        self._order = None
+        state = self._state.pop(ep.key, None)
+        if state is not None:
+            self._flying.discard(state)
+        self._requests.pop((ep.key, False), None)
+        self._requests.pop((ep.key, True), None)
+        if state is not None and state.connecting is not None:
+            state.connecting.cancel()
         connection = self._connections.pop(ep.key, None)
         if connection is not None:
-            connection.close()
-        if task is not None:
-            task.cancel()
+            connection.close()  # a poll in flight ends with it (its answer is ignored)
 
-    async def _read(self, ep: Endpoint, reader: PageReader, deadline: float) -> None:
-        """One page of `ep` into `reader` by `deadline` (the loop's clock), over its kept-alive
-        connection (a new one if it has none or the last one failed). Raises OSError,
-        TimeoutError, MetricsParseError."""
+    # --- the ticker: every endpoint's polls, from one task ------------------------------------
+
+    async def _tick_forever(self) -> None:
+        """Start each endpoint's poll that is due, a slice of the endpoints at a time, the slices
+        spread over the interval; between ticks, wake only to time out a poll at its deadline.
+
+        A poll is a write, and its answer a callback (`MetricsConnection.start`): no task,
+        future or timer an endpoint, and one wake-up of the loop for a slice, which is most of
+        what polling costs (docs/performance.md). Slices of at most TICK_SLICE endpoints bound
+        the burst a tick makes: their answers come back together, and the loop runs them one
+        after another before anything else (a request) gets a turn."""
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time()
+        turn = 0
+        while True:
+            now = loop.time()
+            soonest = math.inf  # the earliest deadline of a poll in flight
+            for state in list(self._flying):
+                if state.in_flight and not state.by_caller and state.connecting is None:
+                    if now >= state.deadline - TIMER_SLACK_S:
+                        self._expire(state)
+                    else:
+                        soonest = min(soonest, state.deadline)
+            if now >= next_tick - TIMER_SLACK_S:
+                if self._order is None:
+                    self._order = list(self._polled.values())
+                slices = max(1, math.ceil(len(self._order) / TICK_SLICE))
+                turn = (turn + 1) % slices
+                for state in self._order[turn::slices]:
+                    if (
+                        not state.in_flight
+                        and self._due(state, now)
+                        and self._polled.get(state.ep.key) is state
+                    ):
+                        self._begin(state, now)
+                        soonest = min(soonest, state.deadline)
+                self.pacer.tick(loop.time())  # polls stretched while the loop is busy (pacing.py)
+                next_tick = max(next_tick + self.pacer.interval_s / slices, loop.time())
+            await asyncio.sleep(min(next_tick, soonest) - loop.time())
+
+    def _due(self, state: _PollState, now: float) -> bool:
+        if now < state.due:
+            return False
+        if self.idle_interval_s and self.idle(state.ep):
+            return now >= state.started + self.idle_interval_s - self.pacer.interval_s / 2
+        return True
+
+    def _schedule(self, state: _PollState) -> None:
+        """After a poll: when the next is due. Half a tick early rather than a whole tick late:
+        ticks and due times never align."""
+        state.due = state.started + self.next_delay(state.ep) - self.pacer.interval_s / 2
+
+    def _begin(self, state: _PollState, now: float) -> None:
+        ep = state.ep
+        state.in_flight, state.started, state.deadline = True, now, now + self._timeout_s
+        self._flying.add(state)
+        reader = self._reader(state)
         connection = self._connections.get(ep.key)
-        host, port = self.config.target(ep)
         if connection is None or connection.closed:
-            async with asyncio.timeout_at(deadline):
-                connection = await connect(host, port, self._ssl)
-            self._connections[ep.key] = connection
+            state.connecting = asyncio.get_running_loop().create_task(self._connect_then_poll(state, reader))
+            return
+        self._send(state, connection, reader)
+
+    async def _connect_then_poll(self, state: _PollState, reader: RepeatAwareReader) -> None:
+        """A poll that must open its connection first: a task of its own (only after an error or
+        at the start), with its own deadline."""
+        error: BaseException | None = None
         try:
-            await connection.get(
-                request_bytes(host, port, self.config.path), reader, self.max_bytes, deadline
-            )
-        except BaseException:
-            connection.close()  # mid-answer: the connection cannot be reused
-            if self._connections.get(ep.key) is connection:
-                del self._connections[ep.key]
+            connection = await self._connect(state.ep, state.deadline)
+            await connection.get(self._request(state), reader, self.max_bytes, state.deadline)
+        except asyncio.CancelledError:
             raise
+        except Exception as exc:  # every failure ends the poll: _record sorts them
+            error = exc
+        self._finished(state, reader, error)
+
+    def _send(self, state: _PollState, connection: MetricsConnection, reader: RepeatAwareReader) -> None:
+        try:
+            connection.start(
+                self._request(state), reader, self.max_bytes, partial(self._finished, state, reader)
+            )
+        except ConnectionError as exc:
+            self._finished(state, reader, exc)
+
+    def _expire(self, state: _PollState) -> None:
+        connection = self._connections.get(state.ep.key)
+        if connection is not None and connection.busy:
+            connection.expire()  # -> _finished with TimeoutError
+        else:
+            self._finished(state, None, TimeoutError())
+
+    def _finished(
+        self, state: _PollState, reader: RepeatAwareReader | None, error: BaseException | None
+    ) -> None:
+        """A poll's end, from the connection's callback: store the snapshot or count the error.
+        An unexpected error (a bug) is logged and counted by the supervisor, and polling goes on."""
+        state.in_flight, state.connecting = False, None
+        self._flying.discard(state)
+        if self._state.get(state.ep.key) is not state:
+            return  # the endpoint left the pool meanwhile
+        try:
+            self._record(state, reader, error)
+        except Exception as exc:  # supervised: logged, counted, recovered
+            state.ep.scrape_errors += 1
+            if self._supervisor is not None:
+                self._supervisor.failed("scraper", exc, detail=state.ep.key)
+        self._schedule(state)
+
+    # --- one poll ------------------------------------------------------------------------------
+
+    def _reader(self, state: _PollState) -> RepeatAwareReader:
+        names = self.config.engines.for_labels(state.ep.labels)
+        return RepeatAwareReader(names, state.last_page, hints=state.hints)
+
+    def _request(self, state: _PollState) -> bytes:
+        """The GET of the endpoint's next poll (see `_PollState.filtering`)."""
+        if state.filtering >= FILTERED and state.started >= state.filter_recheck_at:
+            state.filtering = WHOLE
+        filtered = state.filtering in (TRIAL, FILTERED)
+        key = (state.ep.key, filtered)
+        request = self._requests.get(key)
+        if request is None:
+            host, port = self.config.target(state.ep)
+            path = self.config.request_path(self.config.engines.for_labels(state.ep.labels), filtered)
+            request = self._requests[key] = request_bytes(host, port, path)
+        return request
+
+    async def _connect(self, ep: Endpoint, deadline: float) -> MetricsConnection:
+        """A new kept-alive connection to `ep`'s metrics server, open by `deadline`. Raises
+        OSError, TimeoutError."""
+        host, port = self.config.target(ep)
+        async with asyncio.timeout_at(deadline):
+            connection = await connect(host, port, self._ssl)
+        self._connections[ep.key] = connection
+        return connection
 
     async def scrape_once(self, ep: Endpoint) -> bool:
-        """One poll (reading and parsing within the scrape timeout). True when a fresh snapshot
-        was stored."""
-        url = self.config.url(ep)
-        state = self._state.setdefault(ep.key, _PollState())
-        reader = PageReader(self.config.engines.for_labels(ep.labels), hints=state.hints)
+        """One poll now (reading and parsing within the scrape timeout), after any poll of the
+        ticker's in flight. True when a fresh snapshot was stored."""
+        state = self._state.get(ep.key)
+        if state is None or state.ep is not ep:
+            state = self._state[ep.key] = _PollState(ep)
+        clock = self._clock or asyncio.get_running_loop().time
+        while state.in_flight:
+            await asyncio.sleep(0.005)
+        state.in_flight, state.by_caller, state.started = True, True, clock()
+        reader = self._reader(state)
+        error: BaseException | None = None
         try:
-            clock = self._clock or asyncio.get_running_loop().time
-            await self._read(ep, reader, clock() + self._timeout_s)
-            ep.metrics = reader.finish(time.monotonic())
+            deadline = state.started + self._timeout_s
+            connection = self._connections.get(ep.key)
+            if connection is None or connection.closed:
+                connection = await self._connect(ep, deadline)
+            await connection.get(self._request(state), reader, self.max_bytes, deadline)
+        except (OSError, TimeoutError, MetricsParseError) as exc:  # ssl.SSLError is an OSError
+            error = exc
+        finally:
+            state.in_flight = state.by_caller = False
+        stored = self._record(state, reader, error)
+        self._schedule(state)
+        return stored
+
+    def _record(
+        self, state: _PollState, reader: RepeatAwareReader | None, error: BaseException | None
+    ) -> bool:
+        """Store what a poll read, or count its error. True when a fresh snapshot was stored."""
+        ep = state.ep
+        try:
+            if error is not None:
+                raise error
+            assert reader is not None
+            metrics = reader.finish(time.monotonic())
+            if (
+                state.filtering != FILTERED
+                and self.config.only_read_families
+                and not self._filter_checked(state, reader)
+            ):
+                return False
+            ep.metrics = metrics
             ep.scrape_errors = 0  # failures in a row: the next outage is logged again at once
             state.limit_failures = 0
             return True
-        except asyncio.CancelledError:
-            raise
-        except (OSError, TimeoutError, MetricsParseError) as exc:  # ssl.SSLError is an OSError
-            ep.scrape_errors += 1
-            if isinstance(exc, PageLimitError):
-                state.limit_failures += 1
-            if self._on_error is not None:
-                self._on_error(ep)
-            # Log the first failure of an outage and then rarely, not at 20 Hz.
-            if ep.scrape_errors == 1 or ep.scrape_errors % 200 == 0:
-                reason = str(exc) or (
-                    f"no complete answer within {self._timeout_s}s"
-                    if isinstance(exc, TimeoutError)
-                    else type(exc).__name__
-                )
-                log.warning("scrape of %s failed (%d in a row): %s", url, ep.scrape_errors, reason)
-            return False
+        except MetricsParseError as exc:
+            if state.filtering == TRIAL and _refuses_filter(exc):
+                self._filter_refused(state, str(exc))
+                return False
+            if state.filtering == FILTERED and _refuses_filter(exc):
+                state.filtering = WHOLE  # a new server? Its whole page next, and the check again
+            return self._failed(state, exc)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            return self._failed(state, exc)
         finally:
-            state.last_bytes = reader.bytes_read
+            if reader is not None:
+                state.last_bytes = reader.bytes_read
+
+    def _filter_checked(self, state: _PollState, reader: RepeatAwareReader) -> bool:
+        """After a good page while the filter is not yet in use: move the endpoint on (see
+        `_PollState.filtering`). False when this page must not be stored: a filtered page that
+        lacks a family the whole page had."""
+        if state.filtering == WHOLE:
+            state.families, state.filtering = reader.found(), TRIAL
+        elif state.filtering == TRIAL:
+            missing = state.families - reader.found()
+            if missing:
+                self._filter_refused(state, "it lacks " + ", ".join(sorted(missing)))
+                return False
+            state.filtering = FILTERED
+            state.filter_recheck_at = state.started + FILTER_RECHECK_S
+        return True
+
+    def _filter_refused(self, state: _PollState, why: str) -> None:
+        """The server does not honour `name[]` as asked: whole pages until the next connection
+        (logged once an endpoint; not a failed poll: the next poll, a whole page, follows at once)."""
+        state.filtering = WHOLE_ONLY
+        state.filter_recheck_at = state.started + FILTER_RECHECK_S
+        state.started = state.due = -math.inf
+        if not state.filter_refused_noted:
+            state.filter_refused_noted = True
+            log.info(
+                "%s: the page asked with name[] (only the families read) is not usable (%s); "
+                "reading the whole page",
+                self.config.url(state.ep),
+                why,
+            )
+
+    def _failed(self, state: _PollState, exc: BaseException) -> bool:
+        """Count a failed poll (logged at an outage's start, then rarely)."""
+        ep = state.ep
+        ep.scrape_errors += 1
+        if isinstance(exc, PageLimitError):
+            state.limit_failures += 1
+        if self._on_error is not None:
+            self._on_error(ep)
+        # Log the first failure of an outage and then rarely, not at 20 Hz.
+        if ep.scrape_errors == 1 or ep.scrape_errors % 200 == 0:
+            reason = str(exc) or (
+                f"no complete answer within {self._timeout_s}s"
+                if isinstance(exc, TimeoutError)
+                else type(exc).__name__
+            )
+            log.warning(
+                "scrape of %s failed (%d in a row): %s", self.config.url(ep), ep.scrape_errors, reason
+            )
+        return False
 
     def next_delay(self, ep: Endpoint) -> float:
         """How long after the start of its last poll an endpoint is polled again."""
@@ -350,17 +609,6 @@ class Scraper:
         if state.limit_failures:
             return min(LIMIT_BACKOFF_MAX_S, LIMIT_BACKOFF_S * 2.0 ** (state.limit_failures - 1))
         return max(self.pacer.interval_s, state.last_bytes / PACE_BYTES_PER_S)
-
-    async def _poll_forever(self, ep: Endpoint) -> None:
-        loop = asyncio.get_running_loop()
-        pacer = self.pacer
-        while True:
-            started = loop.time()
-            await self.scrape_once(ep)
-            pacer.tick(loop.time())  # polls stretched while the loop is busy (epp.datalayer.pacing)
-            await asyncio.sleep(max(0.0, self.next_delay(ep) - (loop.time() - started)))
-            if self.idle(ep):
-                await self._idle_wait(ep, started + self.idle_interval_s - loop.time())
 
     def idle(self, ep: Endpoint) -> bool:
         """Polled every idle interval rather than every base interval (see the module's doc)."""
@@ -374,29 +622,10 @@ class Scraper:
             and ep.inflight_requests == 0
         )
 
-    async def _idle_wait(self, ep: Endpoint, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        loop = asyncio.get_running_loop()
-        wake: asyncio.Future[None] = loop.create_future()
-        timer = loop.call_later(seconds, _resolve, wake)
-        self._idle_waits[ep.key] = (ep, wake)
-        try:
-            await wake
-        finally:
-            timer.cancel()
-            if self._idle_waits.get(ep.key, (None, None))[1] is wake:
-                del self._idle_waits[ep.key]
 
-    async def _wake_busy(self) -> None:
-        """Every base interval: wake the idle endpoints epp has since sent a request to."""
-        while True:
-            await asyncio.sleep(self._interval)
-            for ep, wake in list(self._idle_waits.values()):
-                if ep.inflight_requests:
-                    _resolve(wake)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _refuses_filter(exc: MetricsParseError) -> bool:
+    """A filtered poll's failure that says the server does not take `name[]` (a client error, or
+    a page without the families asked for), rather than an outage."""
+    if isinstance(exc, HttpStatusError):
+        return 400 <= exc.status < 500
+    return isinstance(exc, NoValuesError)

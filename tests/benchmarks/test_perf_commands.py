@@ -18,7 +18,7 @@ from epp.datalayer.model_server_metrics import VLLM, parse_metrics
 from epp.extproc.messages import MAX_BODY_CHUNK
 from epp_bench.perf.extproc import EchoServicer, stream_messages
 from epp_bench.perf.summary import scrape as scrape_table
-from epp_bench.perf.vllm_page import page
+from epp_bench.perf.vllm_page import only_families, page
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -67,27 +67,37 @@ def test_scrape_measures_an_idle_epp_scraping_idle_and_busy_pods_with_and_withou
     stdout, rows = run_ok(
         tmp_path, "scrape", "--pods", "3", "--seconds", "2", "--warmup", "1", "--interval", "100ms"
     )
-    idle, idle_slow, busy, floor = rows
-    assert [r["client"] for r in rows] == ["epp", "epp", "epp", "floor"]
-    assert [r["pods_state"] for r in rows] == ["idle", "idle", "busy", "idle"]
+    idle, idle_whole, idle_slow, busy, floor_whole, floor = rows
+    assert [r["client"] for r in rows] == ["epp", "epp", "epp", "epp", "floor", "floor"]
+    assert [r["pods_state"] for r in rows] == ["idle", "idle", "idle", "busy", "idle", "idle"]
     every = "every interval"
-    assert [r["idle_interval"] for r in rows] == [every, "every 1s", every, every]
+    assert [r["idle_interval"] for r in rows] == [every, every, "every 1s", every, every, every]
+    families, whole = "families read", "whole"
+    assert [r["pages"] for r in rows] == [families, whole, families, families, whole, families]
+    idle_page = page(waiting=0, running=0, kv=0.0)
+    small = len(only_families(idle_page, VLLM.families_query))
     for row in rows:
-        assert row["pods"] == 3 and row["expected_scrapes_per_s"] == 30
-        assert row["cpu_percent"] >= 0 and row["page_bytes"] == len(page())
+        assert row["pods"] == 3 and row["expected_scrapes_per_s"] == 30 and row["cpu_percent"] >= 0
+        # The pods' server counted the bytes it sent: epp asked for the families it reads (and
+        # the pods, as vLLM's prometheus-client, served only those), or whole pages when told to
+        # (the busy pods' gauges vary, and their pages' lengths by a few bytes).
+        expected = len(idle_page) if row["pages"] == whole else small
+        assert row["page_bytes"] == pytest.approx(expected, rel=0.01 if row is busy else 0)
+    assert small < len(idle_page) / 20
     # CPU comes from /proc in 10 ms ticks: polled every interval, epp spends some in 2 s; idle
     # pods polled once a second (about 6 polls, under a tick on uvloop) may read as 0.
-    assert idle["cpu_percent"] > 0 and busy["cpu_percent"] > 0
+    assert idle_whole["cpu_percent"] > 0 and busy["cpu_percent"] > 0
     # By default (as the Go EPP) every pod is polled every interval, idle or not (30 a second at
     # most); with --idle-refresh-metrics-interval=1s idle pods are polled about once a second.
-    assert idle["scrapes_per_s"] > 10 and busy["scrapes_per_s"] > 10
+    assert idle["scrapes_per_s"] > 10 and idle_whole["scrapes_per_s"] > 10 and busy["scrapes_per_s"] > 10
     assert 0 < idle_slow["scrapes_per_s"] < 6
     # The floor client polls the same pods as often (the pods' server counted its answers).
-    assert 10 < floor["scrapes_per_s"] <= 31
+    assert 10 < floor["scrapes_per_s"] <= 31 and 10 < floor_whole["scrapes_per_s"] <= 31
     assert "floor" in stdout
     # The docs' table (perf.summary) names each row's client.
     assert [line.split(" | ")[0] for line in scrape_table(rows).splitlines()[2:]] == [
-        "| epp", "| epp, idle pods every 1s", "| epp", "| floor (no parsing)",
+        "| epp", "| epp, whole pages (as Go)", "| epp, idle pods every 1s", "| epp",
+        "| floor (no parsing), whole pages", "| floor (no parsing), families read",
     ]  # fmt: skip
 
 

@@ -361,13 +361,13 @@ async def test_scraper_and_prefix_index_follow_the_pods(api: KubeApiServer, kube
             prefix = next(p for p in epp.app.config.scheduler.plugins if hasattr(p, "index"))
             prefix.index.add(a.key, [11, 12, 13])
             assert set(prefix.index.match([11])) == {a.key}
-            assert a.key in epp.app.scraper._tasks
+            assert a.key in epp.app.scraper.polled()
 
             api.delete(PODS, "a")
             await wait_until(lambda: a.key not in endpoint_keys(epp), what="pod a gone")
-            assert a.key not in epp.app.scraper._tasks  # its scrape stopped
+            assert a.key not in epp.app.scraper.polled()  # its scrape stopped
             assert prefix.index.match([11]) == {}  # and its prefix entries were purged
-            assert set(epp.app.scraper._tasks) == {f"127.0.0.2:{fake.port}"}
+            assert epp.app.scraper.polled() == {f"127.0.0.2:{fake.port}"}
     finally:
         await fake.stop()
 

@@ -101,7 +101,7 @@ async def test_endpoints_file_edits_are_picked_up_live(tmp_path: Path) -> None:
             await wait_until(lambda: store.get(fakes[2].address) is not None, what="file reload")
             assert store.get(fakes[0].address) is None
             assert prefix_plugin.index.match([1]) == {}  # the removed endpoint's blocks are purged
-            assert fakes[0].address not in epp.app.scraper._tasks  # and its scrape stopped
+            assert fakes[0].address not in epp.app.scraper.polled()  # and its scrape stopped
 
             path.write_text("- {address: 127.0.0.1, port: not-a-port}\n")  # a bad edit loses nothing
             await wait_until(

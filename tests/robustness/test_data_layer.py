@@ -231,8 +231,8 @@ async def test_each_hostile_page_is_a_bounded_failed_poll(start_server: StartSer
             assert scraper.next_delay(endpoints[kind]) >= LIMIT_BACKOFF_S
         for kind in ("endless", "garbage", "slow"):  # an ordinary failure: the usual interval
             assert scraper.next_delay(endpoints[kind]) == 60.0
-        for kind in servers:
-            assert scraper._tasks[endpoints[kind].key].done() is False  # every poller is alive
+        assert scraper._ticker is not None and not scraper._ticker.done()  # polling goes on
+        assert all(not scraper._state[ep.key].in_flight for ep in endpoints.values())
     finally:
         await scraper.close()
 

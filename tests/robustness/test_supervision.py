@@ -12,10 +12,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from epp.datalayer.datastore import Datastore
+from epp.datalayer.model_server_metrics import RepeatAwareReader
 from epp.datalayer.scraper import Scraper
 from epp.discovery.leader import LeaderElector, LeaseTiming
 from epp.discovery.reflector import Backoff, Reflector
-from epp.framework import Endpoint
+from epp.framework import Endpoint, EndpointMetrics
 from epp.supervision import (
     RESTARTS_METRIC,
     RestartBackoff,
@@ -111,28 +112,58 @@ async def test_the_context_supervisor_reaches_tasks_started_within() -> None:
     assert seen[0] is supervisor and supervisor.restarts["child"] >= 1
 
 
-async def test_a_scraper_poller_that_fails_unexpectedly_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_poll_that_fails_unexpectedly_is_counted_and_polling_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     fake = await FakeVllm("s0", waiting=2).start()
     supervisor = Supervisor(backoff=FAST)
     store = Datastore()
     ep = Endpoint("127.0.0.1", fake.port)
     store.replace_all([ep])
     scraper = Scraper(store, interval_s=0.02, supervisor=supervisor)
-    real = scraper.scrape_once
+    real = RepeatAwareReader.finish
     calls = 0
 
-    async def buggy(endpoint: Endpoint) -> bool:
+    def buggy(reader: RepeatAwareReader, now: float) -> EndpointMetrics:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyError("a bug")  # in the callback that ends a poll, off any task
+        return real(reader, now)
+
+    monkeypatch.setattr(RepeatAwareReader, "finish", buggy)
+    await scraper.start()
+    try:
+        await wait_until(lambda: calls >= 4, what="polls after the failure")
+        assert supervisor.restarts == {"scraper": 1}
+        fake.waiting = 5
+        await wait_until(lambda: ep.metrics.waiting_queue_size == 5, what="fresh metrics again")
+    finally:
+        await scraper.close()
+        await fake.stop()
+
+
+async def test_a_ticker_that_fails_unexpectedly_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = await FakeVllm("s0", waiting=2).start()
+    supervisor = Supervisor(backoff=FAST)
+    store = Datastore()
+    ep = Endpoint("127.0.0.1", fake.port)
+    store.replace_all([ep])
+    scraper = Scraper(store, interval_s=0.02, supervisor=supervisor)
+    real = scraper._due
+    calls = 0
+
+    def buggy(state: Any, now: float) -> bool:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise KeyError("a bug")
-        return await real(endpoint)
+        return real(state, now)
 
-    monkeypatch.setattr(scraper, "scrape_once", buggy)
+    monkeypatch.setattr(scraper, "_due", buggy)
     await scraper.start()
     try:
-        await wait_until(lambda: calls >= 4, what="polls after the restart")
-        assert supervisor.restarts == {"scraper": 1}
+        await wait_until(lambda: supervisor.restarts.get("scraper") == 1, what="the restart")
         fake.waiting = 5
         await wait_until(lambda: ep.metrics.waiting_queue_size == 5, what="fresh metrics again")
     finally:

@@ -2,19 +2,24 @@
 
 N simulated pods (one lean HTTP/1.1 server process listening on N ports, keep-alive) each serve a
 realistic vLLM /metrics page (`epp_bench.perf.vllm_page`: every family of a vLLM 0.11 server,
-histograms included). epp runs with these pods as its endpoints at the default interval (50 ms)
-and no requests; its CPU time is read from /proc over `--seconds`, after a warm-up. Three runs:
-idle pods (nothing waiting or running: what an idle pool reports) polled every interval (epp's
-default, as the Go EPP), the same with `--idle-refresh-metrics-interval=1s` (epp's opt-in: idle
-endpoints polled every second), and busy pods (the queue, running and KV gauges changing from
-poll to poll: every pod polled every interval, the cost of scraping under load). The pods'
-server counts the polls it answered, so the table says how many scrapes per second epp made.
+histograms included), and answer `?name[]=...` as vLLM does (prometheus-client's exposition of a
+registry restricted to those names: `vllm_page.only_families`). epp runs with these pods as its
+endpoints at the default interval (50 ms) and no requests; its CPU time is read from /proc over
+`--seconds`, after a warm-up. Four runs of epp: idle pods (nothing waiting or running: what an
+idle pool reports) polled every interval, asking for the families it reads (epp's default); the
+same reading whole pages (`--model-server-metrics-only-read-families=false`, as the Go EPP);
+idle pods with `--idle-refresh-metrics-interval=1s` (epp's opt-in: idle endpoints polled every
+second); and busy pods (the queue, running and KV gauges changing from poll to poll: every pod
+polled every interval, the cost of scraping under load). The pods' server counts the polls it
+answered and the bytes of their pages, so the table says how many scrapes per second epp made
+and how large a page was.
 
-A fourth row is the floor: the same idle pods polled every interval by the least a client can
+Two more rows are the floor: the same idle pods polled every interval by the least a client can
 do (`floor_poll`: blocking sockets on keep-alive connections, the answer framed by its
-Content-Length and parsed no further), in a process of its own whose CPU is read the same way.
-What it spends is the kernel's side of the traffic (a 59 kB page 20 times a second a pod) plus a
-few microseconds of Python a poll: what any scraper pays before it reads a value.
+Content-Length and parsed no further), in a process of its own whose CPU is read the same way,
+once for whole pages and once for the families epp reads. What it spends is the kernel's side of
+the traffic plus a few microseconds of Python a poll: what any scraper pays before it reads a
+value.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from epp.datalayer.model_server_metrics import VLLM
 from epp_bench.gateway import free_port
 from epp_bench.perf import cpu_seconds, machine, start_epp, stop, table, write_json
-from epp_bench.perf.vllm_page import page
+from epp_bench.perf.vllm_page import only_families, page
 
 COLUMNS = (
     ("client", "client", ""),
+    ("pages", "pages", ""),
     ("pods_state", "pods", ""),
     ("pods", "count", "d"),
     ("interval_ms", "interval ms", ".0f"),
@@ -61,12 +68,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _PodProtocol(asyncio.Protocol):
-    """Answers every GET on a keep-alive connection with the next page variant."""
+    """Answers every GET on a keep-alive connection with the next page variant (only the families
+    asked for, when the GET has `?name[]=...`)."""
 
     served = 0
+    body_bytes = 0
 
-    def __init__(self, responses: list[bytes]) -> None:
-        self._responses = responses
+    def __init__(self, pages: _Pages) -> None:
+        self._pages = pages
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
 
@@ -77,46 +86,66 @@ class _PodProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         while (end := self._buffer.find(b"\r\n\r\n")) >= 0:
+            target = self._buffer[: self._buffer.find(b"\r\n")].split(b" ")[1].decode()
             self._buffer = self._buffer[end + 4 :]
             assert self._transport is not None
-            self._transport.write(self._responses[_PodProtocol.served % _VARIANTS])
+            head, body = self._pages.answer(_PodProtocol.served % _VARIANTS, target.partition("?")[2])
+            self._transport.write(head + body)
             _PodProtocol.served += 1
+            _PodProtocol.body_bytes += len(body)
+
+
+class _Pages:
+    """Each variant's answer, whole and for each query seen (rendered once)."""
+
+    def __init__(self, busy: bool) -> None:
+        self._bodies = [
+            page(waiting=i, running=4 + i, kv=0.1 * i) if busy else page(waiting=0, running=0, kv=0.0)
+            for i in range(_VARIANTS)
+        ]
+        self._answers: dict[tuple[int, str], tuple[bytes, bytes]] = {}
+
+    def answer(self, variant: int, query: str) -> tuple[bytes, bytes]:
+        key = (variant, query)
+        if key not in self._answers:
+            body = self._bodies[variant]
+            if "name%5B%5D=" in query or "name[]=" in query:
+                body = only_families(body, query)
+            head = (
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            self._answers[key] = (head.encode(), body)
+        return self._answers[key]
 
 
 async def serve_pods(count: int, busy: bool) -> None:
     """`count` pods on free ports of 127.0.0.1; their ports go out on the first line of stdout."""
-    responses = []
-    for i in range(_VARIANTS):
-        body = page(waiting=i, running=4 + i, kv=0.1 * i) if busy else page(waiting=0, running=0, kv=0.0)
-        head = (
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        responses.append(head.encode() + body)
+    pages = _Pages(busy)
     loop = asyncio.get_running_loop()
     ports = []
     for _ in range(count):
-        server = await loop.create_server(lambda: _PodProtocol(responses), "127.0.0.1", 0)
+        server = await loop.create_server(lambda: _PodProtocol(pages), "127.0.0.1", 0)
         ports.append(server.sockets[0].getsockname()[1])
     print(json.dumps(ports), flush=True)
-    while True:  # report the count of polls answered, when asked on stdin
+    while True:  # report the polls answered and their pages' bytes, when asked on stdin
         line = await loop.run_in_executor(None, sys.stdin.readline)
         if not line:
             return
-        print(_PodProtocol.served, flush=True)
+        print(_PodProtocol.served, _PodProtocol.body_bytes, flush=True)
 
 
 # --- the floor: the least a client can do ---------------------------------------------------------
 
 
-def floor_poll(ports: list[int], interval_s: float) -> None:
-    """Poll every port's /metrics every `interval_s` until stdin closes: one keep-alive connection
+def floor_poll(ports: list[int], interval_s: float, path: str = "/metrics") -> None:
+    """Poll every port's `path` every `interval_s` until stdin closes: one keep-alive connection
     each, the answer read to its Content-Length and not parsed."""
     conns = []
     for port in ports:
         sock = socket.create_connection(("127.0.0.1", port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conns.append((sock, f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()))
+        conns.append((sock, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()))
     buf = bytearray(1 << 20)
     view = memoryview(buf)
     stop_reading = _stdin_closed()
@@ -160,8 +189,10 @@ def measure(
     busy: bool,
     idle_interval: str = "0",
     floor: bool = False,
+    whole_pages: bool = False,
 ) -> dict[str, Any]:
-    """One row: epp (or, with `floor`, `floor_poll`) polling `pods` pods every `interval`."""
+    """One row: epp (or, with `floor`, `floor_poll`) polling `pods` pods every `interval`; with
+    `whole_pages`, whole pages rather than the families epp reads."""
     if pods <= 0 or seconds <= 0 or warmup < 0:
         raise SystemExit("epp_bench scrape: --pods and --seconds must be positive")
     server = subprocess.Popen(
@@ -171,25 +202,30 @@ def measure(
     )
     assert server.stdin is not None and server.stdout is not None
 
-    def served() -> int:
+    def served() -> tuple[int, int]:
         assert server.stdin is not None and server.stdout is not None
         server.stdin.write(b"?\n")
         server.stdin.flush()
-        return int(server.stdout.readline())
+        polls, body_bytes = server.stdout.readline().split()
+        return int(polls), int(body_bytes)
 
     try:
         ready = server.stdout.readline()
         if not ready.startswith(b"["):
             raise SystemExit("the pods' server did not start")
         ports: list[int] = json.loads(ready)
-        client = _start_floor(ports, interval) if floor else _start_epp(ports, interval, idle_interval)
+        client = (
+            _start_floor(ports, interval, whole_pages)
+            if floor
+            else _start_epp(ports, interval, idle_interval, whole_pages)
+        )
         try:
             time.sleep(warmup)
             if client.poll() is not None:
                 raise SystemExit(f"the scraping client exited early ({client.returncode})")
-            cpu0, polls0, t0 = cpu_seconds(client.pid), served(), time.monotonic()
+            (polls0, bytes0), cpu0, t0 = served(), cpu_seconds(client.pid), time.monotonic()
             time.sleep(seconds)
-            cpu1, polls1, t1 = cpu_seconds(client.pid), served(), time.monotonic()
+            (polls1, bytes1), cpu1, t1 = served(), cpu_seconds(client.pid), time.monotonic()
         finally:
             if client.stdin is not None:
                 client.stdin.close()
@@ -201,11 +237,13 @@ def measure(
     interval_s = _seconds(interval)
     return {
         "client": "floor" if floor else "epp",
+        "pages": "whole" if whole_pages else "families read",
         "pods_state": "busy" if busy else "idle",
         "pods": pods,
         "interval_ms": interval_s * 1e3,
         "idle_interval": "every interval" if _seconds(idle_interval) == 0 else f"every {idle_interval}",
-        "page_bytes": len(page()),
+        "page_bytes": round((bytes1 - bytes0) / polls) if polls else 0,
+        "whole_page_bytes": len(page()),
         "seconds": round(elapsed, 2),
         "scrapes_per_s": round(polls / elapsed, 1),
         "expected_scrapes_per_s": round(pods / interval_s, 1),
@@ -214,7 +252,9 @@ def measure(
     }
 
 
-def _start_epp(ports: list[int], interval: str, idle_interval: str) -> subprocess.Popen[bytes]:
+def _start_epp(
+    ports: list[int], interval: str, idle_interval: str, whole_pages: bool
+) -> subprocess.Popen[bytes]:
     grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
     return start_epp(
         [
@@ -222,13 +262,15 @@ def _start_epp(ports: list[int], interval: str, idle_interval: str) -> subproces
             "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port),
             "--bind-address", "127.0.0.1", "--refresh-metrics-interval", interval,
             "--idle-refresh-metrics-interval", idle_interval,
+            f"--model-server-metrics-only-read-families={str(not whole_pages).lower()}",
         ],
         health_port,
     )  # fmt: skip
 
 
-def _start_floor(ports: list[int], interval: str) -> subprocess.Popen[bytes]:
-    command = ["-m", "epp_bench.perf.scrape", "--floor", str(_seconds(interval)), json.dumps(ports)]
+def _start_floor(ports: list[int], interval: str, whole_pages: bool) -> subprocess.Popen[bytes]:
+    path = "/metrics" if whole_pages else f"/metrics?{VLLM.families_query}"
+    command = ["-m", "epp_bench.perf.scrape", "--floor", str(_seconds(interval)), json.dumps(ports), path]
     return subprocess.Popen([sys.executable, *command], stdin=subprocess.PIPE)
 
 
@@ -240,11 +282,17 @@ def _seconds(text: str) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    def run(busy: bool = False, idle: str = "0", floor: bool = False, whole: bool = False) -> dict[str, Any]:
+        return measure(args.pods, args.interval, args.seconds, args.warmup, busy, idle, floor, whole)
+
     rows = [
-        measure(args.pods, args.interval, args.seconds, args.warmup, busy, idle)
-        for busy, idle in ((False, "0"), (False, "1s"), (True, "0"))
+        run(),
+        run(whole=True),
+        run(idle="1s"),
+        run(busy=True),
+        run(floor=True, whole=True),
+        run(floor=True),
     ]
-    rows.append(measure(args.pods, args.interval, args.seconds, args.warmup, busy=False, floor=True))
     print(table(rows, COLUMNS))
     print(f"(epp serving no requests; floor: blocking sockets, no parsing; {machine()})")
     write_json(args.out, rows)
@@ -255,6 +303,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
         asyncio.run(serve_pods(int(sys.argv[2]), sys.argv[3] == "busy"))
     elif sys.argv[1:2] == ["--floor"]:
-        floor_poll(json.loads(sys.argv[3]), float(sys.argv[2]))
+        floor_poll(json.loads(sys.argv[3]), float(sys.argv[2]), sys.argv[4])
     else:
         raise SystemExit("use `python -m epp_bench scrape`")

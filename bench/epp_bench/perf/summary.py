@@ -78,9 +78,13 @@ def scrape(rows: list[dict[str, Any]]) -> str:
 
 
 def _scrape_client(row: dict[str, Any]) -> str:
+    whole = row.get("pages", "whole") == "whole"
     if row.get("client") == "floor":
-        return "floor (no parsing)"
-    return "epp" if row["idle_interval"] == "every interval" else f"epp, idle pods {row['idle_interval']}"
+        return "floor (no parsing), " + ("whole pages" if whole else "families read")
+    client = "epp, whole pages (as Go)" if whole else "epp"
+    return (
+        client if row["idle_interval"] == "every interval" else f"{client}, idle pods {row['idle_interval']}"
+    )
 
 
 def memory(row: dict[str, Any]) -> str:

@@ -10,6 +10,8 @@ prometheus-fastapi-instrumentator that vLLM's server adds; values are made up bu
 
 from __future__ import annotations
 
+from typing import Any
+
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 _ENGINE = f'engine="0",model_name="{MODEL}"'
 _TTFT = (
@@ -337,3 +339,24 @@ def page(waiting: int = 3, running: int = 12, kv: float = 0.42) -> bytes:
         [('max_lora="0",running_lora_adapters="",waiting_lora_adapters=""', 1.7316e9)],
     )
     return ("\n".join(lines) + "\n").encode()
+
+
+def only_families(text: bytes, query: str) -> bytes:
+    """`text` as a prometheus-client server answers `?name[]=...` (`query`): parsed, and rendered
+    again by prometheus-client's own exposition from a registry restricted to those names, which
+    is what vLLM's /metrics (prometheus-client's ASGI app on its global registry, which knows its
+    collectors' names) returns for such a query."""
+    from urllib.parse import parse_qs
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = list(text_string_to_metric_families(text.decode()))
+
+    class _Page:
+        def collect(self) -> list[Any]:
+            return families
+
+    registry = CollectorRegistry(auto_describe=True)  # as prometheus-client's global REGISTRY
+    registry.register(_Page())
+    return generate_latest(registry.restricted_registry(parse_qs(query).get("name[]", [])))

@@ -10,7 +10,7 @@ whatever the time scaling of the run.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -33,6 +33,7 @@ class _EngineCollector(Collector):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.labels = {"model_name": engine.cfg.model, "engine": "0"}
+        self.lora_stamp = 0.0
 
     def collect(self) -> Iterator[Metric]:
         engine, stats, labels = self.engine, self.engine.stats, self.labels
@@ -62,13 +63,16 @@ class _EngineCollector(Collector):
         )
         cache_info.add_metric([str(BLOCK_SIZE_TOKENS), str(engine.cfg.kv_cache_blocks)], 1.0)
         yield cache_info
-        # vLLM sets this gauge to the time of its last update; readers keep the newest sample.
+        # vLLM sets this gauge to the time of its last update, which happens on engine steps, so
+        # an idle engine's stays put; readers keep the newest sample.
+        if engine.num_running or engine.num_waiting or not self.lora_stamp:
+            self.lora_stamp = time.time()
         lora = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Running stats on lora requests.",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        lora.add_metric(["", "", "0"], time.time())
+        lora.add_metric(["", "", "0"], self.lora_stamp)
         yield lora
         yield counter(
             "vllm:prefix_cache_queries",
@@ -115,7 +119,9 @@ class SimMetrics:
     """
 
     def __init__(self, engine: Engine) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)  # the gauges and counters
+        # The gauges and counters. Described (as prometheus-client's global registry, which
+        # vLLM's /metrics serves), so that `?name[]=` selects among them as it does on vLLM.
+        self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineCollector(engine))
         self.histograms = CollectorRegistry(auto_describe=False)
         self._histograms_version = 0  # bumped by every observation
@@ -155,7 +161,13 @@ class SimMetrics:
             itl=observe_itl,
         )
 
-    def render(self) -> bytes:
+    def render(self, names: Sequence[str] = ()) -> bytes:
+        """The page; with `names` (the query's `name[]`), only those series, as prometheus-client
+        renders a restricted registry for vLLM."""
+        if names:
+            return generate_latest(self.registry.restricted_registry(names)) + generate_latest(
+                self.histograms.restricted_registry(names)
+            )
         if self._rendered_version != self._histograms_version:
             self._histograms_text = generate_latest(self.histograms)
             self._rendered_version = self._histograms_version
