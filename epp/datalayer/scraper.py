@@ -297,7 +297,8 @@ class Scraper:
         self.idle_interval_s = idle_interval_s if idle_interval_s > self._interval else 0.0
         # One keep-alive connection per endpoint (opened by its first poll, dropped after an error).
         self._connections: dict[str, MetricsConnection] = {}
-        self._requests: dict[tuple[str, bool], bytes] = {}  # each endpoint's GETs, built once
+        # Each endpoint's GETs (whole, filtered), built once for the engine mapping they ask for.
+        self._requests: dict[tuple[str, bool], tuple[MetricNames, bytes]] = {}
         self._started = False
         self._ssl: ssl.SSLContext | None = None
         self._clock: Callable[[], float] | None = None  # the loop's clock, once started
@@ -348,13 +349,16 @@ class Scraper:
         state = self._state.pop(ep.key, None)
         if state is not None:
             self._flying.discard(state)
-        self._requests.pop((ep.key, False), None)
-        self._requests.pop((ep.key, True), None)
+        self._forget_requests(ep.key)
         if state is not None and state.connecting is not None:
             state.connecting.cancel()
         connection = self._connections.pop(ep.key, None)
         if connection is not None:
             connection.close()  # a poll in flight ends with it (its answer is ignored)
+
+    def _forget_requests(self, key: str) -> None:
+        self._requests.pop((key, False), None)
+        self._requests.pop((key, True), None)
 
     # --- the ticker: every endpoint's polls, from one task ------------------------------------
 
@@ -476,11 +480,13 @@ class Scraper:
             state.filtering = WHOLE
         filtered = state.filtering in (TRIAL, FILTERED)
         key = (state.ep.key, filtered)
-        request = self._requests.get(key)
-        if request is None:
-            host, port = self.config.target(state.ep)
-            path = self.config.request_path(self.config.engines.for_labels(state.ep.labels), filtered)
-            request = self._requests[key] = request_bytes(host, port, path)
+        names = self.config.engines.for_labels(state.ep.labels)  # labels change in place
+        cached = self._requests.get(key)
+        if cached is not None and cached[0] is names:
+            return cached[1]
+        host, port = self.config.target(state.ep)
+        request = request_bytes(host, port, self.config.request_path(names, filtered))
+        self._requests[key] = (names, request)
         return request
 
     async def _connect(self, ep: Endpoint, deadline: float) -> MetricsConnection:

@@ -365,3 +365,17 @@ async def test_every_endpoint_of_a_large_pool_is_polled_once_an_interval_in_spre
     finally:
         await scraper.close()
         await runner.cleanup()
+
+
+async def test_an_endpoint_relabelled_to_another_engine_is_asked_for_that_engines_families(
+    query_servers: list[QueryServer],
+) -> None:
+    server = await QueryServer(VLLM_PAGE).start()
+    query_servers.append(server)
+    scraper, ep = await polled(server.port)
+    try:
+        assert any("vllm:num_requests_waiting" in q for q in server.queries)
+        ep.labels = {"llm-d.ai/engine-type": "sglang"}  # the datastore updates labels in place
+        await wait_until(lambda: any("sglang:num_queue_reqs" in q for q in server.queries), what="SGLang's")
+    finally:
+        await scraper.close()
