@@ -405,9 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
         msm,
         "--model-server-metrics-only-read-families",
         True,
-        "ask each model server for only the families epp reads (Prometheus' name[] query, which "
-        "prometheus-client servers such as vLLM and SGLang honour), checked against the whole page "
-        "on each new connection; false: the whole page every poll, as the Go EPP",
+        "ask each model server for only the families epp reads (Prometheus' name[] query, which a "
+        "prometheus-client server on its default registry, as vLLM's, honours), checked against the "
+        "whole page every 5 minutes; false: the whole page every poll, as the Go EPP",
     )
     obs = p.add_argument_group("Observability")
     _bool_flag(

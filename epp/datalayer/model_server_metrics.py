@@ -125,7 +125,7 @@ class MetricNames:
     @cached_property
     def families_query(self) -> str:
         """The query that asks a Prometheus client library for these families alone (`name[]`,
-        which prometheus-client's exposition honours, as vLLM and SGLang serve it)."""
+        which prometheus-client's exposition honours on its default registry, as vLLM serves it)."""
         return "&".join(f"name%5B%5D={quote(n, safe=':')}" for n in self.all_names())
 
     @cached_property

@@ -11,7 +11,7 @@ keeps the last snapshot (its `updated_at` does not advance, so the endpoint ages
 and counts the error.
 
 What a poll asks for: only the families the endpoint's engine mapping reads (`?name[]=...`,
-which prometheus-client servers such as vLLM and SGLang honour; 1.3 kB of vLLM's 59 kB page),
+which prometheus-client honours on its default registry, as vLLM serves it; 1.3 kB of vLLM's 59 kB page),
 once a whole page and then one filtered page have shown that the server answers it with every
 family the whole page has. A server that does not (an error status, an empty page, a family
 missing) is read whole; both verdicts are checked again every FILTER_RECHECK_S
