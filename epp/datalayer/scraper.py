@@ -315,6 +315,7 @@ class Scraper:
         self._ticker = self._supervisor.spawn("scraper", self._tick_forever)
 
     async def close(self) -> None:
+        self._started = False  # the polls in flight end with their connections, uncounted
         tasks = [s.connecting for s in self._state.values() if s.connecting is not None]
         if self._ticker is not None:
             tasks.append(self._ticker)
@@ -328,7 +329,8 @@ class Scraper:
         self._polled.clear()
         self._flying.clear()
         self._order = None
-        self._started = False
+        for state in self._state.values():
+            state.in_flight, state.connecting = False, None
 
     def polled(self) -> frozenset[str]:
         """The keys of the endpoints the ticker polls (the datastore's, once started)."""
@@ -458,8 +460,8 @@ class Scraper:
         An unexpected error (a bug) is logged and counted by the supervisor, and polling goes on."""
         state.in_flight, state.connecting = False, None
         self._flying.discard(state)
-        if self._state.get(state.ep.key) is not state:
-            return  # the endpoint left the pool meanwhile
+        if not self._started or self._state.get(state.ep.key) is not state:
+            return  # closing, or the endpoint left the pool meanwhile
         try:
             self._record(state, reader, error)
         except Exception as exc:  # supervised: logged, counted, recovered

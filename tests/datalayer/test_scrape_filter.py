@@ -72,6 +72,7 @@ class QueryServer:
     page: str
     answer_query: Callable[[str, str], web.Response] | None = None  # (page, query) -> answer
     queries: list[str] = field(default_factory=list)
+    hold: asyncio.Event | None = None  # answers wait for it while it is unset
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -87,6 +88,8 @@ class QueryServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.queries.append(request.query_string)
+        if self.hold is not None:
+            await self.hold.wait()
         if request.query_string and self.answer_query is not None:
             return self.answer_query(self.page, request.query_string)
         return web.Response(text=self.page)
@@ -378,4 +381,27 @@ async def test_an_endpoint_relabelled_to_another_engine_is_asked_for_that_engine
         ep.labels = {"llm-d.ai/engine-type": "sglang"}  # the datastore updates labels in place
         await wait_until(lambda: any("sglang:num_queue_reqs" in q for q in server.queries), what="SGLang's")
     finally:
+        await scraper.close()
+
+
+async def test_closing_mid_poll_counts_no_error_and_a_restart_polls_again(
+    query_servers: list[QueryServer],
+) -> None:
+    server = await QueryServer(VLLM_PAGE).start()
+    query_servers.append(server)
+    scraper, ep = await polled(server.port, polls=1)
+    try:
+        hold = server.hold = asyncio.Event()  # the next answers wait: a poll is in flight at the close
+        state = scraper._state[ep.key]
+        await wait_until(lambda: state.in_flight, what="a poll in flight")
+        errors, seen = ep.scrape_errors, ep.metrics.updated_at
+        await scraper.close()
+        assert ep.scrape_errors == errors and not state.in_flight
+        hold.set()
+        await scraper.start()
+        await wait_until(lambda: ep.metrics.updated_at > seen, what="polls after the restart")
+        assert ep.scrape_errors == 0
+    finally:
+        if server.hold is not None:
+            server.hold.set()
         await scraper.close()
