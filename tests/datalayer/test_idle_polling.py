@@ -14,6 +14,7 @@ from epp.datalayer.scraper import Scraper
 from epp.framework import Endpoint
 from epp.settings import parse_settings
 from tests.support.epp_app import wait_until
+from tests.support.http_app import serve_on_loopback
 
 
 class CountingPage:
@@ -35,11 +36,7 @@ class CountingPage:
     async def start(self) -> CountingPage:
         app = web.Application()
         app.router.add_get("/metrics", self._serve)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_on_loopback(app)
         return self
 
     async def stop(self) -> None:

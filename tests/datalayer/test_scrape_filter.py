@@ -21,6 +21,7 @@ from epp.datalayer.scraper import FILTERED, WHOLE_ONLY, ScrapeConfig, Scraper
 from epp.errors import MetricsParseError
 from epp.framework import Endpoint
 from tests.support.epp_app import wait_until
+from tests.support.http_app import serve_on_loopback
 
 HISTOGRAM_BUCKETS = tuple(0.001 * 2**i for i in range(30))
 
@@ -79,11 +80,7 @@ class QueryServer:
     async def start(self) -> QueryServer:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_on_loopback(app)
         return self
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -105,6 +102,15 @@ async def query_servers() -> AsyncIterator[list[QueryServer]]:
     yield started
     for server in started:
         await server.stop()
+
+
+async def serving(
+    query_servers: list[QueryServer], answer: Callable[[str, str], web.Response] | None = None
+) -> QueryServer:
+    """A started QueryServer serving VLLM_PAGE (stopped by the fixture)."""
+    server = await QueryServer(VLLM_PAGE, answer_query=answer).start()
+    query_servers.append(server)
+    return server
 
 
 VLLM_PAGE = (
@@ -176,11 +182,10 @@ async def test_with_the_filter_off_every_poll_reads_the_whole_page(
 async def test_a_server_that_ignores_the_query_serves_the_whole_page_and_is_read_as_usual(
     query_servers: list[QueryServer],
 ) -> None:
-    server = await QueryServer(VLLM_PAGE).start()
-    query_servers.append(server)
+    server = await serving(query_servers)
     scraper, ep = await polled(server.port)
     try:
-        assert server.queries[0] == ""  # each new connection starts with the whole page
+        assert server.queries[0] == ""  # the first poll reads the whole page
         # (aiohttp gives the query decoded)
         assert all("name[]=vllm:num_requests_waiting" in q for q in server.queries[1:])
         assert ep.metrics.waiting_queue_size == 4 and ep.scrape_errors == 0
@@ -207,13 +212,12 @@ async def test_a_server_that_does_not_honour_the_filter_is_read_whole_without_a_
     answer: Callable[[str, str], web.Response],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    server = await QueryServer(VLLM_PAGE, answer_query=answer).start()
-    query_servers.append(server)
+    server = await serving(query_servers, answer)
     caplog.set_level("INFO", logger="epp.datalayer.scraper")
     scraper, ep = await polled(server.port)
     try:
         assert scraper._state[ep.key].filtering == WHOLE_ONLY
-        # One filtered poll, then whole pages on this connection; the values are the whole page's
+        # One filtered poll, then whole pages (for 5 minutes); the values are the whole page's
         # and no poll counted as failed.
         assert [bool(q) for q in server.queries[:2]] == [False, True]
         assert not any(server.queries[2:])
@@ -236,8 +240,7 @@ async def test_an_outage_during_the_filter_check_is_a_failed_poll_not_a_refusal(
     def answer(page: str, query: str) -> web.Response:
         return web.Response(status=503, text="busy") if state["failing"] else web.Response(text=page)
 
-    server = await QueryServer(VLLM_PAGE, answer_query=answer).start()
-    query_servers.append(server)
+    server = await serving(query_servers, answer)
     scraper, ep = await polled(server.port, polls=1)
     try:
         await wait_until(lambda: ep.scrape_errors >= 1, what="the 503 counted")
@@ -248,8 +251,7 @@ async def test_an_outage_during_the_filter_check_is_a_failed_poll_not_a_refusal(
 
 
 async def test_the_filter_is_checked_again_after_a_while(query_servers: list[QueryServer]) -> None:
-    server = await QueryServer(VLLM_PAGE, answer_query=lambda page, query: web.Response(status=404)).start()
-    query_servers.append(server)
+    server = await serving(query_servers, lambda page, query: web.Response(status=404))
     scraper, ep = await polled(server.port)
     try:
         state = scraper._state[ep.key]
@@ -373,8 +375,7 @@ async def test_every_endpoint_of_a_large_pool_is_polled_once_an_interval_in_spre
 async def test_an_endpoint_relabelled_to_another_engine_is_asked_for_that_engines_families(
     query_servers: list[QueryServer],
 ) -> None:
-    server = await QueryServer(VLLM_PAGE).start()
-    query_servers.append(server)
+    server = await serving(query_servers)
     scraper, ep = await polled(server.port)
     try:
         assert any("vllm:num_requests_waiting" in q for q in server.queries)
@@ -387,8 +388,7 @@ async def test_an_endpoint_relabelled_to_another_engine_is_asked_for_that_engine
 async def test_closing_mid_poll_counts_no_error_and_a_restart_polls_again(
     query_servers: list[QueryServer],
 ) -> None:
-    server = await QueryServer(VLLM_PAGE).start()
-    query_servers.append(server)
+    server = await serving(query_servers)
     scraper, ep = await polled(server.port, polls=1)
     try:
         hold = server.hold = asyncio.Event()  # the next answers wait: a poll is in flight at the close

@@ -112,15 +112,20 @@ async def test_the_context_supervisor_reaches_tasks_started_within() -> None:
     assert seen[0] is supervisor and supervisor.restarts["child"] >= 1
 
 
-async def test_a_poll_that_fails_unexpectedly_is_counted_and_polling_goes_on(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def supervised_scraper() -> tuple[FakeVllm, Supervisor, Endpoint, Scraper]:
+    """A scraper (not started) polling one fake vLLM every 20 ms under its own supervisor."""
     fake = await FakeVllm("s0", waiting=2).start()
     supervisor = Supervisor(backoff=FAST)
     store = Datastore()
     ep = Endpoint("127.0.0.1", fake.port)
     store.replace_all([ep])
-    scraper = Scraper(store, interval_s=0.02, supervisor=supervisor)
+    return fake, supervisor, ep, Scraper(store, interval_s=0.02, supervisor=supervisor)
+
+
+async def test_a_poll_that_fails_unexpectedly_is_counted_and_polling_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake, supervisor, ep, scraper = await supervised_scraper()
     real = RepeatAwareReader.finish
     calls = 0
 
@@ -144,12 +149,7 @@ async def test_a_poll_that_fails_unexpectedly_is_counted_and_polling_goes_on(
 
 
 async def test_a_ticker_that_fails_unexpectedly_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = await FakeVllm("s0", waiting=2).start()
-    supervisor = Supervisor(backoff=FAST)
-    store = Datastore()
-    ep = Endpoint("127.0.0.1", fake.port)
-    store.replace_all([ep])
-    scraper = Scraper(store, interval_s=0.02, supervisor=supervisor)
+    fake, supervisor, ep, scraper = await supervised_scraper()
     real = scraper._due
     calls = 0
 
