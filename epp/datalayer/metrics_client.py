@@ -174,8 +174,8 @@ class MetricsConnection(asyncio.Protocol):
         error, or an answer that does not keep the connection alive, the connection is closed.
 
         A poll is a write and, when its answer arrives, a callback: no task, future or timer of
-        its own, which is most of what a poll costs on the loop (the scraper polls every
-        endpoint from one tick, epp.datalayer.scraper)."""
+        its own, which is most of what a poll costs on the loop (the scraper's ticker starts
+        the polls, epp.datalayer.scraper)."""
         if self._transport is None or self._loop is None or self.closed:
             raise ConnectionError("not connected")
         if self._on_done is not None:

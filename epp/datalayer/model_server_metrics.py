@@ -818,7 +818,7 @@ class RepeatAwareReader:
     HTTP counters move). Same interface as PageReader (`feed`, `finish`, `found`, `bytes_read`)."""
 
     def __init__(self, names: MetricNames, last: LastPage, hints: dict[bytes, int] | None = None) -> None:
-        self._names = names
+        self.names = names  # the engine mapping read (the poll asks for its families)
         self._last = last
         self._hints = hints
         self._reader: PageReader | None = None  # made only for a page that must be parsed
@@ -828,7 +828,7 @@ class RepeatAwareReader:
 
     def _parser(self) -> PageReader:
         if self._reader is None:
-            self._reader = PageReader(self._names, hints=self._hints)
+            self._reader = PageReader(self.names, hints=self._hints)
         return self._reader
 
     def feed(self, chunk: bytes) -> None:
@@ -856,7 +856,7 @@ class RepeatAwareReader:
             return metrics
         page = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         m = last.metrics
-        if m is not None and last.page == page and last.names is self._names:
+        if m is not None and last.page == page and last.names is self.names:
             self._found = last.found
             return EndpointMetrics(  # `replace` without its introspection: this is every idle poll
                 m.waiting_queue_size, m.running_requests, m.kv_cache_usage, m.running_loras,
@@ -867,7 +867,7 @@ class RepeatAwareReader:
         reader.feed(page)
         metrics = reader.finish(now)
         self._found = reader.found()
-        last.page, last.names, last.metrics, last.found = page, self._names, metrics, self._found
+        last.page, last.names, last.metrics, last.found = page, self.names, metrics, self._found
         return metrics
 
     def found(self) -> frozenset[str]:

@@ -390,12 +390,8 @@ class Scraper:
                     self._order = list(self._polled.values())
                 slices = max(1, math.ceil(len(self._order) / TICK_SLICE))
                 turn = (turn + 1) % slices
-                for state in self._order[turn::slices]:
-                    if (
-                        not state.in_flight
-                        and self._due(state, now)
-                        and self._polled.get(state.ep.key) is state
-                    ):
+                for state in self._order[turn::slices]:  # rebuilt whenever _polled changes
+                    if not state.in_flight and self._due(state, now):
                         self._begin(state, now)
                         soonest = min(soonest, state.deadline)
                 self.pacer.tick(loop.time())  # polls stretched while the loop is busy (pacing.py)
@@ -412,7 +408,7 @@ class Scraper:
     def _schedule(self, state: _PollState) -> None:
         """After a poll: when the next is due. Half a tick early rather than a whole tick late:
         ticks and due times never align."""
-        state.due = state.started + self.next_delay(state.ep) - self.pacer.interval_s / 2
+        state.due = state.started + self._delay(state) - self.pacer.interval_s / 2
 
     def _begin(self, state: _PollState, now: float) -> None:
         ep = state.ep
@@ -430,18 +426,28 @@ class Scraper:
         at the start), with its own deadline."""
         error: BaseException | None = None
         try:
-            connection = await self._connect(state.ep, state.deadline)
-            await connection.get(self._request(state), reader, self.max_bytes, state.deadline)
+            await self._fetch(state, reader, state.deadline)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure ends the poll: _record sorts them
             error = exc
         self._finished(state, reader, error)
 
+    async def _fetch(self, state: _PollState, reader: RepeatAwareReader, deadline: float) -> None:
+        """One page into `reader` by `deadline`, as a coroutine, over the endpoint's connection
+        (opened first if it has none). Raises OSError, TimeoutError, MetricsParseError."""
+        connection = self._connections.get(state.ep.key)
+        if connection is None or connection.closed:
+            connection = await self._connect(state.ep, deadline)
+        await connection.get(self._request(state, reader.names), reader, self.max_bytes, deadline)
+
     def _send(self, state: _PollState, connection: MetricsConnection, reader: RepeatAwareReader) -> None:
         try:
             connection.start(
-                self._request(state), reader, self.max_bytes, partial(self._finished, state, reader)
+                self._request(state, reader.names),
+                reader,
+                self.max_bytes,
+                partial(self._finished, state, reader),
             )
         except ConnectionError as exc:
             self._finished(state, reader, exc)
@@ -476,13 +482,13 @@ class Scraper:
         names = self.config.engines.for_labels(state.ep.labels)
         return RepeatAwareReader(names, state.last_page, hints=state.hints)
 
-    def _request(self, state: _PollState) -> bytes:
-        """The GET of the endpoint's next poll (see `_PollState.filtering`)."""
+    def _request(self, state: _PollState, names: MetricNames) -> bytes:
+        """The GET of the endpoint's next poll (see `_PollState.filtering`), for the engine
+        mapping `names` the poll reads (labels change in place: it may differ from the last)."""
         if state.filtering >= FILTERED and state.started >= state.filter_recheck_at:
             state.filtering = WHOLE
         filtered = state.filtering in (TRIAL, FILTERED)
         key = (state.ep.key, filtered)
-        names = self.config.engines.for_labels(state.ep.labels)  # labels change in place
         cached = self._requests.get(key)
         if cached is not None and cached[0] is names:
             return cached[1]
@@ -513,11 +519,7 @@ class Scraper:
         reader = self._reader(state)
         error: BaseException | None = None
         try:
-            deadline = state.started + self._timeout_s
-            connection = self._connections.get(ep.key)
-            if connection is None or connection.closed:
-                connection = await self._connect(ep, deadline)
-            await connection.get(self._request(state), reader, self.max_bytes, deadline)
+            await self._fetch(state, reader, state.started + self._timeout_s)
         except (OSError, TimeoutError, MetricsParseError) as exc:  # ssl.SSLError is an OSError
             error = exc
         finally:
@@ -575,8 +577,9 @@ class Scraper:
         return True
 
     def _filter_refused(self, state: _PollState, why: str) -> None:
-        """The server does not honour `name[]` as asked: whole pages until the next connection
-        (logged once an endpoint; not a failed poll: the next poll, a whole page, follows at once)."""
+        """The server does not honour `name[]` as asked: whole pages until FILTER_RECHECK_S from
+        now (logged once an endpoint; not a failed poll: the next poll, a whole page, follows at
+        once)."""
         state.filtering = WHOLE_ONLY
         state.filter_recheck_at = state.started + FILTER_RECHECK_S
         state.started = state.due = -math.inf
@@ -612,8 +615,9 @@ class Scraper:
     def next_delay(self, ep: Endpoint) -> float:
         """How long after the start of its last poll an endpoint is polled again."""
         state = self._state.get(ep.key)
-        if state is None:
-            return self.pacer.interval_s
+        return self.pacer.interval_s if state is None else self._delay(state)
+
+    def _delay(self, state: _PollState) -> float:
         if state.limit_failures:
             return min(LIMIT_BACKOFF_MAX_S, LIMIT_BACKOFF_S * 2.0 ** (state.limit_failures - 1))
         return max(self.pacer.interval_s, state.last_bytes / PACE_BYTES_PER_S)

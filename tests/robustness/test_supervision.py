@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -16,7 +17,7 @@ from epp.datalayer.model_server_metrics import RepeatAwareReader
 from epp.datalayer.scraper import Scraper
 from epp.discovery.leader import LeaderElector, LeaseTiming
 from epp.discovery.reflector import Backoff, Reflector
-from epp.framework import Endpoint, EndpointMetrics
+from epp.framework import Endpoint
 from epp.supervision import (
     RESTARTS_METRIC,
     RestartBackoff,
@@ -27,6 +28,8 @@ from epp.supervision import (
 )
 from tests.support.epp_app import running_epp, wait_until
 from tests.support.fake_vllm import FakeVllm
+
+T = TypeVar("T")
 
 FAST = RestartBackoff(initial_s=0.01, max_s=0.04, reset_after_s=10.0)
 
@@ -122,24 +125,29 @@ async def supervised_scraper() -> tuple[FakeVllm, Supervisor, Endpoint, Scraper]
     return fake, supervisor, ep, Scraper(store, interval_s=0.02, supervisor=supervisor)
 
 
+def failing_on_the_second_call(real: Callable[..., T]) -> tuple[Callable[..., T], list[int]]:
+    """`real`, raising KeyError ("a bug") on its second call; and the count of calls so far."""
+    calls = [0]
+
+    def buggy(*args: Any) -> T:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyError("a bug")
+        return real(*args)
+
+    return buggy, calls
+
+
 async def test_a_poll_that_fails_unexpectedly_is_counted_and_polling_goes_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake, supervisor, ep, scraper = await supervised_scraper()
-    real = RepeatAwareReader.finish
-    calls = 0
-
-    def buggy(reader: RepeatAwareReader, now: float) -> EndpointMetrics:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise KeyError("a bug")  # in the callback that ends a poll, off any task
-        return real(reader, now)
-
+    # The bug is in the callback that ends a poll, off any task.
+    buggy, calls = failing_on_the_second_call(RepeatAwareReader.finish)
     monkeypatch.setattr(RepeatAwareReader, "finish", buggy)
     await scraper.start()
     try:
-        await wait_until(lambda: calls >= 4, what="polls after the failure")
+        await wait_until(lambda: calls[0] >= 4, what="polls after the failure")
         assert supervisor.restarts == {"scraper": 1}
         fake.waiting = 5
         await wait_until(lambda: ep.metrics.waiting_queue_size == 5, what="fresh metrics again")
@@ -150,16 +158,7 @@ async def test_a_poll_that_fails_unexpectedly_is_counted_and_polling_goes_on(
 
 async def test_a_ticker_that_fails_unexpectedly_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
     fake, supervisor, ep, scraper = await supervised_scraper()
-    real = scraper._due
-    calls = 0
-
-    def buggy(state: Any, now: float) -> bool:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise KeyError("a bug")
-        return real(state, now)
-
+    buggy, _ = failing_on_the_second_call(scraper._due)
     monkeypatch.setattr(scraper, "_due", buggy)
     await scraper.start()
     try:
