@@ -50,6 +50,12 @@ PREFIX = "llm_d_epp_"
 OVERFLOW_VALUE = "other"
 MAX_MODEL_LABEL_VALUES = 1000  # shared by model_name and target_model_name
 MAX_FAIRNESS_LABEL_VALUES = 1000
+# epp's own caps (not in llm-d-router): a value this long, and a request label set past this
+# many, fold to "other". Each label is capped alone, but a client choosing the model, the rewrite
+# target and the fairness id could still make 1000 x 1000 x 1000 sets of request series, each
+# one holding a few kB and adding about 47 kB to every /metrics page.
+MAX_LABEL_VALUE_CHARS = 1024
+MAX_REQUEST_LABEL_SETS = 2000
 
 # The priority label of a request without an InferenceObjective (and of every error series): the
 # Go EPP's default priority.
@@ -100,9 +106,10 @@ def _deprecated(canonical: str, text: str) -> str:
 
 
 class BoundedLabel:
-    """Caps the distinct values a label takes: past `limit`, new values become "other". A value
-    once admitted always maps to itself, so paired gauge updates stay balanced; "" passes
-    through; pinned values never fold and take no slot."""
+    """Caps the distinct values a label takes: past `limit`, new values become "other", as does a
+    value longer than MAX_LABEL_VALUE_CHARS. A value once admitted always maps to itself, so
+    paired gauge updates stay balanced; "" passes through; pinned values never fold and take no
+    slot."""
 
     __slots__ = ("_limit", "_pinned", "_seen")
 
@@ -114,7 +121,7 @@ class BoundedLabel:
     def bound(self, value: str) -> str:
         if not value or value in self._seen or value in self._pinned:
             return value
-        if len(self._seen) >= self._limit:
+        if len(self._seen) >= self._limit or len(value) > MAX_LABEL_VALUE_CHARS:
             return OVERFLOW_VALUE
         self._seen.add(value)
         return value
@@ -625,7 +632,11 @@ class EppMetrics:
         key = (bound(model), bound(target), self.fairness.bound(fairness), priority)
         children = self._requests.get(key)
         if children is None:
-            children = self._requests[key] = RequestMetrics(self, *key)
+            if len(self._requests) >= MAX_REQUEST_LABEL_SETS:
+                key = (OVERFLOW_VALUE, OVERFLOW_VALUE, OVERFLOW_VALUE, priority)
+                children = self._requests.get(key)
+            if children is None:
+                children = self._requests[key] = RequestMetrics(self, *key)
         return children
 
     def count_error(
@@ -640,7 +651,11 @@ class EppMetrics:
         key = (bound(model), bound(target), self.fairness.bound(fairness), priority, code)
         child = self._errors.get(key)
         if child is None:
-            child = self._errors[key] = self.request_errors.labels(*key)
+            if len(self._errors) >= MAX_REQUEST_LABEL_SETS:
+                key = (OVERFLOW_VALUE, OVERFLOW_VALUE, OVERFLOW_VALUE, priority, code)
+                child = self._errors.get(key)
+            if child is None:
+                child = self._errors[key] = self.request_errors.labels(*key)
         child.inc()
 
     # --- scheduling -------------------------------------------------------------------------------

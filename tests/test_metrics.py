@@ -16,7 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from epp.framework.registry import installed_registry
-from epp.observability import MAX_MODEL_LABEL_VALUES, EppMetrics
+from epp.observability import (
+    MAX_LABEL_VALUE_CHARS,
+    MAX_MODEL_LABEL_VALUES,
+    MAX_REQUEST_LABEL_SETS,
+    EppMetrics,
+)
 from epp.scheduling.loader import load_config
 from epp.testing import make_endpoint, make_request, route
 from epp_scorers.profile_handlers.disagg import MAX_MODEL_LABELS
@@ -313,6 +318,52 @@ def test_the_cap_keeps_running_gauges_balanced() -> None:
         metrics.registry.get_sample_value("inference_objective_running_requests", {"model_name": "other"})
         == 0
     )
+
+
+async def test_a_very_long_model_name_is_served_and_reported_as_other(epp: RunningEpp) -> None:
+    """A model name is the client's to choose: one of a megabyte routes as any other, but its
+    series would carry it twice on every /metrics page for the life of the process."""
+    huge = "m" * (MAX_LABEL_VALUE_CHARS + 1)
+    replies = await one_request(epp.stub, request_headers(), completion(model="x" * 1_000_000))
+    assert replies[0].HasField("request_headers")  # routed, not refused
+    await one_request(epp.stub, request_headers(), completion(model=huge))
+    await one_request(epp.stub, request_headers(), completion(model="m" * MAX_LABEL_VALUE_CHARS))
+    m = await scrape(epp)
+    assert m.value("llm_d_epp_request_total", model_name="other", target_model_name="other") == 2
+    assert m.value("llm_d_epp_request_total", model_name="m" * MAX_LABEL_VALUE_CHARS) == 1
+    longest = max(len(v) for v in m.label_values("llm_d_epp_request_total", "model_name"))
+    assert longest == MAX_LABEL_VALUE_CHARS
+
+
+def test_label_sets_past_the_cap_share_one_set_of_other_series() -> None:
+    """Each label is capped alone (1000 values), but the model, the rewrite target and the
+    fairness id combine: past MAX_REQUEST_LABEL_SETS sets, new ones report as other, and the
+    sets admitted before keep their own series (and their gauges stay balanced)."""
+    metrics = EppMetrics()
+    first = metrics.for_request("m0", "t0", "tenant-0")
+    for i in range(1, MAX_REQUEST_LABEL_SETS):  # i = 0 would be the first set again
+        metrics.for_request(f"m{i % 40}", f"t{i // 40}", f"tenant-{i % 7}")
+    late = metrics.for_request("m1", "t1", "tenant-3")  # each value admitted before, the set is new
+    assert late is metrics.for_request("m9", "t9", "tenant-9")
+    assert late.requests is metrics.for_request("other", "other", "other").requests
+    assert metrics.for_request("m0", "t0", "tenant-0") is first
+    late.running.inc()  # type: ignore[union-attr]
+    metrics.for_request("m1", "t1", "tenant-3").running.dec()  # type: ignore[union-attr]
+    running = metrics.registry.get_sample_value(
+        "llm_d_epp_request_running", {"model_name": "other", "target_model_name": "other",
+                                      "fairness_id": "other", "priority": "0"}
+    )  # fmt: skip
+    assert running == 0
+    for i in range(MAX_REQUEST_LABEL_SETS + 10):
+        metrics.count_error(f"m{i % 40}", f"t{i // 40}", "BadRequest", f"tenant-{i % 7}")
+    errors = {
+        tuple(s.labels.values())
+        for family in metrics.registry.collect()
+        if family.name == "llm_d_epp_request_error"
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+    assert len(errors) == MAX_REQUEST_LABEL_SETS + 1  # the sets admitted, then one of "other"
 
 
 async def test_grpc_stream_metrics_count_streams_by_code() -> None:
