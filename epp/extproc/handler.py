@@ -331,6 +331,16 @@ class RequestStream:
 
     def _take(self, amount: int, what: str) -> None:
         budget = self._shared.budget
+        if self._charged + amount > budget.limit:
+            # Not even an idle epp could hold it (a body of wide text is charged 14x while it is
+            # parsed): final, not a 429 to retry.
+            raise Refused(
+                ErrorCode.BAD_REQUEST,
+                f"the request body needs more memory than --request-body-memory-budget allows "
+                f"({what}; {self._charged + amount} bytes of {budget.limit}): send a smaller body",
+                REFUSED_TOO_LARGE,
+                HTTP_PAYLOAD_TOO_LARGE,
+            )
         if not budget.take(amount):
             raise saturated(
                 f"the request body memory budget is full ({what}; {budget.used} of {budget.limit} "

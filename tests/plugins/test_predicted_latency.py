@@ -506,3 +506,41 @@ async def test_an_unreachable_training_server_leaves_the_in_process_model_in_cha
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_the_predicted_latency_histograms_cap_the_model_labels_they_take_from_requests() -> None:
+    """The model and target names are the client's: past MAX_MODEL_LABEL_SETS sets, or longer
+    than MAX_MODEL_LABEL_CHARS, they are reported as other (a set admitted before keeps its own)."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    labels, old = (
+        ("plugin_name", "plugin_type", "model_name", "target_model_name"),
+        ("model_name", "target_model_name"),
+    )
+    histograms = predicted_latency.PredictionHistograms(
+        Histogram("ttft", "", labels, registry=registry),
+        Histogram("tpot", "", labels, registry=registry),
+        Histogram("old_ttft", "", old, registry=registry),
+        Histogram("old_tpot", "", old, registry=registry),
+    )
+    plugin = predicted_latency.PredictedLatencyProducer("plp")
+    prediction = predicted_latency.LatencyPrediction(100.0, 10.0, True, True, 0.0, 0.0, 0)
+
+    def observe(model: str) -> None:
+        histograms.observe(plugin, make_request(model=model), prediction, tpot=True)
+
+    observe("first")
+    observe("m" * (predicted_latency.MAX_MODEL_LABEL_CHARS + 1))
+    for i in range(predicted_latency.MAX_MODEL_LABEL_SETS + 5):
+        observe(f"model-{i}")
+    observe("first")
+
+    def count(name: str, model: str) -> float | None:
+        return registry.get_sample_value(f"{name}_count", {"model_name": model, "target_model_name": model})
+
+    assert count("old_ttft", "first") == 2 and count("old_tpot", "first") == 2
+    # the long name, and the sets past the cap (1,000 minus "first" and "other" taken before)
+    assert count("old_ttft", "other") == 1 + 7
+    models = {s.labels["model_name"] for f in registry.collect() if f.name == "ttft" for s in f.samples}
+    assert len(models) == predicted_latency.MAX_MODEL_LABEL_SETS and "model-999" not in models

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Self
 
@@ -83,6 +83,11 @@ _TPOT_BUCKETS = (
 )  # fmt: skip
 _LABELS = ("plugin_name", "plugin_type", "model_name", "target_model_name")
 _OLD_LABELS = ("model_name", "target_model_name")  # the deprecated inference_objective_* twins
+# The model names come from the request: at most this many (model, target) label sets, each value
+# at most this long; the rest are reported as "other", as epp's request metrics are.
+MAX_MODEL_LABEL_SETS = 1000
+MAX_MODEL_LABEL_CHARS = 1024
+OTHER_MODEL = "other"
 
 
 def slo_ms(headers: Mapping[str, str], names: Sequence[str]) -> float:
@@ -171,6 +176,9 @@ class LatencyPredictions:
 LATENCY_PREDICTION: DataKey[LatencyPredictions] = DataKey("latency-prediction-info", DEFAULT_LATENCY_PRODUCER)
 
 
+_Children = tuple[Any, Any, Any, Any]  # the ttft, old ttft, tpot and old tpot children of one label set
+
+
 @dataclass(frozen=True, slots=True)
 class PredictionHistograms:
     """The predicted TTFT / TPOT of the endpoint each request was routed to, under llm-d-router's
@@ -180,6 +188,8 @@ class PredictionHistograms:
     tpot: Histogram
     old_ttft: Histogram
     old_tpot: Histogram
+    # (plugin, model, target) -> the children, resolved once a label set (capped: see above)
+    _children: dict[tuple[str, str, str], _Children] = field(default_factory=dict)
 
     @classmethod
     def register(cls, handle: PluginHandle) -> PredictionHistograms:
@@ -200,12 +210,33 @@ class PredictionHistograms:
     def observe(
         self, plugin: PredictedLatencyProducer, request: InferenceRequest, p: LatencyPrediction, *, tpot: bool
     ) -> None:
-        model, target = request.model, request.target_model
-        self.ttft.labels(plugin.name, plugin.type_name, model, target).observe(p.ttft_ms / 1000.0)
-        self.old_ttft.labels(model, target).observe(p.ttft_ms / 1000.0)
+        ttft, old_ttft, tpot_child, old_tpot = self._of(plugin, request.model, request.target_model)
+        ttft.observe(p.ttft_ms / 1000.0)
+        old_ttft.observe(p.ttft_ms / 1000.0)
         if tpot:
-            self.tpot.labels(plugin.name, plugin.type_name, model, target).observe(p.tpot_ms / 1000.0)
-            self.old_tpot.labels(model, target).observe(p.tpot_ms / 1000.0)
+            tpot_child.observe(p.tpot_ms / 1000.0)
+            old_tpot.observe(p.tpot_ms / 1000.0)
+
+    def _of(self, plugin: PredictedLatencyProducer, model: str, target: str) -> _Children:
+        key = (plugin.name, model, target)
+        children = self._children.get(key)
+        if children is None:
+            if (
+                len(self._children) >= MAX_MODEL_LABEL_SETS
+                or len(model) > MAX_MODEL_LABEL_CHARS
+                or len(target) > MAX_MODEL_LABEL_CHARS
+            ):
+                key = (plugin.name, OTHER_MODEL, OTHER_MODEL)
+                children = self._children.get(key)
+            if children is None:
+                _, model, target = key
+                children = self._children[key] = (
+                    self.ttft.labels(plugin.name, plugin.type_name, model, target),
+                    self.old_ttft.labels(model, target),
+                    self.tpot.labels(plugin.name, plugin.type_name, model, target),
+                    self.old_tpot.labels(model, target),
+                )
+        return children
 
 
 class PredictedLatencyProducer(
