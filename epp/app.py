@@ -254,7 +254,12 @@ class App:
         if config is not None and detector is not None:
             metrics = FlowControlMetrics(self.metrics.registry, self.settings.metrics_pool_name)
             controller = FlowController(
-                config, detector, self.datastore.endpoints, metrics, self.settings.refresh_metrics_interval_s
+                config,
+                detector,
+                self.datastore.endpoints,
+                metrics,
+                self.settings.refresh_metrics_interval_s,
+                supervisor=self.supervisor,
             )
             self.datastore.subscribe(lambda ep: controller.wake(), lambda ep: None)
         admission = Admission(objectives, detector, controller, self.datastore.endpoints)

@@ -32,6 +32,7 @@ from epp.flowcontrol.config import BandConfig, FlowControlConfig
 from epp.flowcontrol.metrics import FlowControlMetrics
 from epp.framework.datamodel import Endpoint
 from epp.framework.plugin import FlowItem, SaturationDetector
+from epp.supervision import Supervisor, current_supervisor
 
 
 class Outcome(enum.Enum):
@@ -87,9 +88,11 @@ class FlowController:
         candidates: Callable[[], Sequence[Endpoint]],
         metrics: FlowControlMetrics | None = None,
         recheck_s: float = 0.05,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
         self.detector = detector
+        self._supervisor = supervisor
         self._candidates = candidates
         self.metrics = metrics
         self.recheck_s = recheck_s
@@ -266,12 +269,23 @@ class FlowController:
             asyncio.get_running_loop().call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
+        """Dispatch the next request, if capacity allows (a loop callback, not a task: an error in a
+        plugin it calls is logged and counted by the supervisor, and the dispatch is tried again a
+        recheck later rather than never, which would leave the queues to their TTLs)."""
         self._kicked = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if not self._count or self._in_transit or self.stopped:
             return
+        try:
+            self._dispatch_next()
+        except Exception as exc:
+            (self._supervisor or current_supervisor()).failed("flow-control-dispatch", exc)
+            if self._timer is None and not self.stopped:
+                self._timer = asyncio.get_running_loop().call_later(self.recheck_s, self._dispatch)
+
+    def _dispatch_next(self) -> None:
         gated = self._gated_at()
         band = next((b for b in self._order[:gated] if b.count), None)
         if band is None:

@@ -30,10 +30,15 @@ from epp.framework import (
     SchedulingResult,
     ServedElsewhere,
 )
+from epp.logsetup import LogLimiter
 from epp.scheduling.profile import PluginSeries, PluginTimer, SchedulerProfile, series_of
 from epp.tracing import ProfileRun
 
 log = logging.getLogger(__name__)
+# A plugin hook that fails fails on every request: its tracebacks are logged at most this many
+# times per this many seconds (per scheduler), then one line says how many were suppressed.
+HOOK_ERROR_LOG_BURST = 5
+HOOK_ERROR_LOG_INTERVAL_S = 30.0
 
 _MAX_ROUNDS = 8  # a handler that never stops asking must not hang a request
 
@@ -65,6 +70,7 @@ class Scheduler:
         self.handler = handler
         self.profiles = dict(profiles)
         self._profile_names = list(self.profiles)
+        self._hook_errors = LogLimiter(log, HOOK_ERROR_LOG_BURST, HOOK_ERROR_LOG_INTERVAL_S)
         self.trace_profiles = False  # record PROFILE_RUNS in the cycle state (tracing is on)
         self.plugins = list(plugins)
         # What the plugins were built with: their metrics registry and the in-flight ledger.
@@ -156,15 +162,17 @@ class Scheduler:
 
     # --- request lifecycle (called by the director) ----------------------------------------------
 
-    @staticmethod
-    def _each(point: str, hooks: Sequence[tuple[P, PluginSeries]], call: Callable[[P], object]) -> None:
-        """Run one hook of every plugin that has it; a failing plugin is logged, never fatal."""
+    def _each(self, point: str, hooks: Sequence[tuple[P, PluginSeries]], call: Callable[[P], object]) -> None:
+        """Run one hook of every plugin that has it; a failing plugin is logged (rate-limited),
+        never fatal."""
         for hook, series in hooks:
             started = time.perf_counter()
             try:
                 call(hook)
             except Exception:
-                log.exception("%s hook of plugin %s failed", point, hook.name)
+                self._hook_errors.log(
+                    logging.ERROR, "%s hook of plugin %s failed", point, hook.name, exc_info=True
+                )
             series.observe(time.perf_counter() - started)
 
     def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:

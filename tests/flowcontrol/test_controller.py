@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Mapping
 
 import pytest
 
 from epp.flowcontrol.config import BandConfig, FlowControlConfig
 from epp.flowcontrol.controller import FlowController, Outcome
 from epp.framework import Endpoint
+from epp.supervision import Supervisor
 from epp.testing import make_endpoint
 from epp_scorers.flow_policies.fairness import GlobalStrictFairnessPolicy, RoundRobinFairnessPolicy
 from epp_scorers.flow_policies.ordering import EdfOrderingPolicy, FcfsOrderingPolicy
@@ -237,3 +239,38 @@ async def test_after_stop_only_what_can_go_at_once_goes() -> None:
     assert await submit(fc, order, "b", pool=pool) is Outcome.DISPATCHED
     assert await submit(fc, order, "c", pool=pool) is Outcome.REJECTED_OTHER  # would have to wait
     assert fc.queued == 0
+
+
+class _FailsOnce(GlobalStrictFairnessPolicy):
+    """A fairness plugin with a bug that shows once."""
+
+    failed = False
+
+    def pick(self, heads: Mapping[str, tuple[float, ...]], last: str | None) -> str:
+        if not self.failed:
+            self.failed = True
+            raise ZeroDivisionError("a plugin bug")
+        return super().pick(heads, last)
+
+
+async def test_a_plugin_error_in_dispatch_is_counted_and_dispatch_goes_on() -> None:
+    """Dispatch runs as a loop callback, outside any task: a plugin that raises there is logged and
+    counted as a recovered background error, and the queue is looked at again a recheck later, so
+    the waiting request goes then rather than at its TTL."""
+    pool = Pool(1)
+    supervisor = Supervisor()
+    fc = FlowController(
+        config(ttl_s=30.0, fairness=_FailsOnce()), pool.detector, pool.candidates, recheck_s=0.02,
+        supervisor=supervisor,
+    )  # fmt: skip
+    order: list[str] = []
+    await submit(fc, order, "r0", pool=pool)
+    waiting = asyncio.ensure_future(submit(fc, order, "r1", pool=pool))
+    await asyncio.sleep(0.01)
+    assert fc.queued == 1
+    pool.ep.inflight_requests -= 1
+    fc.wake()  # dispatch: the plugin raises
+    async with asyncio.timeout(2):
+        assert await waiting is Outcome.DISPATCHED
+    assert order == ["r0", "r1"]
+    assert supervisor.restarts == {"flow-control-dispatch": 1}

@@ -740,3 +740,39 @@ def test_make_request_chat_and_headers() -> None:
     assert request.api.value == "/v1/chat/completions" and request.headers == {"x-session-token": "t"}
     assert request.prompt_text == '[{"role":"user","content":"hi"}]'
     assert math.isclose(make_endpoint("e", kv=0.5).metrics.kv_cache_usage, 0.5)
+
+
+class BrokenHook(PreRequest):
+    """A plugin whose pre_request hook fails on every request."""
+
+    type_name = "broken-hook"
+
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        raise KeyError("a bug in a plugin")
+
+
+def test_a_hook_failing_on_every_request_routes_them_all_and_logs_a_few(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failing hook is never fatal, and one that fails on every request does not write a
+    traceback a request: at most HOOK_ERROR_LOG_BURST per interval, then they are counted."""
+    from epp.scheduling.scheduler import HOOK_ERROR_LOG_BURST
+
+    registry = in_tree_registry()
+    registry.register(BrokenHook)
+    scheduler = load_config(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
+        "plugins:\n- {type: broken-hook}\n- {type: max-score-picker}\n"
+        "schedulingProfiles:\n- name: default\n"
+        "  plugins: [{pluginRef: broken-hook}, {pluginRef: max-score-picker}]\n",
+        registry,
+    ).scheduler
+    endpoints = [make_endpoint("a"), make_endpoint("b")]
+    with caplog.at_level(logging.ERROR, logger="epp.scheduling.scheduler"):
+        picked = [
+            route(scheduler, endpoints, make_request(f"p{i}")).primary.endpoints[0].name for i in range(50)
+        ]
+    assert len(picked) == 50
+    failures = [r for r in caplog.records if "PreRequest hook of plugin broken-hook failed" in r.getMessage()]
+    assert 1 <= len(failures) <= HOOK_ERROR_LOG_BURST
+    assert failures[0].exc_info is not None and "a bug in a plugin" in str(failures[0].exc_info[1])
