@@ -217,6 +217,23 @@ def test_state_is_bounded_by_the_requests_in_flight(monkeypatch: pytest.MonkeyPa
     assert list(producer._running_tpot_slo[ep.key]) == ["open-2", "open-3", "open-4"]
 
 
+def test_a_request_id_sent_twice_leaves_no_entry_behind() -> None:
+    """x-request-id is the client's: two requests in flight under one id, on two endpoints, must not
+    leave a running TPOT SLO behind (which would tighten that endpoint's budget for ever)."""
+    producer = trained()
+    a, b = make_endpoint("a", running=1), make_endpoint("b", running=1)
+    first, second = (
+        make_request("x" * 400, headers={"x-llm-d-slo-tpot-ms": "8"}, request_id="same") for _ in range(2)
+    )
+    for request, ep in ((first, a), (second, b)):
+        cycle = CycleState()
+        producer.produce(cycle, request, [ep])
+        producer.pre_request(cycle, request, SchedulingResult("d", {"d": ProfileResult("d", [ep], [ep])}))
+    producer.response_complete(first, a)
+    producer.response_complete(second, b)
+    assert not producer._pending and not producer._running_tpot_slo
+
+
 # --- latency-scorer ------------------------------------------------------------------------------
 
 

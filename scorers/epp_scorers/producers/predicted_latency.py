@@ -429,7 +429,10 @@ class PredictedLatencyProducer(
         x = predictions.features_of(endpoint)
         if x is None:
             return
-        if len(self._pending) >= _MAX_PENDING:  # the oldest goes, with its TPOT SLO entry
+        earlier = self._pending.pop(request.request_id, None)
+        if earlier is not None:  # the client sent this x-request-id before: its entry goes, not leaks
+            self._forget(request.request_id, earlier[1])
+        elif len(self._pending) >= _MAX_PENDING:  # the oldest goes, with its TPOT SLO entry
             oldest = next(iter(self._pending))
             self._forget(oldest, self._pending.pop(oldest)[1])
         self._pending[request.request_id] = (x, endpoint.key, predictions.get(endpoint))
