@@ -333,6 +333,39 @@ def test_session_id_strategy_binds_sticks_moves_and_expires() -> None:
     assert score(scorer, [a, b], make_request()) == [0.0, 0.0]  # no session id
 
 
+def test_session_bindings_are_bounded_in_count_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session ids are the clients' to choose: at most MAX_SESSIONS bindings (the least recently
+    seen go first), an id past MAX_SESSION_ID_CHARS kept by its hash, and a sweep that stops at
+    the first binding still in use."""
+    from epp_scorers.scorers import session_affinity
+
+    monkeypatch.setattr(session_affinity, "MAX_SESSIONS", 3)
+    now = [0.0]
+    scorer = SessionAffinityScorer(strategy="session_id", eviction_ttl_seconds=60, clock=lambda: now[0])
+    a, b = make_endpoint("a"), make_endpoint("b")
+
+    def route(session: str, picked: Endpoint) -> list[float]:
+        request, cycle = make_request(headers={"x-session-id": session}), CycleState()
+        scores = scorer.score(cycle, request, [a, b])
+        scorer.pre_request(cycle, request, result_for(picked))
+        return scores
+
+    for session in ("s1", "s2", "s3"):
+        route(session, a)
+    route("s1", a)  # seen again: now the most recent
+    route("s4", b)  # one too many: s2, the least recently seen, goes
+    assert route("s1", b) == [1.0, 0.0] and route("s3", b) == [1.0, 0.0]
+    assert route("s2", b) == [0.0, 0.0]  # forgotten (and bound again, to b)
+    long_id = "x" * (session_affinity.MAX_SESSION_ID_CHARS + 1)
+    route(long_id, b)
+    assert route(long_id, a) == [0.0, 1.0]  # still its session
+    assert all(len(sid) <= session_affinity.MAX_SESSION_ID_CHARS for sid in scorer._bindings)
+    assert route(long_id[:-1] + "y", a) == [0.0, 0.0]  # another id of the same length: not bound
+    now[0] = 61.0
+    route("fresh", a)  # the sweep: every binding before this one has expired
+    assert list(scorer._bindings) == ["fresh"]
+
+
 # --- prefix-cache-scorer and approx-prefix-cache-producer -----------------------------------------
 
 

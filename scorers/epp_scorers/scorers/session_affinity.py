@@ -8,7 +8,9 @@ Two strategies (`strategy`), as in the Go EPP:
 - `session_id` (stateful): the client sends an opaque id (`sessionIdConfig.sources`, default header
   `x-session-id`); epp remembers which endpoint the id was routed to and scores that endpoint 1
   while it is a candidate. An unbound id scores 0 everywhere. A binding moves only when its
-  endpoint was not a candidate; it expires after `evictionTtlSeconds` (300) unused.
+  endpoint was not a candidate; it expires after `evictionTtlSeconds` (300) unused. epp keeps at
+  most MAX_SESSIONS bindings (the least recently used go first) and remembers an id longer than
+  MAX_SESSION_ID_CHARS by its hash: the ids are the clients' to choose.
 
 `profileName` (P/D): token and binding name that profile's endpoint instead of the primary's.
 
@@ -34,7 +36,9 @@ import base64
 import binascii
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Self
+from typing import Final, Self
+
+import xxhash
 
 from epp.framework import (
     ConfigError,
@@ -55,6 +59,8 @@ DEFAULT_TOKEN_HEADER = "x-session-token"
 DEFAULT_SESSION_ID_HEADER = "x-session-id"
 STRATEGY_ENCODED = "encoded_endpoint_header"
 STRATEGY_SESSION_ID = "session_id"
+MAX_SESSIONS: Final = 100_000
+MAX_SESSION_ID_CHARS: Final = 256
 
 
 def encode_token(endpoint: Endpoint) -> str:
@@ -145,7 +151,8 @@ class SessionAffinityScorer(Scorer, PreRequest, ResponseHeaders):
         self.ttl_s = eviction_ttl_seconds
         self.sweep_s = eviction_sweep_seconds
         self._clock = clock
-        self._bindings: dict[str, tuple[str, float]] = {}  # session id -> (endpoint name, last seen)
+        # session id -> (endpoint name, last seen), least recently seen first
+        self._bindings: dict[str, tuple[str, float]] = {}
         self._last_sweep = clock()
         self._present_key = DataKey[bool](f"{self.type_name}/bound-present", self.name)
 
@@ -188,6 +195,8 @@ class SessionAffinityScorer(Scorer, PreRequest, ResponseHeaders):
     def _session_id(self, request: InferenceRequest) -> str:
         for header in self.id_headers:
             value = request.headers.get(header, "").strip()
+            if len(value) > MAX_SESSION_ID_CHARS:  # kept by its hash, not whole
+                return "xxh3:" + xxhash.xxh3_128_hexdigest(value.encode())
             if value:
                 return value
         return ""
@@ -227,17 +236,24 @@ class SessionAffinityScorer(Scorer, PreRequest, ResponseHeaders):
         if not session or target is None:
             return
         now = self._clock()
+        bindings = self._bindings
         if now - self._last_sweep >= self.sweep_s:
             self._last_sweep = now
-            ttl = self.ttl_s
-            for sid in [s for s, (_, seen) in self._bindings.items() if now - seen > ttl]:
-                del self._bindings[sid]
+            # Least recently seen first: the sweep stops at the first binding still in use.
+            while bindings and now - next(iter(bindings.values()))[1] > self.ttl_s:
+                del bindings[next(iter(bindings))]
         name = target.namespaced_name
-        existing = self._bindings.get(session)
-        if existing is None or existing[0] == name or now - existing[1] > self.ttl_s:
-            self._bindings[session] = (name, now)
-        elif cycle.read(self._present_key) is False:
-            self._bindings[session] = (name, now)  # the bound endpoint was gone: the session moves
+        existing = bindings.get(session)
+        if (
+            existing is None
+            or existing[0] == name
+            or now - existing[1] > self.ttl_s
+            or cycle.read(self._present_key) is False  # the bound endpoint was gone: the session moves
+        ):
+            bindings.pop(session, None)  # seen now: it goes to the end
+            bindings[session] = (name, now)
+            if len(bindings) > MAX_SESSIONS:
+                del bindings[next(iter(bindings))]
 
     def response_headers(
         self, request: InferenceRequest, result: SchedulingResult | None, endpoint: Endpoint
