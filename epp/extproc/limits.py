@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from epp.errors import DROPPED_SATURATED, EppError, ErrorCode
-from epp.logsetup import LogLimiter
+from epp.framework import LogLimiter
 from epp.observability import PREFIX
 from epp.settings import REQUEST_BODY_MEMORY_FACTOR
 

@@ -39,6 +39,7 @@ from epp.framework.fairness import fairness_id
 from epp.framework.handle import PluginHandle
 from epp.framework.histogram import HistogramChild, LeanHistogram
 from epp.framework.inflight import InFlightLedger
+from epp.framework.logs import LogLimiter
 from epp.framework.params import Params
 from epp.framework.plugin import (
     Admitter,
@@ -98,6 +99,7 @@ __all__ = [
     "InFlightLedger",
     "InferenceRequest",
     "LeanHistogram",
+    "LogLimiter",
     "MetricColumns",
     "OrderingPolicy",
     "ParamDoc",

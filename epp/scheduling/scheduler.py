@@ -18,6 +18,7 @@ from epp.framework import (
     EppError,
     ErrorCode,
     InferenceRequest,
+    LogLimiter,
     Plugin,
     PluginHandle,
     PreRequest,
@@ -30,7 +31,6 @@ from epp.framework import (
     SchedulingResult,
     ServedElsewhere,
 )
-from epp.logsetup import LogLimiter
 from epp.scheduling.profile import PluginSeries, PluginTimer, SchedulerProfile, series_of
 from epp.tracing import ProfileRun
 

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from epp.framework import LogLimiter
 from epp_scorers.kvcache.index import BlockIndex
 from epp_scorers.kvcache.wire import (
     AllBlocksCleared,
@@ -36,6 +37,10 @@ from epp_scorers.kvcache.wire import (
 log = logging.getLogger(__name__)
 
 MAX_LORA_NAMES: Final = 4096
+MAX_SOURCES: Final = 10_000  # sources whose last sequence is kept (the least recently heard forgotten)
+# Warnings about a source's messages (malformed, lost, restarted): at most this many per interval.
+WARN_BURST: Final = 10
+WARN_INTERVAL_S: Final = 10.0
 
 # Fetches batches [start, ...] from the engine's replay socket: (seq, payload) in order.
 Replay = Callable[[int], Awaitable[Sequence[tuple[int, bytes]]]]
@@ -63,15 +68,19 @@ class EventConsumer:
         # LoRA adapter names seen in BlockStored events: a request for one of these models hashes
         # its blocks with the adapter's name as an extra key, as the engine did.
         self.lora_names: set[str] = set()
+        self.warnings = LogLimiter(log, WARN_BURST, WARN_INTERVAL_S)  # a bad peer can send many
 
     async def handle(self, source: str, pod: str, message: Message, replay: Replay | None = None) -> None:
         try:
             batch = decode_batch(message.payload)
         except WireError as exc:
             self.stats.malformed += 1
-            log.warning("KV events from %s: dropped a malformed batch: %s", source, exc)
+            self.warnings.log(
+                logging.WARNING, "KV events from %s: dropped a malformed batch: %s", source, exc
+            )
             return
-        last = self.stats.sources.get(source)
+        sources = self.stats.sources
+        last = sources.pop(source, None)  # put back last: the least recently heard come first
         if last is not None and message.seq <= last:
             self.stats.restarts += 1
             log.info(
@@ -84,7 +93,9 @@ class EventConsumer:
         elif last is not None and message.seq > last + 1:
             await self._fill_gap(source, pod, last + 1, message.seq, replay)
         self.apply(pod, batch)
-        self.stats.sources[source] = message.seq
+        sources[source] = message.seq
+        if len(sources) > MAX_SOURCES:
+            del sources[next(iter(sources))]
 
     async def _fill_gap(self, source: str, pod: str, start: int, end: int, replay: Replay | None) -> None:
         self.stats.gaps += 1
@@ -99,12 +110,21 @@ class EventConsumer:
                             self.stats.malformed += 1
                         got += 1
             except (OSError, TimeoutError) as exc:
-                log.warning("KV events from %s: replay from %d failed: %s", source, start, exc)
+                self.warnings.log(
+                    logging.WARNING, "KV events from %s: replay from %d failed: %s", source, start, exc
+                )
         self.stats.replayed += got
         lost = end - start - got
         if lost > 0:
             self.stats.lost_batches += lost
-            log.warning("KV events from %s: %d batches lost (sequence %d..%d)", source, lost, start, end - 1)
+            self.warnings.log(
+                logging.WARNING,
+                "KV events from %s: %d batches lost (sequence %d..%d)",
+                source,
+                lost,
+                start,
+                end - 1,
+            )
 
     def forget(self, source: str) -> None:
         self.stats.sources.pop(source, None)

@@ -21,6 +21,9 @@ from typing import Final, Protocol
 DEFAULT_CAPACITY: Final = 1_000_000  # block keys; ~200 bytes each with one pod
 DEFAULT_PODS_PER_KEY: Final = 10  # llm-d's podCacheSize default
 DEFAULT_SPECULATIVE_CAPACITY: Final = 100_000  # speculative block keys (each lives a TTL, 2 s by default)
+# Pods named by events (each has a generation): past this many, the first one named is forgotten
+# and its entries stop counting. Pods come and go; their names would otherwise pile up for ever.
+MAX_PODS: Final = 100_000
 _NOBODY: Final[dict[str, tuple[int, float]]] = {}
 _NO_HOLDERS: Final[dict[str, tuple[int, str]]] = {}
 
@@ -72,7 +75,7 @@ class MemoryBlockIndex:
         return len(self._blocks)
 
     def add(self, pod: str, keys: Sequence[int], tier: str) -> None:
-        generation = self._generation.setdefault(pod, 0)
+        generation = self._generation_of(pod)
         blocks = self._blocks
         for key in keys:
             holders = blocks.get(key)
@@ -89,7 +92,7 @@ class MemoryBlockIndex:
             self.evictions += 1
 
     def add_speculative(self, pod: str, keys: Sequence[int], expires: float) -> None:
-        generation = self._generation.setdefault(pod, 0)
+        generation = self._generation_of(pod)
         speculative = self._speculative
         for key in keys:
             pods = speculative.get(key)
@@ -116,6 +119,14 @@ class MemoryBlockIndex:
                 del holders[pod]
                 if not holders:
                     del blocks[key]
+
+    def _generation_of(self, pod: str) -> int:
+        generation = self._generation.get(pod)
+        if generation is None:
+            generation = self._generation[pod] = 0
+            if len(self._generation) > MAX_PODS:
+                del self._generation[next(iter(self._generation))]
+        return generation
 
     def clear_pod(self, pod: str) -> None:
         if pod in self._generation:

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RCV_HWM: Final = 10_000  # messages waiting in one SUB socket before ZMQ drops (a gap, then replay)
+# A peer sending a larger message is disconnected (a vLLM batch is kilobytes; a 128k-token prompt's
+# blocks, a few hundred kB).
+MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 REPLAY_TIMEOUT_S: Final = 2.0
 REPLAY_MAX_BATCHES: Final = 10_000  # vLLM's default buffer_steps: more is not coming
 
@@ -53,6 +56,7 @@ def _sub_socket(topic_filter: str) -> zmq.asyncio.Socket:
 
     sock = zmq_context().socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, RCV_HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SUBSCRIBE, topic_filter.encode())
     return sock
@@ -107,13 +111,18 @@ async def bound_subscriber(
                 message = parse_frames(frames)
             except WireError as exc:
                 consumer.stats.malformed += 1
-                log.warning("KV events at %s: dropped a malformed message: %s", endpoint, exc)
+                consumer.warnings.log(
+                    logging.WARNING, "KV events at %s: dropped a malformed message: %s", endpoint, exc
+                )
                 continue
             pod, _model = parse_topic(message.topic)
             if not pod:
                 consumer.stats.malformed += 1
-                log.warning(
-                    "KV events at %s: topic %r names no pod (kv@<pod>@<model>)", endpoint, message.topic
+                consumer.warnings.log(
+                    logging.WARNING,
+                    "KV events at %s: topic %r names no pod (kv@<pod>@<model>)",
+                    endpoint,
+                    message.topic,
                 )
                 continue
             replay = replay_from(f"tcp://{_host(pod)}:{replay_port}") if replay_port else None
@@ -143,7 +152,9 @@ async def connected_subscriber(
                 message = parse_frames(frames)
             except WireError as exc:
                 consumer.stats.malformed += 1
-                log.warning("KV events from %s: dropped a malformed message: %s", endpoint, exc)
+                consumer.warnings.log(
+                    logging.WARNING, "KV events from %s: dropped a malformed message: %s", endpoint, exc
+                )
                 continue
             await consumer.handle(endpoint, pod, message, replay)
     finally:

@@ -19,6 +19,8 @@ import msgspec
 
 from epp_scorers.kvcache.keys import key_of
 
+MAX_TOPIC_BYTES: Final = 1024  # a topic names a pod and a model: longer is not an engine's
+
 END_SEQ: Final = (-1).to_bytes(8, "big", signed=True)  # the replay socket's end marker
 DEFAULT_TIER: Final = "gpu"  # an event without `medium` is about the GPU cache (llm-d's default)
 
@@ -72,6 +74,8 @@ def parse_frames(frames: Sequence[bytes]) -> Message:
     if len(frames) != 3:
         raise WireError(f"expected 3 frames (topic, sequence, payload), got {len(frames)}")
     topic, seq, payload = frames
+    if len(topic) > MAX_TOPIC_BYTES:
+        raise WireError(f"topic of {len(topic)} bytes, past {MAX_TOPIC_BYTES}")
     if len(seq) != 8:
         raise WireError(f"sequence frame has {len(seq)} bytes, expected 8")
     try:

@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 
-from epp_scorers.kvcache.consumer import EventConsumer
+from epp_scorers.kvcache import consumer as consumer_module
+from epp_scorers.kvcache import index as index_module
+from epp_scorers.kvcache.consumer import WARN_BURST, EventConsumer
 from epp_scorers.kvcache.index import MemoryBlockIndex
 from epp_scorers.kvcache.keys import block_hashes, key_of
-from epp_scorers.kvcache.subscriber import bound_subscriber, connected_subscriber
+from epp_scorers.kvcache.subscriber import MAX_MESSAGE_BYTES, bound_subscriber, connected_subscriber
+from epp_scorers.kvcache.wire import MAX_TOPIC_BYTES, Message
 from tests.plugins.kvcache import vllm_events as v
 
 TOKENS = list(range(64))
@@ -137,3 +140,57 @@ async def test_malformed_messages_are_counted_and_dropped(frames: list[bytes]) -
             assert consumer.stats.batches == 0
     finally:
         await pub.close()
+
+
+async def test_a_topic_too_long_or_a_message_too_large_is_never_applied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any peer that reaches a bound socket can send: a topic past MAX_TOPIC_BYTES is dropped as
+    malformed (its warnings rate-limited), and a message past MAX_MESSAGE_BYTES is refused by ZMQ
+    itself before it is held; a good message from the same publisher still lands."""
+    consumer = EventConsumer(MemoryBlockIndex())
+    bound: list[str] = []
+    async with _running(bound_subscriber("tcp://127.0.0.1:*", "kv@", consumer, on_bound=bound.append)):
+        await _until(lambda: bool(bound))
+        long_topic = "kv@" + "p" * MAX_TOPIC_BYTES + "@model"
+        pub = v.Publisher(bound[0], long_topic)
+        try:
+            async with asyncio.timeout(5):
+                while consumer.stats.malformed < 30:
+                    await pub.publish(v.encode([v.stored(HASHES, TOKENS)]))
+                    await asyncio.sleep(0.005)
+        finally:
+            await pub.close()
+        assert consumer.stats.batches == 0
+        warned = [r for r in caplog.records if "dropped a malformed message" in r.getMessage()]
+        assert 1 <= len(warned) <= WARN_BURST
+        malformed = consumer.stats.malformed
+        huge = v.Publisher(bound[0], "kv@10.0.0.9@model")
+        small = v.Publisher(bound[0], "kv@10.0.0.1@model")
+        try:
+            await _publish_until_seen(small, consumer, v.encode([v.stored(HASHES[:1], TOKENS[:16])]))
+            for _ in range(3):  # not msgpack: were it received, it would count as malformed
+                await huge.publish(b"\xc1" * (MAX_MESSAGE_BYTES + 1))
+            await small.publish(v.encode([v.stored(HASHES[1:2], TOKENS[16:32], parent=HASHES[0])]))
+            await _until(lambda: consumer.stats.batches >= 2)
+            await asyncio.sleep(0.3)
+        finally:
+            await huge.close()
+            await small.close()
+        assert consumer.stats.malformed == malformed  # ZMQ dropped the huge ones unread
+
+
+async def test_what_is_kept_per_source_and_per_pod_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sources (a topic, an engine) and pods come and go: the sequences of the least recently heard
+    sources and the generations of the first pods named are forgotten past their bounds."""
+    monkeypatch.setattr(consumer_module, "MAX_SOURCES", 3)
+    monkeypatch.setattr(index_module, "MAX_PODS", 3)
+    index = MemoryBlockIndex()
+    consumer = EventConsumer(index)
+    payload = v.encode([v.stored(HASHES[:1], TOKENS[:16])])
+    for i in range(5):
+        await consumer.handle(f"kv@10.0.0.{i}@m", f"10.0.0.{i}", Message(f"kv@10.0.0.{i}@m", 1, payload))
+    await consumer.handle("kv@10.0.0.2@m", "10.0.0.2", Message("kv@10.0.0.2@m", 2, payload))
+    assert list(consumer.stats.sources) == ["kv@10.0.0.3@m", "kv@10.0.0.4@m", "kv@10.0.0.2@m"]
+    held = {f"p{i}": [f"10.0.0.{i}"] for i in range(5)}
+    assert index.match(KEYS[:1], held) == {"p2": 1, "p3": 1, "p4": 1}  # 0 and 1 forgotten
