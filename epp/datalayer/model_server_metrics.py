@@ -411,9 +411,12 @@ class HttpStatusError(MetricsParseError):
 
 
 # Label sets parsed, by their text: a pod's label sets (cache_config_info's 15 labels) repeat from
-# poll to poll and across pods. Bounded; emptied when full. Read only: never mutate a result.
+# poll to poll and across pods. Bounded in entries and in each text's length (a longer one, e.g. a
+# LoRA info line listing many adapters, is parsed each time); emptied when full. Read only: never
+# mutate a result.
 _LABEL_CACHE: dict[str, Mapping[str, str]] = {}
 _LABEL_CACHE_SIZE = 4096
+_LABEL_CACHE_TEXT_CHARS = 2048
 
 
 # Samples parsed, by their line's bytes: (name, value, label text). A pod's page repeats most of
@@ -428,9 +431,10 @@ def _cached_labels(text: str, raw_line: bytes) -> Mapping[str, str]:
     labels = _LABEL_CACHE.get(text)
     if labels is None:
         labels = _parse_labels(text, raw_line.decode())
-        if len(_LABEL_CACHE) >= _LABEL_CACHE_SIZE:
-            _LABEL_CACHE.clear()
-        _LABEL_CACHE[text] = labels
+        if len(text) <= _LABEL_CACHE_TEXT_CHARS:
+            if len(_LABEL_CACHE) >= _LABEL_CACHE_SIZE:
+                _LABEL_CACHE.clear()
+            _LABEL_CACHE[text] = labels
     return labels
 
 

@@ -157,6 +157,18 @@ def test_lines_parsed_before_are_remembered_within_bounds() -> None:
             len(line) <= model_server_metrics._SAMPLE_CACHE_LINE_BYTES
             for line in model_server_metrics._SAMPLE_CACHE
         )
+        assert all(
+            len(text) <= model_server_metrics._LABEL_CACHE_TEXT_CHARS
+            for text in model_server_metrics._LABEL_CACHE
+        )
+    # A long label text (many LoRA adapters) is read each time, not kept.
+    adapters = ",".join(f"adapter-{i}" for i in range(2000))
+    labels = f'max_lora="4",running_lora_adapters="{adapters}",waiting_lora_adapters=""'
+    lora = f"vllm:num_requests_waiting 0\nvllm:lora_requests_info{{{labels}}} 1\n"
+    for _ in range(2):
+        m = read_in_chunks(lora.encode(), 64 * 1024).finish(now=1)
+        assert len(m.running_loras) == 2000
+    assert not any("adapter-1999" in text for text in model_server_metrics._LABEL_CACHE)
 
 
 @pytest.mark.parametrize("line", ["vllm:num_requests_waiting one", "vllm:num_requests_waiting NaN"])
