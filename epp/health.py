@@ -28,6 +28,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# Watch streams open at once, over both servers that serve health (each holds a call until epp
+# drains); one more is refused with RESOURCE_EXHAUSTED. Probes (Check) are never limited.
+MAX_HEALTH_WATCHERS = 1000
 CHART_SERVICE = "inference-extension"  # the upstream chart's probe with one replica
 LIVENESS_SERVICE = "liveness"
 READINESS_SERVICE = "readiness"
@@ -97,6 +100,7 @@ class Health:
 class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     def __init__(self, health: Health) -> None:
         self._health = health
+        self.watchers = 0
 
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
@@ -115,5 +119,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        async for status in self._health.watch(request.service):
-            yield health_pb2.HealthCheckResponse(status=status)
+        if self.watchers >= MAX_HEALTH_WATCHERS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many health Watch streams open (at most {MAX_HEALTH_WATCHERS})",
+            )
+        self.watchers += 1
+        try:
+            async for status in self._health.watch(request.service):
+                yield health_pb2.HealthCheckResponse(status=status)
+        finally:
+            self.watchers -= 1

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from epp import health as health_module
 from epp.health import EXT_PROC_SERVICE
 from tests.serving.support import health_status
 from tests.support.epp_app import RunningEpp, running_epp, wait_until
@@ -168,3 +169,32 @@ async def test_a_drain_while_a_watch_message_is_being_sent_still_reaches_the_wat
     assert await asyncio.wait_for(anext(watch), 1) == NOT_SERVING
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(anext(watch), 1)
+
+
+async def test_watch_streams_are_bounded_and_probes_still_answer(
+    fake: FakeVllm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each Watch stream holds a call until epp drains: past MAX_HEALTH_WATCHERS open at once one
+    more is refused, while Check (what kubelet and Envoy ask) goes on answering."""
+    monkeypatch.setattr(health_module, "MAX_HEALTH_WATCHERS", 3)
+    async with (
+        running_epp("--endpoints", fake.address) as epp,
+        grpc.aio.insecure_channel(f"127.0.0.1:{epp.health_port}") as channel,
+    ):
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="liveness")
+        watches = [stub.Watch(request, timeout=10) for _ in range(3)]
+        for watch in watches:
+            await watch.read()  # open
+        extra = stub.Watch(request, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await extra.read()
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        checked = await stub.Check(request, timeout=2)
+        assert checked.status == health_pb2.HealthCheckResponse.SERVING
+        watches[0].cancel()
+        await wait_until(lambda: epp.app.health.servicer.watchers == 2, what="a watcher gone")
+        again = stub.Watch(request, timeout=10)
+        assert (await again.read()).status == health_pb2.HealthCheckResponse.SERVING
+        for watch in (*watches[1:], again):
+            watch.cancel()
