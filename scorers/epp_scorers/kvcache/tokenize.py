@@ -100,7 +100,9 @@ class PromptTokenizer:
         keep their ids, the work per request is bounded."""
         body = request.body
         if request.api is Api.CHAT_COMPLETIONS:
-            return self.encode(_head(self.render_chat(body), max_bytes), special_tokens=False)
+            return self.encode(
+                _head(self.render_chat(_leading_messages(body, max_bytes)), max_bytes), special_tokens=False
+            )
         if request.api is Api.COMPLETIONS:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
@@ -112,6 +114,36 @@ class PromptTokenizer:
             ):
                 return list(prompt)  # already token ids
         return None
+
+
+def _leading_messages(body: Mapping[str, Any], max_bytes: int) -> Mapping[str, Any]:
+    """`body` with only as many leading messages as render `max_bytes` bytes at least: the chat
+    template renders messages in order, so the rendered text's first `max_bytes` bytes are the
+    same, and a body of a million messages is not rendered whole on the request path. Counted
+    by their text (a character is at least a byte), and at most max_bytes / 4 messages (a
+    template writes a role marker of more than 4 bytes for each)."""
+    messages = body.get("messages")
+    if max_bytes <= 0 or not isinstance(messages, list):
+        return body
+    chars, limit = 0, max_bytes // 4 + 1
+    for count, message in enumerate(messages, 1):
+        if count >= limit:
+            break
+        if isinstance(message, Mapping):
+            content = message.get("content")
+            if isinstance(content, str):
+                chars += len(content)
+            elif isinstance(content, list):
+                chars += sum(
+                    len(p.get("text", ""))
+                    for p in content
+                    if isinstance(p, Mapping) and isinstance(p.get("text"), str)
+                )
+        if chars >= max_bytes:
+            break
+    else:
+        return body
+    return {**body, "messages": messages[:count]}
 
 
 def _head(text: str, max_bytes: int) -> str:

@@ -15,8 +15,9 @@ Upstream tokenizes out of process (`tokenizer`: a sidecar over a unix socket,
 schedule synchronously and a network round trip per request would stall the event loop: those
 parameters are accepted and reported as not acted on. Tokenizing runs on the request path, 1 to 5
 ms per 1,000 prompt tokens on the loaded 2-core development machine (docs/kv-events.md);
-`maxPromptBytes` bounds it: only the prompt's leading bytes are tokenized, which is what the
-prefix match needs.
+`maxPromptBytes` bounds it: only the prompt's leading bytes are tokenized (of a chat request,
+only the leading messages that fill them go through the template), which is what the prefix
+match needs.
 
 Consumes: nothing. Produces: `prompt-tokens` (the token ids; read by the precise plugins, which
 find the tokenizer plugin by type). Parameters: `modelName` (string, required), `maxPromptBytes`

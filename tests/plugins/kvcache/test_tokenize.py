@@ -53,3 +53,29 @@ def test_a_byte_limit_keeps_the_leading_tokens_and_cuts_at_a_word(tokenizer_dir:
     assert whole is not None and head is not None
     assert 20 < len(head) < 40 and head == whole[: len(head)]  # no split word at the cut
     assert tok.tokens(request, max_bytes=0) == whole
+
+
+def test_a_byte_limit_renders_only_the_leading_messages(
+    tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chat template runs over as many leading messages as fill the byte limit, not over every
+    message a client sent (a body can hold a million): the ids are the same as the whole render's
+    leading ids."""
+    tok = load_tokenizer(str(tokenizer_dir))
+    rendered: list[int] = []
+    render = tok.render_chat
+    monkeypatch.setattr(
+        tok, "render_chat", lambda body: rendered.append(len(body["messages"])) or render(body)
+    )
+    messages = [{"role": "user" if i % 2 else "assistant", "content": words(i % 50, 5)} for i in range(20_000)]
+    request = make_request(messages=messages)
+    head = tok.tokens(request, max_bytes=200)
+    assert len(rendered) == 1 and rendered[0] < 50
+    whole = tok.tokens(make_request(messages=messages[:50]))
+    assert head is not None and whole is not None and len(head) > 20 and head == whole[: len(head)]
+    empty = make_request(messages=[{"role": "user", "content": ""}] * 20_000)  # no text to count
+    tok.tokens(empty, max_bytes=200)
+    assert rendered[-1] <= 200 // 4 + 1
+    rendered.clear()
+    tok.tokens(request, max_bytes=0)  # no limit: the whole body, as before
+    assert rendered == [20_000]
