@@ -67,7 +67,8 @@ def test_a_byte_limit_renders_only_the_leading_messages(
     monkeypatch.setattr(
         tok, "render_chat", lambda body: rendered.append(len(body["messages"])) or render(body)
     )
-    messages = [{"role": "user" if i % 2 else "assistant", "content": words(i % 50, 5)} for i in range(20_000)]
+    roles = ("assistant", "user")
+    messages = [{"role": roles[i % 2], "content": words(i % 50, 5)} for i in range(20_000)]
     request = make_request(messages=messages)
     head = tok.tokens(request, max_bytes=200)
     assert len(rendered) == 1 and rendered[0] < 50
