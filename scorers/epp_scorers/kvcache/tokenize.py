@@ -92,6 +92,10 @@ class PromptTokenizer:
             return rendered
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"chat template failed: {exc}") from exc
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+            # A body valid as JSON that the template cannot take ("role": 5 where it adds strings,
+            # tools nested past the recursion limit): no tokens, as for any malformed body.
+            raise TokenizerError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
 
     def tokens(self, request: InferenceRequest, max_bytes: int = 0) -> list[int] | None:
         """The request's prompt token ids as vLLM would compute them; None when there is no prompt
@@ -112,7 +116,9 @@ class PromptTokenizer:
             if isinstance(prompt, list) and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt
             ):
-                return list(prompt)  # already token ids
+                # Already token ids; with `max_bytes`, as many as that many bytes of text make at
+                # most (a token is a byte at least), so the blocks hashed stay bounded.
+                return list(prompt[: max_bytes or None])
         return None
 
 

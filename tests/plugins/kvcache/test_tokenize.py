@@ -80,3 +80,21 @@ def test_a_byte_limit_renders_only_the_leading_messages(
     rendered.clear()
     tok.tokens(request, max_bytes=0)  # no limit: the whole body, as before
     assert rendered == [20_000]
+
+
+def test_a_body_the_chat_template_cannot_take_gives_no_tokens(tokenizer_dir: Path) -> None:
+    """Valid JSON that a real template would choke on (it adds `role` to a string): no tokens and a
+    TokenizerError, as for any malformed body, never an error that fails the request."""
+    tok = load_tokenizer(str(tokenizer_dir))
+    tok._template = tok._template.environment.from_string(
+        "{% for m in messages %}{{ '<|' + m['role'] }}{% endfor %}"
+    )
+    with pytest.raises(TokenizerError, match="TypeError"):
+        tok.tokens(make_request(messages=[{"role": 5, "content": "w0"}]))
+
+
+def test_token_id_prompts_are_bounded_like_text(tokenizer_dir: Path) -> None:
+    tok = load_tokenizer(str(tokenizer_dir))
+    ids = list(range(1000))
+    assert tok.tokens(make_request(body={"prompt": ids}), max_bytes=100) == ids[:100]
+    assert tok.tokens(make_request(body={"prompt": ids}), max_bytes=0) == ids
