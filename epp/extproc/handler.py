@@ -153,6 +153,7 @@ class RequestStream:
         "_director",
         "_generated_request_id",
         "_phase",
+        "_prepared",
         "_received",
         "_request",
         "_request_timed",
@@ -181,6 +182,7 @@ class RequestStream:
         self._generated_request_id = False
         self.subset: list[str] | None = None
         self._body: list[bytes] = []  # the chunks as received, joined once at the end
+        self._prepared: tuple[bytes, InferenceRequest] | None = None  # the whole body, parsed
         self._body_size = 0
         self._declared = 0  # the content-length the budget was charged for up front
         self._charged = 0  # bytes charged to the body budget (given back when the stream ends)
@@ -222,16 +224,20 @@ class RequestStream:
         if self._phase != _REQUEST:
             return None
         kind = msg.WhichOneof("request")
-        if kind == "request_body" and msg.request_body.end_of_stream:
-            size = self._body_size + len(msg.request_body.body)
-        elif kind == "request_trailers":
-            size = self._body_size
-        else:
+        if not (kind == "request_body" and msg.request_body.end_of_stream) and kind != "request_trailers":
             return None
         try:
-            await self._director.admit(self.headers, size, self.request_id)
+            # The body is checked and parsed before the request waits: a body too large or not a
+            # request gets its 413 / 400 at once and never holds a place in a queue.
+            if kind == "request_body":
+                self._take_body_chunk(msg.request_body.body)
+            self._prepare_body()
+            await self._director.admit(self.headers, self._body_size, self.request_id)
         except EppError as exc:
             return self._fail(exc)
+        except Exception as exc:  # a bug (a plugin's): a 500, never a stream ended bare
+            error = EppError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            return self._fail(error, traceback=True)
         return None
 
     def _fail(self, exc: EppError, traceback: bool = False) -> list[pb.ProcessingResponse]:
@@ -400,6 +406,13 @@ class RequestStream:
             if self._phase == _START:
                 raise protocol_error("request body before the request headers")
             return []  # body after routing (headers-only request): nothing to do
+        if self._prepared is None:  # (else admission took the chunk and parsed the body)
+            self._take_body_chunk(chunk)
+            if not end_of_stream:
+                return []
+        return self._route_buffered_body(body_end_of_stream=True)
+
+    def _take_body_chunk(self, chunk: bytes) -> None:
         size = self._body_size + len(chunk)
         self._check_body_size(size)
         covered = max(self._declared, self._body_size)  # the body bytes charged so far
@@ -408,9 +421,13 @@ class RequestStream:
         self._body_size = size
         if chunk:
             self._body.append(chunk)
-        if not end_of_stream:
-            return []
-        return self._route_buffered_body(body_end_of_stream=True)
+
+    def _prepare_body(self) -> None:
+        """Join the body's chunks (once; they go as soon as they are joined) and parse it."""
+        chunks, self._body = self._body, []
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        del chunks
+        self._prepared = (raw, self._parse(raw))
 
     def _on_request_trailers(self) -> Iterable[pb.ProcessingResponse]:
         if self._phase == _START:
@@ -422,11 +439,11 @@ class RequestStream:
         return _chain(replies, [messages.trailers_reply(request=True)])
 
     def _route_buffered_body(self, body_end_of_stream: bool) -> Iterator[pb.ProcessingResponse]:
-        chunks, self._body = self._body, []
-        # Joined once; the chunks go as soon as they are joined, before the JSON is parsed.
-        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        del chunks
-        request = self._parse(raw)
+        if self._prepared is None:
+            self._prepare_body()
+        assert self._prepared is not None
+        raw, request = self._prepared
+        self._prepared = None
         if self._director.rewrite_model(request):  # forwarded with the target model, its new size
             raw = forwarded_body(request)
             self._restorer = ResponseModelRestorer(request)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from tests.support.epp_app import running_epp, wait_until
@@ -72,6 +73,36 @@ async def test_queued_request_goes_when_a_response_completes() -> None:
             await c.close()
 
 
+async def test_a_bad_body_is_refused_at_once_and_never_queued() -> None:
+    """The body is checked before the request waits for its turn: on a saturated pool, a body that
+    is not a request, or one too large, gets its 400 / 413 at once and takes no place in a queue."""
+    config = CONFIG.format(ttl="30s")
+    async with running_epp(
+        "--endpoints", "127.0.0.1:9", "--config-text", config, "--max-request-body-size", "1000"
+    ) as epp:
+        holder = ExtProcClient(epp.stub)
+        start(holder)
+        assert (await first_reply(holder)).HasField("request_headers")  # the pool is now saturated
+        fc = epp.app.flow_controller
+        assert fc is not None
+        for body, status in (
+            (b'{"model": 7}', 400),
+            (b"{", 400),
+            (b'{"model": "m", "prompt": "' + b"x" * 2000 + b'"}', 413),
+        ):
+            bad = ExtProcClient(epp.stub)
+            bad.send([headers_msg(request_headers()), *body_msgs(body, 512)])
+            reply = await first_reply(bad, timeout=2.0)
+            assert reply.immediate_response.status.code == status, reply
+            assert fc.queued == 0
+            await bad.close()
+        good = ExtProcClient(epp.stub)
+        start(good)
+        await wait_until(lambda: fc.queued == 1, what="a good request queued")  # as before
+        holder.cancel()
+        good.cancel()
+
+
 async def test_ttl_and_shutdown_answer_queued_requests() -> None:
     async with running_epp("--endpoints", "127.0.0.1:9", "--config-text", CONFIG.format(ttl="200ms")) as epp:
         holder, late = ExtProcClient(epp.stub), ExtProcClient(epp.stub)
@@ -118,3 +149,22 @@ async def test_sheddable_request_is_refused_at_once_on_a_saturated_pool(tmp_path
             if sample.name == "llm_d_epp_request_total"
         }
         assert totals == {"10": 1.0}
+
+
+async def test_an_error_while_admitting_is_a_500_not_a_stream_ended_bare(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flow-control plugin that raises while a request is admitted (an ordering key from a bad
+    header, a bug) answers that request with a 500, as an error while routing does."""
+    async with running_epp("--endpoints", "127.0.0.1:9", "--config-text", CONFIG.format(ttl="10s")) as epp:
+
+        async def broken(*args: object) -> None:
+            raise ValueError("a plugin bug")
+
+        monkeypatch.setattr(epp.app.director, "admit", broken)
+        client = ExtProcClient(epp.stub)
+        start(client)
+        reply = await first_reply(client)
+        assert reply.immediate_response.status.code == 500
+        assert b"internal error: ValueError" in reply.immediate_response.body
+        await client.close()

@@ -31,7 +31,7 @@ def slo_ttft_s(headers: Mapping[str, str]) -> float | None:
         value = headers.get(name)
         if value is not None:  # the first header present decides, even empty (as in Go)
             text = value.strip()
-            if not _MILLIS.fullmatch(text):
+            if len(text) > 19 or not _MILLIS.fullmatch(text):  # (int() refuses past 4,300 digits)
                 return None
             ms = int(text)
             return ms / 1000.0 if 0 <= ms <= _MAX_MS else None
