@@ -1,7 +1,7 @@
 """Standalone discovery: endpoints from --endpoints or a YAML file that is watched for edits.
 
 File format: a YAML list of mappings
-    - address: 10.0.0.5        # required: IP or host name
+    - address: 10.0.0.5        # required: IP (IPv6 with or without brackets) or host name
       port: 8000               # required
       name: vllm-0             # optional, defaults to address:port
       labels: {llm-d.ai/role: decode}   # optional
@@ -17,8 +17,10 @@ and followed by a restart rather than ending the watch.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,33 @@ log = logging.getLogger(__name__)
 
 _ENDPOINT_KEYS = {"address", "port", "name", "labels"}
 MAX_FILE_BYTES = 16 * 1024 * 1024
+# A DNS name (RFC 1123 labels); anything else must be an IP address.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
+def _address(value: str, where: str) -> str:
+    """An endpoint's address as epp routes to it: an IP address (an IPv6 one with or without its
+    brackets) or a host name; anything else (a port inside it, a URL, spaces) is refused here
+    rather than routed to nowhere."""
+    address = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        ipaddress.ip_address(address)
+        return address  # as written (the name KV events and logs use for it too)
+    except ValueError:
+        pass
+    if ":" in address or re.fullmatch(r"[0-9.]+", address) or not _HOST_NAME.fullmatch(address):
+        hint = " (give the port as 'port')" if re.fullmatch(r"[^:]+:[0-9]+", address) else ""
+        raise EndpointSpecError(f"{where}: address {value!r} is not an IP address or a host name{hint}")
+    return address
+
+
+def _label_value(value: Any) -> str:
+    """A label value as YAML wrote it (true, not Python's True; null as empty)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
 
 
 def _port(value: Any, where: str) -> int:
@@ -62,7 +91,8 @@ def parse_endpoints_flag(value: str) -> list[Endpoint]:
         host, sep, port = item.rpartition(":")
         if not sep or not host:
             raise EndpointSpecError(f"--endpoints: {item!r} is not host:port")
-        endpoints.append(Endpoint(host.strip("[]"), _port(port, f"--endpoints: {item!r}")))
+        where = f"--endpoints: {item!r}"
+        endpoints.append(Endpoint(_address(host, where), _port(port, where)))
     if not endpoints:
         raise EndpointSpecError("--endpoints: no endpoint given")
     return _check_unique(endpoints, "--endpoints")
@@ -99,7 +129,12 @@ def parse_endpoints_yaml(text: str, source: str) -> list[Endpoint]:
         if not isinstance(labels, dict):
             raise EndpointSpecError(f"{where}: 'labels' must be a mapping")
         endpoints.append(
-            Endpoint(address, _port(item["port"], where), name, {str(k): str(v) for k, v in labels.items()})
+            Endpoint(
+                _address(address, where),
+                _port(item["port"], where),
+                name,
+                {str(k): _label_value(v) for k, v in labels.items()},
+            )
         )
     return _check_unique(endpoints, source)
 

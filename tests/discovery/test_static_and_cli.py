@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,30 @@ def test_endpoint_specs() -> None:
     ]:
         with pytest.raises(EndpointSpecError, match=msg):
             parse_endpoints_yaml(bad, "f.yaml")
+
+
+def test_an_address_epp_could_not_route_to_is_refused_with_the_reason() -> None:
+    """An address is an IP (IPv6 with or without brackets, as --endpoints takes it) or a host name;
+    a port written into it, a URL or a bad IP is refused when the file is read, not routed to
+    nowhere. Label values read as YAML wrote them."""
+    eps = parse_endpoints_yaml(
+        "- {address: '[fd00::1]', port: 8000}\n- {address: vllm-0.vllm.ns.svc, port: 8000}\n"
+        "- {address: 10.0.0.3, port: 8000, labels: {canary: true, rank: 0, note: null}}\n",
+        "f.yaml",
+    )
+    assert [e.key for e in eps] == ["[fd00::1]:8000", "vllm-0.vllm.ns.svc:8000", "10.0.0.3:8000"]
+    assert eps[2].labels == {"canary": "true", "rank": "0", "note": ""}
+    for address, msg in [
+        ("10.0.0.1:8000", "give the port as 'port'"),
+        ("http://10.0.0.1", "not an IP address or a host name"),
+        ("1.2.3.999", "not an IP address"),
+        ("a b", "not an IP address"),
+        ("[fd00::1", "not an IP address"),
+    ]:
+        with pytest.raises(EndpointSpecError, match=re.escape(msg)):
+            parse_endpoints_yaml(f"- {{address: '{address}', port: 8000}}\n", "f.yaml")
+    with pytest.raises(EndpointSpecError, match=re.escape("--endpoints: '1.2.3.999:80'")):
+        parse_endpoints_flag("1.2.3.999:80")
 
 
 async def test_endpoints_file_edits_are_picked_up_live(tmp_path: Path) -> None:
