@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # At most this long for open health Watch streams to deliver their final status at shutdown.
 HEALTH_STOP_GRACE_S = 1.0
+# How long stop() waits for the plugins' background tasks to end once cancelled.
+PLUGIN_STOP_TIMEOUT_S = 5.0
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # each way, unless --grpc-max-*-msg-size says otherwise
 
@@ -219,7 +222,8 @@ class App:
         self._ext_proc: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._housekeeping: asyncio.Task[None] | None = None
-        self._services: list[asyncio.Task[None]] = []  # BackgroundService plugins' run()
+        # BackgroundService plugins' run() and the tasks they spawn (ServiceContext.spawn)
+        self._services: list[asyncio.Task[None]] = []
         self._objectives_watch: asyncio.Task[None] | None = None
         self._rewrites_watch: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
@@ -452,11 +456,17 @@ class App:
         return self.ports
 
     def _start_plugin_services(self) -> None:
-        """Each BackgroundService plugin's `run`, supervised, cancelled at stop."""
+        """Each BackgroundService plugin's `run`, supervised, and the tasks it spawns: all
+        cancelled, and waited for, at stop."""
+
+        def spawn(task: str, factory: Callable[[], Awaitable[None]], detail: str) -> asyncio.Task[None]:
+            spawned = self.supervisor.spawn(task, factory, detail=detail)
+            self._services = [s for s in self._services if not s.done()]  # a plugin's ended tasks go
+            self._services.append(spawned)
+            return spawned
+
         context = ServiceContext(
-            endpoints=self.datastore.endpoints,
-            subscribe=self.datastore.subscribe,
-            spawn=lambda task, factory, detail: self.supervisor.spawn(task, factory, detail=detail),
+            endpoints=self.datastore.endpoints, subscribe=self.datastore.subscribe, spawn=spawn
         )
         for plugin in self.config.scheduler.plugins:
             if isinstance(plugin, BackgroundService):
@@ -540,6 +550,12 @@ class App:
             self._rewrites_watch.cancel()
         for service in self._services:
             service.cancel()
+        if self._services:  # a plugin's cleanup (its finally blocks) runs now, not after epp stopped
+            _, stuck = await asyncio.wait(self._services, timeout=PLUGIN_STOP_TIMEOUT_S)
+            for service in stuck:
+                log.warning(
+                    "plugin task %s did not stop within %gs", service.get_name(), PLUGIN_STOP_TIMEOUT_S
+                )
         await self.scraper.close()
         await self.metrics_server.stop()  # before the client its auth uses is closed
         if self.kubernetes is not None:

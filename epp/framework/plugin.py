@@ -392,7 +392,9 @@ class ServiceContext:
 class BackgroundService(Plugin, abc.ABC):
     """A plugin with work of its own while epp serves (e.g. consuming model-server events): epp
     starts `run(context)` once, after the plugins are bound, under its supervisor (an exception
-    is logged, counted and the coroutine started again after a backoff), and cancels it on stop.
+    is logged, counted and the coroutine started again after a backoff). On stop it cancels
+    `run` and every task started with `context.spawn`, and waits up to 5 s for them to end, so
+    cleanup in their `finally` blocks (closing a client) runs before epp stops.
     Not a kind of its own: the plugin is placed by its other bases."""
 
     @abc.abstractmethod

@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+import epp.app as app_module
+from epp.framework import BackgroundService, CycleState, Endpoint, InferenceRequest, Scorer, ServiceContext
+from epp.framework.registry import installed_registry
 from tests.serving.support import EppCommand, epp_command, health_status
 from tests.support.epp_app import RunningEpp, metrics_page_with, running_epp, wait_until
 from tests.support.extproc_client import ExtProcClient, body_msgs, headers_msg, one_request, request_headers
@@ -178,3 +182,47 @@ async def test_a_second_sigterm_ends_the_drain_at_once(fake: FakeVllm, tmp_path:
             with pytest.raises(grpc.aio.AioRpcError):
                 await finish(client)
     assert "second signal" in epp.log
+
+
+class _Tidy(BackgroundService, Scorer):
+    """A plugin with a service that spawns a task of its own, each with cleanup to do."""
+
+    type_name = "tidy-scorer"
+    cleaned: ClassVar[list[str]] = []
+
+    def score(
+        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
+    ) -> list[float]:
+        return [0.0] * len(endpoints)
+
+    async def run(self, context: ServiceContext) -> None:
+        async def helper() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await asyncio.sleep(0.05)  # e.g. closing a client
+                _Tidy.cleaned.append("helper")
+
+        context.spawn("plugin-helper", helper, "tidy")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            _Tidy.cleaned.append("run")
+
+
+async def test_stop_waits_for_the_plugins_tasks_and_their_cleanup(
+    fake: FakeVllm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping epp cancels a plugin's service and every task it spawned, and returns once their
+    cleanup has run, not after (a client left open, a write lost)."""
+    registry = installed_registry()
+    registry.register(_Tidy)
+    monkeypatch.setattr(app_module, "installed_registry", lambda: registry)
+    config = (
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- {type: tidy-scorer}\n"
+        "schedulingProfiles:\n- {name: default, plugins: [{pluginRef: tidy-scorer}]}\n"
+    )
+    _Tidy.cleaned.clear()
+    async with running_epp("--endpoints", fake.address, "--config-text", config) as epp:
+        await wait_until(lambda: len(epp.app._services) == 2, what="the service and its helper")
+    assert sorted(_Tidy.cleaned) == ["helper", "run"]

@@ -152,11 +152,14 @@ class ValkeyBlockIndex:
     async def run(self) -> None:
         """Load the shared state, then write this replica's changes and apply the others'."""
         client = self._connect()
-        start = await self._warm_start(client)
-        self.ready.set()
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._write_forever(client))
-            group.create_task(self._follow_feed(client, start))
+        try:
+            start = await self._warm_start(client)
+            self.ready.set()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._write_forever(client))
+                group.create_task(self._follow_feed(client, start))
+        finally:  # stopped or failed: the connections go (a restart opens new ones)
+            await self.close()
 
     async def close(self) -> None:
         if self._client is not None:
