@@ -245,8 +245,8 @@ def _ready(pod: Mapping[str, Any]) -> bool:
 
 async def pool_pods(name: str, namespace: str, kubeconfig: Path | None = None) -> dict[str, str]:
     """The ready pods of InferencePool `namespace/name`: {pod (pod:port with several target
-    ports): ip:port}. The v1 API group is tried first, then v1alpha2. Credentials: `kubeconfig`,
-    else $KUBECONFIG / ~/.kube/config, else the in-cluster service account."""
+    ports): ip:port}. The v1 API group is tried first, then v1alpha2. Credentials: `kubeconfig`;
+    without it, in a pod the in-cluster service account, elsewhere $KUBECONFIG / ~/.kube/config."""
     from kubernetes_asyncio.client import ApiClient, Configuration, CoreV1Api, CustomObjectsApi
     from kubernetes_asyncio.client.exceptions import ApiException
     from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config

@@ -1,7 +1,8 @@
 """Poll each endpoint's /metrics and swap in a fresh EndpointMetrics snapshot.
 
-One task, the ticker, under the supervisor (epp.supervision): every interval it starts each
-endpoint's poll that is due, and between ticks wakes only to time out a poll at its deadline. A
+One task, the ticker, under the supervisor (epp.supervision): it starts each endpoint's poll that
+is due, a slice of at most TICK_SLICE endpoints a tick with the ticks spread over the interval,
+and between ticks wakes only to time out a poll at its deadline. A
 poll is a write on the endpoint's keep-alive connection (`epp.datalayer.metrics_client`, a lean
 HTTP/1.1 client) and, when the answer arrives, a callback that stores the snapshot: no task,
 future or timer an endpoint, which is most of what polling costs on the loop (a connection is

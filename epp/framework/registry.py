@@ -92,6 +92,15 @@ class PluginRegistry:
                     )
             except ConfigError as exc:
                 log.error("plugin entry point %s (%s): %s", ep.name, ep.value, exc)
+            except Exception as exc:  # a bug in a third-party register function
+                log.error(
+                    "plugin entry point %s (%s) failed to register: %s: %s",
+                    ep.name,
+                    ep.value,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
 
 
 def installed_registry() -> PluginRegistry:

@@ -408,6 +408,9 @@ def test_entry_points_that_fail_are_reported_not_fatal(
     def broken() -> None:
         raise ImportError("no module named missing_dep")
 
+    def buggy_register(registry: PluginRegistry) -> None:
+        raise KeyError("a bug in a register function")
+
     fakes = [
         SimpleNamespace(name="broken", value="pkg:Broken", load=broken),
         SimpleNamespace(name="good-scorer", value="pkg:Good", load=lambda: Good),
@@ -415,6 +418,7 @@ def test_entry_points_that_fail_are_reported_not_fatal(
             name="misnamed", value="pkg:Good2", load=lambda: type("G2", (Good,), {"type_name": "g2"})
         ),
         SimpleNamespace(name="fn", value="pkg:register", load=lambda: register),
+        SimpleNamespace(name="buggy", value="pkg:buggy_register", load=lambda: buggy_register),
         SimpleNamespace(name="junk", value="pkg:JUNK", load=lambda: 42),
         SimpleNamespace(
             name="dup", value="pkg:Q", load=lambda: type("Q", (Good,), {"type_name": "queue-scorer"})
@@ -434,6 +438,7 @@ def test_entry_points_that_fail_are_reported_not_fatal(
     assert "cannot load plugin entry point broken" in text and "missing_dep" in text
     assert "misnamed registers type 'g2'" in text
     assert "junk is neither a plugin class nor a register function" in text
+    assert "plugin entry point buggy (pkg:buggy_register) failed to register: KeyError" in text
     assert "plugin type 'queue-scorer' is registered twice" in text
     assert "is not a Plugin subclass and has no score, filter or pick method" in text  # inert
     assert (

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
 
-DEFAULT_CAPACITY: Final = 1_000_000  # block keys; ~200 bytes each with one pod
+DEFAULT_CAPACITY: Final = 1_000_000  # block keys; about 400 bytes each with one pod (kv-events.md)
 DEFAULT_PODS_PER_KEY: Final = 10  # llm-d's podCacheSize default
 DEFAULT_SPECULATIVE_CAPACITY: Final = 100_000  # speculative block keys (each lives a TTL, 2 s by default)
 # Pods named by events (each has a generation): past this many, the first one named is forgotten
