@@ -88,6 +88,10 @@ async def traced(
     exporter = InMemorySpanExporter()
     async with running_epp("--endpoints-file", str(path), "--config-text", PD_CONFIG) as epp:
         await wait_until(lambda: len(epp.app.datastore) == 3, what="endpoints")
+        # Scraped once each: the test reads the queue scorer's preference for d0 (d1 has 3 waiting).
+        await wait_until(
+            lambda: all(ep.metrics.updated_at > 0 for ep in epp.app.datastore.endpoints()), what="scrapes"
+        )
         epp.app.director.tracer = RequestTracer.with_exporters([exporter], sampler=ALWAYS_ON, batch=False)
         yield epp, exporter
 
