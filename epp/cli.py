@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     configure(settings.logging)
     report = _Report(settings.logging.encoder == "json")
     warn_ignored_flags(settings.ignored_flags)
+    for warning in settings.start_warnings:
+        logging.getLogger("epp").warning(warning)
     # gRPC's C core logs in its own text format, past Python logging (e.g. an INFO line per failed
     # TLS handshake): keep it to errors unless the operator asks otherwise. Read at grpc's import.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

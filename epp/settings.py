@@ -91,6 +91,8 @@ def parse_size(text: str) -> int:
 # epp.extproc.limits' terms: the chunks joined once, the parsed JSON, the prompt text and its
 # UTF-8 form): --request-body-memory-budget counts this many bytes per body byte.
 REQUEST_BODY_MEMORY_FACTOR = 5
+# The Go EPP raises a --refresh-metrics-interval below this to it, with a warning.
+MIN_REFRESH_METRICS_INTERVAL_S = 0.05
 
 
 def _port(text: str) -> int:
@@ -176,6 +178,8 @@ class Settings:
     pod_name_env: str | None = None
     # Go flags accepted with no meaning in epp: (flag, why), warned about once at start.
     ignored_flags: tuple[tuple[str, str], ...] = ()
+    # Values the Go EPP corrects (as epp does) with a warning, logged once at start.
+    start_warnings: tuple[str, ...] = ()
     # Not flags: the Kubernetes API retry backoff (capped, jittered) and how long one watch
     # request lasts before it is renewed. Tests shorten them.
     kube_backoff_initial_s: float = 0.2
@@ -546,8 +550,14 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
     env = os.environ if environ is None else environ
     parser = build_parser()
     args = parser.parse_args(_normalise_go_flags(list(sys.argv[1:] if argv is None else argv), parser))
-    if args.refresh_metrics_interval <= 0:
-        parser.error("--refresh-metrics-interval must be positive")
+    start_warnings: list[str] = []
+    if args.refresh_metrics_interval < MIN_REFRESH_METRICS_INTERVAL_S:  # as the Go EPP clamps it
+        start_warnings.append(
+            f"--refresh-metrics-interval {args.refresh_metrics_interval * 1000:g}ms is below the "
+            f"minimum of {MIN_REFRESH_METRICS_INTERVAL_S * 1000:g}ms: "
+            f"{MIN_REFRESH_METRICS_INTERVAL_S * 1000:g}ms is used"
+        )
+        args.refresh_metrics_interval = MIN_REFRESH_METRICS_INTERVAL_S
     if args.metrics_staleness_threshold <= 0:
         parser.error("--metrics-staleness-threshold must be positive")
     if not 0 <= args.idle_refresh_metrics_interval < args.metrics_staleness_threshold:
@@ -669,6 +679,7 @@ def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | N
         namespace_env=env.get("NAMESPACE") or None,
         pod_name_env=env.get("POD_NAME") or None,
         ignored_flags=ignored,
+        start_warnings=tuple(start_warnings),
         max_request_body_size=args.max_request_body_size,
         request_body_memory_budget=args.request_body_memory_budget,
         max_extproc_streams=args.max_extproc_streams,

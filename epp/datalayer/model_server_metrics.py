@@ -563,6 +563,7 @@ class PageReader:
         self.bytes_read = 0
         self.samples = 0
         self._summed: list[float | None] = [None] * len(plan.specs)  # by slot
+        self._series: list[int] = [0] * len(plan.specs)  # the series summed, by slot
         self._lora_best: tuple[float, Mapping[str, str]] | None = None
         self._cache_labels: Mapping[str, str] | None = None
         if hints is not None and len(hints) > MAX_HINTS:
@@ -730,6 +731,7 @@ class PageReader:
                 if not math.isfinite(value):  # NaN/inf would poison every score
                     raise MetricsParseError(f"{spec} is {value}")
                 summed[slot] = (summed[slot] or 0.0) + value
+                self._series[slot] += 1
         return name
 
     def finish(self, now: float) -> EndpointMetrics:
@@ -753,13 +755,15 @@ class PageReader:
     def _snapshot(self, now: float) -> EndpointMetrics:
         names, plan, summed = self._names, self._plan, self._summed
 
-        def first(slots: tuple[int, ...]) -> float | None:
+        def first(slots: tuple[int, ...], mean: bool = False) -> float | None:
             for slot in slots:
                 if (value := summed[slot]) is not None:
-                    return value
+                    return value / self._series[slot] if mean else value
             return None
 
-        waiting, running, kv = first(plan.waiting), first(plan.running), first(plan.kv_usage)
+        # Requests add up over a pod's series (its data-parallel engines); a usage fraction does
+        # not: the pod's is their mean (the engines' caches are alike).
+        waiting, running, kv = first(plan.waiting), first(plan.running), first(plan.kv_usage, mean=True)
         if (
             waiting is None
             and running is None

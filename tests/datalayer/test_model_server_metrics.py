@@ -51,6 +51,19 @@ def test_vllm_snapshot() -> None:
     assert (m.block_size, m.num_gpu_blocks, m.updated_at) == (16, 27000, 12.5)
 
 
+def test_a_data_parallel_pod_adds_its_engines_requests_and_averages_their_kv_use() -> None:
+    """vLLM with several data-parallel engines reports a series each: the pod's queue is theirs
+    together, its KV use their mean (a sum would read 1.1 as full, and the pod as saturated)."""
+    text = (
+        'vllm:num_requests_waiting{engine="0"} 2\nvllm:num_requests_waiting{engine="1"} 3\n'
+        'vllm:num_requests_running{engine="0"} 4\nvllm:num_requests_running{engine="1"} 4\n'
+        'vllm:kv_cache_usage_perc{engine="0"} 0.6\nvllm:kv_cache_usage_perc{engine="1"} 0.5\n'
+    )
+    m = parse_metrics(text, VLLM, now=1)
+    assert (m.waiting_queue_size, m.running_requests) == (5, 8)
+    assert m.kv_cache_usage == pytest.approx(0.55)
+
+
 def test_older_vllm_gpu_cache_name() -> None:
     text = VLLM_TEXT.replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
     assert parse_metrics(text, VLLM, now=1).kv_cache_usage == 0.42

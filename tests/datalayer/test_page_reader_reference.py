@@ -71,20 +71,24 @@ Snapshot = tuple[int, int, float, tuple[str, ...], int, int | None, int | None]
 
 
 def expected(page: str) -> Snapshot:
-    """Waiting, running and KV use (the newer gauge, else the older), summed over series; the LoRA
+    """Waiting and running summed over series, KV use (the newer gauge, else the older) their mean
+    (a pod's data-parallel engines each report theirs); the LoRA
     info series with the newest value's adapters and max; the cache info's block size and blocks."""
     sums: dict[str, float] = {}
+    series: dict[str, int] = {}
     lora: tuple[float, dict[str, str]] | None = None
     cache: dict[str, str] = {}
     for family in text_string_to_metric_families(page):
         for sample in family.samples:
             if sample.name in (WAITING, RUNNING, KV, OLD_KV):
                 sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+                series[sample.name] = series.get(sample.name, 0) + 1
             elif sample.name == LORA and (lora is None or sample.value > lora[0]):
                 lora = (sample.value, sample.labels)
             elif sample.name == CACHE:
                 cache = sample.labels
-    kv = sums.get(KV, sums.get(OLD_KV, 0.0))
+    kv_name = KV if KV in sums else OLD_KV
+    kv = sums[kv_name] / series[kv_name] if kv_name in sums else 0.0
     running_loras = sorted(a for a in (lora[1]["running_lora_adapters"].split(",") if lora else []) if a)
     return (
         int(sums.get(WAITING, 0)),

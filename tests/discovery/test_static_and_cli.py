@@ -42,6 +42,16 @@ def test_bad_flags_exit_non_zero_with_one_line(args: list[str], message: str) ->
     assert message in lines[0]
 
 
+def test_a_refresh_interval_below_50ms_is_raised_to_it_with_a_warning() -> None:
+    """As the Go EPP's Validate: a values file with 10ms polls every 50 ms, and says so; 0 too."""
+    for given in ("10ms", "0"):
+        s = parse_settings(["--endpoints", "a:1", "--refresh-metrics-interval", given])
+        assert s.refresh_metrics_interval_s == 0.05
+        (warning,) = s.start_warnings
+        assert "below the minimum of 50ms: 50ms is used" in warning
+    assert parse_settings(["--endpoints", "a:1", "--refresh-metrics-interval", "100ms"]).start_warnings == ()
+
+
 def test_defaults_match_the_go_epp() -> None:
     s = parse_settings(["--endpoints", "a:1"])
     assert (s.grpc_port, s.grpc_health_port, s.metrics_port) == (9002, 9003, 9090)
