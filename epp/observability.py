@@ -329,7 +329,8 @@ class _PerEndpointQueue(Collector):
         if self.endpoints is not None:
             queues: dict[str, float] = {}
             for ep in self.endpoints():
-                queues[ep.name] = queues.get(ep.name, 0.0) + ep.metrics.waiting_queue_size
+                name = ep.go_id.rpartition("/")[2]  # the Go EPP's endpoint name: pod-rank-N
+                queues[name] = queues.get(name, 0.0) + ep.metrics.waiting_queue_size
             for name, queue in queues.items():
                 new.add_metric([self.pool_name, name], queue)
                 old.add_metric([self.pool_name, name], queue)

@@ -263,7 +263,7 @@ async def test_pool_gauges_cover_the_endpoints_with_fresh_metrics(
         for s in m.samples
         if s.name == "llm_d_epp_per_endpoint_queue_size"
     }
-    names = {f.address: ep.name for f in fakes if (ep := epp.app.datastore.get(f.address)) is not None}
+    names = {f.address: ep.go_id for f in fakes if (ep := epp.app.datastore.get(f.address)) is not None}
     assert queues == {names[f.address]: f.waiting for f in fakes}
     assert m.label_values("inference_pool_per_pod_queue_size", "model_server_pod") == set(queues)
 

@@ -54,9 +54,10 @@ class Datastore:
             if current is None:
                 self._add(ep)
                 changed = True
-            elif current.name != ep.name or current.labels != ep.labels:
+            elif current.name != ep.name or current.labels != ep.labels or current.go_id != ep.go_id:
                 current.name = ep.name
                 current.labels = ep.labels
+                current.go_id = ep.go_id  # a pod replaced at the same address and port
         if changed:  # the same tuple (and columns) otherwise: identity is what readers key on
             self._snapshot = tuple(self._by_key.values())
             self._columns = EndpointColumns(self._snapshot)

@@ -106,7 +106,12 @@ def pod_endpoints(pool: PoolSpec, pod: PodView) -> list[Endpoint]:
     several = len(pool.target_ports) > 1
     return [
         Endpoint(
-            pod.ip, port, f"{pod.name}:{port}" if several else pod.name, pod.labels, namespace=pod.namespace
+            pod.ip,
+            port,
+            f"{pod.name}:{port}" if several else pod.name,
+            pod.labels,
+            namespace=pod.namespace,
+            go_id=f"{pod.namespace}/{pod.name}-rank-{pool.target_ports.index(port)}",
         )
         for port in active_ports(pod.active_ports, pool.target_ports)
     ]

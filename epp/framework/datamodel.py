@@ -61,6 +61,7 @@ class Endpoint:
         "_column_set",
         "_column_slot",
         "address",
+        "go_id",
         "inflight_requests",
         "inflight_tokens",
         "key",
@@ -79,6 +80,7 @@ class Endpoint:
         name: str = "",
         labels: Mapping[str, str] | None = None,
         namespace: str = "",
+        go_id: str = "",
     ):
         # The datastore's metric columns this endpoint has a row in, and the row (see columns.py).
         self._column_set: EndpointColumns | None = None
@@ -89,6 +91,10 @@ class Endpoint:
         self.key = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         self.name = name or self.key
         self.namespace = namespace
+        # The Go EPP's name for the endpoint, `<namespace>/<pod>-rank-<index of its port among the
+        # pool's target ports>`, which Kubernetes discovery sets (its session tokens carry it);
+        # else `namespaced_name`.
+        self.go_id = go_id or self.namespaced_name
         self.labels: Mapping[str, str] = dict(labels or {})
         self.metrics: EndpointMetrics = EMPTY_METRICS
         self.inflight_requests = 0

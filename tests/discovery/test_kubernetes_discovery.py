@@ -83,6 +83,9 @@ def test_pod_rules() -> None:
     ]
     single = PoolSpec({"app": "vllm"}, (8000,))
     assert [e.name for e in pod_endpoints(single, ready)] == ["a"]
+    # The Go EPP's name for each (its session tokens carry it): the port's index in the pool.
+    namespace = ready.namespace
+    assert [e.go_id for e in pod_endpoints(pool, ready)] == [f"{namespace}/a-rank-0", f"{namespace}/a-rank-1"]
     # Not ready, being deleted, no IP, labels not matching: no endpoint.
     for obj in (
         pod("b", "127.0.1.2", APP, ready=False),

@@ -293,6 +293,27 @@ def test_session_affinity_token(
     assert score(scorer, endpoints, make_request(headers=headers)) == expected
 
 
+def test_session_tokens_carry_over_from_the_go_epp_and_from_an_earlier_epp() -> None:
+    """In Kubernetes an endpoint is `<namespace>/<pod>-rank-<port index>` to the Go EPP, and its
+    tokens say so: epp writes the same and reads both that and its earlier `<namespace>/<pod>`."""
+    ports = [
+        Endpoint("10.0.0.1", p, f"pod-a:{p}", namespace="ns", go_id=f"ns/pod-a-rank-{i}")
+        for i, p in enumerate((8000, 8001))
+    ]
+    scorer = SessionAffinityScorer()
+    assert scorer.response_headers(make_request(), result_for(ports[1]), ports[1]) == {
+        "x-session-token": token("ns/pod-a-rank-1")
+    }
+    assert score(scorer, ports, make_request(headers={"x-session-token": token("ns/pod-a-rank-1")})) == [
+        0.0,
+        1.0,
+    ]
+    assert score(scorer, ports, make_request(headers={"x-session-token": token("ns/pod-a:8000")})) == [
+        1.0,
+        0.0,
+    ]
+
+
 def test_session_affinity_writes_the_token_of_the_serving_endpoint() -> None:
     a, b = make_endpoint("a", namespace="ns"), make_endpoint("b")
     scorer = SessionAffinityScorer()

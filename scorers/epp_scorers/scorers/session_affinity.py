@@ -3,7 +3,9 @@
 Two strategies (`strategy`), as in the Go EPP:
 
 - `encoded_endpoint_header` (default, stateless): the response carries header `x-session-token`
-  (`encodedEndpointHeaderConfig.header`) = base64 of the serving endpoint's `namespace/name`; a
+  (`encodedEndpointHeaderConfig.header`) = base64 of the serving endpoint's name as the Go EPP
+  writes it (`namespace/pod-rank-N` in Kubernetes; a token of an earlier epp's `namespace/name`
+  is read too); a
   client that sends it back scores 1 on that endpoint, 0 elsewhere.
 - `session_id` (stateful): the client sends an opaque id (`sessionIdConfig.sources`, default header
   `x-session-id`); epp remembers which endpoint the id was routed to and scores that endpoint 1
@@ -64,9 +66,10 @@ MAX_SESSION_ID_CHARS: Final = 256
 
 
 def encode_token(endpoint: Endpoint) -> str:
-    """The session token naming `endpoint`: base64 (standard alphabet, padded) of its
-    `namespace/name`, as the Go EPP writes it."""
-    return base64.b64encode(endpoint.namespaced_name.encode()).decode()
+    """The session token naming `endpoint`: base64 (standard alphabet, padded) of the Go EPP's name
+    for it (`namespace/pod-rank-N` in Kubernetes), as the Go EPP writes it, so a client's tokens
+    carry over from one to the other."""
+    return base64.b64encode(endpoint.go_id.encode()).decode()
 
 
 def decode_token(token: str) -> str:
@@ -218,7 +221,9 @@ class SessionAffinityScorer(Scorer, PreRequest, ResponseHeaders):
         wanted = self._wanted(cycle, request, endpoints)
         if not wanted:
             return [0.0] * len(endpoints)
-        return [1.0 if ep.namespaced_name == wanted else 0.0 for ep in endpoints]
+        # A token names the endpoint as the Go EPP does (go_id); an earlier epp wrote its
+        # namespaced_name, which a session binding also holds.
+        return [1.0 if wanted in (ep.go_id, ep.namespaced_name) else 0.0 for ep in endpoints]
 
     # --- lifecycle -------------------------------------------------------------------------------
 
