@@ -198,8 +198,11 @@ class FlowController:
             return self._finish(outcome, fairness_id, priority, time.monotonic() - started)
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
-                self._in_transit -= 1
-                self._kick()
+                # Answered in the same turn as the cancel: a dispatch was counted in transit; an
+                # eviction (stop) was not, and was taken off its band already.
+                if waiter.future.result() is Outcome.DISPATCHED:
+                    self._in_transit -= 1
+                    self._kick()
             else:
                 self._remove(band, waiter)
             self._finish(Outcome.EVICTED_CONTEXT_CANCELLED, fairness_id, priority, time.monotonic() - started)

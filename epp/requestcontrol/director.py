@@ -385,10 +385,13 @@ class Director:
             )
             return
         decision.served = served
+        if decision.result is not None:
+            # The hooks record the primary (its token estimate on the charge among them) before
+            # the charge and their state move.
+            self._pre_request(decision)
         if self.ledger.move(decision.request, planned, served):
             self.metrics.fallback_served.inc()
         if decision.result is not None:
-            self._pre_request(decision)  # the hooks must record the primary before it moves
             self.scheduler.served_elsewhere(decision.request, planned, served)
 
     def _endpoint_for(self, decision: Decision, key: str) -> Endpoint | None:
@@ -419,8 +422,8 @@ class Director:
                     decision.streaming,
                     decision.usage.prompt_tokens,
                 )
-        if decision.pending_cycle is None:
-            self._complete(decision)
+        if decision.pending_cycle is None and decision.result is not None:
+            self._complete(decision)  # (a headers-only request ran no hook: none ends for it)
 
     def _complete(self, decision: Decision) -> None:
         """The completion hooks: what was measured of the response (if it completed), then the end."""

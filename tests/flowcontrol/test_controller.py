@@ -241,6 +241,25 @@ async def test_after_stop_only_what_can_go_at_once_goes() -> None:
     assert fc.queued == 0
 
 
+async def test_a_cancel_in_the_same_turn_as_the_stop_leaves_the_count_right() -> None:
+    """A waiting request whose client goes away in the very turn epp starts stopping: the stop's
+    answer was not a dispatch, so nothing was in transit; a request that can go at once still
+    goes (the count going below zero made it a 503)."""
+    pool = Pool(1)
+    fc = FlowController(config(), pool.detector, pool.candidates)
+    order: list[str] = []
+    await submit(fc, order, "holder", pool=pool)
+    waiting = asyncio.ensure_future(submit(fc, order, "waits", pool=pool))
+    await asyncio.sleep(0.01)
+    assert fc.queued == 1
+    fc.stop()
+    waiting.cancel()  # the same turn: the waiter's future is answered, then its task cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    pool.ep.inflight_requests -= 1  # the holder finished: the pool has room
+    assert await submit(fc, order, "after", pool=pool) is Outcome.DISPATCHED
+
+
 class _FailsOnce(GlobalStrictFairnessPolicy):
     """A fairness plugin with a bug that shows once."""
 

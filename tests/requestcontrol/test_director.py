@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import ClassVar
 
 import pytest
 
 from epp.datalayer.datastore import Datastore
 from epp.errors import EppError, ErrorCode
-from epp.framework import Endpoint, InFlightLedger
+from epp.framework import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    InFlightLedger,
+    PreRequest,
+    ResponseComplete,
+    SchedulingResult,
+)
+from epp.framework.registry import installed_registry
 from epp.observability import EppMetrics
 from epp.requestcontrol.director import Director
 from epp.scheduling.loader import DEFAULT_CONFIG
@@ -103,6 +113,67 @@ async def test_served_elsewhere_moves_the_charge_once() -> None:
     assert director.metrics.registry.get_sample_value("epp_fallback_endpoint_served_total") == 1.0
     director.release(decision, completed=True)
     assert (primary.inflight_requests, other.inflight_requests) == (0, 0)
+
+
+TOKEN_LOAD_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: inflight-load-producer
+- type: token-load-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: token-load-scorer}]
+"""
+
+
+async def test_a_fallback_reported_before_the_hooks_ran_carries_the_token_estimate_with_it() -> None:
+    """The response headers can overtake the pre-request hooks (they run after the reply): the
+    hooks record the estimate on the planned endpoint's charge first, then the charge moves, so the
+    endpoint that serves holds the tokens, and releasing leaves both at zero."""
+    a, b = fresh(make_endpoint("a")), fresh(make_endpoint("b"))
+    director, _ = director_for([a, b], TOKEN_LOAD_CONFIG)
+    decision = director.schedule(make_request("hello " * 100), None)
+    primary = decision.endpoints[0]
+    other = b if primary is a else a
+    director.response_headers(decision, other.key)  # before the hooks' turn
+    assert other.inflight_tokens > 0 and primary.inflight_tokens == 0
+    await asyncio.sleep(0)
+    director.release(decision, completed=True)
+    assert (a.inflight_tokens, b.inflight_tokens, a.inflight_requests, b.inflight_requests) == (0, 0, 0, 0)
+
+
+class _Lifecycle(PreRequest, ResponseComplete):
+    type_name = "lifecycle-recorder"
+    calls: ClassVar[list[str]] = []
+
+    def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        _Lifecycle.calls.append("pre_request")
+
+    def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
+        _Lifecycle.calls.append("response_complete")
+
+
+async def test_a_headers_only_request_runs_no_lifecycle_hook_at_either_end() -> None:
+    """No pre-request hook runs for a request without a body, so no completion hook may either: a
+    plugin counting what is in flight would count one out that never came in."""
+    registry = installed_registry()
+    registry.register(_Lifecycle)
+    config = DEFAULT_CONFIG.replace("plugins:\n", "plugins:\n- type: lifecycle-recorder\n", 1)
+    store = Datastore()
+    ep = fresh(make_endpoint("a"))
+    store.replace_all([ep])
+    scheduler = load_scheduler(config, registry)
+    director = Director(store, scheduler, EppMetrics(), scheduler.handle.ledger)
+    _Lifecycle.calls.clear()
+    decision = director.pick_any(make_request(), None)
+    await asyncio.sleep(0)
+    director.release(decision, completed=True)
+    assert _Lifecycle.calls == []
+    decision = director.schedule(make_request("a prompt"), None)  # a request with a body: both
+    await asyncio.sleep(0)
+    director.release(decision, completed=True)
+    assert _Lifecycle.calls == ["pre_request", "response_complete"]
 
 
 async def test_headers_only_requests_go_to_the_least_loaded() -> None:
