@@ -208,29 +208,51 @@ def test_state_is_bounded_by_the_requests_in_flight(monkeypatch: pytest.MonkeyPa
     assert not producer._pending and not producer._running_tpot_slo  # every response ended
     monkeypatch.setattr(predicted_latency, "_MAX_PENDING", 3)
     ep = make_endpoint("a", running=1)
+    requests = []
     for i in range(5):  # routed, never answered
         request = make_request("x" * 400, headers={"x-llm-d-slo-tpot-ms": "50"}, request_id=f"open-{i}")
+        requests.append(request)
         cycle = CycleState()
         producer.produce(cycle, request, [ep])
         producer.pre_request(cycle, request, SchedulingResult("d", {"d": ProfileResult("d", [ep], [ep])}))
-    assert list(producer._pending) == ["open-2", "open-3", "open-4"]
-    assert list(producer._running_tpot_slo[ep.key]) == ["open-2", "open-3", "open-4"]
+    kept = [id(r) for r in requests[2:]]
+    assert list(producer._pending) == kept
+    assert list(producer._running_tpot_slo[ep.key]) == kept
 
 
-def test_a_request_id_sent_twice_leaves_no_entry_behind() -> None:
-    """x-request-id is the client's: two requests in flight under one id, on two endpoints, must not
-    leave a running TPOT SLO behind (which would tighten that endpoint's budget for ever)."""
+def _route(producer: PredictedLatencyProducer, request: InferenceRequest, ep: Endpoint) -> None:
+    cycle = CycleState()
+    producer.produce(cycle, request, [ep])
+    producer.pre_request(cycle, request, SchedulingResult("d", {"d": ProfileResult("d", [ep], [ep])}))
+
+
+def test_two_requests_in_flight_under_one_request_id_keep_their_own_entries() -> None:
+    """x-request-id is the client's: two requests in flight under one id, on two endpoints, each
+    keep their running TPOT SLO until their own response ends, and none is left behind."""
     producer = trained()
     a, b = make_endpoint("a", running=1), make_endpoint("b", running=1)
     first, second = (
         make_request("x" * 400, headers={"x-llm-d-slo-tpot-ms": "8"}, request_id="same") for _ in range(2)
     )
-    for request, ep in ((first, a), (second, b)):
-        cycle = CycleState()
-        producer.produce(cycle, request, [ep])
-        producer.pre_request(cycle, request, SchedulingResult("d", {"d": ProfileResult("d", [ep], [ep])}))
+    _route(producer, first, a)
+    _route(producer, second, b)
+    assert set(producer._running_tpot_slo) == {a.key, b.key}
     producer.response_complete(first, a)
+    assert set(producer._running_tpot_slo) == {b.key}  # the second's, still running
     producer.response_complete(second, b)
+    assert not producer._pending and not producer._running_tpot_slo
+
+
+def test_a_fallback_serving_takes_the_requests_tpot_slo_with_it() -> None:
+    """Envoy reports that a fallback served: the request's TPOT SLO constrains that endpoint's
+    budget from then on, not the one it was planned for; it goes when the response ends."""
+    producer = trained()
+    planned, fallback = make_endpoint("a", running=1), make_endpoint("b", running=1)
+    request = make_request("x" * 400, headers={"x-llm-d-slo-tpot-ms": "8"})
+    _route(producer, request, planned)
+    producer.served_elsewhere(request, planned, fallback)
+    assert producer._running_tpot_slo == {fallback.key: {id(request): 8.0}}
+    producer.response_complete(request, fallback)
     assert not producer._pending and not producer._running_tpot_slo
 
 

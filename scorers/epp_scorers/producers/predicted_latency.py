@@ -62,6 +62,7 @@ from epp.framework import (
     ResponseMeasured,
     ResponseStats,
     SchedulingResult,
+    ServedElsewhere,
     ServiceContext,
 )
 from epp_scorers.data import DEFAULT_INFLIGHT_PRODUCER, DEFAULT_PREFIX_PRODUCER, INFLIGHT_LOAD, PREFIX_MATCH
@@ -239,8 +240,25 @@ class PredictionHistograms:
         return children
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A request routed with a prediction, until its response completes."""
+
+    request: InferenceRequest  # held, so that its id() keys this entry and no other
+    x: FloatArray  # its features at the pick
+    planned: str  # the endpoint picked (a fallback serving: its latency is not learned)
+    prediction: LatencyPrediction | None
+    slo_at: str = ""  # the endpoint whose running TPOT SLOs count this request ("" none)
+
+
 class PredictedLatencyProducer(
-    DataProducer, PreRequest, ResponseMeasured, ResponseComplete, EndpointListener, BackgroundService
+    DataProducer,
+    PreRequest,
+    ServedElsewhere,
+    ResponseMeasured,
+    ResponseComplete,
+    EndpointListener,
+    BackgroundService,
 ):
     """Predicts each candidate's TTFT and TPOT for the request (a model learned online from the
     responses epp routes, or upstream's training server when `TRAINING_SERVER_URL` is set) and
@@ -308,10 +326,11 @@ class PredictedLatencyProducer(
         self.tpot_model = OnlineLinearModel(TPOT_FEATURES, window=window)
         self.sidecar = LatencySidecar(sidecar) if sidecar is not None else None
         self.histograms = histograms  # llm_d_epp_request_predicted_{ttft,tpot}_seconds and twins
-        # request id -> (features at the pick, endpoint picked, its prediction if any)
-        self._pending: dict[str, tuple[FloatArray, str, LatencyPrediction | None]] = {}
-        # endpoint key -> {request id: TPOT SLO} of the requests running there (streaming mode)
-        self._running_tpot_slo: dict[str, dict[str, float]] = {}
+        # Keyed by the request object's id (x-request-id is the client's: two requests in flight may
+        # share one). At most _MAX_PENDING, the oldest forgotten first.
+        self._pending: dict[int, _Pending] = {}
+        # endpoint key -> {request's id(): TPOT SLO} of the requests running there (streaming mode)
+        self._running_tpot_slo: dict[str, dict[int, float]] = {}
 
     @classmethod
     def from_params(cls, name: str, params: Params, handle: PluginHandle) -> Self:
@@ -429,21 +448,28 @@ class PredictedLatencyProducer(
         x = predictions.features_of(endpoint)
         if x is None:
             return
-        earlier = self._pending.pop(request.request_id, None)
-        if earlier is not None:  # the client sent this x-request-id before: its entry goes, not leaks
-            self._forget(request.request_id, earlier[1])
-        elif len(self._pending) >= _MAX_PENDING:  # the oldest goes, with its TPOT SLO entry
-            oldest = next(iter(self._pending))
-            self._forget(oldest, self._pending.pop(oldest)[1])
-        self._pending[request.request_id] = (x, endpoint.key, predictions.get(endpoint))
+        if len(self._pending) >= _MAX_PENDING:  # the oldest goes, with its TPOT SLO entry
+            self._forget(self._pending.pop(next(iter(self._pending))))
+        pending = self._pending[id(request)] = _Pending(request, x, endpoint.key, predictions.get(endpoint))
         if self.streaming_mode and predictions.tpot_slo_ms > 0:
-            self._running_tpot_slo.setdefault(endpoint.key, {})[request.request_id] = predictions.tpot_slo_ms
+            self._running_tpot_slo.setdefault(endpoint.key, {})[id(request)] = predictions.tpot_slo_ms
+            pending.slo_at = endpoint.key
+
+    def served_elsewhere(self, request: InferenceRequest, planned: Endpoint, served: Endpoint) -> None:
+        """A fallback serves the request: its TPOT SLO now constrains that endpoint's budget."""
+        pending = self._pending.get(id(request))
+        if pending is None or pending.slo_at != planned.key:
+            return
+        slo = self._forget(pending)
+        if slo is not None:
+            self._running_tpot_slo.setdefault(served.key, {})[id(request)] = slo
+            pending.slo_at = served.key
 
     def response_measured(self, request: InferenceRequest, endpoint: Endpoint, stats: ResponseStats) -> None:
-        pending = self._pending.get(request.request_id)
-        if pending is None or pending[1] != endpoint.key:
+        pending = self._pending.get(id(request))
+        if pending is None or pending.planned != endpoint.key:
             return  # not picked with a prediction, or a fallback served: the features are another pod's
-        x, _, predicted = pending
+        x, predicted = pending.x, pending.prediction
         if predicted is not None and self.histograms is not None:
             self.histograms.observe(self, request, predicted, tpot=self.streaming_mode)
         if self.streaming_mode and stats.first_chunk_s > 0:
@@ -459,17 +485,20 @@ class PredictedLatencyProducer(
             self.sidecar.record(_training_entry(x, ttft_ms, tpot_ms, endpoint, self.role_label))
 
     def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
-        pending = self._pending.pop(request.request_id, None)
+        pending = self._pending.pop(id(request), None)
         if pending is not None:
-            self._forget(request.request_id, pending[1])
+            self._forget(pending)
 
-    def _forget(self, request_id: str, endpoint_key: str) -> None:
-        """Drop a request from its endpoint's running TPOT SLOs."""
-        running = self._running_tpot_slo.get(endpoint_key)
-        if running is not None:
-            running.pop(request_id, None)
-            if not running:
-                del self._running_tpot_slo[endpoint_key]
+    def _forget(self, pending: _Pending) -> float | None:
+        """Drop a request from its endpoint's running TPOT SLOs; its SLO, if it had one there."""
+        running = self._running_tpot_slo.get(pending.slo_at)
+        if running is None:
+            return None
+        slo = running.pop(id(pending.request), None)
+        if not running:
+            del self._running_tpot_slo[pending.slo_at]
+        pending.slo_at = ""
+        return slo
 
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         self._running_tpot_slo.pop(endpoint.key, None)
