@@ -376,14 +376,15 @@ async def test_grpc_stream_metrics_count_streams_by_code() -> None:
             whole.send([headers_msg({":status": "200"}, end_of_stream=True, response=True)])
             await whole.read(1)
             await whole.close()
+            streams = epp.app.metrics.streams
+            assert streams is not None
+            await wait_until(lambda: streams.inflight._value.get() == 0, what="the whole stream ended")
             cancelled = ExtProcClient(epp.stub)
             cancelled.send([headers_msg(request_headers()), *body_msgs(completion(), 1000)])
             await cancelled.read(2)
             m = await scrape(epp)
             assert m.value("llm_d_epp_extproc_streams_inflight") == 1
             cancelled.cancel()
-            streams = epp.app.metrics.streams
-            assert streams is not None
             await wait_until(lambda: streams.inflight._value.get() == 0, what="the cancelled stream closed")
             m = await scrape(epp)
             assert m.value("llm_d_epp_extproc_streams_total", code="OK") == 1

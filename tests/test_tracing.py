@@ -285,6 +285,9 @@ async def test_the_otel_environment_sends_spans_to_an_otlp_collector(
         assert tracer is not None
         try:
             await wait_until(lambda: len(epp.app.datastore) == 3, what="endpoints")
+            await wait_until(
+                lambda: all(ep.metrics.updated_at > 0 for ep in epp.app.datastore.endpoints()), what="scrapes"
+            )
             await one_request(epp.stub, request_headers(), completion())
             await wait_until(lambda: "gateway.request" in receiver.span_names(), timeout=10, what="export")
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import Counter
@@ -31,8 +32,10 @@ async def fakes() -> AsyncIterator[list[FakeVllm]]:
 
 
 async def scraped(epp: RunningEpp, fakes: list[FakeVllm]) -> None:
-    """Wait for a scrape that happened after now on every endpoint."""
+    """Wait until every endpoint's snapshot is of a page served after now (a poll recorded after
+    now may have been served before: wait for the fakes to serve a few more)."""
     now = time.monotonic()
+    await asyncio.gather(*(f.scraped_since_now() for f in fakes))
     await wait_until(
         lambda: all(ep.metrics.updated_at > now for ep in epp.app.datastore.endpoints()), what="fresh scrape"
     )
@@ -89,6 +92,7 @@ async def test_failing_and_stale_endpoints_do_not_break_picking(fakes: list[Fake
         broken.metrics_status = 500
         ep = epp.app.datastore.get(broken.address)
         assert ep is not None
+        await wait_until(lambda: ep.scrape_errors > 0, what="a failed scrape")  # a good page in flight landed
         last = ep.metrics
         errors_before = ep.scrape_errors
         await wait_until(lambda: ep.scrape_errors > errors_before + 2, what="scrape errors counted")

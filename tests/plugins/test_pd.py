@@ -526,6 +526,10 @@ async def test_extproc_reply_carries_the_prefill_pod_and_counts_decisions(
     path = endpoints_file(tmp_path, pods, ["d0", "d1", "p0"])
     async with running_epp("--endpoints-file", str(path), "--config-text", pd_config(non_cached=200)) as epp:
         await wait_until(lambda: len(epp.app.datastore) == 3, what="endpoints")
+        # Scraped once each: an endpoint never scraped is stale, and left out while others are fresh.
+        await wait_until(
+            lambda: all(ep.metrics.updated_at > 0 for ep in epp.app.datastore.endpoints()), what="scrapes"
+        )
         decode_addresses = {pods["d0"].address, pods["d1"].address}
         for i in range(3):
             body = orjson.dumps({"model": "m", "prompt": text(800, seed=50 + i)})

@@ -10,7 +10,6 @@ import math
 import random
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -561,11 +560,9 @@ async def test_session_token_is_set_on_responses_and_pins_the_session(fakes: lis
         assert added == {"x-session-token": base64.b64encode(first.encode()).decode()}
         # Make the pinned endpoint the longest queue: the token still wins (weight 10 vs 1).
         next(f for f in fakes if f.address == first).waiting = 50
-        now = time.monotonic()
-        await wait_until(
-            lambda: all(ep.metrics.updated_at > now for ep in epp.app.datastore.endpoints()),
-            what="fresh scrape",
-        )
+        pinned = epp.app.datastore.get(first)
+        assert pinned is not None
+        await wait_until(lambda: pinned.metrics.waiting_queue_size == 50, what="the long queue scraped")
         for _ in range(5):
             destination, again = await exchange(
                 ExtProcClient(epp.stub), {"x-session-token": added["x-session-token"]}

@@ -53,7 +53,8 @@ def read_in_chunks(page: bytes, size: int, names: MetricNames = VLLM) -> PageRea
 def test_a_page_reads_the_same_whatever_its_chunks(size: int) -> None:
     page = vllm_page(waiting=7, running=3, kv=0.25, engines=2).encode()
     m = read_in_chunks(page, size).finish(now=5.0)
-    assert (m.waiting_queue_size, m.running_requests, m.kv_cache_usage) == (14, 6, 0.5)
+    # Two engines: their requests add up, their KV usage (a fraction each) is the mean.
+    assert (m.waiting_queue_size, m.running_requests, m.kv_cache_usage) == (14, 6, 0.25)
     assert (m.block_size, m.num_gpu_blocks, m.updated_at) == (16, 27000, 5.0)
 
 
