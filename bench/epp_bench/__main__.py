@@ -39,7 +39,7 @@ _PERF = (
 
 def demo_config() -> BenchConfig:
     """The demo: 8 simulators, a shared-prefix workload near the saturation of round-robin routing,
-    about two minutes for the five policies on a 2-core machine.
+    about four to five minutes for the ten policies on a 2-core machine.
 
     Each simulator holds 512 blocks (8k tokens): about 5 of the 16 system prompts. Spread over all
     8 simulators (round-robin), prompts keep missing and prefill work saturates the simulators at
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a workload once per policy")
-    demo = sub.add_parser("demo", help="the default comparison (about two minutes)")
+    demo = sub.add_parser("demo", help="the default comparison: ten policies (about five minutes)")
     soak.add_arguments(
         sub.add_parser("soak", help="steady load with pod churn and failing scrapes (10 minutes)")
     )
