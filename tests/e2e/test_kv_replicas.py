@@ -142,17 +142,31 @@ async def _metric(session: aiohttp.ClientSession, epp: EppProcess, name: str, **
     return total
 
 
-def _prompt() -> str:
+def _prompt(reverse: bool = False) -> str:
     # 3-letter words the simulator's tokenizer knows: 60 tokens, 3 full blocks of 16.
     words = ["alp", "bet", "cad", "dog", "elk", "fig", "gum", "hen", "ink", "jar"]
+    if reverse:  # another prompt: no block in common
+        words.reverse()
     return " ".join(words[i % len(words)] for i in range(60))
+
+
+async def _index_blocks(session: aiohttp.ClientSession, epps: list[EppProcess]) -> list[float]:
+    return [await _metric(session, e, "epp_kv_index_blocks") for e in epps]
 
 
 async def _same_pod_from_both(url: str, epps: list[EppProcess]) -> Counter[str]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        # The engines' PUB sockets reach the replicas' SUB sockets some time after they start, and
+        # an event published before is lost (ZMQ's slow joiner): warm up with another prompt until
+        # its events reach both replicas, so the measured prompt's events reach both.
+        async with asyncio.timeout(20):
+            while not all(n > 0 for n in await _index_blocks(session, epps)):
+                await _served_by(session, url, _prompt(reverse=True))
+                await asyncio.sleep(0.2)
+        before = await _index_blocks(session, epps)
         first = await _served_by(session, url, _prompt())
         async with asyncio.timeout(15):  # the engine's BlockStored reaches both replicas' indexes
-            while not all([await _metric(session, e, "epp_kv_index_blocks") > 0 for e in epps]):
+            while not all(n > b for n, b in zip(await _index_blocks(session, epps), before, strict=True)):
                 await asyncio.sleep(0.05)
         served = Counter([await _served_by(session, url, _prompt()) for _ in range(REQUESTS)])
         attempts = "llm_d_epp_scheduler_attempts_total"
@@ -169,7 +183,6 @@ async def test_two_replicas_fed_by_every_engine_agree(tokenizer: Path) -> None:
     async with contextlib.AsyncExitStack() as stack:
         backends = await stack.enter_async_context(simulators(tokenizer, connect))
         url, epps = await stack.enter_async_context(replicas(tokenizer, backends, zmq_ports, "{}"))
-        await asyncio.sleep(2)  # the engines' PUB sockets (re)connect to the replicas' SUB sockets
         await _same_pod_from_both(url, epps)
 
 
@@ -183,5 +196,4 @@ async def test_a_replica_the_engines_do_not_publish_to_learns_through_valkey(
         only_first = [f"tcp://127.0.0.1:{zmq_ports[0]}"]  # the engines publish to replica 1 only
         backends = await stack.enter_async_context(simulators(tokenizer, only_first))
         url, epps = await stack.enter_async_context(replicas(tokenizer, backends, zmq_ports, index))
-        await asyncio.sleep(2)  # the engines' PUB sockets (re)connect to the first replica
         await _same_pod_from_both(url, epps)
