@@ -667,7 +667,8 @@ class EppMetrics:
         key = ("success" if endpoint is not None else "failure", target, endpoint.key if endpoint else "")
         child = self._attempts.get(key)
         if child is None:
-            where = (endpoint.name, endpoint.namespace, str(endpoint.port)) if endpoint else ("", "", "")
+            # The pod's name, as the Go EPP labels it (two ports of a pod differ by endpoint_port).
+            where = (endpoint.pod_name, endpoint.namespace, str(endpoint.port)) if endpoint else ("", "", "")
             child = self._attempts[key] = self.scheduler_attempts.labels(key[0], target, *where)
         child.inc()
 
@@ -706,7 +707,7 @@ class EppMetrics:
         """A departed endpoint: drop its series (pods come and go; a restart is a new IP)."""
         with contextlib.suppress(KeyError):
             self.scrape_errors.remove(endpoint.key)
-        where = (endpoint.name, endpoint.namespace, str(endpoint.port))
+        where = (endpoint.pod_name, endpoint.namespace, str(endpoint.port))
         for key in [k for k in self._attempts if k[2] == endpoint.key]:
             del self._attempts[key]
             with contextlib.suppress(KeyError):

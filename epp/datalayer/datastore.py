@@ -54,8 +54,8 @@ class Datastore:
             if current is None:
                 self._add(ep)
                 changed = True
-            elif current.name != ep.name or current.labels != ep.labels or current.go_id != ep.go_id:
-                current.name = ep.name
+            elif (current.name, current.labels, current.go_id) != (ep.name, ep.labels, ep.go_id):
+                current.name, current.pod_name = ep.name, ep.pod_name
                 current.labels = ep.labels
                 current.go_id = ep.go_id  # a pod replaced at the same address and port
         if changed:  # the same tuple (and columns) otherwise: identity is what readers key on

@@ -112,6 +112,7 @@ def pod_endpoints(pool: PoolSpec, pod: PodView) -> list[Endpoint]:
             pod.labels,
             namespace=pod.namespace,
             go_id=f"{pod.namespace}/{pod.name}-rank-{pool.target_ports.index(port)}",
+            pod_name=pod.name,
         )
         for port in active_ports(pod.active_ports, pool.target_ports)
     ]

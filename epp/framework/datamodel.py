@@ -69,6 +69,7 @@ class Endpoint:
         "metrics",
         "name",
         "namespace",
+        "pod_name",
         "port",
         "scrape_errors",
     )
@@ -81,6 +82,7 @@ class Endpoint:
         labels: Mapping[str, str] | None = None,
         namespace: str = "",
         go_id: str = "",
+        pod_name: str = "",
     ):
         # The datastore's metric columns this endpoint has a row in, and the row (see columns.py).
         self._column_set: EndpointColumns | None = None
@@ -95,6 +97,7 @@ class Endpoint:
         # pool's target ports>`, which Kubernetes discovery sets (its session tokens carry it);
         # else `namespaced_name`.
         self.go_id = go_id or self.namespaced_name
+        self.pod_name = pod_name or self.name  # the pod's own name (a pod with two ports: one each)
         self.labels: Mapping[str, str] = dict(labels or {})
         self.metrics: EndpointMetrics = EMPTY_METRICS
         self.inflight_requests = 0

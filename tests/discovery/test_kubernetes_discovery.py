@@ -86,6 +86,8 @@ def test_pod_rules() -> None:
     # The Go EPP's name for each (its session tokens carry it): the port's index in the pool.
     namespace = ready.namespace
     assert [e.go_id for e in pod_endpoints(pool, ready)] == [f"{namespace}/a-rank-0", f"{namespace}/a-rank-1"]
+    # The pod's own name, which the Go EPP's scheduling-attempt series carry (the port beside it).
+    assert [e.pod_name for e in pod_endpoints(pool, ready)] == ["a", "a"]
     # Not ready, being deleted, no IP, labels not matching: no endpoint.
     for obj in (
         pod("b", "127.0.1.2", APP, ready=False),
