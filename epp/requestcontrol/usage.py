@@ -60,8 +60,8 @@ def usage_in_tail(tail: bytes) -> Usage | None:
     for _ in range(_MAX_USAGE_KEYS):
         if at < 0:
             return None
-        start = tail.find(b"{", at + len(_USAGE_KEY))
         key_end = at + len(_USAGE_KEY)
+        start = tail.find(b"{", key_end)
         if (at == 0 or tail[at - 1] != 0x5C) and start > 0 and tail[key_end:start].strip() == b":":
             end = start
             for _ in range(_MAX_USAGE_BRACES):  # usage nests one object (prompt_tokens_details)

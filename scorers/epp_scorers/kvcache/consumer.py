@@ -74,10 +74,7 @@ class EventConsumer:
         try:
             batch = decode_batch(message.payload)
         except WireError as exc:
-            self.stats.malformed += 1
-            self.warnings.log(
-                logging.WARNING, "KV events from %s: dropped a malformed batch: %s", source, exc
-            )
+            self.malformed("KV events from %s: dropped a malformed batch: %s", source, exc)
             return
         sources = self.stats.sources
         last = sources.pop(source, None)  # put back last: the least recently heard come first
@@ -125,6 +122,11 @@ class EventConsumer:
                 start,
                 end - 1,
             )
+
+    def malformed(self, msg: str, *args: object) -> None:
+        """A message or batch dropped as malformed: counted, and logged (rate-limited)."""
+        self.stats.malformed += 1
+        self.warnings.log(logging.WARNING, msg, *args)
 
     def forget(self, source: str) -> None:
         self.stats.sources.pop(source, None)

@@ -110,19 +110,12 @@ async def bound_subscriber(
             try:
                 message = parse_frames(frames)
             except WireError as exc:
-                consumer.stats.malformed += 1
-                consumer.warnings.log(
-                    logging.WARNING, "KV events at %s: dropped a malformed message: %s", endpoint, exc
-                )
+                consumer.malformed("KV events at %s: dropped a malformed message: %s", endpoint, exc)
                 continue
             pod, _model = parse_topic(message.topic)
             if not pod:
-                consumer.stats.malformed += 1
-                consumer.warnings.log(
-                    logging.WARNING,
-                    "KV events at %s: topic %r names no pod (kv@<pod>@<model>)",
-                    endpoint,
-                    message.topic,
+                consumer.malformed(
+                    "KV events at %s: topic %r names no pod (kv@<pod>@<model>)", endpoint, message.topic
                 )
                 continue
             replay = replay_from(f"tcp://{_host(pod)}:{replay_port}") if replay_port else None
@@ -151,10 +144,7 @@ async def connected_subscriber(
             try:
                 message = parse_frames(frames)
             except WireError as exc:
-                consumer.stats.malformed += 1
-                consumer.warnings.log(
-                    logging.WARNING, "KV events from %s: dropped a malformed message: %s", endpoint, exc
-                )
+                consumer.malformed("KV events from %s: dropped a malformed message: %s", endpoint, exc)
                 continue
             await consumer.handle(endpoint, pod, message, replay)
     finally:

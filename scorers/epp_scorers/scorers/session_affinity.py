@@ -5,8 +5,7 @@ Two strategies (`strategy`), as in the Go EPP:
 - `encoded_endpoint_header` (default, stateless): the response carries header `x-session-token`
   (`encodedEndpointHeaderConfig.header`) = base64 of the serving endpoint's name as the Go EPP
   writes it (`namespace/pod-rank-N` in Kubernetes; a token of an earlier epp's `namespace/name`
-  is read too); a
-  client that sends it back scores 1 on that endpoint, 0 elsewhere.
+  is read too); a client that sends it back scores 1 on that endpoint, 0 elsewhere.
 - `session_id` (stateful): the client sends an opaque id (`sessionIdConfig.sources`, default header
   `x-session-id`); epp remembers which endpoint the id was routed to and scores that endpoint 1
   while it is a candidate. An unbound id scores 0 everywhere. A binding moves only when its
