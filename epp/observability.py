@@ -33,7 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from epp import __version__
-from epp.framework import Endpoint
+from epp.framework import CappedChildren, Endpoint
 
 # The fairness id helpers live in the plugin API (plugins read it too); re-exported here.
 from epp.framework.fairness import DEFAULT_FAIRNESS_ID as DEFAULT_FAIRNESS_ID
@@ -619,8 +619,17 @@ class EppMetrics:
         )
 
         self.streams: StreamMetrics | None = None  # enable_stream_metrics()
-        self._requests: dict[tuple[str, str, str, str], RequestMetrics] = {}
-        self._errors: dict[tuple[str, str, str, str, str], Counter] = {}
+        # Past MAX_REQUEST_LABEL_SETS sets, a new one reports as (other, other, other, priority).
+        self._requests: CappedChildren[tuple[str, str, str, str], RequestMetrics] = CappedChildren(
+            MAX_REQUEST_LABEL_SETS,
+            lambda key: RequestMetrics(self, *key),
+            lambda key: (OVERFLOW_VALUE, OVERFLOW_VALUE, OVERFLOW_VALUE, key[3]),
+        )
+        self._errors: CappedChildren[tuple[str, str, str, str, str], Counter] = CappedChildren(
+            MAX_REQUEST_LABEL_SETS,
+            lambda key: self.request_errors.labels(*key),
+            lambda key: (OVERFLOW_VALUE, OVERFLOW_VALUE, OVERFLOW_VALUE, key[3], key[4]),
+        )
         self._attempts: dict[tuple[str, str, str], Counter] = {}
 
     # --- requests ---------------------------------------------------------------------------------
@@ -630,15 +639,7 @@ class EppMetrics:
     ) -> RequestMetrics:
         """The request's metric children, after the label caps."""
         bound = self.models.bound
-        key = (bound(model), bound(target), self.fairness.bound(fairness), priority)
-        children = self._requests.get(key)
-        if children is None:
-            if len(self._requests) >= MAX_REQUEST_LABEL_SETS:
-                key = (OVERFLOW_VALUE, OVERFLOW_VALUE, OVERFLOW_VALUE, priority)
-                children = self._requests.get(key)
-            if children is None:
-                children = self._requests[key] = RequestMetrics(self, *key)
-        return children
+        return self._requests.get((bound(model), bound(target), self.fairness.bound(fairness), priority))
 
     def count_error(
         self,
@@ -649,15 +650,7 @@ class EppMetrics:
         priority: str = DEFAULT_PRIORITY,
     ) -> None:
         bound = self.models.bound
-        key = (bound(model), bound(target), self.fairness.bound(fairness), priority, code)
-        child = self._errors.get(key)
-        if child is None:
-            if len(self._errors) >= MAX_REQUEST_LABEL_SETS:
-                key = (OVERFLOW_VALUE, OVERFLOW_VALUE, OVERFLOW_VALUE, priority, code)
-                child = self._errors.get(key)
-            if child is None:
-                child = self._errors[key] = self.request_errors.labels(*key)
-        child.inc()
+        self._errors.get((bound(model), bound(target), self.fairness.bound(fairness), priority, code)).inc()
 
     # --- scheduling -------------------------------------------------------------------------------
 

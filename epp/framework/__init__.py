@@ -39,6 +39,7 @@ from epp.framework.fairness import fairness_id
 from epp.framework.handle import PluginHandle
 from epp.framework.histogram import HistogramChild, LeanHistogram
 from epp.framework.inflight import InFlightLedger
+from epp.framework.labels import CappedChildren
 from epp.framework.logs import LogLimiter
 from epp.framework.params import Params
 from epp.framework.plugin import (
@@ -80,6 +81,7 @@ __all__ = [
     "Admitter",
     "Api",
     "BackgroundService",
+    "CappedChildren",
     "Column",
     "ConfigError",
     "CycleState",

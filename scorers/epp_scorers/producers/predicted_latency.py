@@ -47,6 +47,7 @@ from prometheus_client import Histogram
 
 from epp.framework import (
     BackgroundService,
+    CappedChildren,
     ConfigError,
     CycleState,
     DataKey,
@@ -190,7 +191,16 @@ class PredictionHistograms:
     old_ttft: Histogram
     old_tpot: Histogram
     # (plugin, model, target) -> the children, resolved once a label set (capped: see above)
-    _children: dict[tuple[str, str, str], _Children] = field(default_factory=dict)
+    _children: CappedChildren[tuple[str, str, str, str], _Children] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "_children",
+            CappedChildren(
+                MAX_MODEL_LABEL_SETS, self._make, lambda key: (*key[:2], OTHER_MODEL, OTHER_MODEL)
+            ),
+        )
 
     @classmethod
     def register(cls, handle: PluginHandle) -> PredictionHistograms:
@@ -219,25 +229,18 @@ class PredictionHistograms:
             old_tpot.observe(p.tpot_ms / 1000.0)
 
     def _of(self, plugin: PredictedLatencyProducer, model: str, target: str) -> _Children:
-        key = (plugin.name, model, target)
-        children = self._children.get(key)
-        if children is None:
-            if (
-                len(self._children) >= MAX_MODEL_LABEL_SETS
-                or len(model) > MAX_MODEL_LABEL_CHARS
-                or len(target) > MAX_MODEL_LABEL_CHARS
-            ):
-                key = (plugin.name, OTHER_MODEL, OTHER_MODEL)
-                children = self._children.get(key)
-            if children is None:
-                _, model, target = key
-                children = self._children[key] = (
-                    self.ttft.labels(plugin.name, plugin.type_name, model, target),
-                    self.old_ttft.labels(model, target),
-                    self.tpot.labels(plugin.name, plugin.type_name, model, target),
-                    self.old_tpot.labels(model, target),
-                )
-        return children
+        if len(model) > MAX_MODEL_LABEL_CHARS or len(target) > MAX_MODEL_LABEL_CHARS:
+            model = target = OTHER_MODEL
+        return self._children.get((plugin.name, plugin.type_name, model, target))
+
+    def _make(self, key: tuple[str, str, str, str]) -> _Children:
+        name, type_name, model, target = key
+        return (
+            self.ttft.labels(name, type_name, model, target),
+            self.old_ttft.labels(model, target),
+            self.tpot.labels(name, type_name, model, target),
+            self.old_tpot.labels(model, target),
+        )
 
 
 @dataclass(slots=True)
