@@ -125,6 +125,31 @@ def test_several_holders_of_one_hash_match_and_leave_one_by_one() -> None:
     assert index.entries() == 1 and len(index) == 1
 
 
+@pytest.mark.parametrize("blocks", [40, 200])  # the plain and the numpy match
+def test_a_prefix_many_endpoints_hold_matches_per_run_of_holders(blocks: int) -> None:
+    """match() walks a set of holders once per run of blocks they all hold: runs that begin,
+    end and overlap at different blocks, holders that leave from the head, the middle and the
+    tail of a hash's holders, give the counts the plain definition gives."""
+    rng = random.Random(blocks)
+    chain = [rng.getrandbits(64) for _ in range(blocks)]
+    index, reference = PrefixIndex(10_000), ReferenceIndex(10_000)
+    for e in range(60):  # each holds a stretch of the chain
+        start, end = (e * 7) % (blocks // 2), blocks - (e * 3) % (blocks // 3)
+        for target in (index, reference):
+            target.add(f"10.0.0.{e}:8000", chain[start:end])
+    assert index.match(chain) == reference.match(chain)
+    for e in (59, 30, 0, 17):  # the newest holder (the list's head), middle ones, the oldest
+        gone = chain[blocks // 4 : blocks // 2]
+        index.discard(f"10.0.0.{e}:8000", gone)
+        reference.discard(f"10.0.0.{e}:8000", gone)
+        assert index.match(chain) == reference.match(chain)
+    index.remove_endpoint("10.0.0.5:8000")
+    reference.remove("10.0.0.5:8000")
+    counts = index.match(chain)
+    assert counts == reference.match(chain) and len(counts) == 59
+    assert max(counts.values()) > min(counts.values())
+
+
 def test_the_entry_cap_takes_from_the_endpoint_holding_most_and_counts_it() -> None:
     evicted: list[tuple[str, int]] = []
     index = PrefixIndex(1000, max_entries=100, on_evict=lambda reason, n: evicted.append((reason, n)))

@@ -15,7 +15,7 @@ tokens (0: up to `maxPrefixBlocksToMatch` blocks; both 0: unlimited). Each endpo
 `lruCapacityPerServer` blocks, or with `autoTune` what its KV cache holds (`num_gpu_blocks`),
 never more than `maxLruCapacityPerServer` (a pod reporting an absurd `num_gpu_blocks` is clamped,
 and logged once). The whole index holds at most `maxIndexEntries` (block, endpoint) entries and
-about `maxIndexBytes` of memory (about 70 bytes an entry): past either, the endpoint holding the
+about `maxIndexBytes` of memory (about 85 bytes an entry): past either, the endpoint holding the
 most entries loses its oldest blocks, so the cap is shared evenly among busy endpoints.
 
 When Envoy reports that a fallback endpoint served the request instead of the planned primary,
@@ -282,7 +282,7 @@ class ApproxPrefixCacheProducer(
             "maxIndexBytes",
             "int",
             str(DEFAULT_MAX_INDEX_BYTES),
-            "Absolute cap on the index's approximate memory in bytes (about 70 an entry); past it "
+            "Absolute cap on the index's approximate memory in bytes (about 85 an entry); past it "
             "the endpoint holding the most loses its oldest. Must be >= 1.",
         ),
     )

@@ -15,7 +15,7 @@ bounded capacity (the model server's KV blocks, clamped), so old blocks age out;
 on the whole index (entries and approximate bytes) bounds its memory whatever the pods report.
 
 It is stored compactly, in flat arrays of machine integers rather than Python objects (see
-`PrefixIndex`): about 70 bytes per (block, endpoint) entry, where dicts of ints took 140-210.
+`PrefixIndex`): about 85 bytes per (block, endpoint) entry, where dicts of ints took 140-210.
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
 # The most blocks one endpoint may hold whatever it reports: 262,144 blocks of 64 tokens are 16.7M
 # tokens of KV cache, beyond any single server today. A pod reporting num_gpu_blocks=1e9 gets this.
 DEFAULT_MAX_CAPACITY_PER_SERVER = 262_144
-# The whole index, over every endpoint: 1M entries are about 70 MB (see ENTRY_BYTES).
+# The whole index, over every endpoint: 1M entries are about 85 MB (see ENTRY_BYTES).
 DEFAULT_MAX_INDEX_ENTRIES = 1_000_000
 DEFAULT_MAX_INDEX_BYTES = 256 * 1024 * 1024
 # Approximate memory (tests/plugins/test_prefix_index.py checks the estimate against tracemalloc):
-# each (hash, endpoint) entry is 28 bytes in the entry arrays, plus what they keep in reserve as
+# each (hash, endpoint) entry is 36 bytes in the entry arrays, plus what they keep in reserve as
 # they grow, and a 4-byte slot in the pair table, kept 25-50 % full (8-16 bytes); each distinct
-# hash a 4-byte slot in the hash table, kept 12-25 % full (16-32 bytes). Measured: about 70
+# hash a 4-byte slot in the hash table, kept 12-25 % full (16-32 bytes). Measured: about 85
 # bytes an entry in RSS at 100 pods x 31,250 blocks (`python -m epp_bench memory`).
-ENTRY_BYTES = 44
+ENTRY_BYTES = 52
 HASH_BYTES = 20
 SHARED_BYTES = 0  # a further holder of a hash costs an entry, nothing more
 # Why an index evicted: a full endpoint LRU, or the whole index's entry or byte cap.
@@ -58,6 +58,7 @@ _SALT = 0xC2B2AE3D27D4EB4F
 _SCALAR_PROBES = 8  # probes in numpy while more than this many are left; the rest in Python
 _VECTOR_MATCH = 96  # match() in numpy from this many hashes; plain Python below
 _VECTOR_WALK = 8  # holders walked in numpy while more than this many lists are left
+_SIG_SEED = 0x5BD1E995  # an endpoint id's signature key: xxh64 of the id under this seed
 
 
 class PromptHasher:
@@ -193,6 +194,9 @@ class PrefixIndex:
         self._e_next = array("i")
         self._e_up = array("i")  # the hash's holders
         self._e_down = array("i")
+        # For a hash's first holder: the xor of its holders' signature keys (see `match`).
+        self._e_sig = array("Q")
+        self._sig_keys: list[int] = []  # per endpoint id, a random 64-bit key
         self._free_entry = _NONE  # freed entries, chained through _e_next
         self._entries = 0
         self._distinct = 0
@@ -308,6 +312,7 @@ class PrefixIndex:
                 self._oldest.append(_NONE)
                 self._newest.append(_NONE)
                 self._held.append(0)
+                self._sig_keys.append(xxhash.xxh64_intdigest(eid.to_bytes(4, "little"), _SIG_SEED))
             self._ids[endpoint_key] = eid
         return eid
 
@@ -329,6 +334,7 @@ class PrefixIndex:
             self._e_next.append(_NONE)
             self._e_up.append(_NONE)
             self._e_down.append(_NONE)
+            self._e_sig.append(0)
         if newest == _NONE:
             self._oldest[eid] = entry
         else:
@@ -357,6 +363,7 @@ class PrefixIndex:
         self._unlink(entry, eid)
         self._remove_slot(self._by_pair, self._pair_slot(h, eid), pair=True)
         up, down = self._e_up[entry], self._e_down[entry]
+        key = self._sig_keys[eid]
         if up == _NONE:  # the first holder: the by-hash table points at it
             slot = self._hash_slot(h)
             if down == _NONE:
@@ -365,10 +372,12 @@ class PrefixIndex:
             else:
                 self._by_hash.slots[slot] = down
                 self._e_up[down] = _NONE
+                self._e_sig[down] = self._e_sig[entry] ^ key
         else:
             self._e_down[up] = down
             if down != _NONE:
                 self._e_up[down] = up
+            self._e_sig[self._by_hash.slots[self._hash_slot(h)]] ^= key
         self._e_next[entry] = self._free_entry
         self._free_entry = entry
         self._held[eid] -= 1
@@ -377,22 +386,39 @@ class PrefixIndex:
     # --- the index's operations ---------------------------------------------------------------------
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
-        """Blocks matched per endpoint, walking the chain until a block no endpoint holds."""
+        """Blocks matched per endpoint, walking the chain until a block no endpoint holds.
+
+        A prefix many endpoints hold (a system prompt every pod has seen) would cost a walk of
+        all its holders for each of its blocks. Consecutive blocks usually have the same holders
+        (a prompt's blocks are added together), so each hash's first holder carries the xor of
+        its holders' random 64-bit keys: a run of blocks with the same signature is one set of
+        holders (two different sets collide with probability 2**-64), walked once and credited
+        with the run's length. O(blocks + holders x runs) rather than O(blocks x holders)."""
         if len(hashes) >= _VECTOR_MATCH:
             return self._match_vector(hashes)
         counts: dict[int, int] = {}
         table = self._by_hash
         slots, mask, stored, ep, down = table.slots, table.mask, self._e_hash, self._e_ep, self._e_down
+        sigs = self._e_sig
+        head, run, run_sig = _NONE, 0, -1  # the run's first holder, its length and signature
         for h in hashes:
             i = h & mask
             while (entry := slots[i]) != _NONE and stored[entry] != h:
                 i += 1
             if entry == _NONE:
                 break
-            while entry != _NONE:
-                eid = ep[entry]
-                counts[eid] = counts.get(eid, 0) + 1
-                entry = down[entry]
+            if sigs[entry] == run_sig:
+                run += 1
+                continue
+            while head != _NONE:
+                eid = ep[head]
+                counts[eid] = counts.get(eid, 0) + run
+                head = down[head]
+            head, run, run_sig = entry, 1, sigs[entry]
+        while head != _NONE:
+            eid = ep[head]
+            counts[eid] = counts.get(eid, 0) + run
+            head = down[head]
         keys = self._keys
         return {keys[eid]: n for eid, n in counts.items()}
 
@@ -441,23 +467,34 @@ class PrefixIndex:
             return {}
         wanted = np.fromiter(hashes, dtype=np.uint64, count=len(hashes))
         entries = self._probe(self._by_hash, wanted)
+        if not len(entries):
+            return {}
+        # Runs of blocks with the same holders (match's docstring): each run's first holder list
+        # is walked once, credited with the run's length.
+        sigs = np.frombuffer(self._e_sig, dtype=np.uint64)[entries]
+        starts = np.flatnonzero(np.concatenate(([True], sigs[1:] != sigs[:-1])))
+        runs = np.diff(np.append(starts, len(entries)))
+        entries = entries[starts]
         ep = np.frombuffer(self._e_ep, dtype=np.int32)
         down = np.frombuffer(self._e_down, dtype=np.int32)
-        per_step = []
+        per_step, per_step_runs = [], []
         while len(entries) > _VECTOR_WALK:
             per_step.append(ep[entries])
+            per_step_runs.append(runs)
             entries = down[entries]
-            entries = entries[entries != _NONE]
+            going = entries != _NONE
+            entries, runs = entries[going], runs[going]
         counts: dict[int, int] = {}
         if per_step:
-            totals = np.bincount(np.concatenate(per_step))
-            counts = dict(zip(np.flatnonzero(totals).tolist(), totals[totals > 0].tolist(), strict=True))
-        del ep, down
+            totals = np.bincount(np.concatenate(per_step), weights=np.concatenate(per_step_runs))
+            held = np.flatnonzero(totals)
+            counts = dict(zip(held.tolist(), totals[held].astype(np.int64).tolist(), strict=True))
+        del ep, down, sigs
         e_ep, e_down = self._e_ep, self._e_down
-        for entry in entries.tolist():
+        for entry, run in zip(entries.tolist(), runs.tolist(), strict=True):
             while entry != _NONE:
                 eid = e_ep[entry]
-                counts[eid] = counts.get(eid, 0) + 1
+                counts[eid] = counts.get(eid, 0) + run
                 entry = e_down[entry]
         names = self._keys
         return {names[eid]: n for eid, n in counts.items()}
@@ -474,7 +511,7 @@ class PrefixIndex:
         hashes = hashes if isinstance(hashes, Sequence) else list(hashes)
         added: list[int] = []
         e_hash, e_prev, e_next = self._e_hash, self._e_prev, self._e_next
-        e_up, e_down = self._e_up, self._e_down
+        e_up, e_down, e_sig, sig_key = self._e_up, self._e_down, self._e_sig, self._sig_keys[eid]
         count, i = len(hashes), 0
         while i < count:
             h = hashes[i]
@@ -507,9 +544,11 @@ class PrefixIndex:
                 e_up[first] = entry
                 e_down[entry] = first
                 e_up[entry] = _NONE
+                e_sig[entry] = e_sig[first] ^ sig_key
                 self._by_hash.slots[slot] = entry
             else:
                 e_up[entry] = e_down[entry] = _NONE
+                e_sig[entry] = sig_key
                 self._distinct += 1
                 self._by_hash = self._insert(self._by_hash, -slot - 1, entry, self._distinct)
             added.append(h)
