@@ -195,6 +195,7 @@ class App:
             max_interval_s=settings.metrics_staleness_threshold_s / 2
             if settings.refresh_metrics_yield_when_busy
             else None,
+            requests_in_flight=self.ledger.__len__,
         )
         self.objectives, self.flow_controller = self._build_admission()
         # InferenceModelRewrites (docs/flow-control.md): from the file, or watched in Kubernetes.

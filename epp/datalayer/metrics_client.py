@@ -22,7 +22,7 @@ from typing import Protocol, cast
 
 import httptools
 
-from epp.datalayer.model_server_metrics import HttpStatusError, PageLimitError
+from epp.datalayer.model_server_metrics import MEMO_MAX_BYTES, HttpStatusError, PageLimitError
 from epp.errors import MetricsParseError
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -59,6 +59,14 @@ class MetricsConnection(asyncio.Protocol):
         self._complete = False
         self._keep_alive = False
         self.closed = False
+        # The last answer that came whole in one read and was a good page, with its body: the
+        # same bytes again parse the same way (see `data_received`).
+        self._last_answer: bytes | None = None
+        self._last_body = b""
+        self._last_max_bytes = 0
+        self._reads = 0  # reads of the poll in flight
+        self._bodies = 0  # body spans of the poll in flight, the last one in _body
+        self._body = b""
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -80,10 +88,21 @@ class MetricsConnection(asyncio.Protocol):
         return False  # close our side too: connection_lost follows
 
     def data_received(self, data: bytes) -> None:
-        parser = self._parser
-        if self._on_done is None or parser is None:
+        if self._on_done is None:
             self.close()  # nothing asked: a server talking out of turn
             return
+        self._reads += 1
+        parser = self._parser
+        if parser is None:  # the poll's first read
+            if data == self._last_answer and self._max_bytes == self._last_max_bytes:
+                # Byte for byte the last good answer (an idle server's, until its Date header
+                # moves): llhttp would make the same calls again, so its page is given as is.
+                if self._last_body:
+                    self._sink.feed(self._last_body)  # type: ignore[union-attr]
+                self._complete = self._keep_alive = True
+                self._finish(None)
+                return
+            parser = self._parser = httptools.HttpResponseParser(self)
         if self._in_head:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES + self._max_bytes:
@@ -98,6 +117,11 @@ class MetricsConnection(asyncio.Protocol):
         if self._error is not None:
             self._finish(self._error)
         elif self._complete:
+            whole = (
+                self._reads == 1 and self._keep_alive and self._bodies <= 1 and len(data) <= MEMO_MAX_BYTES
+            )
+            self._last_answer = data if whole else None  # a good answer, read at once
+            self._last_body, self._last_max_bytes = (self._body, self._max_bytes) if whole else (b"", 0)
             self._finish(None)
 
     # --- httptools callbacks ---------------------------------------------------------------------
@@ -142,6 +166,8 @@ class MetricsConnection(asyncio.Protocol):
                 PageLimitError(f"the page is past the limit of {self._max_bytes} bytes, not read further")
             )
             return
+        self._bodies += 1
+        self._body = body
         sink.feed(body)
 
     def on_message_complete(self) -> None:
@@ -182,7 +208,8 @@ class MetricsConnection(asyncio.Protocol):
             raise RuntimeError("a poll is already in flight on this connection")
         self._on_done = on_done
         self._sink, self._max_bytes = sink, max_bytes
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = None  # made at the first read, unless the answer is the last one again
+        self._reads, self._bodies, self._body = 0, 0, b""
         self._head_bytes, self._header_bytes, self._in_head, self._messages = 0, 0, True, 0
         self._length, self._chunked, self._until_close = None, False, False
         self._error, self._complete, self._keep_alive = None, False, False

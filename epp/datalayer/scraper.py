@@ -1,8 +1,9 @@
 """Poll each endpoint's /metrics and swap in a fresh EndpointMetrics snapshot.
 
 One task, the ticker, under the supervisor (epp.supervision): it starts each endpoint's poll that
-is due, a slice of at most TICK_SLICE endpoints a tick with the ticks spread over the interval,
-and between ticks wakes only to time out a poll at its deadline. A
+is due, a slice of at most TICK_SLICE endpoints a tick with the ticks spread over the interval
+(IDLE_TICK_SLICE while epp has no request in flight), and between ticks wakes only to time out a
+poll at its deadline. A
 poll is a write on the endpoint's keep-alive connection (`epp.datalayer.metrics_client`, a lean
 HTTP/1.1 client) and, when the answer arrives, a callback that stores the snapshot: no task,
 future or timer an endpoint, which is most of what polling costs on the loop (a connection is
@@ -18,7 +19,9 @@ family the whole page has. A server that does not (an error status, an empty pag
 missing) is read whole; both verdicts are checked again every FILTER_RECHECK_S
 (`only_read_families=False`, --model-server-metrics-only-read-families=false: always whole, as the
 Go EPP). A page of at most 16 kB that is byte for byte the endpoint's last one is not parsed again
-(`RepeatAwareReader`), only stamped with the new time: an idle server's filtered page.
+(`RepeatAwareReader`), only stamped with the new time: an idle server's filtered page. An answer
+that is byte for byte the connection's last one (an idle vLLM's, until its Date header moves a
+second later) is not even framed again (`MetricsConnection`).
 
 One model server cannot stall the others, nor the request path: a page is handed as it arrives
 to a `PageReader`, which parses only the lines of the families read (the rest is never decoded
@@ -93,8 +96,18 @@ LIMIT_BACKOFF_S = 1.0
 LIMIT_BACKOFF_MAX_S = 30.0
 # One endpoint's pages are read at most at this rate: a large page is polled less often.
 PACE_BYTES_PER_S = 16 * 1024 * 1024
-# The most endpoints one tick polls: 100 endpoints are polled in 4 ticks spread over the interval.
+# The most endpoints one tick polls: 100 endpoints are polled in 7 ticks spread over the interval.
+# Their answers come back together and run one after another on the loop: a request arriving
+# then waits for them (docs/performance.md, eleventh round).
 TICK_SLICE = 16
+# ... while epp has no request in flight: nothing on the loop waits but a request just arriving,
+# and fewer, larger ticks cost less (one wake-up of the loop a tick, and the answers batched):
+# 100 idle pods' small pages in one tick take about a quarter less CPU than in seven. Not large
+# pages, though: 100 whole vLLM pages at once cost more than in slices, and hold the loop for
+# 10 ms, so an idle tick also stops at IDLE_TICK_BYTES of the endpoints' last pages (twelfth
+# round of docs/performance.md).
+IDLE_TICK_SLICE = 128
+IDLE_TICK_BYTES = 1024 * 1024
 # A timer may fire up to a millisecond early (libuv's timers, uvloop's, count whole milliseconds):
 # a wake-up this close to its time is on time, not a reason to sleep again for the rest.
 TIMER_SLACK_S = 0.002
@@ -277,8 +290,12 @@ class Scraper:
         supervisor: Supervisor | None = None,
         idle_interval_s: float = 0.0,
         max_interval_s: float | None = None,
+        requests_in_flight: Callable[[], int] | None = None,
     ) -> None:
         self._datastore = datastore
+        # epp's requests in flight (the in-flight ledger's count): none, and a tick polls more.
+        self._requests_in_flight = requests_in_flight
+        self._page_bytes = 0  # the polled endpoints' last pages, summed once a round of ticks
         self.config = config or ScrapeConfig()
         self._interval = interval_s
         if self.config.interval_s:
@@ -371,9 +388,10 @@ class Scraper:
 
         A poll is a write, and its answer a callback (`MetricsConnection.start`): no task,
         future or timer an endpoint, and one wake-up of the loop for a slice, which is most of
-        what polling costs (docs/performance.md). Slices of at most TICK_SLICE endpoints bound
-        the burst a tick makes: their answers come back together, and the loop runs them one
-        after another before anything else (a request) gets a turn."""
+        what polling costs (docs/performance.md). While requests are in flight, slices of at
+        most TICK_SLICE endpoints bound the burst a tick makes: their answers come back
+        together, and the loop runs them one after another before anything else (a request)
+        gets a turn. Without any, IDLE_TICK_SLICE: fewer wake-ups."""
         loop = asyncio.get_running_loop()
         next_tick = loop.time()
         turn = 0
@@ -389,8 +407,10 @@ class Scraper:
             if now >= next_tick - TIMER_SLACK_S:
                 if self._order is None:
                     self._order = list(self._polled.values())
-                slices = max(1, math.ceil(len(self._order) / TICK_SLICE))
+                slices = self._slices(len(self._order))
                 turn = (turn + 1) % slices
+                if turn == 0:
+                    self._page_bytes = sum(state.last_bytes for state in self._order)
                 for state in self._order[turn::slices]:  # rebuilt whenever _polled changes
                     if not state.in_flight and self._due(state, now):
                         self._begin(state, now)
@@ -398,6 +418,12 @@ class Scraper:
                 self.pacer.tick(loop.time())  # polls stretched while the loop is busy (pacing.py)
                 next_tick = max(next_tick + self.pacer.interval_s / slices, loop.time())
             await asyncio.sleep(min(next_tick, soonest) - loop.time())
+
+    def _slices(self, endpoints: int) -> int:
+        """How many ticks share the endpoints' polls in an interval (see TICK_SLICE)."""
+        if self._requests_in_flight is None or self._requests_in_flight():
+            return max(1, math.ceil(endpoints / TICK_SLICE))
+        return max(1, math.ceil(endpoints / IDLE_TICK_SLICE), math.ceil(self._page_bytes / IDLE_TICK_BYTES))
 
     def _due(self, state: _PollState, now: float) -> bool:
         if now < state.due:

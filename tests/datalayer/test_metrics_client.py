@@ -208,3 +208,67 @@ async def test_an_answer_not_complete_by_the_deadline_times_out_and_drops_the_co
     await asyncio.sleep(0.2)
     assert not connection.closed and reader.finish(1.0).waiting_queue_size == 7
     connection.close()
+
+
+async def test_a_repeated_answer_gives_its_page_again_without_parsing_and_changes_are_read(
+    serve: Callable[..., asyncio.Future[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle server answers the same bytes every poll: the connection hands the last page over
+    again without running llhttp. Whatever differs (a value, the status, a header), or an answer
+    that did not come in one read or did not keep the connection alive, is parsed in full."""
+    import httptools
+
+    parsers = 0
+    real_parser = httptools.HttpResponseParser
+
+    def counting(protocol: object) -> object:
+        nonlocal parsers
+        parsers += 1
+        return real_parser(protocol)
+
+    monkeypatch.setattr(httptools, "HttpResponseParser", counting)
+    busy = PAGE.replace(b"waiting 7", b"waiting 9")
+    answers = [fixed(), fixed(), fixed(), fixed(busy), fixed(busy), fixed(), fixed()]
+    answers += [b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"]
+    port = await serve(lambda _: answers.pop(0))
+    connection = await connect("127.0.0.1", port, None)
+    request = request_bytes("127.0.0.1", port, "/metrics")
+    seen = []
+    try:
+        for _ in range(7):
+            reader = PageReader(names_for_engine("vllm"))
+            await asyncio.wait_for(connection.get(request, reader, 1 << 20), 5)
+            assert reader.bytes_read == len(PAGE)
+            seen.append(reader.finish(1.0).waiting_queue_size)
+        assert seen == [7, 7, 7, 9, 9, 7, 7]
+        assert parsers == 3  # the first answer, and each change
+        with pytest.raises(MetricsParseError, match="HTTP 503"):  # the same head, another status
+            await asyncio.wait_for(connection.get(request, PageReader(names_for_engine("vllm")), 1 << 20), 5)
+        assert connection.closed
+    finally:
+        connection.close()
+
+    # Never replayed: an answer in chunks, or one that came in two reads.
+    class Split(Scripted):
+        def data_received(self, data: bytes) -> None:
+            answer = fixed()
+            self.transport.write(answer[:20])
+            asyncio.get_running_loop().call_later(0.02, self.transport.write, answer[20:])
+
+    loop = asyncio.get_running_loop()
+    split = await loop.create_server(lambda: Split(fixed, False), "127.0.0.1", 0)
+    in_chunks = await serve(lambda _: chunked())
+    try:
+        for port in (in_chunks, int(split.sockets[0].getsockname()[1])):
+            parsers = 0
+            connection = await connect("127.0.0.1", port, None)
+            try:
+                for _ in range(3):
+                    reader = PageReader(names_for_engine("vllm"))
+                    await asyncio.wait_for(connection.get(request, reader, 1 << 20), 5)
+                    assert reader.finish(1.0).waiting_queue_size == 7
+            finally:
+                connection.close()
+            assert parsers == 3
+    finally:
+        split.close()

@@ -12,7 +12,8 @@ idle pods with `--idle-refresh-metrics-interval=1s` (epp's opt-in: idle endpoint
 second); and busy pods (the queue, running and KV gauges changing from poll to poll: every pod
 polled every interval, the cost of scraping under load). The pods' server counts the polls it
 answered and the bytes of their pages, so the table says how many scrapes per second epp made
-and how large a page was.
+and how large a page was. Each answer carries the headers vLLM's server (uvicorn) adds, `date` and
+`server`: an idle pod's answer is the same bytes for a second, then its date moves.
 
 Two more rows are the floor: the same idle pods polled every interval by the least a client can
 do (`floor_poll`: blocking sockets on keep-alive connections, the answer framed by its
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import json
 import socket
 import subprocess
@@ -90,9 +92,23 @@ class _PodProtocol(asyncio.Protocol):
             self._buffer = self._buffer[end + 4 :]
             assert self._transport is not None
             head, body = self._pages.answer(_PodProtocol.served % _VARIANTS, target.partition("?")[2])
-            self._transport.write(head + body)
+            self._transport.write(_status_line() + head + body)
             _PodProtocol.served += 1
             _PodProtocol.body_bytes += len(body)
+
+
+_date = (0, b"")
+
+
+def _status_line() -> bytes:
+    """The status line and the headers uvicorn (vLLM's server) adds: its Date moves every second,
+    so even an idle pod's answer changes once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        stamp = email.utils.formatdate(now, usegmt=True)
+        _date = (now, f"HTTP/1.1 200 OK\r\ndate: {stamp}\r\nserver: uvicorn\r\n".encode())
+    return _date[1]
 
 
 class _Pages:
@@ -112,7 +128,7 @@ class _Pages:
             if "name%5B%5D=" in query or "name[]=" in query:
                 body = only_families(body, query)
             head = (
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n"
             )
             self._answers[key] = (head.encode(), body)
