@@ -4,6 +4,9 @@
 in-process backend, `valkey_index.ValkeyBlockIndex` the shared one. Pods are named as the events
 name them (the `<pod>` of the topic `kv@<pod>@<model>`, or the endpoint a subscriber connected
 to); `match` takes, for each candidate, the names it may appear under (its IP and its ip:port).
+Only a pod holding a prompt's first block can hold a run of its blocks, so a caller asks
+`first_holders` first and hands `match` only the candidates named there (at most `pods_per_key`
+and the predicted ones), not every endpoint of the pool.
 
 Bounds (memory backend): at most `capacity` block keys (least recently stored evicted first) and
 at most `pods_per_key` pods per key (the oldest dropped). A lookup costs O(blocks of the request)
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Final, Protocol
 
 DEFAULT_CAPACITY: Final = 1_000_000  # block keys; about 400 bytes each with one pod (kv-events.md)
@@ -45,6 +48,11 @@ class BlockIndex(Protocol):
     def match(self, keys: Sequence[int], pods: Mapping[str, Sequence[str]]) -> dict[str, int]:
         """For each candidate (id -> the pod names it may appear under), how many of `keys`, from
         the first on, it holds in a row (candidates holding none are absent)."""
+        ...
+
+    def first_holders(self, key: int) -> Collection[str]:
+        """The names under which some pod holds `key` or is predicted to (a superset: a stale
+        entry may be among them); `match` credits no one else with the block."""
         ...
 
     def __len__(self) -> int: ...
@@ -135,6 +143,12 @@ class MemoryBlockIndex:
     def forget_pod(self, pod: str) -> None:
         """The pod left for good: its entries stop counting (same as clear_pod)."""
         self.clear_pod(pod)
+
+    def first_holders(self, key: int) -> Collection[str]:
+        held, predicted = self._blocks.get(key), self._speculative.get(key)
+        if not predicted:
+            return held.keys() if held else ()
+        return predicted.keys() | held.keys() if held else predicted.keys()
 
     def match(self, keys: Sequence[int], pods: Mapping[str, Sequence[str]]) -> dict[str, int]:
         generation = self._generation

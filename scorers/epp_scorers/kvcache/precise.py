@@ -186,8 +186,15 @@ class PreciseIndexer:
         """Endpoint key -> leading blocks of `keys` it holds (absent: none)."""
         if not keys:
             return {}
-        names: Mapping[str, Sequence[str]] = {ep.key: (ep.key, ep.address) for ep in endpoints}
-        return self.index.match(keys, names)
+        # Only the candidates holding the first block (a handful) are matched further: one pass
+        # of set lookups over the pool, not a walk of the blocks for every endpoint.
+        first = self.index.first_holders(keys[0])
+        if not first:
+            return {}
+        names: Mapping[str, Sequence[str]] = {
+            ep.key: (ep.key, ep.address) for ep in endpoints if ep.key in first or ep.address in first
+        }
+        return self.index.match(keys, names) if names else {}
 
     # --- the event subscribers ------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -132,6 +132,9 @@ class ValkeyBlockIndex:
 
     def match(self, keys: Sequence[int], pods: Mapping[str, Sequence[str]]) -> dict[str, int]:
         return self.memory.match(keys, pods)
+
+    def first_holders(self, key: int) -> Collection[str]:
+        return self.memory.first_holders(key)
 
     def _queue(self, op: _Op) -> None:
         if len(self._pending) == self._pending.maxlen:

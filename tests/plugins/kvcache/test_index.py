@@ -67,3 +67,40 @@ def test_speculative_entries_count_until_they_expire_or_the_pod_drops_them() -> 
     assert index.match([1, 2, 3], A) == {"a": 2}
     index.clear_pod("10.0.0.1")  # a restarted engine holds none of them
     assert index.match([1, 2, 3], A) == {}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_indexer_matches_the_first_blocks_holders_as_it_would_match_the_whole_pool(seed: int) -> None:
+    """PreciseIndexer.match looks only at the candidates holding (or predicted to hold) the
+    prompt's first block; over random pools, names (an IP, an ip:port), predictions, clears and
+    removals, that gives what matching every candidate gives."""
+    import random
+    import time
+
+    from epp.framework import Endpoint
+    from epp_scorers.kvcache.precise import PreciseConfig, PreciseIndexer
+
+    rng = random.Random(seed)
+    pool = [Endpoint(f"10.0.0.{i}", 8000 + i % 2) for i in range(120)]  # two ports on some IPs
+    index = MemoryBlockIndex(pods_per_key=6)
+    indexer = PreciseIndexer(PreciseConfig(), index)
+    chains = [[rng.getrandbits(63) for _ in range(12)] for _ in range(5)]
+    now = time.monotonic()
+    for step in range(400):
+        ep, chain = rng.choice(pool), rng.choice(chains)
+        name = ep.key if rng.random() < 0.5 else ep.address
+        blocks = chain[rng.randrange(3) : rng.randrange(4, 13)]
+        action = rng.random()
+        if action < 0.6:
+            index.add(name, blocks, "gpu")
+        elif action < 0.8:
+            index.add_speculative(name, blocks, now + (60 if rng.random() < 0.7 else -1))
+        elif action < 0.95:
+            index.remove(name, blocks, "gpu")
+        else:
+            index.clear_pod(name)
+        candidates = rng.sample(pool, rng.randrange(1, len(pool)))
+        probe = rng.choice(chains)[: rng.randrange(1, 13)]
+        everyone = {c.key: (c.key, c.address) for c in candidates}
+        assert indexer.match(probe, candidates) == index.match(probe, everyone), step
+    assert any(indexer.match(chain, pool) for chain in chains)
