@@ -1,7 +1,8 @@
 """The set of endpoints epp may route to. Discovery writes it; the scheduler reads it.
 
-Readers get a cached tuple rebuilt only when the set changes, so a pick never copies endpoint
-state, and the scraped metrics the in-tree scorers read as numpy columns aligned with it
+Readers get a cached tuple rebuilt only when the set (or an endpoint's name or labels) changes,
+so a pick never copies endpoint state, and the scraped metrics the in-tree scorers read as numpy
+columns aligned with it
 (`epp.framework.metric_columns`), rebuilt with the tuple; a scrape writes its endpoint's row.
 Components that keep per-endpoint state (scraper, prefix index) subscribe to changes.
 """
@@ -43,7 +44,8 @@ class Datastore:
 
     def replace_all(self, desired: Iterable[Endpoint]) -> None:
         """Make the set equal `desired`. Unchanged endpoints keep their object (and metrics);
-        an endpoint whose name or labels changed is updated in place."""
+        an endpoint whose name or labels changed is updated in place, and the tuple is new: its
+        identity stands for the set and what filters read (labels), which readers cache on."""
         wanted = {ep.key: ep for ep in desired}
         changed = False
         for key in [k for k in self._by_key if k not in wanted]:
@@ -58,6 +60,7 @@ class Datastore:
                 current.name, current.pod_name = ep.name, ep.pod_name
                 current.labels = ep.labels
                 current.go_id = ep.go_id  # a pod replaced at the same address and port
+                changed = True
         if changed:  # the same tuple (and columns) otherwise: identity is what readers key on
             self._snapshot = tuple(self._by_key.values())
             self._columns = EndpointColumns(self._snapshot)

@@ -9,7 +9,11 @@ changes, updated one element when an endpoint's metrics snapshot is replaced (as
 - the datastore's own arrays when the candidates are its endpoint tuple (what the director passes
   when no filter narrowed it): no copy. They are read-only views; a plugin must not keep them
   past the pick (the next scrape writes them);
-- a gather of the candidates' rows when they are a subset of it (after a filter);
+- a gather of the candidates' rows when they are a subset of it (after a filter); a subset given
+  as a tuple (the profile hands scorers its filters' results as tuples) has its rows found once
+  and kept with the columns (a few subsets: a profile's, another profile's), so a second scorer,
+  or the next request through a filter that returns the same tuple, gathers without a pass
+  over the endpoints;
 - arrays built from each `ep.metrics` for endpoints in no datastore (tests, standalone use).
 
 Each array is float64 (counts included, so the scorers' formulas give the same floats as Python's
@@ -37,6 +41,8 @@ Column = npt.NDArray[np.float64]
 # Up to this many candidates, plain Python lists beat numpy (about 1 us a numpy call): the
 # in-tree scorers and the profile's weighting use lists there, arrays above.
 SMALL_POOL_SIZE = 16
+# Subsets (tuples) whose rows the datastore's columns remember; the oldest is forgotten past it.
+SUBSETS_KEPT = 8
 
 
 class MetricColumns:
@@ -95,10 +101,13 @@ class EndpointColumns(MetricColumns):
     assigning its `metrics` writes the row (`write`). An endpoint has a row in one column set at a
     time, the newest that took it: an Endpoint object belongs to one datastore."""
 
-    __slots__ = ("_kv", "_running", "_updated", "_waiting")
+    __slots__ = ("_kv", "_running", "_subsets", "_updated", "_waiting")
 
     def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
         n = len(endpoints)
+        # id(subset) -> (the subset, its rows, its key -> position map); the subset is held, so
+        # its id cannot be reused while remembered; a tuple cannot change.
+        self._subsets: dict[int, tuple[tuple[Endpoint, ...], npt.NDArray[np.intp], dict[str, int]]] = {}
         self._waiting = np.zeros(n)
         self._running = np.zeros(n)
         self._kv = np.zeros(n)
@@ -121,6 +130,21 @@ class EndpointColumns(MetricColumns):
         self._running[slot] = metrics.running_requests
         self._kv[slot] = metrics.kv_cache_usage
         self._updated[slot] = metrics.updated_at
+
+    def subset(self, endpoints: tuple[Endpoint, ...]) -> tuple[npt.NDArray[np.intp], dict[str, int]] | None:
+        """The rows of a tuple of this datastore's endpoints and its key -> position map, found
+        once per tuple (None when one of them is not among these columns' endpoints)."""
+        kept = self._subsets.get(id(endpoints))
+        if kept is not None and kept[0] is endpoints:
+            return kept[1], kept[2]
+        rows = [ep._column_slot if ep._column_set is self else -1 for ep in endpoints]
+        if -1 in rows:
+            return None
+        found = (np.array(rows, dtype=np.intp), {ep.key: i for i, ep in enumerate(endpoints)})
+        if len(self._subsets) >= SUBSETS_KEPT:
+            del self._subsets[next(iter(self._subsets))]
+        self._subsets[id(endpoints)] = (endpoints, *found)
+        return found
 
     def detach(self, ep: Endpoint) -> None:
         """`ep` left the datastore: its metrics no longer go into these columns."""
@@ -147,16 +171,24 @@ def metric_columns(endpoints: Sequence[Endpoint]) -> MetricColumns:
     if owner is not None:
         if endpoints is owner.endpoints:
             return owner
-        rows = [ep._column_slot if ep._column_set is owner else -1 for ep in endpoints]
-        if -1 not in rows:
-            index = np.array(rows, dtype=np.intp)
-            return MetricColumns(
+        positions: dict[str, int] | None = None
+        if isinstance(endpoints, tuple):
+            found = owner.subset(endpoints)
+            index = None if found is None else found[0]
+            positions = None if found is None else found[1]
+        else:
+            rows = [ep._column_slot if ep._column_set is owner else -1 for ep in endpoints]
+            index = None if -1 in rows else np.array(rows, dtype=np.intp)
+        if index is not None:
+            columns = MetricColumns(
                 endpoints,
                 owner.waiting_queue_size[index],
                 owner.running_requests[index],
                 owner.kv_cache_usage[index],
                 owner.updated_at[index],
             )
+            columns._positions = positions
+            return columns
     return MetricColumns.of(endpoints)
 
 
@@ -167,4 +199,8 @@ def endpoint_positions(endpoints: Sequence[Endpoint]) -> Callable[[str], int | N
         owner = endpoints[0]._column_set
         if owner is not None and endpoints is owner.endpoints:
             return owner.position
+        if owner is not None and isinstance(endpoints, tuple):
+            found = owner.subset(endpoints)
+            if found is not None:
+                return found[1].get
     return {ep.key: i for i, ep in enumerate(endpoints)}.get

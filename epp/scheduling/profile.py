@@ -114,6 +114,10 @@ class SchedulerProfile:
         for flt, series in self._timed_filters:
             started = time.perf_counter()
             candidates = flt.filter(cycle, request, candidates)
+            if not isinstance(candidates, tuple):
+                # A tuple cannot change under the scorers, so what they derive from it (its rows in
+                # the metric columns, its positions) is found once (epp.framework.columns).
+                candidates = tuple(candidates)
             series.observe(time.perf_counter() - started)
             if not candidates:
                 return None

@@ -40,3 +40,23 @@ def test_ipv6_endpoints_are_keyed_in_brackets() -> None:
     store = Datastore()
     store.replace_all([Endpoint("fd00::1", 8000)])
     assert store.get("[fd00::1]:8000") is not None
+
+
+def test_a_relabelled_endpoint_makes_a_new_tuple_that_keeps_every_endpoint_object() -> None:
+    """Readers (label filters, the metric columns' subsets) key what they derive on the tuple's
+    identity: a label or name change must give a new tuple; the endpoints stay the same objects."""
+    store = Datastore()
+    store.replace_all(
+        [Endpoint("10.0.0.1", 8000, "a", {"llm-d.ai/role": "decode"}), Endpoint("10.0.0.2", 8000)]
+    )
+    first = store.endpoints()
+    store.replace_all(
+        [Endpoint("10.0.0.1", 8000, "a", {"llm-d.ai/role": "prefill"}), Endpoint("10.0.0.2", 8000)]
+    )
+    second = store.endpoints()
+    assert second is not first and all(x is y for x, y in zip(first, second, strict=True))
+    assert second[0].labels == {"llm-d.ai/role": "prefill"}
+    store.replace_all(
+        [Endpoint("10.0.0.1", 8000, "a", {"llm-d.ai/role": "prefill"}), Endpoint("10.0.0.2", 8000)]
+    )
+    assert store.endpoints() is second  # nothing changed: the same tuple

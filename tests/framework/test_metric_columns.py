@@ -94,3 +94,29 @@ def test_endpoint_positions() -> None:
     assert endpoint_positions([e[2], e[0]])(e[0].key) == 1
     assert endpoint_positions([e[2]])(e[0].key) is None
     assert endpoint_positions([])("anything") is None
+
+
+@pytest.mark.parametrize("as_tuple", [False, True])
+def test_a_subset_tuple_has_its_rows_found_once_and_its_values_read_fresh(as_tuple: bool) -> None:
+    """A tuple (what the profile hands scorers after a filter) is a subset the columns remember:
+    its rows and positions are not looked up again, yet each call gathers the current values;
+    a list is looked up each time. Only a few subsets are remembered."""
+    from epp.framework import columns
+
+    store = store_of(pool(5))
+    e = store.endpoints()
+    subset = (e[4], e[1], e[3]) if as_tuple else [e[4], e[1], e[3]]
+    first = metric_columns(subset)
+    e[1].metrics = EndpointMetrics(waiting_queue_size=70)
+    again = metric_columns(subset)
+    assert first.waiting_queue_size.tolist() == [4, 1, 3] and again.waiting_queue_size.tolist() == [4, 70, 3]
+    assert again.position(e[1].key) == 1 and endpoint_positions(subset)(e[3].key) == 2
+    owner = e[0]._column_set
+    assert owner is not None
+    remembered = owner._subsets
+    assert (len(remembered) == 1) is as_tuple
+    for i in range(columns.SUBSETS_KEPT + 3):  # others come and go: the store stays bounded
+        metric_columns((e[i % 5], e[(i + 1) % 5]))
+    assert len(remembered) <= columns.SUBSETS_KEPT
+    store.replace_all([*e, make_endpoint("new")])  # a new tuple, new columns: nothing carried over
+    assert metric_columns(subset).waiting_queue_size.tolist() == [4, 70, 3]

@@ -45,6 +45,33 @@ def test_role_filters(flt: Any, expected: list[str]) -> None:
     assert kept(flt, []) == []
 
 
+@pytest.mark.parametrize("flt", [DecodeFilter(), ByLabel(label="llm-d.ai/role", valid_values=["decode"])])
+def test_a_label_filter_gives_the_same_tuple_its_last_result_until_the_datastore_relabels(flt: Any) -> None:
+    """The director hands every request the datastore's tuple: the filter keeps its result for
+    that tuple (the same object, so scorers' lookups are kept too) and the datastore makes a new
+    tuple when a label changes. A pool it does not narrow comes back as it is."""
+    from epp.datalayer.datastore import Datastore
+
+    store = Datastore()
+    store.replace_all([Endpoint(f"10.0.0.{i}", 8000, f"p{i}", {"llm-d.ai/role": "decode"}) for i in range(3)])
+    assert flt.filter(CycleState(), make_request(), store.endpoints()) is store.endpoints()
+    relabelled = [
+        Endpoint(f"10.0.0.{i}", 8000, f"p{i}", {"llm-d.ai/role": "prefill" if i else "decode"})
+        for i in range(3)
+    ]
+    store.replace_all(relabelled)
+    first = flt.filter(CycleState(), make_request(), store.endpoints())
+    assert [ep.name for ep in first] == ["p0"] and isinstance(first, tuple)
+    assert flt.filter(CycleState(), make_request(), store.endpoints()) is first
+    assert [ep.name for ep in flt.filter(CycleState(), make_request(), list(store.endpoints()))] == ["p0"]
+    store.replace_all([Endpoint(f"10.0.0.{i}", 8000, f"p{i}", {"llm-d.ai/role": "decode"}) for i in range(3)])
+    assert [ep.name for ep in flt.filter(CycleState(), make_request(), store.endpoints())] == [
+        "p0",
+        "p1",
+        "p2",
+    ]
+
+
 def test_role_filter_names() -> None:
     assert (DecodeFilter().name, DecodeFilter("d").name) == ("decode-filter", "d")
     assert (build(DecodeFilter).name, build(DecodeFilter, name="d").name) == ("decode-filter", "d")

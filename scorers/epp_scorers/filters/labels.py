@@ -52,14 +52,38 @@ OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 def with_label_in(
     endpoints: Sequence[Endpoint], label: str, values: Collection[str], keep_unlabeled: bool
-) -> list[Endpoint]:
-    """Endpoints whose `label` is one of `values`, plus those without it when `keep_unlabeled`."""
+) -> Sequence[Endpoint]:
+    """Endpoints whose `label` is one of `values`, plus those without it when `keep_unlabeled`
+    (`endpoints` itself when that is all of them)."""
     out = []
     for ep in endpoints:
         value = ep.labels.get(label)
         if (value in values) if value is not None else keep_unlabeled:
             out.append(ep)
-    return out
+    return endpoints if len(out) == len(endpoints) else tuple(out)
+
+
+class LastLabelFilter:
+    """A label filter's last input tuple and its result. The datastore makes a new endpoint
+    tuple whenever a label changes (never changing one in place under the same tuple), so the
+    same tuple again, the director's usual candidates, has the same result: no pass over the
+    pool, and the same result tuple, whose rows the metric columns keep (epp.framework.columns)."""
+
+    __slots__ = ("_input", "_output")
+
+    def __init__(self) -> None:
+        self._input: tuple[Endpoint, ...] | None = None
+        self._output: Sequence[Endpoint] = ()
+
+    def filter(
+        self, endpoints: Sequence[Endpoint], label: str, values: Collection[str], keep_unlabeled: bool
+    ) -> Sequence[Endpoint]:
+        if endpoints is self._input:
+            return self._output
+        out = with_label_in(endpoints, label, values, keep_unlabeled)
+        if isinstance(endpoints, tuple):
+            self._input, self._output = endpoints, out
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +212,7 @@ class ByLabel(Filter):
         self.label = label
         self.valid_values = frozenset(valid_values)
         self.allows_no_label = allows_no_label
+        self._last = LastLabelFilter()
 
     @classmethod
     def from_params(cls, name: str, params: Params, handle: PluginHandle) -> Self:
@@ -203,4 +228,4 @@ class ByLabel(Filter):
     def filter(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
     ) -> Sequence[Endpoint]:
-        return with_label_in(endpoints, self.label, self.valid_values, self.allows_no_label)
+        return self._last.filter(endpoints, self.label, self.valid_values, self.allows_no_label)

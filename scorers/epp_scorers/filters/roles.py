@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from epp.framework import ROLE_LABEL, CycleState, Endpoint, Filter, InferenceRequest
-from epp_scorers.filters.labels import with_label_in
+from epp_scorers.filters.labels import LastLabelFilter
 
 # Values of the role label, as the Go EPP defines them.
 ROLE_DECODE = "decode"
@@ -48,10 +48,14 @@ class RoleFilter(Filter):
     roles: ClassVar[frozenset[str]] = frozenset()
     allows_no_label: ClassVar[bool] = False
 
+    def __init__(self, name: str = "") -> None:
+        super().__init__(name)
+        self._last = LastLabelFilter()
+
     def filter(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
     ) -> Sequence[Endpoint]:
-        return with_label_in(endpoints, ROLE_LABEL, self.roles, self.allows_no_label)
+        return self._last.filter(endpoints, ROLE_LABEL, self.roles, self.allows_no_label)
 
 
 class DecodeFilter(RoleFilter):
