@@ -8,7 +8,7 @@ A consumer names its producer by plugin name (parameter `prefixMatchInfoProducer
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,10 +38,13 @@ class PrefixMatch:
     def uncached_tokens(self, endpoint: Endpoint, input_tokens: int) -> int:
         """Input tokens this endpoint would have to prefill: the unmatched blocks plus the tail
         beyond the hashed blocks."""
+        return self.uncached_tokens_of(self.matched.get(endpoint.key, 0), input_tokens)
+
+    def uncached_tokens_of(self, matched_blocks: int, input_tokens: int) -> int:
+        """`uncached_tokens` of an endpoint holding `matched_blocks` of the prompt's blocks."""
         size = self.block_size_tokens
         indexed = self.total_blocks * size
-        matched = self.matched.get(endpoint.key, 0) * size
-        return max(0, indexed - matched) + max(0, input_tokens - indexed)
+        return max(0, indexed - matched_blocks * size) + max(0, input_tokens - indexed)
 
 
 class InFlightLoad(Protocol):
@@ -59,6 +62,11 @@ class InFlightLoad(Protocol):
     def request_tokens(self, endpoint: Endpoint) -> int:
         """Tokens this request would add to the endpoint (its uncached input, and an output
         estimate when configured)."""
+        ...
+
+    def request_tokens_each(self, endpoints: Sequence[Endpoint]) -> list[int]:
+        """`request_tokens` of each endpoint, in order: one value for every endpoint that holds
+        none of the prompt, looked up for the few that do (no call per endpoint)."""
         ...
 
 

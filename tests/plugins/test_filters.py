@@ -153,6 +153,23 @@ def test_by_label_needs_a_label_and_values() -> None:
 # --- prefix-cache-affinity-filter ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.8])
+def test_prefix_affinity_keeps_the_endpoints_at_the_threshold_in_the_candidates_order(
+    threshold: float,
+) -> None:
+    """Among many candidates, the sticky ones are exactly those whose ratio reaches the threshold,
+    in the order the candidates came, whatever order the match lists them in."""
+    rng = random.Random(int(threshold * 10))
+    endpoints = [make_endpoint(f"e{i}") for i in range(60)]
+    holders = rng.sample(endpoints, 12)
+    match = PrefixMatch({ep.key: rng.randrange(0, 11) for ep in holders}, 10, 64)
+    cycle = CycleState()
+    cycle.write(PREFIX_MATCH, match)
+    flt = build(PrefixCacheAffinityFilter, {"affinityThreshold": threshold, "maxTTFTPenaltyMs": 0})
+    expected = [ep for ep in endpoints if match.ratio(ep) >= threshold]
+    assert list(flt.filter(cycle, make_request(), endpoints)) == (expected or endpoints)
+
+
 def affinity_cycle(
     matched: dict[str, int], endpoints: list[Endpoint] | None = None, with_load: bool = False
 ) -> CycleState:

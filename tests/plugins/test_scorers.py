@@ -4,6 +4,7 @@ lists and endpoints that were never scraped."""
 from __future__ import annotations
 
 import base64
+import random
 from dataclasses import replace
 from typing import Any
 
@@ -240,6 +241,26 @@ def test_token_load_counts_only_the_uncached_part_of_the_prompt() -> None:
     producer.produce(cycle, request, [a, b])
     scorer = TokenLoadScorer(queue_threshold_tokens=1000)
     assert scorer.score(cycle, request, [a, b]) == approx([1 - 172 / 1000, 1 - 300 / 1000])
+
+
+@pytest.mark.parametrize("n", [5, 40])  # the list and the array paths
+def test_token_load_gives_each_endpoint_the_formula_over_its_own_uncached_tokens(n: int) -> None:
+    """A pool where a few endpoints hold part of the prompt and each has its own tokens in flight:
+    every score is 1 - min(t, T) / T of that endpoint's own t, to the last bit."""
+    rng = random.Random(n)
+    endpoints = [make_endpoint(f"e{i}", inflight_tokens=rng.randrange(0, 900)) for i in range(n)]
+    holders = rng.sample(endpoints, 3)
+    match = PrefixMatch({ep.key: b for ep, b in zip(holders, (1, 3, 4), strict=True)}, 4, 64)
+    request = make_request("q" * 1200)  # 300 tokens, 256 of them hashed
+    cycle = CycleState()
+    cycle.write(PREFIX_MATCH, match)
+    InFlightLoadProducer().produce(cycle, request, endpoints)
+    scores = list(TokenLoadScorer(queue_threshold_tokens=1000).score(cycle, request, endpoints))
+    expected = []
+    for ep in endpoints:
+        t = float(ep.inflight_tokens + match.uncached_tokens(ep, 300))
+        expected.append(1.0 if t <= 0 else 1.0 - min(t, 1000.0) / 1000.0)
+    assert scores == expected
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,7 @@ from epp.framework import (
     ParamDoc,
     Params,
     PluginHandle,
+    endpoint_positions,
 )
 from epp_scorers.data import (
     DEFAULT_INFLIGHT_PRODUCER,
@@ -167,10 +168,20 @@ class PrefixCacheAffinityFilter(Filter):
         match = cycle.read(self._prefix_key)
         if match is None:
             return endpoints
-        threshold = self.threshold
-        sticky = [ep for ep in endpoints if match.ratio(ep) >= threshold]
-        if not sticky:
+        threshold, total = self.threshold, match.total_blocks
+        if not total:
+            return endpoints  # every ratio is 0, below any threshold
+        # Only a matched endpoint can reach the (positive) threshold: look those few up, in the
+        # candidates' order, rather than asking every candidate for its ratio.
+        position = endpoint_positions(endpoints)
+        rows = sorted(
+            i
+            for key, blocks in match.matched.items()
+            if blocks / total >= threshold and (i := position(key)) is not None
+        )
+        if not rows:
             return endpoints
+        sticky = [endpoints[i] for i in rows]
         if self.max_penalty_ms > 0 and len(sticky) < len(endpoints) and self.latency_predictor:
             predictions = cycle.read(self._latency_key)
             if predictions is not None:

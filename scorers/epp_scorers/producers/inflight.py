@@ -51,6 +51,7 @@ from epp.framework import (
     PluginHandle,
     PreRequest,
     SchedulingResult,
+    endpoint_positions,
 )
 from epp_scorers.data import DEFAULT_PREFIX_PRODUCER, INFLIGHT_LOAD, PREFIX_MATCH, PrefixMatch
 
@@ -89,12 +90,34 @@ class _RequestLoad:
 
     def request_tokens(self, endpoint: Endpoint) -> int:
         """Tokens this request would add to `endpoint`."""
-        p = self._producer
+        match = self._prefix_match()
+        return self._tokens(match, 0 if match is None else match.matched.get(endpoint.key, 0))
+
+    def request_tokens_each(self, endpoints: Sequence[Endpoint]) -> list[int]:
+        match = self._prefix_match()
+        out = [self._tokens(match, 0)] * len(endpoints)
+        if match is not None and match.matched:
+            position = endpoint_positions(endpoints)
+            for key, blocks in match.matched.items():
+                i = position(key)
+                if i is not None:
+                    out[i] = self._tokens(match, blocks)
+        return out
+
+    def _prefix_match(self) -> PrefixMatch | None:
         if not self._matched_read:
-            self._match = self._cycle.read(p.prefix_key)
+            self._match = self._cycle.read(self._producer.prefix_key)
             self._matched_read = self._match is not None
-        match = self._match
-        tokens = self._input_tokens if match is None else match.uncached_tokens(endpoint, self._input_tokens)
+        return self._match
+
+    def _tokens(self, match: PrefixMatch | None, matched_blocks: int) -> int:
+        """Tokens this request would add to an endpoint holding `matched_blocks` of it."""
+        p = self._producer
+        tokens = (
+            self._input_tokens
+            if match is None
+            else match.uncached_tokens_of(matched_blocks, self._input_tokens)
+        )
         if p.add_output_estimate:
             if self._output_tokens is None:
                 self._output_tokens = p.output_estimate(self._input_tokens, self._request)

@@ -44,6 +44,7 @@ from epp.framework import (
     PreRequest,
     SchedulingResult,
     Scorer,
+    endpoint_positions,
 )
 from epp_scorers.data import DEFAULT_PREFIX_PRODUCER, PREFIX_MATCH
 
@@ -103,18 +104,21 @@ class NoHitLruScorer(Scorer, PreRequest, EndpointListener):
     ) -> list[float]:
         match = cycle.read(self._key)
         matched = match.matched if match is not None else {}
-        cold = not any(matched.get(ep.key, 0) > 0 for ep in endpoints)
+        # Cold: no candidate holds any of the prompt (looked up from the few matched endpoints,
+        # not by a pass over the candidates).
+        position = endpoint_positions(endpoints)
+        cold = not any(blocks > 0 and position(key) is not None for key, blocks in matched.items())
         cycle.write(self._cold_key, cold)
         n = len(endpoints)
         if not cold:
             return [0.5] * n
         if n == 1:
             return [1.0]
-        position = {key: i for i, key in enumerate(self.lru)}
+        used = {key: i for i, key in enumerate(self.lru)}
         never_used = 0
         ranks: list[int] = []
         for ep in endpoints:
-            if ep.key not in position:
+            if ep.key not in used:
                 ranks.append(never_used)
                 never_used += 1
             else:
@@ -123,7 +127,7 @@ class NoHitLruScorer(Scorer, PreRequest, EndpointListener):
         out = []
         for ep, rank in zip(endpoints, ranks, strict=True):
             if rank < 0:
-                rank = never_used + position[ep.key]
+                rank = never_used + used[ep.key]
             out.append(max(0.0, 1.0 - rank / span))
         return out
 

@@ -26,7 +26,11 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any, Self
 
+import numpy as np
+
 from epp.framework import (
+    SMALL_POOL_SIZE,
+    Column,
     CycleState,
     DataKey,
     Endpoint,
@@ -35,6 +39,7 @@ from epp.framework import (
     Params,
     PluginHandle,
     Scorer,
+    Scores,
 )
 from epp_scorers.data import DEFAULT_INFLIGHT_PRODUCER, INFLIGHT_LOAD
 
@@ -87,16 +92,22 @@ class TokenLoadScorer(Scorer):
     def consumes(self) -> Collection[DataKey[Any]]:
         return (self._load_key,)
 
-    def score(
-        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
-    ) -> list[float]:
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Scores:
         load = cycle.read(self._load_key)
         t_max = self.threshold
-        out = []
-        for ep in endpoints:
-            if load is None:
-                tokens = float(request.input_tokens_estimate)
-            else:
-                tokens = float(ep.inflight_tokens + load.request_tokens(ep))
-            out.append(1.0 if tokens <= 0 else 1.0 - min(tokens, t_max) / t_max)
-        return out
+        n = len(endpoints)
+        if load is None:
+            tokens = float(request.input_tokens_estimate)
+            return [1.0 if tokens <= 0 else 1.0 - min(tokens, t_max) / t_max] * n
+        adding = load.request_tokens_each(endpoints)
+        if n <= SMALL_POOL_SIZE:
+            out = []
+            for ep, more in zip(endpoints, adding, strict=True):
+                tokens = float(ep.inflight_tokens + more)
+                out.append(1.0 if tokens <= 0 else 1.0 - min(tokens, t_max) / t_max)
+            return out
+        # The same IEEE operations on arrays: the same floats as the loop above.
+        held = np.fromiter((ep.inflight_tokens for ep in endpoints), np.float64, n)
+        t = held + np.array(adding, dtype=np.float64)
+        scores: Column = np.where(t <= 0, 1.0, 1.0 - np.minimum(t, t_max) / t_max)
+        return scores
