@@ -28,7 +28,10 @@ import time
 from collections.abc import Sequence
 from typing import Self
 
+import numpy as np
+
 from epp.framework import (
+    SMALL_POOL_SIZE,
     ConfigError,
     CycleState,
     Endpoint,
@@ -38,6 +41,7 @@ from epp.framework import (
     Params,
     PluginHandle,
     SaturationDetector,
+    metric_columns,
 )
 from epp_scorers.saturation_detectors import go_duration_s
 
@@ -113,6 +117,16 @@ class UtilizationDetector(SaturationDetector, Filter):
             return 1.0
         cutoff = time.monotonic() - self.staleness_s
         q, kv = self.queue_depth_threshold, self.kv_cache_util_threshold
+        if len(endpoints) > SMALL_POOL_SIZE:  # flow control asks at every arrival: on the columns
+            cols = metric_columns(endpoints)
+            updated = cols.updated_at
+            each = np.where(
+                (updated <= 0.0) | (updated < cutoff),
+                1.0,
+                np.maximum(cols.waiting_queue_size / q, cols.kv_cache_usage / kv),
+            )
+            values: list[float] = each.tolist()
+            return sum(values) / len(endpoints)  # summed in order, as the loop below
         total = 0.0
         for ep in endpoints:
             m = ep.metrics
@@ -127,6 +141,19 @@ class UtilizationDetector(SaturationDetector, Filter):
     ) -> Sequence[Endpoint]:
         cutoff = time.monotonic() - self.staleness_s
         q, kv = self.queue_limit, self.kv_limit
+        if len(endpoints) > SMALL_POOL_SIZE:
+            cols = metric_columns(endpoints)
+            updated = cols.updated_at
+            fine = (
+                (updated > 0.0)
+                & (updated >= cutoff)
+                & (cols.waiting_queue_size < q)
+                & (cols.kv_cache_usage < kv)
+            )
+            if fine.all():
+                return endpoints
+            rows = np.flatnonzero(fine).tolist()
+            return [endpoints[i] for i in rows] if rows else endpoints
         kept = [
             ep
             for ep in endpoints

@@ -39,6 +39,54 @@ def test_utilization_is_the_mean_roofline_and_stale_counts_as_full() -> None:
     assert det.saturation([]) == 1.0
 
 
+@pytest.mark.parametrize("n", [6, 60])  # a loop, and numpy on the columns above 16 endpoints
+def test_utilization_of_a_pool_is_each_endpoints_roofline_averaged_and_its_filter_keeps_the_fine_ones(
+    n: int,
+) -> None:
+    """Over a pool in a datastore (its metric columns) with stale, never-scraped and busy
+    endpoints: the saturation is the plain definition's, to the last bit, and the filter keeps
+    exactly the fresh endpoints under both limits, in order."""
+    import random
+
+    from epp.datalayer.datastore import Datastore
+
+    rng = random.Random(n)
+    now = time.monotonic()
+    pool = [
+        make_endpoint(
+            f"e{i}",
+            waiting=rng.randrange(0, 9),
+            kv=round(rng.random(), 3),
+            updated_at=rng.choice([now, now, now - 5.0, 0.0]),
+        )
+        for i in range(n)
+    ]
+    store = Datastore()
+    store.replace_all(pool)
+    endpoints = store.endpoints()
+    det = UtilizationDetector.from_params(
+        "u", Params({"queueDepthThreshold": 4, "kvCacheUtilThreshold": 0.5}), PluginHandle()
+    )
+    cutoff = time.monotonic() - det.staleness_s
+    expected = 0.0
+    for ep in endpoints:
+        m = ep.metrics
+        stale = m.updated_at <= 0.0 or m.updated_at < cutoff
+        expected += 1.0 if stale else max(m.waiting_queue_size / 4, m.kv_cache_usage / 0.5)
+    assert det.saturation(endpoints) == expected / n
+    kept = [
+        ep.name
+        for ep in endpoints
+        if ep.metrics.updated_at > 0.0
+        and ep.metrics.updated_at >= cutoff
+        and ep.metrics.waiting_queue_size < det.queue_limit
+        and ep.metrics.kv_cache_usage < det.kv_limit
+    ]
+    assert [ep.name for ep in det.filter(CycleState(), make_request(), endpoints)] == (
+        kept or [ep.name for ep in endpoints]
+    )
+
+
 def test_utilization_staleness_is_a_go_duration() -> None:
     det = UtilizationDetector.from_params("u", Params({"metricsStalenessThreshold": "2s"}), PluginHandle())
     assert det.staleness_s == 2.0
