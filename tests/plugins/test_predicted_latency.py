@@ -297,6 +297,55 @@ def test_when_all_miss_idle_endpoints_win_then_the_mildest_deficit() -> None:
     assert scores[0] > 0.0 and scores[1] == 0.0
 
 
+@pytest.mark.parametrize(
+    ("headers", "busiest"),
+    [
+        ({"x-llm-d-slo-ttft-ms": "300", "x-llm-d-slo-tpot-ms": "50"}, 0),  # some meet it
+        ({}, 0),  # no SLO: every headroom negative
+        ({"x-llm-d-slo-ttft-ms": "10"}, 0),  # all miss: the idle ones first
+        ({"x-llm-d-slo-ttft-ms": "200", "x-llm-d-slo-tpot-ms": "10"}, 1),  # none idle: TPOT-only misses
+        ({"x-llm-d-slo-ttft-ms": "1", "x-llm-d-slo-tpot-ms": "1000"}, 1),  # none idle: TTFT-only misses
+        ({"x-llm-d-slo-ttft-ms": "200", "x-llm-d-slo-tpot-ms": "10"}, -1),  # TPOT-only and TTFT-only
+    ],
+)
+@pytest.mark.parametrize("strategy", ["least", "most"])
+def test_the_scorer_gives_a_large_pool_the_same_scores_as_endpoint_by_endpoint(
+    headers: dict[str, str], busiest: int, strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above 16 candidates the scorer works on the prediction table's columns: every score is
+    the one the loop gives, to the last bit, in every bucket; endpoints the producer never saw
+    score 0 either way."""
+    from epp_scorers.scorers import latency
+
+    producer = trained()
+    rng = random.Random(len(headers))
+    pool = [
+        make_endpoint(
+            f"e{i}",
+            waiting=rng.randrange(6),
+            running=rng.randrange(8),
+            inflight_requests=rng.randrange(max(busiest, 0), 3),
+        )
+        for i in range(40)
+    ]
+    if busiest < 0:  # half fast to first token but slow per token, half the other way round; none idle
+        pool = [
+            make_endpoint(f"e{i}", waiting=0, running=rng.randrange(6, 8), inflight_requests=1)
+            if i % 2
+            else make_endpoint(
+                f"e{i}", waiting=rng.randrange(3, 6), running=rng.randrange(2), inflight_requests=1
+            )
+            for i in range(40)
+        ]
+    cycle, request, _ = predictions(producer, pool[:36], headers)  # four were not candidates then
+    scorer = LatencyScorer(strategy=strategy)
+    arrays = list(scorer.score(cycle, request, pool))
+    monkeypatch.setattr(latency, "SMALL_POOL_SIZE", 1000)  # the loop
+    loop = scorer.score(cycle, request, pool)
+    assert isinstance(loop, list) and arrays == loop
+    assert arrays[36:] == [0.0] * 4 and max(arrays) > 0.0
+
+
 def test_without_predictions_the_scorer_falls_back_to_kv_queue_and_prefix() -> None:
     producer = PredictedLatencyProducer()  # untrained
     a, b = make_endpoint("a", waiting=4, kv=0.5), make_endpoint("b", waiting=0, kv=0.1)

@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple, Self
 
 import numpy as np
+import numpy.typing as npt
 from prometheus_client import Histogram
 
 from epp.framework import (
@@ -65,6 +66,8 @@ from epp.framework import (
     SchedulingResult,
     ServedElsewhere,
     ServiceContext,
+    endpoint_positions,
+    metric_columns,
 )
 from epp_scorers.data import DEFAULT_INFLIGHT_PRODUCER, DEFAULT_PREFIX_PRODUCER, INFLIGHT_LOAD, PREFIX_MATCH
 from epp_scorers.producers.latency_model import FEATURES, TPOT_FEATURES, FloatArray, OnlineLinearModel
@@ -122,17 +125,32 @@ class LatencyPrediction(NamedTuple):  # a tuple: built per candidate per request
         return self.ttft_valid and self.tpot_valid
 
 
+@dataclass(frozen=True, slots=True)
+class PredictionTable:
+    """A request's predictions as columns, one row per candidate (the producer's candidates, in
+    order): what `LatencyPredictions.get` reads one row of, and scorers read whole."""
+
+    ttft_ms: list[float]
+    tpot_ms: list[float]
+    ttft_valid: list[bool]
+    tpot_valid: list[bool]
+    ttft_headroom_ms: FloatArray
+    tpot_headroom_ms: FloatArray
+    dispatched: FloatArray  # requests epp had in flight to each endpoint
+
+
 class LatencyPredictions:
     """This request's predictions per candidate endpoint, computed on first read (another
     producer's data, e.g. the prefix match, may be published after this producer ran)."""
 
     __slots__ = (
-        "_by_key",
+        "_computed",
         "_cycle",
         "_endpoints",
         "_producer",
         "_request",
         "_rows",
+        "_table",
         "_x",
         "tpot_slo_ms",
         "ttft_slo_ms",
@@ -149,24 +167,48 @@ class LatencyPredictions:
         self._cycle = cycle
         self._request = request
         self._endpoints = endpoints
-        self._by_key: dict[str, LatencyPrediction] | None = None
-        self._rows: dict[str, int] = {}  # endpoint key -> its row of _x
+        self._table: PredictionTable | None = None  # computed on first read; None after: no model
+        self._computed = False
+        self._rows: dict[str, int] = {}  # endpoint key -> its row of _x and of the table
         self._x: FloatArray | None = None  # the candidates' features, once computed
         self.ttft_slo_ms = slo_ms(request.headers, TTFT_SLO_HEADERS)
         self.tpot_slo_ms = slo_ms(request.headers, TPOT_SLO_HEADERS)
 
+    def table(self) -> PredictionTable | None:
+        """Every candidate's predictions at once (rows as `rows_of` gives them); None without a
+        model yet."""
+        if not self._computed:
+            self._table = self._producer.predict(self)
+            self._computed = True
+        return self._table
+
     def get(self, endpoint: Endpoint) -> LatencyPrediction | None:
         """The endpoint's prediction; None without a model yet (or for a non-candidate)."""
-        if self._by_key is None:
-            self._by_key = self._producer.predict(self)
-        return self._by_key.get(endpoint.key)
+        table = self.table()
+        row = self._rows.get(endpoint.key) if table is not None else None
+        if table is None or row is None:
+            return None
+        return LatencyPrediction(
+            table.ttft_ms[row],
+            table.tpot_ms[row],
+            table.ttft_valid[row],
+            table.tpot_valid[row],
+            float(table.ttft_headroom_ms[row]),
+            float(table.tpot_headroom_ms[row]),
+            int(table.dispatched[row]),
+        )
+
+    def rows_of(self, endpoints: Sequence[Endpoint]) -> npt.NDArray[np.intp]:
+        """Each endpoint's row of the table (-1: not a candidate when the predictions were made)."""
+        if endpoints is self._endpoints:
+            return np.arange(len(endpoints), dtype=np.intp)
+        rows = self._rows
+        return np.fromiter((rows.get(ep.key, -1) for ep in endpoints), np.intp, len(endpoints))
 
     @property
     def available(self) -> bool:
         """Whether any endpoint has a prediction."""
-        if self._by_key is None:
-            self._by_key = self._producer.predict(self)
-        return bool(self._by_key)
+        return self.table() is not None
 
     def features_of(self, endpoint: Endpoint) -> FloatArray | None:
         """The endpoint's feature row (a copy), computing the predictions if needed."""
@@ -373,37 +415,43 @@ class PredictedLatencyProducer(
         cycle, endpoints = predictions._cycle, predictions._endpoints
         match = cycle.read(self.prefix_key)
         load = cycle.read(self.load_key)
-        metrics = [ep.metrics for ep in endpoints]
+        cols = metric_columns(endpoints)  # the datastore's columns: no pass over the endpoints
         x = np.empty((len(endpoints), len(FEATURES)))
-        x[:, 0] = [m.kv_cache_usage for m in metrics]
+        x[:, 0] = cols.kv_cache_usage
         x[:, 1] = tokens = float(predictions._request.input_tokens_estimate)
-        x[:, 2] = [m.waiting_queue_size for m in metrics]
+        x[:, 2] = cols.waiting_queue_size
         if load is not None:
             x[:, 3] = [load.requests(ep) for ep in endpoints]
             x[:, 5] = [load.tokens(ep) for ep in endpoints]
         else:
-            x[:, 3] = [m.running_requests for m in metrics]
+            x[:, 3] = cols.running_requests
             x[:, 5] = 0.0
-        x[:, 4] = [match.ratio(ep) for ep in endpoints] if match is not None else 0.0
+        x[:, 4] = 0.0  # the prefix share: the few matched endpoints' (PrefixMatch.ratio)
+        if match is not None and match.total_blocks:
+            position = endpoint_positions(endpoints)
+            for key, blocks in match.matched.items():
+                i = position(key)
+                if i is not None:
+                    x[i, 4] = blocks / match.total_blocks
         x[:, 6] = tokens * (1.0 - x[:, 4])
         return x
 
-    def predict(self, predictions: LatencyPredictions) -> dict[str, LatencyPrediction]:
+    def predict(self, predictions: LatencyPredictions) -> PredictionTable | None:
         endpoints = predictions._endpoints
         if not endpoints:
-            return {}
+            return None
         x = self.features(predictions)
         predictions._rows = {ep.key: i for i, ep in enumerate(endpoints)}
         predictions._x = x
         if not self.predict_in_produce:
-            return {}
+            return None
         remote = self.sidecar.models() if self.sidecar is not None else None
         if remote is not None:
             ttft, tpot = remote[0].predict(x), remote[1].predict(x)
         else:
             local_ttft = self.ttft_model.predict(x)
             if local_ttft is None:
-                return {}
+                return None
             ttft = local_ttft
             # TPOT before its first fit (or never learned: non-streaming) reads 0.
             local_tpot = self.tpot_model.predict(x) if self.streaming_mode else None
@@ -424,19 +472,15 @@ class PredictedLatencyProducer(
         else:  # TPOT is not learned: neutral
             tpot_headroom = np.zeros(len(endpoints))
             tpot_ok = [True] * len(endpoints)
-        slo = predictions.ttft_slo_ms
-        return {
-            ep.key: LatencyPrediction(t, p, t < slo, ok, th, ph, ep.inflight_requests)
-            for ep, t, p, th, ok, ph in zip(
-                endpoints,
-                ttft.tolist(),
-                tpot.tolist(),
-                ttft_headroom.tolist(),
-                tpot_ok,
-                tpot_headroom.tolist(),
-                strict=True,
-            )
-        }
+        return PredictionTable(
+            ttft.tolist(),
+            tpot.tolist(),
+            (ttft < predictions.ttft_slo_ms).tolist(),
+            tpot_ok,
+            np.asarray(ttft_headroom, dtype=np.float64),
+            np.asarray(tpot_headroom, dtype=np.float64),
+            np.fromiter((ep.inflight_requests for ep in endpoints), np.float64, len(endpoints)),
+        )
 
     def _is_prefill(self, ep: Endpoint) -> bool:
         return bool(self.role_label) and ep.labels.get(self.role_label) == "prefill"

@@ -29,7 +29,11 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any, Self
 
+import numpy as np
+
 from epp.framework import (
+    SMALL_POOL_SIZE,
+    Column,
     CycleState,
     DataKey,
     Endpoint,
@@ -38,6 +42,7 @@ from epp.framework import (
     Params,
     PluginHandle,
     Scorer,
+    Scores,
 )
 from epp_scorers.data import DEFAULT_PREFIX_PRODUCER, PREFIX_MATCH
 from epp_scorers.producers.predicted_latency import (
@@ -124,13 +129,13 @@ class LatencyScorer(Scorer):
     def consumes(self) -> Collection[DataKey[Any]]:
         return (self.key, self.prefix_key)
 
-    def score(
-        self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
-    ) -> list[float]:
+    def score(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> Scores:
         scores = [0.0] * len(endpoints)
         predictions: LatencyPredictions | None = cycle.read(self.key)
         if predictions is None or not predictions.available:
             return self._composite(cycle, endpoints)
+        if len(endpoints) > SMALL_POOL_SIZE:
+            return self._score_arrays(predictions, endpoints)
         positive: list[_Scored] = []
         negative: list[_Scored] = []
         for i, ep in enumerate(endpoints):
@@ -169,6 +174,51 @@ class LatencyScorer(Scorer):
             blend = alpha * n_ttft + beta * n_tpot
             s = 1.0 - blend if least else blend
             scores[i] = (int(s * _W_MAX) + 1) / _W_MAX
+
+    def _score_arrays(self, predictions: LatencyPredictions, endpoints: Sequence[Endpoint]) -> Column:
+        """`score` on the prediction table's columns: the same buckets, in the same order, and
+        the same floats as the loop (each step the same IEEE operation, elementwise)."""
+        table = predictions.table()
+        scores = np.zeros(len(endpoints))
+        if table is None:
+            return scores
+        rows = predictions.rows_of(endpoints)
+        known = rows >= 0
+        at = np.where(known, rows, 0)
+        ttft_room, tpot_room = table.ttft_headroom_ms[at], table.tpot_headroom_ms[at]
+        negative = known & ((ttft_room < 0) | (tpot_room < 0))
+        positive = known & ~negative
+        if positive.any():
+            buckets, least = [positive], not self.most
+        else:
+            idle = negative & (table.dispatched[at] == 0)
+            tpot_only = negative & (ttft_room >= 0)
+            ttft_only = negative & (ttft_room < 0) & (tpot_room >= 0)
+            buckets, least = [idle, tpot_only, ttft_only, negative], True
+        for bucket in buckets:
+            if bucket.any():
+                chosen = np.flatnonzero(bucket)
+                scores[chosen] = self._bucket_scores(
+                    np.abs(ttft_room[chosen]), np.abs(tpot_room[chosen]), least
+                )
+                break
+        return scores
+
+    def _bucket_scores(self, ttft: Column, tpot: Column, least: bool) -> Column:
+        """`_score_bucket`'s formula on arrays."""
+        ttft_min, tpot_min = ttft.min(), tpot.min()
+        ttft_range, tpot_range = ttft.max() - ttft_min, tpot.max() - tpot_min
+        alpha, beta = self.alpha, self.beta
+        if ttft_range <= _EPS < tpot_range:
+            alpha, beta = 0.0, 1.0
+        elif tpot_range <= _EPS < ttft_range:
+            alpha, beta = 1.0, 0.0
+        n_ttft = (ttft - ttft_min) / ttft_range if ttft_range > _EPS else np.full(len(ttft), 0.5)
+        n_tpot = (tpot - tpot_min) / tpot_range if tpot_range > _EPS else np.full(len(tpot), 0.5)
+        blend = alpha * n_ttft + beta * n_tpot
+        s = 1.0 - blend if least else blend
+        result: Column = (np.trunc(s * _W_MAX) + 1) / _W_MAX  # int() truncates toward 0, as trunc
+        return result
 
     def _composite(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         w_kv, w_queue, w_prefix = self.composite
