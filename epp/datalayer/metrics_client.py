@@ -5,7 +5,9 @@ about 400 µs of CPU on each poll, most of the scraper's cost at 100 pods. This 
 a poll needs, on an `asyncio.Protocol`: the request is a constant, and the answer is framed by
 `httptools` (Node.js's llhttp parser, the one uvicorn uses: status line, headers, Content-Length,
 chunked encoding), whose body callbacks hand the page as it arrives to the caller's `PageReader`
-(never kept whole). A poll costs a write and one parser call a socket read.
+(never kept whole). A poll costs a write and one parser call a socket read; an answer that is
+byte for byte the connection's last good one (an idle server's, until its Date header moves) is
+handed over without llhttp (`data_received`).
 
 Limits: the page's declared size past `max_bytes` is refused unread, an undeclared one is cut at
 `max_bytes`; a head past 64 kB, an answer that is not HTTP/1.x, a bad header or chunk framing, or a

@@ -26,7 +26,8 @@ second later) is not even framed again (`MetricsConnection`).
 One model server cannot stall the others, nor the request path: a page is handed as it arrives
 to a `PageReader`, which parses only the lines of the families read (the rest is never decoded
 or kept), so the event loop runs other work between reads and memory stays small whatever the
-page; the ticker polls at most TICK_SLICE endpoints a tick, the ticks spread over the interval. Limits:
+page; the ticker polls at most TICK_SLICE endpoints a tick (IDLE_TICK_SLICE and IDLE_TICK_BYTES
+without requests in flight), the ticks spread over the interval. Limits:
 `max_bytes` per page (a declared Content-Length past it is refused unread; an undeclared one is
 cut there), the `timeout_s` of the whole poll (reading and parsing), 64 kB per wanted line and
 10,000 wanted samples. A page past a limit is an error like any other, and that endpoint is then
@@ -96,16 +97,17 @@ LIMIT_BACKOFF_S = 1.0
 LIMIT_BACKOFF_MAX_S = 30.0
 # One endpoint's pages are read at most at this rate: a large page is polled less often.
 PACE_BYTES_PER_S = 16 * 1024 * 1024
-# The most endpoints one tick polls: 100 endpoints are polled in 7 ticks spread over the interval.
+# The most endpoints one tick polls while epp has requests in flight: 100 endpoints are polled in
+# 7 ticks spread over the interval.
 # Their answers come back together and run one after another on the loop: a request arriving
 # then waits for them (docs/performance.md, eleventh round).
 TICK_SLICE = 16
-# ... while epp has no request in flight: nothing on the loop waits but a request just arriving,
-# and fewer, larger ticks cost less (one wake-up of the loop a tick, and the answers batched):
-# 100 idle pods' small pages in one tick take about a quarter less CPU than in seven. Not large
-# pages, though: 100 whole vLLM pages at once cost more than in slices, and hold the loop for
-# 10 ms, so an idle tick also stops at IDLE_TICK_BYTES of the endpoints' last pages (twelfth
-# round of docs/performance.md).
+# ... while epp has no request in flight: then what waits on the loop is at most a request just
+# arriving (or one flow control holds back: it is not in flight yet), and fewer, larger ticks cost
+# less (one wake-up of the loop a tick, and the answers batched): 100 idle pods' small pages in
+# one tick take about a quarter less CPU than in seven. Not large pages, though: 100 whole vLLM
+# pages at once cost more than in slices, and held the loop for up to 19 ms, so an idle tick also
+# stops at IDLE_TICK_BYTES of the endpoints' last pages (twelfth round of docs/performance.md).
 IDLE_TICK_SLICE = 128
 IDLE_TICK_BYTES = 1024 * 1024
 # A timer may fire up to a millisecond early (libuv's timers, uvloop's, count whole milliseconds):

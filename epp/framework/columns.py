@@ -2,9 +2,10 @@
 
 A pick at 1,000 endpoints spent most of its time in scorers looping over the candidates in
 Python (`ep.metrics.waiting_queue_size` for each). The datastore keeps the values its scorers
-read as columns instead, aligned with its endpoint tuple: rebuilt when the set of endpoints
-changes, updated one element when an endpoint's metrics snapshot is replaced (assigning
-`ep.metrics` writes its row). `metric_columns(candidates)` hands a scorer those columns:
+read as columns instead, aligned with its endpoint tuple: rebuilt when the set of endpoints (or
+an endpoint's name or labels) changes, updated one element when an endpoint's metrics snapshot
+is replaced (assigning `ep.metrics` writes its row). `metric_columns(candidates)` hands a scorer
+those columns:
 
 - the datastore's own arrays when the candidates are its endpoint tuple (what the director passes
   when no filter narrowed it): no copy. They are read-only views; a plugin must not keep them
@@ -194,7 +195,8 @@ def metric_columns(endpoints: Sequence[Endpoint]) -> MetricColumns:
 
 def endpoint_positions(endpoints: Sequence[Endpoint]) -> Callable[[str], int | None]:
     """key -> the index of the endpoint with that key in `endpoints` (None: not there): the
-    datastore's own map when `endpoints` is its endpoint tuple, else one built here."""
+    datastore's own map when `endpoints` is its endpoint tuple, the map the columns remember for
+    a tuple subset of it, else one built here."""
     if endpoints:
         owner = endpoints[0]._column_set
         if owner is not None and endpoints is owner.endpoints:

@@ -117,7 +117,8 @@ class Plugin:
 
 
 class Filter(Plugin, abc.ABC):
-    """Narrows the candidate list. Returning an empty list stops the profile."""
+    """Narrows the candidates (any sequence; what it returns reaches the next plugins as a
+    tuple). Returning an empty sequence stops the profile."""
 
     @abc.abstractmethod
     def filter(

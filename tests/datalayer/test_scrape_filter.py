@@ -373,7 +373,7 @@ async def test_every_endpoint_of_a_large_pool_is_polled_once_an_interval_in_spre
         # are not made up, so fewer there), every slice visited, none polled twice in one.
         polls = [len(hits[p]) - counts[p] for p in ports]
         assert min(polls) >= 5 and max(polls) <= 11, polls
-        # The slices go out at different times within the interval, not all 40 at once.
+        # The slices go out at different times within the interval (all 40 at once only when idle).
         # Bursts of polls: a tick's go out together, the next tick's tens of milliseconds later.
         times = sorted(t for h in hits.values() for t in h if t >= start)
         bursts = 1 + sum(1 for a, b in itertools.pairwise(times) if b - a > 0.01)

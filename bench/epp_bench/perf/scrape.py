@@ -10,7 +10,8 @@ idle pool reports) polled every interval, asking for the families it reads (epp'
 same reading whole pages (`--model-server-metrics-only-read-families=false`, as the Go EPP);
 idle pods with `--idle-refresh-metrics-interval=1s` (epp's opt-in: idle endpoints polled every
 second); and busy pods (the queue, running and KV gauges changing from poll to poll: every pod
-polled every interval, the cost of scraping under load). The pods' server counts the polls it
+polled every interval and every page parsed; epp has no request in flight, so it polls them in
+its idle ticks, not the slices it uses under load). The pods' server counts the polls it
 answered and the bytes of their pages, so the table says how many scrapes per second epp made
 and how large a page was. Each answer carries the headers vLLM's server (uvicorn) adds, `date` and
 `server`: an idle pod's answer is the same bytes for a second, then its date moves.

@@ -15,8 +15,9 @@ tokens (0: up to `maxPrefixBlocksToMatch` blocks; both 0: unlimited). Each endpo
 `lruCapacityPerServer` blocks, or with `autoTune` what its KV cache holds (`num_gpu_blocks`),
 never more than `maxLruCapacityPerServer` (a pod reporting an absurd `num_gpu_blocks` is clamped,
 and logged once). The whole index holds at most `maxIndexEntries` (block, endpoint) entries and
-about `maxIndexBytes` of memory (about 85 bytes an entry): past either, the endpoint holding the
-most entries loses its oldest blocks, so the cap is shared evenly among busy endpoints.
+about `maxIndexBytes` of memory (counted as about 72 bytes an entry; about 85 in RSS): past
+either, the endpoint holding the most entries loses its oldest blocks, so the cap is shared
+evenly among busy endpoints.
 
 When Envoy reports that a fallback endpoint served the request instead of the planned primary,
 the prompt's blocks are recorded for the fallback, and the blocks this request alone had added
@@ -282,7 +283,7 @@ class ApproxPrefixCacheProducer(
             "maxIndexBytes",
             "int",
             str(DEFAULT_MAX_INDEX_BYTES),
-            "Absolute cap on the index's approximate memory in bytes (about 85 an entry); past it "
+            "Absolute cap on the index's approximate memory in bytes (counted as about 72 an entry); past it "
             "the endpoint holding the most loses its oldest. Must be >= 1.",
         ),
     )

@@ -109,7 +109,7 @@ def slo_ms(headers: Mapping[str, str], names: Sequence[str]) -> float:
     return 0.0
 
 
-class LatencyPrediction(NamedTuple):  # a tuple: built per candidate per request, cheaply
+class LatencyPrediction(NamedTuple):  # a tuple, made from the PredictionTable when asked for
     """One endpoint's predicted latencies (ms) for this request and their headroom to its SLOs."""
 
     ttft_ms: float

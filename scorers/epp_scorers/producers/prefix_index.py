@@ -31,7 +31,8 @@ DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
 # The most blocks one endpoint may hold whatever it reports: 262,144 blocks of 64 tokens are 16.7M
 # tokens of KV cache, beyond any single server today. A pod reporting num_gpu_blocks=1e9 gets this.
 DEFAULT_MAX_CAPACITY_PER_SERVER = 262_144
-# The whole index, over every endpoint: 1M entries are about 85 MB (see ENTRY_BYTES).
+# The whole index, over every endpoint: 1M entries are counted as about 72 MB (see ENTRY_BYTES;
+# about 85 MB in RSS).
 DEFAULT_MAX_INDEX_ENTRIES = 1_000_000
 DEFAULT_MAX_INDEX_BYTES = 256 * 1024 * 1024
 # Approximate memory (tests/plugins/test_prefix_index.py checks the estimate against tracemalloc):
@@ -151,8 +152,8 @@ class PrefixIndex:
 
     Storage, flat arrays of machine integers (no Python object per entry):
     - one entry per (hash, endpoint): the hash, the endpoint's small id, its neighbours in the
-      endpoint's LRU list (oldest first) and in the list of the hash's holders; freed entries are
-      reused;
+      endpoint's LRU list (oldest first) and in the list of the hash's holders, and, on a hash's
+      first holder, the signature of its holders (see `match`); freed entries are reused;
     - two hash tables of entry numbers: by hash (the first holder: what `match` walks) and by
       (hash, endpoint) (whether an endpoint holds a hash: what `add` and `discard` ask), so no
       operation walks a long list of holders or a long LRU.
@@ -462,7 +463,8 @@ class PrefixIndex:
         return found[:end]
 
     def _match_vector(self, hashes: Sequence[int]) -> dict[str, int]:
-        """match() in numpy: every hash probed at once, then the holders walked a step at a time."""
+        """match() in numpy: every hash probed at once, then each run's holders walked once, a
+        step at a time."""
         if not self._entries:
             return {}
         wanted = np.fromiter(hashes, dtype=np.uint64, count=len(hashes))
