@@ -834,6 +834,10 @@ class RepeatAwareReader:
         self._found: frozenset[str] = frozenset()
         self.bytes_read = 0
 
+    def reset(self) -> None:
+        """Ready for the endpoint's next page (with the same names)."""
+        self._reader, self._chunks, self._found, self.bytes_read = None, [], frozenset(), 0
+
     def _parser(self) -> PageReader:
         if self._reader is None:
             self._reader = PageReader(self.names, hints=self._hints)

@@ -267,6 +267,9 @@ class _PollState:
     by_caller: bool = False  # the poll in flight is scrape_once's, which keeps its own deadline
     connecting: asyncio.Task[None] | None = None  # opening the connection for the poll in flight
     last_page: LastPage = field(default_factory=LastPage)  # a repeated small page is not parsed
+    # The reader of every poll (reset for each: nothing made per poll) and its callback.
+    reader: RepeatAwareReader | None = None
+    on_done: Callable[[BaseException | None], None] | None = None
     # Asking for the families read alone (`name[]`): a whole page first (WHOLE), then one
     # filtered page (TRIAL) that must hold every family the whole one had; then FILTERED, or
     # WHOLE_ONLY. Both are checked again from WHOLE every FILTER_RECHECK_S (the model server may
@@ -476,7 +479,7 @@ class Scraper:
                 self._request(state, reader.names),
                 reader,
                 self.max_bytes,
-                partial(self._finished, state, reader),
+                state.on_done if state.reader is reader else partial(self._finished, state, reader),
             )
         except ConnectionError as exc:
             self._finished(state, reader, exc)
@@ -509,7 +512,13 @@ class Scraper:
 
     def _reader(self, state: _PollState) -> RepeatAwareReader:
         names = self.config.engines.for_labels(state.ep.labels)
-        return RepeatAwareReader(names, state.last_page, hints=state.hints)
+        reader = state.reader
+        if reader is not None and reader.names is names:
+            reader.reset()
+            return reader
+        reader = state.reader = RepeatAwareReader(names, state.last_page, hints=state.hints)
+        state.on_done = partial(self._finished, state, reader)
+        return reader
 
     def _request(self, state: _PollState, names: MetricNames) -> bytes:
         """The GET of the endpoint's next poll (see `_PollState.filtering`), for the engine
@@ -574,7 +583,8 @@ class Scraper:
             ):
                 return False
             ep.metrics = metrics
-            ep.scrape_errors = 0  # failures in a row: the next outage is logged again at once
+            if ep.scrape_errors:
+                ep.scrape_errors = 0  # failures in a row: the next outage is logged again at once
             state.limit_failures = 0
             return True
         except MetricsParseError as exc:
