@@ -474,13 +474,11 @@ class Scraper:
         await connection.get(self._request(state, reader.names), reader, self.max_bytes, deadline)
 
     def _send(self, state: _PollState, connection: MetricsConnection, reader: RepeatAwareReader) -> None:
+        on_done = state.on_done
+        if on_done is None or state.reader is not reader:
+            on_done = partial(self._finished, state, reader)
         try:
-            connection.start(
-                self._request(state, reader.names),
-                reader,
-                self.max_bytes,
-                state.on_done if state.reader is reader else partial(self._finished, state, reader),
-            )
+            connection.start(self._request(state, reader.names), reader, self.max_bytes, on_done)
         except ConnectionError as exc:
             self._finished(state, reader, exc)
 
