@@ -475,8 +475,7 @@ class Scraper:
 
     def _send(self, state: _PollState, connection: MetricsConnection, reader: RepeatAwareReader) -> None:
         on_done = state.on_done
-        if on_done is None or state.reader is not reader:
-            on_done = partial(self._finished, state, reader)
+        assert on_done is not None and state.reader is reader  # _reader made both for this poll
         try:
             connection.start(self._request(state, reader.names), reader, self.max_bytes, on_done)
         except ConnectionError as exc:

@@ -138,14 +138,19 @@ class EndpointColumns(MetricColumns):
         kept = self._subsets.get(id(endpoints))
         if kept is not None and kept[0] is endpoints:
             return kept[1], kept[2]
-        rows = [ep._column_slot if ep._column_set is self else -1 for ep in endpoints]
-        if -1 in rows:
+        rows = self.rows_of(endpoints)
+        if rows is None:
             return None
-        found = (np.array(rows, dtype=np.intp), {ep.key: i for i, ep in enumerate(endpoints)})
+        found = (rows, {ep.key: i for i, ep in enumerate(endpoints)})
         if len(self._subsets) >= SUBSETS_KEPT:
             del self._subsets[next(iter(self._subsets))]
         self._subsets[id(endpoints)] = (endpoints, *found)
         return found
+
+    def rows_of(self, endpoints: Sequence[Endpoint]) -> npt.NDArray[np.intp] | None:
+        """Each endpoint's row of these columns (None when one of them has none here)."""
+        rows = [ep._column_slot if ep._column_set is self else -1 for ep in endpoints]
+        return None if -1 in rows else np.array(rows, dtype=np.intp)
 
     def detach(self, ep: Endpoint) -> None:
         """`ep` left the datastore: its metrics no longer go into these columns."""
@@ -178,8 +183,7 @@ def metric_columns(endpoints: Sequence[Endpoint]) -> MetricColumns:
             index = None if found is None else found[0]
             positions = None if found is None else found[1]
         else:
-            rows = [ep._column_slot if ep._column_set is owner else -1 for ep in endpoints]
-            index = None if -1 in rows else np.array(rows, dtype=np.intp)
+            index = owner.rows_of(endpoints)
         if index is not None:
             columns = MetricColumns(
                 endpoints,
