@@ -45,6 +45,7 @@ class MetricsConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_done: Callable[[BaseException | None], None] | None = None  # the poll in flight
+        self._on_repeat: Callable[[], None] | None = None  # ... and its caller's, if any (`start`)
         self._sink: PageSink | None = None
         self._max_bytes = 0
         self._parser: httptools.HttpResponseParser | None = None
@@ -93,18 +94,24 @@ class MetricsConnection(asyncio.Protocol):
         if self._on_done is None:
             self.close()  # nothing asked: a server talking out of turn
             return
-        self._reads += 1
         parser = self._parser
         if parser is None:  # the poll's first read
             if data == self._last_answer and self._max_bytes == self._last_max_bytes:
                 # Byte for byte the last good answer (an idle server's, until its Date header
-                # moves): llhttp would make the same calls again, so its page is given as is.
+                # moves): llhttp would make the same calls again, so its page is given as is,
+                # or not at all to a caller that holds it already.
+                on_repeat = self._on_repeat
+                if on_repeat is not None:
+                    self._on_done = self._on_repeat = self._sink = None
+                    on_repeat()
+                    return
                 if self._last_body:
                     self._sink.feed(self._last_body)  # type: ignore[union-attr]
                 self._complete = self._keep_alive = True
                 self._finish(None)
                 return
-            parser = self._parser = httptools.HttpResponseParser(self)
+            parser = self._parse_anew()
+        self._reads += 1
         if self._in_head:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES + self._max_bytes:
@@ -194,27 +201,29 @@ class MetricsConnection(asyncio.Protocol):
         sink: PageSink,
         max_bytes: int,
         on_done: Callable[[BaseException | None], None],
+        on_repeat: Callable[[], None] | None = None,
     ) -> None:
         """Send `request` and feed the answer's body to `sink`; `on_done` is called once, from a
         callback of the loop's, with None when the page is complete, else the error:
         MetricsParseError (a bad answer, an HTTP status other than 200; PageLimitError past
         `max_bytes`), OSError (the connection failed), or TimeoutError (`expire()`). After an
         error, or an answer that does not keep the connection alive, the connection is closed.
+        With `on_repeat`, an answer byte for byte the connection's last good one calls
+        `on_repeat()` instead, and neither `sink` nor `on_done` hears of it: the caller already
+        holds what that page reads as.
 
         A poll is a write and, when its answer arrives, a callback: no task, future or timer of
         its own, which is most of what a poll costs on the loop (the scraper's ticker starts
         the polls, epp.datalayer.scraper)."""
-        if self._transport is None or self._loop is None or self.closed:
+        if self._transport is None or self.closed:
             raise ConnectionError("not connected")
         if self._on_done is not None:
             raise RuntimeError("a poll is already in flight on this connection")
-        self._on_done = on_done
+        self._on_done, self._on_repeat = on_done, on_repeat
         self._sink, self._max_bytes = sink, max_bytes
-        self._parser = None  # made at the first read, unless the answer is the last one again
-        self._reads, self._bodies, self._body = 0, 0, b""
-        self._head_bytes, self._header_bytes, self._in_head, self._messages = 0, 0, True, 0
-        self._length, self._chunked, self._until_close = None, False, False
-        self._error, self._complete, self._keep_alive = None, False, False
+        # What the connection's end needs from the start; the framing's state is reset only for an
+        # answer that is parsed (`_parse_anew`), not for the repeated answers of an idle server.
+        self._parser, self._error, self._until_close = None, None, False
         self._transport.write(request)
 
     def expire(self) -> None:
@@ -251,11 +260,20 @@ class MetricsConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def _parse_anew(self) -> httptools.HttpResponseParser:
+        """The poll's answer is to be framed: a new parser, and the framing's state reset."""
+        self._reads, self._bodies, self._body = 0, 0, b""
+        self._head_bytes, self._header_bytes, self._in_head, self._messages = 0, 0, True, 0
+        self._length, self._chunked = None, False
+        self._complete = self._keep_alive = False
+        parser = self._parser = httptools.HttpResponseParser(self)
+        return parser
+
     def _finish(self, error: BaseException | None) -> None:
         on_done = self._on_done
         if on_done is None:
             return
-        self._on_done = None
+        self._on_done = self._on_repeat = None
         if error is None:
             self._complete = True
         if error is not None or not self._keep_alive:

@@ -815,6 +815,15 @@ class LastPage:
         self.metrics: EndpointMetrics | None = None
         self.found: frozenset[str] = frozenset()
 
+    def stamped(self, now: float) -> EndpointMetrics:
+        """What the page read as, with the time of a poll that got it again (`metrics` is set)."""
+        m = self.metrics
+        assert m is not None
+        return EndpointMetrics(  # `replace` without its introspection: this is every idle poll
+            m.waiting_queue_size, m.running_requests, m.kv_cache_usage, m.running_loras,
+            m.waiting_loras, m.max_loras, m.block_size, m.num_gpu_blocks, now,
+        )  # fmt: skip
+
 
 class RepeatAwareReader:
     """A PageReader that does not parse a page again when it is the endpoint's last page, byte
@@ -867,13 +876,9 @@ class RepeatAwareReader:
             self._found = reader.found()
             return metrics
         page = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        m = last.metrics
-        if m is not None and last.page == page and last.names is self.names:
+        if last.metrics is not None and last.page == page and last.names is self.names:
             self._found = last.found
-            return EndpointMetrics(  # `replace` without its introspection: this is every idle poll
-                m.waiting_queue_size, m.running_requests, m.kv_cache_usage, m.running_loras,
-                m.waiting_loras, m.max_loras, m.block_size, m.num_gpu_blocks, now,
-            )  # fmt: skip
+            return last.stamped(now)
         last.page = None
         reader = self._parser()
         reader.feed(page)
@@ -885,6 +890,12 @@ class RepeatAwareReader:
     def found(self) -> frozenset[str]:
         """The families read that had a sample (after `finish`)."""
         return self._found
+
+    @property
+    def remembered(self) -> bool:
+        """After a `finish` that returned: the page is the endpoint's `LastPage`, with what it read
+        as (it was small enough to be held)."""
+        return self._chunks is not None
 
 
 _SPEC_NAME_RE = re.compile(_METRIC_NAME)

@@ -267,9 +267,13 @@ class _PollState:
     by_caller: bool = False  # the poll in flight is scrape_once's, which keeps its own deadline
     connecting: asyncio.Task[None] | None = None  # opening the connection for the poll in flight
     last_page: LastPage = field(default_factory=LastPage)  # a repeated small page is not parsed
-    # The reader of every poll (reset for each: nothing made per poll) and its callback.
+    # The reader of every poll (reset for each: nothing made per poll) and its callbacks.
     reader: RepeatAwareReader | None = None
     on_done: Callable[[BaseException | None], None] | None = None
+    on_repeat: Callable[[], None] | None = None
+    # The last poll stored what `last_page` read as, and the next asks the same: an answer byte
+    # for byte the connection's last needs no reading (`MetricsConnection.start`'s on_repeat).
+    repeatable: bool = False
     # Asking for the families read alone (`name[]`): a whole page first (WHOLE), then one
     # filtered page (TRIAL) that must hold every family the whole one had; then FILTERED, or
     # WHOLE_ONLY. Both are checked again from WHOLE every FILTER_RECHECK_S (the model server may
@@ -476,8 +480,10 @@ class Scraper:
     def _send(self, state: _PollState, connection: MetricsConnection, reader: RepeatAwareReader) -> None:
         on_done = state.on_done
         assert on_done is not None and state.reader is reader  # _reader made both for this poll
+        request = self._request(state, reader.names)  # first: it may end `repeatable`
+        repeat = state.on_repeat if state.repeatable and state.last_page.names is reader.names else None
         try:
-            connection.start(self._request(state, reader.names), reader, self.max_bytes, on_done)
+            connection.start(request, reader, self.max_bytes, on_done, repeat)
         except ConnectionError as exc:
             self._finished(state, reader, exc)
 
@@ -505,6 +511,22 @@ class Scraper:
                 self._supervisor.failed("scraper", exc, detail=state.ep.key)
         self._schedule(state)
 
+    def _repeated(self, state: _PollState) -> None:
+        """A poll's end when its answer was byte for byte the last one, whose page this endpoint
+        stored: the same values, stamped with the new time (an idle server's poll)."""
+        state.in_flight = False
+        self._flying.discard(state)
+        if not self._started or self._state.get(state.ep.key) is not state:
+            return  # closing, or the endpoint left the pool meanwhile
+        try:
+            state.ep.metrics = state.last_page.stamped(time.monotonic())
+        except Exception as exc:  # supervised: logged, counted, recovered
+            state.repeatable = False
+            state.ep.scrape_errors += 1
+            if self._supervisor is not None:
+                self._supervisor.failed("scraper", exc, detail=state.ep.key)
+        self._schedule(state)
+
     # --- one poll ------------------------------------------------------------------------------
 
     def _reader(self, state: _PollState) -> RepeatAwareReader:
@@ -515,13 +537,14 @@ class Scraper:
             return reader
         reader = state.reader = RepeatAwareReader(names, state.last_page, hints=state.hints)
         state.on_done = partial(self._finished, state, reader)
+        state.on_repeat = state.on_repeat or partial(self._repeated, state)
         return reader
 
     def _request(self, state: _PollState, names: MetricNames) -> bytes:
         """The GET of the endpoint's next poll (see `_PollState.filtering`), for the engine
         mapping `names` the poll reads (labels change in place: it may differ from the last)."""
         if state.filtering >= FILTERED and state.started >= state.filter_recheck_at:
-            state.filtering = WHOLE
+            state.filtering, state.repeatable = WHOLE, False
         filtered = state.filtering in (TRIAL, FILTERED)
         key = (state.ep.key, filtered)
         cached = self._requests.get(key)
@@ -568,21 +591,22 @@ class Scraper:
     ) -> bool:
         """Store what a poll read, or count its error. True when a fresh snapshot was stored."""
         ep = state.ep
+        state.repeatable = False
         try:
             if error is not None:
                 raise error
             assert reader is not None
             metrics = reader.finish(time.monotonic())
-            if (
-                state.filtering != FILTERED
-                and self.config.only_read_families
-                and not self._filter_checked(state, reader)
-            ):
+            filtered = state.filtering == FILTERED or not self.config.only_read_families
+            if not filtered and not self._filter_checked(state, reader):
                 return False
             ep.metrics = metrics
             if ep.scrape_errors:
                 ep.scrape_errors = 0  # failures in a row: the next outage is logged again at once
             state.limit_failures = 0
+            # The next poll asks the same (unless the filter's check moved it on): a repeat of
+            # this answer reads as this snapshot.
+            state.repeatable = filtered and reader.remembered
             return True
         except MetricsParseError as exc:
             if state.filtering == TRIAL and _refuses_filter(exc):

@@ -13,7 +13,7 @@ import pytest
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.metrics_client import connect, request_bytes
-from epp.datalayer.model_server_metrics import PageLimitError, PageReader, names_for_engine
+from epp.datalayer.model_server_metrics import ENGINE_LABEL, PageLimitError, PageReader, names_for_engine
 from epp.datalayer.scraper import Scraper
 from epp.errors import MetricsParseError
 from epp.framework import Endpoint
@@ -272,3 +272,87 @@ async def test_a_repeated_answer_gives_its_page_again_without_parsing_and_change
             assert parsers == 3
     finally:
         split.close()
+
+
+async def test_a_caller_that_holds_the_page_hears_only_that_it_repeated(
+    serve: Callable[..., asyncio.Future[int]],
+) -> None:
+    """With `on_repeat`, an answer byte for byte the last good one is neither fed nor finished:
+    `on_repeat` is called instead. A changed answer is read as usual."""
+    busy = PAGE.replace(b"waiting 7", b"waiting 9")
+    answers = [fixed(), fixed(), fixed(busy), fixed(busy)]
+    port = await serve(lambda _: answers.pop(0))
+    connection = await connect("127.0.0.1", port, None)
+    request = request_bytes("127.0.0.1", port, "/metrics")
+    loop = asyncio.get_running_loop()
+    heard: list[tuple[str, int]] = []
+
+    async def poll() -> PageReader:
+        reader = PageReader(names_for_engine("vllm"))
+        ended: asyncio.Future[str] = loop.create_future()
+        connection.start(
+            request,
+            reader,
+            1 << 20,
+            lambda error: ended.set_result("done" if error is None else repr(error)),
+            lambda: ended.set_result("repeated"),
+        )
+        heard.append((await asyncio.wait_for(ended, 5), reader.bytes_read))
+        return reader
+
+    try:
+        assert (await poll()).finish(1.0).waiting_queue_size == 7
+        await poll()
+        assert (await poll()).finish(1.0).waiting_queue_size == 9
+        await poll()
+        assert heard == [("done", len(PAGE)), ("repeated", 0), ("done", len(PAGE)), ("repeated", 0)]
+        assert not connection.closed and not connection.busy
+    finally:
+        connection.close()
+
+
+async def test_the_scraper_stamps_a_repeated_page_and_reads_whatever_changed(
+    serve: Callable[..., asyncio.Future[int]],
+) -> None:
+    """An idle server's answers repeat: each poll keeps the values and moves `updated_at`. A
+    page that failed to read fails again when it repeats (never a stale snapshot made fresh), a
+    good page after a failure is read, and an endpoint relabelled to another engine has the same
+    bytes read with that engine's names."""
+    good = fixed()
+    unreadable = fixed(b"something_else 1\n")
+    answer = [good]
+    port = await serve(lambda _: answer[0])
+    store = Datastore()
+    ep = Endpoint("127.0.0.1", port)
+    store.replace_all([ep])
+    scraper = Scraper(store, interval_s=0.01)
+    await scraper.start()
+    try:
+        await wait_until(lambda: ep.metrics.waiting_queue_size == 7, what="first poll")
+        stamps = {ep.metrics.updated_at}
+
+        def stamped_again() -> bool:
+            stamps.add(ep.metrics.updated_at)
+            return len(stamps) > 5
+
+        await wait_until(stamped_again, what="repeated polls")
+        assert ep.metrics.waiting_queue_size == 7 and ep.scrape_errors == 0
+
+        answer[0] = unreadable
+        await wait_until(lambda: ep.scrape_errors >= 5, what="the unreadable page failing every poll")
+        failed_at = ep.metrics.updated_at
+        assert ep.metrics.waiting_queue_size == 7  # the last good snapshot, ageing
+        answer[0] = good
+        await wait_until(lambda: ep.scrape_errors == 0, what="the good page again")
+        assert ep.metrics.updated_at > failed_at and ep.metrics.waiting_queue_size == 7
+        stamps.clear()
+        await wait_until(stamped_again, what="repeated polls after the failures")
+
+        relabelled = Endpoint("127.0.0.1", port, labels={ENGINE_LABEL: "sglang"})
+        store.replace_all([relabelled])  # `ep` is updated in place: sglang's names, the same page
+        await wait_until(lambda: ep.scrape_errors >= 3, what="the vLLM page read as sglang's")
+        stale_at = ep.metrics.updated_at
+        await asyncio.sleep(0.05)
+        assert ep.metrics.updated_at == stale_at
+    finally:
+        await scraper.close()
