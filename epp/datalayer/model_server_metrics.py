@@ -815,15 +815,6 @@ class LastPage:
         self.metrics: EndpointMetrics | None = None
         self.found: frozenset[str] = frozenset()
 
-    def stamped(self, now: float) -> EndpointMetrics:
-        """What the page read as, with the time of a poll that got it again (`metrics` is set)."""
-        m = self.metrics
-        assert m is not None
-        return EndpointMetrics(  # `replace` without its introspection: this is every idle poll
-            m.waiting_queue_size, m.running_requests, m.kv_cache_usage, m.running_loras,
-            m.waiting_loras, m.max_loras, m.block_size, m.num_gpu_blocks, now,
-        )  # fmt: skip
-
 
 class RepeatAwareReader:
     """A PageReader that does not parse a page again when it is the endpoint's last page, byte
@@ -878,7 +869,7 @@ class RepeatAwareReader:
         page = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if last.metrics is not None and last.page == page and last.names is self.names:
             self._found = last.found
-            return last.stamped(now)
+            return last.metrics.stamped(now)  # an idle server's page: every poll
         last.page = None
         reader = self._parser()
         reader.feed(page)

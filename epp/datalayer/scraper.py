@@ -274,6 +274,10 @@ class _PollState:
     # The last poll stored what `last_page` read as, and the next asks the same: an answer byte
     # for byte the connection's last needs no reading (`MetricsConnection.start`'s on_repeat).
     repeatable: bool = False
+    # The labels the reader's engine mapping was chosen for (the datastore replaces them whole on
+    # a change), and the last GET built: (mapping, filtered, the request's bytes).
+    labels: Mapping[str, str] | None = None
+    request: tuple[MetricNames, bool, bytes] | None = None
     # Asking for the families read alone (`name[]`): a whole page first (WHOLE), then one
     # filtered page (TRIAL) that must hold every family the whole one had; then FILTERED, or
     # WHOLE_ONLY. Both are checked again from WHOLE every FILTER_RECHECK_S (the model server may
@@ -324,8 +328,6 @@ class Scraper:
         self.idle_interval_s = idle_interval_s if idle_interval_s > self._interval else 0.0
         # One keep-alive connection per endpoint (opened by its first poll, dropped after an error).
         self._connections: dict[str, MetricsConnection] = {}
-        # Each endpoint's GETs (whole, filtered), built once for the engine mapping they ask for.
-        self._requests: dict[tuple[str, bool], tuple[MetricNames, bytes]] = {}
         self._started = False
         self._ssl: ssl.SSLContext | None = None
         self._clock: Callable[[], float] | None = None  # the loop's clock, once started
@@ -378,16 +380,11 @@ class Scraper:
         state = self._state.pop(ep.key, None)
         if state is not None:
             self._flying.discard(state)
-        self._forget_requests(ep.key)
         if state is not None and state.connecting is not None:
             state.connecting.cancel()
         connection = self._connections.pop(ep.key, None)
         if connection is not None:
             connection.close()  # a poll in flight ends with it (its answer is ignored)
-
-    def _forget_requests(self, key: str) -> None:
-        self._requests.pop((key, False), None)
-        self._requests.pop((key, True), None)
 
     # --- the ticker: every endpoint's polls, from one task ------------------------------------
 
@@ -518,8 +515,10 @@ class Scraper:
         self._flying.discard(state)
         if not self._started or self._state.get(state.ep.key) is not state:
             return  # closing, or the endpoint left the pool meanwhile
+        last = state.last_page.metrics
         try:
-            state.ep.metrics = state.last_page.stamped(time.monotonic())
+            assert last is not None  # `repeatable`: the last poll stored it
+            state.ep.metrics = last.stamped(time.monotonic())
         except Exception as exc:  # supervised: logged, counted, recovered
             state.repeatable = False
             state.ep.scrape_errors += 1
@@ -530,8 +529,11 @@ class Scraper:
     # --- one poll ------------------------------------------------------------------------------
 
     def _reader(self, state: _PollState) -> RepeatAwareReader:
-        names = self.config.engines.for_labels(state.ep.labels)
-        reader = state.reader
+        reader, labels = state.reader, state.ep.labels
+        if reader is not None and labels is state.labels:
+            names = reader.names
+        else:
+            names, state.labels = self.config.engines.for_labels(labels), labels
         if reader is not None and reader.names is names:
             reader.reset()
             return reader
@@ -546,13 +548,12 @@ class Scraper:
         if state.filtering >= FILTERED and state.started >= state.filter_recheck_at:
             state.filtering, state.repeatable = WHOLE, False
         filtered = state.filtering in (TRIAL, FILTERED)
-        key = (state.ep.key, filtered)
-        cached = self._requests.get(key)
-        if cached is not None and cached[0] is names:
-            return cached[1]
+        cached = state.request
+        if cached is not None and cached[0] is names and cached[1] is filtered:
+            return cached[2]
         host, port = self.config.target(state.ep)
         request = request_bytes(host, port, self.config.request_path(names, filtered))
-        self._requests[key] = (names, request)
+        state.request = (names, filtered, request)
         return request
 
     async def _connect(self, ep: Endpoint, deadline: float) -> MetricsConnection:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,8 +38,29 @@ class EndpointMetrics:
     # time.monotonic() of the scrape that produced these values; 0 = never scraped.
     updated_at: float = 0.0
 
+    def stamped(self, updated_at: float) -> EndpointMetrics:
+        """The same values, read again by a scrape at `updated_at` (an idle server's page, every
+        poll): the slots set one by one, at half the cost of the frozen `__init__` (a field
+        added to the class must be added here: tests/framework compare with `replace`)."""
+        copy = _new_object(EndpointMetrics)
+        _set_waiting_queue_size(copy, self.waiting_queue_size)
+        _set_running_requests(copy, self.running_requests)
+        _set_kv_cache_usage(copy, self.kv_cache_usage)
+        _set_running_loras(copy, self.running_loras)
+        _set_waiting_loras(copy, self.waiting_loras)
+        _set_max_loras(copy, self.max_loras)
+        _set_block_size(copy, self.block_size)
+        _set_num_gpu_blocks(copy, self.num_gpu_blocks)
+        _set_updated_at(copy, updated_at)
+        return copy
+
 
 EMPTY_METRICS = EndpointMetrics()
+_new_object = object.__new__
+(
+    _set_waiting_queue_size, _set_running_requests, _set_kv_cache_usage, _set_running_loras,
+    _set_waiting_loras, _set_max_loras, _set_block_size, _set_num_gpu_blocks, _set_updated_at,
+) = (getattr(EndpointMetrics, f.name).__set__ for f in fields(EndpointMetrics))  # fmt: skip
 
 # One score per candidate, in candidate order: a list, or a numpy float array (what the in-tree
 # scorers built on `metric_columns` return, and the profile's weighted totals at many endpoints).

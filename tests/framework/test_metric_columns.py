@@ -120,3 +120,20 @@ def test_a_subset_tuple_has_its_rows_found_once_and_its_values_read_fresh(as_tup
     assert len(remembered) <= columns.SUBSETS_KEPT
     store.replace_all([*e, make_endpoint("new")])  # a new tuple, new columns: nothing carried over
     assert metric_columns(subset).waiting_queue_size.tolist() == [4, 70, 3]
+
+
+def test_a_snapshot_stamped_again_has_every_value_and_the_new_time_in_its_columns() -> None:
+    """`EndpointMetrics.stamped` (an idle server's repeated page) copies slot by slot: every field,
+    whatever it holds, as `dataclasses.replace` would, and the columns see the new time."""
+    full = EndpointMetrics(3, 4, 0.5, frozenset({"a"}), frozenset({"b"}), 2, 16, 4096, 7.0)
+    # Every field holds a value unlike its default (a field `stamped` forgot would show).
+    assert all(getattr(full, f.name) != f.default for f in dataclasses.fields(EndpointMetrics))
+    again = full.stamped(9.0)
+    assert again == dataclasses.replace(full, updated_at=9.0) and again is not full
+    assert full.updated_at == 7.0  # the snapshot itself is never changed
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        again.updated_at = 1.0  # type: ignore[misc]
+    ep = make_endpoint("e0")
+    store_of([ep])
+    ep.metrics = again
+    assert metric_columns((ep,)).updated_at.tolist() == [9.0]
