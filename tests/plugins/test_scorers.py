@@ -375,6 +375,53 @@ def test_session_id_strategy_binds_sticks_moves_and_expires() -> None:
     assert score(scorer, [a, b], make_request()) == [0.0, 0.0]  # no session id
 
 
+def test_session_affinity_follows_the_pool_as_endpoints_are_renamed() -> None:
+    """The scorer finds a token's or a binding's endpoint by name in the pool's tuple (kept per
+    tuple): the datastore's tuple after a rename in place names the endpoint anew, for tokens
+    and for bindings alike."""
+    from epp.datalayer.datastore import Datastore
+
+    store = Datastore()
+    store.replace_all(
+        [Endpoint("10.0.0.1", 8000, "a", namespace="ns"), Endpoint("10.0.0.2", 8000, "b", namespace="ns")]
+    )
+    scorer = SessionAffinityScorer()
+    for _ in range(2):  # the same tuple twice, and another token on it
+        assert score(scorer, store.endpoints(), make_request(headers={"x-session-token": token("ns/b")})) == [
+            0.0,
+            1.0,
+        ]
+    assert score(scorer, store.endpoints(), make_request(headers={"x-session-token": token("ns/a")})) == [
+        1.0,
+        0.0,
+    ]
+    store.replace_all(
+        [Endpoint("10.0.0.1", 8000, "a", namespace="ns"), Endpoint("10.0.0.2", 8000, "b2", namespace="ns")]
+    )
+    assert score(scorer, store.endpoints(), make_request(headers={"x-session-token": token("ns/b")})) == [
+        0.0,
+        0.0,
+    ]
+    assert score(scorer, store.endpoints(), make_request(headers={"x-session-token": token("ns/b2")})) == [
+        0.0,
+        1.0,
+    ]
+
+    bound = SessionAffinityScorer(strategy="session_id")
+    request = make_request(headers={"x-session-id": "s1"})
+    cycle = CycleState()
+    bound.score(cycle, request, store.endpoints())
+    bound.pre_request(cycle, request, result_for(store.endpoints()[1]))  # bound to ns/b2
+    assert score(bound, store.endpoints(), request) == [0.0, 1.0]
+    store.replace_all(
+        [Endpoint("10.0.0.1", 8000, "a", namespace="ns"), Endpoint("10.0.0.2", 8000, "b3", namespace="ns")]
+    )
+    cycle = CycleState()
+    assert bound.score(cycle, request, store.endpoints()) == [0.0, 0.0]  # its endpoint is gone by name
+    bound.pre_request(cycle, request, result_for(store.endpoints()[0]))  # so the session moves
+    assert score(bound, store.endpoints(), request) == [1.0, 0.0]
+
+
 def test_session_bindings_are_bounded_in_count_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """Session ids are the clients' to choose: at most MAX_SESSIONS bindings (the least recently
     seen go first), an id past MAX_SESSION_ID_CHARS kept by its hash, and a sweep that stops at
