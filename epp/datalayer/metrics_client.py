@@ -7,7 +7,8 @@ a poll needs, on an `asyncio.Protocol`: the request is a constant, and the answe
 chunked encoding), whose body callbacks hand the page as it arrives to the caller's `PageReader`
 (never kept whole). A poll costs a write and one parser call a socket read; an answer that is
 byte for byte the connection's last good one (an idle server's, until its Date header moves) is
-handed over without llhttp (`data_received`).
+handed over without llhttp (`data_received`), or, to a caller that says it holds that page
+already (`start`'s `on_repeat`), not handed over at all.
 
 Limits: the page's declared size past `max_bytes` is refused unread, an undeclared one is cut at
 `max_bytes`; a head past 64 kB, an answer that is not HTTP/1.x, a bad header or chunk framing, or a

@@ -21,7 +21,8 @@ missing) is read whole; both verdicts are checked again every FILTER_RECHECK_S
 Go EPP). A page of at most 16 kB that is byte for byte the endpoint's last one is not parsed again
 (`RepeatAwareReader`), only stamped with the new time: an idle server's filtered page. An answer
 that is byte for byte the connection's last one (an idle vLLM's, until its Date header moves a
-second later) is not even framed again (`MetricsConnection`).
+second later) is not even framed again (`MetricsConnection`), nor handed to the reader when the
+endpoint stored what that page reads as (`_repeated`: the snapshot is stamped with the new time).
 
 One model server cannot stall the others, nor the request path: a page is handed as it arrives
 to a `PageReader`, which parses only the lines of the families read (the rest is never decoded
