@@ -382,30 +382,27 @@ def test_session_affinity_follows_the_pool_as_endpoints_are_renamed() -> None:
     from epp.datalayer.datastore import Datastore
 
     store = Datastore()
-    store.replace_all(
-        [Endpoint("10.0.0.1", 8000, "a", namespace="ns"), Endpoint("10.0.0.2", 8000, "b", namespace="ns")]
-    )
+
+    def rename_second(name: str) -> None:  # the same address: updated in place, a new tuple
+        store.replace_all(
+            [
+                Endpoint("10.0.0.1", 8000, "a", namespace="ns"),
+                Endpoint("10.0.0.2", 8000, name, namespace="ns"),
+            ]
+        )
+
+    def by_token(scorer: SessionAffinityScorer, name: str) -> list[float]:
+        return score(scorer, store.endpoints(), make_request(headers={"x-session-token": token(name)}))
+
+    rename_second("b")
     scorer = SessionAffinityScorer()
-    for _ in range(2):  # the same tuple twice, and another token on it
-        assert score(scorer, store.endpoints(), make_request(headers={"x-session-token": token("ns/b")})) == [
-            0.0,
-            1.0,
-        ]
-    assert score(scorer, store.endpoints(), make_request(headers={"x-session-token": token("ns/a")})) == [
-        1.0,
-        0.0,
+    assert [by_token(scorer, "ns/b"), by_token(scorer, "ns/b"), by_token(scorer, "ns/a")] == [
+        [0.0, 1.0],
+        [0.0, 1.0],
+        [1.0, 0.0],
     ]
-    store.replace_all(
-        [Endpoint("10.0.0.1", 8000, "a", namespace="ns"), Endpoint("10.0.0.2", 8000, "b2", namespace="ns")]
-    )
-    assert score(scorer, store.endpoints(), make_request(headers={"x-session-token": token("ns/b")})) == [
-        0.0,
-        0.0,
-    ]
-    assert score(scorer, store.endpoints(), make_request(headers={"x-session-token": token("ns/b2")})) == [
-        0.0,
-        1.0,
-    ]
+    rename_second("b2")
+    assert [by_token(scorer, "ns/b"), by_token(scorer, "ns/b2")] == [[0.0, 0.0], [0.0, 1.0]]
 
     bound = SessionAffinityScorer(strategy="session_id")
     request = make_request(headers={"x-session-id": "s1"})
@@ -413,9 +410,7 @@ def test_session_affinity_follows_the_pool_as_endpoints_are_renamed() -> None:
     bound.score(cycle, request, store.endpoints())
     bound.pre_request(cycle, request, result_for(store.endpoints()[1]))  # bound to ns/b2
     assert score(bound, store.endpoints(), request) == [0.0, 1.0]
-    store.replace_all(
-        [Endpoint("10.0.0.1", 8000, "a", namespace="ns"), Endpoint("10.0.0.2", 8000, "b3", namespace="ns")]
-    )
+    rename_second("b3")
     cycle = CycleState()
     assert bound.score(cycle, request, store.endpoints()) == [0.0, 0.0]  # its endpoint is gone by name
     bound.pre_request(cycle, request, result_for(store.endpoints()[0]))  # so the session moves
