@@ -209,9 +209,9 @@ class MetricsConnection(asyncio.Protocol):
         MetricsParseError (a bad answer, an HTTP status other than 200; PageLimitError past
         `max_bytes`), OSError (the connection failed), or TimeoutError (`expire()`). After an
         error, or an answer that does not keep the connection alive, the connection is closed.
-        With `on_repeat`, an answer byte for byte the connection's last good one calls
-        `on_repeat()` instead, and neither `sink` nor `on_done` hears of it: the caller already
-        holds what that page reads as.
+        With `on_repeat`, an answer byte for byte the connection's last good one (asked with the
+        same `max_bytes`) calls `on_repeat()` instead, and neither `sink` nor `on_done` hears of
+        it: the caller already holds what that page reads as.
 
         A poll is a write and, when its answer arrives, a callback: no task, future or timer of
         its own, which is most of what a poll costs on the loop (the scraper's ticker starts

@@ -272,8 +272,9 @@ class _PollState:
     reader: RepeatAwareReader | None = None
     on_done: Callable[[BaseException | None], None] | None = None
     on_repeat: Callable[[], None] | None = None
-    # The last poll stored what `last_page` read as, and the next asks the same: an answer byte
-    # for byte the connection's last needs no reading (`MetricsConnection.start`'s on_repeat).
+    # The last poll stored what `last_page` read as, and the next asks the same (unless a filter
+    # recheck moves it on, which clears this; `_send` also checks the engine mapping): an answer
+    # byte for byte the connection's last needs no reading (`MetricsConnection.start`'s on_repeat).
     repeatable: bool = False
     # The labels the reader's engine mapping was chosen for (the datastore replaces them whole on
     # a change), and the last GET built: (mapping, filtered, the request's bytes).

@@ -380,6 +380,7 @@ def test_session_affinity_follows_the_pool_as_endpoints_are_renamed() -> None:
     tuple): the datastore's tuple after a rename in place names the endpoint anew, for tokens
     and for bindings alike."""
     from epp.datalayer.datastore import Datastore
+    from epp_scorers.scorers import session_affinity
 
     store = Datastore()
 
@@ -403,6 +404,10 @@ def test_session_affinity_follows_the_pool_as_endpoints_are_renamed() -> None:
     ]
     rename_second("b2")
     assert [by_token(scorer, "ns/b"), by_token(scorer, "ns/b2")] == [[0.0, 0.0], [0.0, 1.0]]
+    for name in ("c", "d", "e", "f", "g", "b2"):  # more tuples than it keeps maps for
+        rename_second(name)
+        assert by_token(scorer, f"ns/{name}") == [0.0, 1.0]
+    assert len(scorer._names) <= session_affinity.NAME_MAPS_KEPT
 
     bound = SessionAffinityScorer(strategy="session_id")
     request = make_request(headers={"x-session-id": "s1"})

@@ -16,8 +16,9 @@ Two strategies (`strategy`), as in the Go EPP:
 `profileName` (P/D): token and binding name that profile's endpoint instead of the primary's.
 
 A token or binding is looked up by name among the candidates, in a map made once per candidate
-tuple (the datastore's tuple is new whenever an endpoint's name changes): at 1,000 endpoints 2 us
-a request, where a pass building each `namespace/name` took 160.
+tuple (the datastore's tuple is new whenever an endpoint's name changes; the last NAME_MAPS_KEPT
+are kept): at 1,000 endpoints 2-4 us a request, where a pass building each `namespace/name` took
+160. A list of candidates (epp hands one while some endpoints' metrics are stale) is scanned.
 
 Consumes: request headers. Produces: nothing. Hooks: pre-request (binds a session id, strategy
 `session_id`), response headers (adds the session token, strategy `encoded_endpoint_header`).
@@ -61,6 +62,7 @@ from epp.framework import (
 )
 
 DEFAULT_TOKEN_HEADER = "x-session-token"
+NAME_MAPS_KEPT = 4  # candidate tuples whose name -> positions maps are kept
 DEFAULT_SESSION_ID_HEADER = "x-session-id"
 STRATEGY_ENCODED = "encoded_endpoint_header"
 STRATEGY_SESSION_ID = "session_id"
@@ -174,10 +176,11 @@ class SessionAffinityScorer(Scorer, PreRequest, ResponseHeaders):
         self._bindings: dict[str, tuple[str, float]] = {}
         self._last_sweep = clock()
         self._present_key = DataKey[bool](f"{self.type_name}/bound-present", self.name)
-        # The last candidate tuple's positions by the two names a token or binding may hold (a
-        # tuple's identity stands for its endpoints' names: the datastore makes a new one when a
-        # name changes), so a request with a session costs a lookup, not a pass over the pool.
-        self._names: tuple[Sequence[Endpoint], _NamePositions] | None = None
+        # The last few candidate tuples' positions by the two names a token or binding may hold
+        # (a tuple's identity stands for its endpoints' names: the datastore makes a new one when
+        # a name changes), so a request with a session costs a lookup, not a pass over the pool.
+        # A few: P/D's two profiles each hand their own tuple.
+        self._names: dict[int, tuple[tuple[Endpoint, ...], _NamePositions]] = {}
 
     @classmethod
     def from_params(cls, name: str, params: Params, handle: PluginHandle) -> Self:
@@ -231,29 +234,43 @@ class SessionAffinityScorer(Scorer, PreRequest, ResponseHeaders):
         binding = self._bindings.get(session) if session else None
         if binding is None or self._clock() - binding[1] > self.ttl_s:
             return ""
-        cycle.write(self._present_key, binding[0] in self._positions(endpoints).by_name)
+        positions = self._positions(endpoints)
+        present = (
+            binding[0] in positions.by_name
+            if positions is not None
+            else any(ep.namespaced_name == binding[0] for ep in endpoints)
+        )
+        cycle.write(self._present_key, present)
         return binding[0]
 
-    def _positions(self, endpoints: Sequence[Endpoint]) -> _NamePositions:
-        kept = self._names
+    def _positions(self, endpoints: Sequence[Endpoint]) -> _NamePositions | None:
+        """The candidates' positions by name, kept for the last few tuples; None for a list (it
+        may change under the same identity: the caller scans it)."""
+        if not isinstance(endpoints, tuple):
+            return None
+        kept = self._names.get(id(endpoints))
         if kept is not None and kept[0] is endpoints:
             return kept[1]
         positions = _NamePositions(endpoints)
-        if isinstance(endpoints, tuple):  # a list may change under the same identity
-            self._names = (endpoints, positions)
+        if len(self._names) >= NAME_MAPS_KEPT:
+            del self._names[next(iter(self._names))]
+        self._names[id(endpoints)] = (endpoints, positions)
         return positions
 
     def score(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
     ) -> list[float]:
         wanted = self._wanted(cycle, request, endpoints)
+        if not wanted:
+            return [0.0] * len(endpoints)
+        # A token names the endpoint as the Go EPP does (go_id); an earlier epp wrote its
+        # namespaced_name, which a session binding also holds.
+        positions = self._positions(endpoints)
+        if positions is None:
+            return [1.0 if wanted in (ep.go_id, ep.namespaced_name) else 0.0 for ep in endpoints]
         scores = [0.0] * len(endpoints)
-        if wanted:
-            # A token names the endpoint as the Go EPP does (go_id); an earlier epp wrote its
-            # namespaced_name, which a session binding also holds.
-            positions = self._positions(endpoints)
-            for i in (*positions.by_go_id.get(wanted, ()), *positions.by_name.get(wanted, ())):
-                scores[i] = 1.0
+        for i in (*positions.by_go_id.get(wanted, ()), *positions.by_name.get(wanted, ())):
+            scores[i] = 1.0
         return scores
 
     # --- lifecycle -------------------------------------------------------------------------------
