@@ -126,6 +126,9 @@ class Director:
         self.metrics = metrics
         self.ledger = ledger
         self.staleness_threshold_s = staleness_threshold_s
+        # The fresh endpoints of the pool's tuple, as a tuple, while the same ones are stale: the
+        # plugins' caches key on a tuple's identity (filters, metric rows, session names).
+        self._fresh_kept: tuple[tuple[Endpoint, ...], bytes, tuple[Endpoint, ...]] | None = None
         self.pool_name = pool_name
         self.use_subset_hint = use_subset_hint  # --disable-endpoint-subset-filter turns it off
         self.emit_scores = emit_scores  # --emit-endpoint-scores
@@ -154,7 +157,8 @@ class Director:
 
     def candidates(self, subset: Sequence[str] | None) -> Sequence[Endpoint]:
         """The endpoints a request may go to: the datastore's endpoint tuple itself when nothing
-        narrows it (the scorers then read its metric columns without a gather)."""
+        narrows it (the scorers then read its metric columns without a gather), and the pool less
+        its stale endpoints as one tuple for as long as the same ones are stale."""
         endpoints: Sequence[Endpoint] = self.datastore.endpoints()
         if subset is not None and self.use_subset_hint:
             # Envoy's subset hint names "ip:port" entries; as in the Go EPP only the IP counts, so
@@ -171,7 +175,17 @@ class Director:
         count = np.count_nonzero(fresh)  # one C call (all() and any() are two Python wrappers)
         if count == len(endpoints) or not count:
             return endpoints
-        return [endpoints[i] for i in fresh.nonzero()[0].tolist()]
+        if not isinstance(endpoints, tuple):
+            return [endpoints[i] for i in fresh.nonzero()[0].tolist()]
+        # The pool less its stale endpoints: the same tuple request after request while the same
+        # ones are stale (a pod down is the common case of this branch).
+        mask = fresh.tobytes()
+        kept = self._fresh_kept
+        if kept is not None and kept[0] is endpoints and kept[1] == mask:
+            return kept[2]
+        chosen = tuple(endpoints[i] for i in fresh.nonzero()[0].tolist())
+        self._fresh_kept = (endpoints, mask, chosen)
+        return chosen
 
     def schedule(
         self,

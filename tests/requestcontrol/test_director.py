@@ -75,12 +75,22 @@ def test_subset_hint_matches_on_the_ip_and_empty_is_503() -> None:
 
 
 def test_fresh_endpoints_are_preferred_and_all_used_when_none_is_fresh() -> None:
-    stale, live = make_endpoint("stale", updated_at=0.0), fresh(make_endpoint("live"))
-    director, _ = director_for([stale, live])
-    assert director.candidates(None) == [live]
-    live.metrics = type(live.metrics)(updated_at=0.0)
-    assert list(director.candidates(None)) == [stale, live]
-    fresh(stale), fresh(live)  # all fresh: the datastore's tuple itself (the scorers' columns)
+    stale, live, other = (
+        make_endpoint("stale", updated_at=0.0),
+        fresh(make_endpoint("live")),
+        fresh(make_endpoint("o")),
+    )
+    director, _ = director_for([stale, live, other])
+    first = director.candidates(None)
+    # The same tuple while the same endpoints are stale: what plugins' caches key on.
+    assert first == (live, other) and director.candidates(None) is first
+    other.metrics = type(other.metrics)(updated_at=0.0)
+    assert director.candidates(None) == (live,)
+    fresh(other)
+    assert director.candidates(None) == (live, other)
+    other.metrics = live.metrics = type(live.metrics)(updated_at=0.0)
+    assert list(director.candidates(None)) == [stale, live, other]
+    fresh(stale), fresh(live), fresh(other)  # all fresh: the datastore's tuple itself (the scorers' columns)
     assert director.candidates(None) is director.datastore.endpoints()
 
 
