@@ -129,6 +129,8 @@ class Director:
         # The fresh endpoints of the pool's tuple, as a tuple, while the same ones are stale: the
         # plugins' caches key on a tuple's identity (filters, metric rows, session names).
         self._fresh_kept: tuple[tuple[Endpoint, ...], bytes, tuple[Endpoint, ...]] | None = None
+        # ... and the pool narrowed by the last subset hint (Envoy sends the same one again and again).
+        self._subset_kept: tuple[tuple[Endpoint, ...], tuple[str, ...], tuple[Endpoint, ...]] | None = None
         self.pool_name = pool_name
         self.use_subset_hint = use_subset_hint  # --disable-endpoint-subset-filter turns it off
         self.emit_scores = emit_scores  # --emit-endpoint-scores
@@ -159,12 +161,10 @@ class Director:
         """The endpoints a request may go to: the datastore's endpoint tuple itself when nothing
         narrows it (the scorers then read its metric columns without a gather), and the pool less
         its stale endpoints as one tuple for as long as the same ones are stale."""
-        endpoints: Sequence[Endpoint] = self.datastore.endpoints()
+        pool = self.datastore.endpoints()
+        endpoints: Sequence[Endpoint] = pool
         if subset is not None and self.use_subset_hint:
-            # Envoy's subset hint names "ip:port" entries; as in the Go EPP only the IP counts, so
-            # every port of a named pod is a candidate.
-            allowed = {_host_of(entry) for entry in subset}
-            endpoints = [ep for ep in endpoints if ep.address in allowed]
+            endpoints = self._narrowed(pool, tuple(subset))
         if not endpoints:
             raise EppError(
                 ErrorCode.SERVICE_UNAVAILABLE, "no ready endpoint for this request", DROPPED_NO_ENDPOINTS
@@ -185,6 +185,18 @@ class Director:
             return kept[2]
         chosen = tuple(endpoints[i] for i in fresh.nonzero()[0].tolist())
         self._fresh_kept = (endpoints, mask, chosen)
+        return chosen
+
+    def _narrowed(self, pool: tuple[Endpoint, ...], subset: tuple[str, ...]) -> tuple[Endpoint, ...]:
+        """The pool narrowed by Envoy's subset hint, the same tuple for the same hint and pool.
+        The hint names "ip:port" entries; as in the Go EPP only the IP counts, so every port of a
+        named pod is a candidate."""
+        kept = self._subset_kept
+        if kept is not None and kept[0] is pool and kept[1] == subset:
+            return kept[2]
+        allowed = {_host_of(entry) for entry in subset}
+        chosen = tuple(ep for ep in pool if ep.address in allowed)
+        self._subset_kept = (pool, subset, chosen)
         return chosen
 
     def schedule(

@@ -62,9 +62,11 @@ def test_subset_hint_matches_on_the_ip_and_empty_is_503() -> None:
     b2 = make_endpoint("b2", address="10.0.0.2", port=8001)  # the same pod's second port
     v6 = make_endpoint("v6", address="fd00::1")
     director, _ = director_for([a, b, b2, v6])
-    assert director.candidates(["10.0.0.2:8000"]) == [b, b2]  # the port is not compared (as in Go)
-    assert director.candidates(["10.0.0.1"]) == [a]
-    assert director.candidates(["[fd00::1]:9000"]) == [v6]
+    narrowed = director.candidates(["10.0.0.2:8000"])
+    assert narrowed == (b, b2)  # the port is not compared (as in Go)
+    assert director.candidates(["10.0.0.2:8000"]) is narrowed  # the same hint: the same tuple
+    assert director.candidates(["10.0.0.1"]) == (a,)
+    assert director.candidates(["[fd00::1]:9000"]) == (v6,)
     assert director.candidates(None) == (a, b, b2, v6)  # the datastore's tuple itself
     with pytest.raises(EppError) as err:
         director.candidates([])
