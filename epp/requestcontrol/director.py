@@ -157,12 +157,12 @@ class Director:
         self._tracer = tracer
         self.scheduler.trace_profiles = tracer is not None  # time each profile for its span
 
-    def candidates(self, subset: Sequence[str] | None) -> Sequence[Endpoint]:
-        """The endpoints a request may go to: the datastore's endpoint tuple itself when nothing
-        narrows it (the scorers then read its metric columns without a gather), and the pool less
-        its stale endpoints as one tuple for as long as the same ones are stale."""
+    def candidates(self, subset: Sequence[str] | None) -> tuple[Endpoint, ...]:
+        """The endpoints a request may go to, as a tuple plugins may cache on: the datastore's
+        endpoint tuple itself when nothing narrows it (the scorers then read its metric columns
+        without a gather), else one tuple for as long as the same hint and stale endpoints hold."""
         pool = self.datastore.endpoints()
-        endpoints: Sequence[Endpoint] = pool
+        endpoints = pool
         if subset is not None and self.use_subset_hint:
             endpoints = self._narrowed(pool, tuple(subset))
         if not endpoints:
@@ -175,8 +175,6 @@ class Director:
         count = np.count_nonzero(fresh)  # one C call (all() and any() are two Python wrappers)
         if count == len(endpoints) or not count:
             return endpoints
-        if not isinstance(endpoints, tuple):
-            return [endpoints[i] for i in fresh.nonzero()[0].tolist()]
         # The pool less its stale endpoints: the same tuple request after request while the same
         # ones are stale (a pod down is the common case of this branch).
         mask = fresh.tobytes()
