@@ -379,10 +379,10 @@ async def test_every_endpoint_of_a_large_pool_is_polled_once_an_interval_in_spre
         bursts = 1 + sum(1 for a, b in itertools.pairwise(times) if b - a > 0.01)
         if in_flight == 0 and not padding:  # one tick an interval for all 40
             assert bursts <= 13, bursts
-        elif in_flight == 0:  # two
-            assert 15 <= bursts <= 26, bursts
+        elif in_flight == 0:  # two (a late tick is not made up: as many as the polls say)
+            assert 2 * min(polls) - 1 <= bursts <= 26, (bursts, polls)
         else:  # three slices an interval
-            assert bursts >= 26, bursts
+            assert bursts >= 3 * min(polls) - 2, (bursts, polls)
     finally:
         await scraper.close()
         await runner.cleanup()

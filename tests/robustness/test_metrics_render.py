@@ -65,14 +65,17 @@ def test_the_page_is_what_prometheus_client_writes() -> None:
 
 
 class _Many(Collector):
-    """`series` histogram-like series; collect() can be made to wait for a signal."""
+    """`series` histogram-like series; collect() can be made to wait for a signal, or to keep the
+    interpreter busy (holding the GIL, as a large collector does) for at least `busy_s`."""
 
-    def __init__(self, series: int) -> None:
+    def __init__(self, series: int, busy_s: float = 0.0) -> None:
         self.series = series
+        self.busy_s = busy_s
         self.gate: threading.Event | None = None
         self.collects = 0
 
     def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
         self.collects += 1
         if self.gate is not None:
             self.gate.wait(10)
@@ -80,12 +83,14 @@ class _Many(Collector):
         for i in range(self.series):
             for le in ("0.1", "1", "+Inf"):
                 family.add_metric([f"model-{i}", f"model-{i}", le], float(i))
+        while time.perf_counter() - started < self.busy_s:  # Python work, whatever the machine's speed
+            sum(range(1000))
         yield family
 
 
 async def test_a_large_render_does_not_stall_the_event_loop() -> None:
     registry = CollectorRegistry()
-    registry.register(_Many(15_000))
+    registry.register(_Many(15_000, busy_s=0.3))
     server = MetricsServer(registry, "127.0.0.1", 0)
     switch = sys.getswitchinterval()
     gaps: list[float] = []
