@@ -84,8 +84,10 @@ async def test_prefix_gives_way_to_a_heavy_queue(fakes: list[FakeVllm]) -> None:
 
 
 async def test_failing_and_stale_endpoints_do_not_break_picking(fakes: list[FakeVllm]) -> None:
+    # A second's threshold: short to wait for, yet a pause of a loaded machine's loop cannot age
+    # the healthy endpoints (polled every 50 ms) past it too.
     async with running_epp(
-        "--endpoints", ",".join(f.address for f in fakes), "--metrics-staleness-threshold", "300ms"
+        "--endpoints", ",".join(f.address for f in fakes), "--metrics-staleness-threshold", "1s"
     ) as epp:
         await scraped(epp, fakes)
         broken = fakes[1]
@@ -97,7 +99,7 @@ async def test_failing_and_stale_endpoints_do_not_break_picking(fakes: list[Fake
         errors_before = ep.scrape_errors
         await wait_until(lambda: ep.scrape_errors > errors_before + 2, what="scrape errors counted")
         assert ep.metrics is last  # last values kept, update time not advanced
-        await wait_until(lambda: time.monotonic() - ep.metrics.updated_at > 0.3, what="staleness")
+        await wait_until(lambda: time.monotonic() - ep.metrics.updated_at > 1.0, what="staleness")
         picks = Counter([await route(epp, f"prompt {i} " * 20) for i in range(30)])
         assert sum(picks.values()) == 30
         assert broken.address not in picks  # fresh endpoints are preferred over a stale one
@@ -105,7 +107,7 @@ async def test_failing_and_stale_endpoints_do_not_break_picking(fakes: list[Fake
         for f in fakes:
             f.metrics_status = 500
         await wait_until(
-            lambda: all(time.monotonic() - e.metrics.updated_at > 0.3 for e in epp.app.datastore.endpoints()),
+            lambda: all(time.monotonic() - e.metrics.updated_at > 1.0 for e in epp.app.datastore.endpoints()),
             what="all stale",
         )
         assert await route(epp, "still routed") in {f.address for f in fakes}
