@@ -114,10 +114,11 @@ async def test_remote_prefill_costs_the_kv_transfer_not_the_prefill(
     assert status == 200 and body["usage"]["completion_tokens"] == 2
     assert await metric(session, local, ttft) >= 0.5
     remote = await metric(session, decode, ttft)
-    assert 0.2 <= remote < 0.45
-    # Only what the decode instance lacks crosses the network: the same prompt again is cached.
+    assert 0.2 <= remote < 0.5  # about 0.22 s; a local prefill takes over 0.5
+    # Only what the decode instance lacks crosses the network: the same prompt again is cached
+    # (about 0.02 s; the transfer alone would be 0.2).
     await post(session, decode.address, {"prompt": prompt, "max_tokens": 2, **REMOTE_PREFILL})
-    assert await metric(session, decode, ttft) - remote < 0.15
+    assert await metric(session, decode, ttft) - remote < 0.18
     # The transferred KV was allocated and stays cached, as a local prefill's would.
     _, _, plain = await post(session, decode.address, {"prompt": prompt, "max_tokens": 2})
     assert plain["usage"]["prompt_tokens_details"]["cached_tokens"] == 1984
