@@ -22,7 +22,8 @@ Go EPP). A page of at most 16 kB that is byte for byte the endpoint's last one i
 (`RepeatAwareReader`), only stamped with the new time: an idle server's filtered page. An answer
 that is byte for byte the connection's last one (an idle vLLM's, until its Date header moves a
 second later) is not even framed again (`MetricsConnection`), nor handed to the reader when the
-endpoint stored what that page reads as (`_repeated`: the snapshot is stamped with the new time).
+endpoint stored what that page reads as (`_finished` with `repeated`: the snapshot is stamped
+with the new time).
 
 One model server cannot stall the others, nor the request path: a page is handed as it arrives
 to a `PageReader`, which parses only the lines of the families read (the rest is never decoded
@@ -494,33 +495,28 @@ class Scraper:
             self._finished(state, None, TimeoutError())
 
     def _finished(
-        self, state: _PollState, reader: RepeatAwareReader | None, error: BaseException | None
+        self,
+        state: _PollState,
+        reader: RepeatAwareReader | None,
+        error: BaseException | None,
+        repeated: bool = False,
     ) -> None:
-        """A poll's end, from the connection's callback: store the snapshot or count the error.
-        An unexpected error (a bug) is logged and counted by the supervisor, and polling goes on."""
+        """A poll's end, from the connection's callback: store the snapshot or count the error;
+        `repeated` (the connection's on_repeat), the answer was byte for byte the last one, whose
+        page this endpoint stored: the same values, stamped with the new time (an idle server's
+        poll). An unexpected error (a bug) is logged and counted by the supervisor, and polling
+        goes on."""
         state.in_flight, state.connecting = False, None
         self._flying.discard(state)
         if not self._started or self._state.get(state.ep.key) is not state:
             return  # closing, or the endpoint left the pool meanwhile
         try:
-            self._record(state, reader, error)
-        except Exception as exc:  # supervised: logged, counted, recovered
-            state.ep.scrape_errors += 1
-            if self._supervisor is not None:
-                self._supervisor.failed("scraper", exc, detail=state.ep.key)
-        self._schedule(state)
-
-    def _repeated(self, state: _PollState) -> None:
-        """A poll's end when its answer was byte for byte the last one, whose page this endpoint
-        stored: the same values, stamped with the new time (an idle server's poll)."""
-        state.in_flight = False
-        self._flying.discard(state)
-        if not self._started or self._state.get(state.ep.key) is not state:
-            return  # closing, or the endpoint left the pool meanwhile
-        last = state.last_page.metrics
-        try:
-            assert last is not None  # `repeatable`: the last poll stored it
-            state.ep.metrics = last.stamped(time.monotonic())
+            if repeated:
+                last = state.last_page.metrics
+                assert last is not None  # `repeatable`: the last poll stored it
+                state.ep.metrics = last.stamped(time.monotonic())
+            else:
+                self._record(state, reader, error)
         except Exception as exc:  # supervised: logged, counted, recovered
             state.repeatable = False
             state.ep.scrape_errors += 1
@@ -541,7 +537,7 @@ class Scraper:
             return reader
         reader = state.reader = RepeatAwareReader(names, state.last_page, hints=state.hints)
         state.on_done = partial(self._finished, state, reader)
-        state.on_repeat = state.on_repeat or partial(self._repeated, state)
+        state.on_repeat = state.on_repeat or partial(self._finished, state, None, None, True)
         return reader
 
     def _request(self, state: _PollState, names: MetricNames) -> bytes:
