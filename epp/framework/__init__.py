@@ -5,7 +5,8 @@ in-tree plugins) imports from epp.
   `SchedulingResult`, `ROLE_LABEL`; `Scores` (a list or a numpy array, one per candidate)
 - `metric_columns(endpoints)`: the candidates' scraped metrics as numpy arrays (`MetricColumns`,
   `Column`), for scorers that score every candidate at once; `endpoint_positions(endpoints)`,
-  an endpoint key's index among them; `SMALL_POOL_SIZE`, up to which plain lists are faster
+  an endpoint key's index among them; `SMALL_POOL_SIZE`, up to which plain lists are faster;
+  `PerTuple`, what a plugin derives from a tuple of candidates kept with the tuple
 - cycle state: `CycleState`, `DataKey[T]`
 - parameters: `Params`, `ConfigError`, `ParamDoc`
 - plugin bases (a plugin's kind is its base class): `Filter`, `Scorer`, `Picker`,
@@ -72,6 +73,7 @@ from epp.framework.plugin import (
     UsageLimitPolicy,
 )
 from epp.framework.registry import ENTRY_POINT_GROUP, PluginRegistry
+from epp.framework.tuples import PerTuple
 
 __all__ = [
     "EMPTY_METRICS",
@@ -108,6 +110,7 @@ __all__ = [
     "Params",
     "Parser",
     "PdDecider",
+    "PerTuple",
     "Picker",
     "Plugin",
     "PluginHandle",

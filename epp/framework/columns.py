@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from epp.framework.datamodel import Endpoint, EndpointMetrics
+from epp.framework.tuples import PerTuple
 
 Column = npt.NDArray[np.float64]
 
@@ -106,9 +107,8 @@ class EndpointColumns(MetricColumns):
 
     def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
         n = len(endpoints)
-        # id(subset) -> (the subset, its rows, its key -> position map); the subset is held, so
-        # its id cannot be reused while remembered; a tuple cannot change.
-        self._subsets: dict[int, tuple[tuple[Endpoint, ...], npt.NDArray[np.intp], dict[str, int]]] = {}
+        # A subset tuple's rows and key -> position map (None: not all of it is here).
+        self._subsets: PerTuple[tuple[npt.NDArray[np.intp], dict[str, int]] | None] = PerTuple(SUBSETS_KEPT)
         self._waiting = np.zeros(n)
         self._running = np.zeros(n)
         self._kv = np.zeros(n)
@@ -135,17 +135,13 @@ class EndpointColumns(MetricColumns):
     def subset(self, endpoints: tuple[Endpoint, ...]) -> tuple[npt.NDArray[np.intp], dict[str, int]] | None:
         """The rows of a tuple of this datastore's endpoints and its key -> position map, found
         once per tuple (None when one of them is not among these columns' endpoints)."""
-        kept = self._subsets.get(id(endpoints))
-        if kept is not None and kept[0] is endpoints:
-            return kept[1], kept[2]
+        return self._subsets.get(endpoints, self._find_subset)
+
+    def _find_subset(
+        self, endpoints: tuple[Endpoint, ...]
+    ) -> tuple[npt.NDArray[np.intp], dict[str, int]] | None:
         rows = self.rows_of(endpoints)
-        if rows is None:
-            return None
-        found = (rows, {ep.key: i for i, ep in enumerate(endpoints)})
-        if len(self._subsets) >= SUBSETS_KEPT:
-            del self._subsets[next(iter(self._subsets))]
-        self._subsets[id(endpoints)] = (endpoints, *found)
-        return found
+        return None if rows is None else (rows, {ep.key: i for i, ep in enumerate(endpoints)})
 
     def rows_of(self, endpoints: Sequence[Endpoint]) -> npt.NDArray[np.intp] | None:
         """Each endpoint's row of these columns (None when one of them has none here)."""

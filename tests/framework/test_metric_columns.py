@@ -137,3 +137,23 @@ def test_a_snapshot_stamped_again_has_every_value_and_the_new_time_in_its_column
     store_of([ep])
     ep.metrics = again
     assert metric_columns((ep,)).updated_at.tolist() == [9.0]
+
+
+def test_per_tuple_keeps_a_value_per_tuple_identity_for_the_last_few() -> None:
+    """`PerTuple` makes a value once per tuple object (an equal but other tuple is another key)
+    and keeps the last `size`, the oldest forgotten first."""
+    from epp.framework import PerTuple
+
+    made: list[tuple[Endpoint, ...]] = []
+
+    def make(endpoints: tuple[Endpoint, ...]) -> int:
+        made.append(endpoints)
+        return len(made)
+
+    kept: PerTuple[int] = PerTuple(2)
+    a, b = tuple(pool(2)), tuple(pool(3))
+    twin = (*a,)
+    assert twin == a and twin is not a
+    assert [kept.get(a, make), kept.get(a, make), kept.get(twin, make)] == [1, 1, 2]
+    assert kept.get(b, make) == 3 and len(kept) == 2  # `a` was the oldest: forgotten
+    assert kept.get(a, make) == 4 and kept.get(b, make) == 3

@@ -54,6 +54,7 @@ from epp.framework import (
     InferenceRequest,
     ParamDoc,
     Params,
+    PerTuple,
     PluginHandle,
     PreRequest,
     ResponseHeaders,
@@ -180,7 +181,7 @@ class SessionAffinityScorer(Scorer, PreRequest, ResponseHeaders):
         # (a tuple's identity stands for its endpoints' names: the datastore makes a new one when
         # a name changes), so a request with a session costs a lookup, not a pass over the pool.
         # A few: P/D's two profiles each hand their own tuple.
-        self._names: dict[int, tuple[tuple[Endpoint, ...], _NamePositions]] = {}
+        self._names: PerTuple[_NamePositions] = PerTuple(NAME_MAPS_KEPT)
 
     @classmethod
     def from_params(cls, name: str, params: Params, handle: PluginHandle) -> Self:
@@ -246,16 +247,7 @@ class SessionAffinityScorer(Scorer, PreRequest, ResponseHeaders):
     def _positions(self, endpoints: Sequence[Endpoint]) -> _NamePositions | None:
         """The candidates' positions by name, kept for the last few tuples; None for a list (it
         may change under the same identity: the caller scans it)."""
-        if not isinstance(endpoints, tuple):
-            return None
-        kept = self._names.get(id(endpoints))
-        if kept is not None and kept[0] is endpoints:
-            return kept[1]
-        positions = _NamePositions(endpoints)
-        if len(self._names) >= NAME_MAPS_KEPT:
-            del self._names[next(iter(self._names))]
-        self._names[id(endpoints)] = (endpoints, positions)
-        return positions
+        return self._names.get(endpoints, _NamePositions) if isinstance(endpoints, tuple) else None
 
     def score(
         self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]
