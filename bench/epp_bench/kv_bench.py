@@ -31,6 +31,7 @@ Policies:
 | `epp-precise` | Envoy + epp with `precise-prefix-cache-scorer` fed by the events (PRECISE_CONFIG) |
 | `epp-precise-approx` | epp-precise + `prefix-cache-scorer` (2): an evicted prefix returns to its last pod |
 | `epp-precise-shared` | epp-precise, its index in a Valkey server (started for the run) the replicas share |
+| `epp-precise-guide-shared` | epp-precise-shared at the precise-prefix-cache-aware guide's weights (2/1/1) |
 | `epp` | Envoy + epp, its default config (the approximate prefix scorer: what it routed where) |
 | `vllm-router-kv-aware` | vllm-router `--policy kv_aware`, `--kv-event-source` on the events (topic "") |
 | `vllm-router` | vllm-router `--policy cache_aware` (its own prefix tree of what it routed) |
@@ -71,7 +72,8 @@ from epp_bench.report import table
 from epp_bench.runner import prefix_cache_counters, summed_samples
 from epp_bench.workloads import Arrivals, SharedPrefix, Workload, oracle_hit_rate
 
-PRECISE_POLICIES = ("epp-precise", "epp-precise-approx", "epp-precise-shared")  # epp fed by the events
+# epp fed by the events
+PRECISE_POLICIES = ("epp-precise", "epp-precise-approx", "epp-precise-shared", "epp-precise-guide-shared")
 POLICIES = (*PRECISE_POLICIES, "epp", "vllm-router-kv-aware", "vllm-router", "round-robin")
 MODEL = "sim-model"
 BLOCK_SIZE = 16
@@ -100,9 +102,9 @@ plugins:
 schedulingProfiles:
 - name: default
   plugins:
-  - {{pluginRef: precise-prefix-cache-scorer, weight: 3.0}}
-  - {{pluginRef: kv-cache-utilization-scorer, weight: 2.0}}
-  - {{pluginRef: queue-scorer, weight: 2.0}}{approx_ref}
+  - {{pluginRef: precise-prefix-cache-scorer, weight: {precise_weight}}}
+  - {{pluginRef: kv-cache-utilization-scorer, weight: {kv_weight}}}
+  - {{pluginRef: queue-scorer, weight: {queue_weight}}}{approx_ref}
   - {{pluginRef: max-score-picker}}
 """
 # epp-precise-approx: the guess behind the events. The precise scorer credits what the pods hold
@@ -306,9 +308,20 @@ class ConfigPolicy:
         return policy
 
 
-def _precise_template(approx: bool = False, shared: bool = False) -> str:
+# The load scorers' weights against the precise scorer's: (precise, KV utilization, queue).
+# GAIE_WEIGHTS are the gaie-kv-events guide's, the bench's epp-precise; GUIDE_WEIGHTS the
+# precise-prefix-cache-aware guide's scheduler.yaml (and llm-d-router's deploy config), which move
+# a group off its pod only for a larger load difference.
+GAIE_WEIGHTS = (3.0, 2.0, 2.0)
+GUIDE_WEIGHTS = (2.0, 1.0, 1.0)
+
+
+def _precise_template(
+    approx: bool = False, shared: bool = False, weights: tuple[float, float, float] = GAIE_WEIGHTS
+) -> str:
     """PRECISE_CONFIG with ConfigPolicy's placeholders; with `approx`, epp-precise-approx's; with
-    `shared`, the index in a Valkey server the replicas share (epp-precise-shared)."""
+    `shared`, the index in a Valkey server the replicas share (epp-precise-shared); `weights` for
+    the precise, KV-utilization and queue scorers."""
     return PRECISE_CONFIG.format(
         **{name: f"${{{name}}}" for name in PLACEHOLDERS},
         index_backend='\n      kvBlockIndexConfig: {valkeyConfig: {address: "${valkey_address}"}}'
@@ -316,6 +329,9 @@ def _precise_template(approx: bool = False, shared: bool = False) -> str:
         else "",
         approx_plugin="\n- type: prefix-cache-scorer" if approx else "",
         approx_ref=f"\n  - {{pluginRef: prefix-cache-scorer, weight: {APPROX_WEIGHT}}}" if approx else "",
+        precise_weight=weights[0],
+        kv_weight=weights[1],
+        queue_weight=weights[2],
     )
 
 
@@ -323,6 +339,9 @@ PRECISE_CONFIGS = {
     "epp-precise": ConfigPolicy("epp-precise", _precise_template()),
     "epp-precise-approx": ConfigPolicy("epp-precise-approx", _precise_template(approx=True)),
     "epp-precise-shared": ConfigPolicy("epp-precise-shared", _precise_template(shared=True)),
+    "epp-precise-guide-shared": ConfigPolicy(
+        "epp-precise-guide-shared", _precise_template(shared=True, weights=GUIDE_WEIGHTS)
+    ),
 }
 
 

@@ -13,8 +13,11 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 
 from epp_bench.kv_bench import (
+    GAIE_WEIGHTS,
+    GUIDE_WEIGHTS,
     PRECISE_CONFIG,
     PRECISE_CONFIGS,
     SCENARIOS,
@@ -28,6 +31,8 @@ from epp_bench.kv_bench import (
 from epp_bench.make_tokenizer import write_tokenizer
 
 pytestmark = pytest.mark.timeout(120)
+
+UPSTREAM = Path(__file__).resolve().parents[2].parent / "shared" / "upstream" / "configs"
 
 
 def check_config(text: str) -> subprocess.CompletedProcess[str]:
@@ -75,10 +80,15 @@ def test_quick_restart_run_reports_every_figure(tmp_path: Path) -> None:
     assert (tmp_path / "kv.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("name", ["epp-precise", "epp-precise-approx", "epp-precise-shared"])
+@pytest.mark.parametrize(
+    "name", ["epp-precise", "epp-precise-approx", "epp-precise-shared", "epp-precise-guide-shared"]
+)
 def test_precise_config_loads_in_epp(tmp_path: Path, name: str) -> None:
     write_tokenizer(tmp_path)
-    approx, shared = name == "epp-precise-approx", name == "epp-precise-shared"
+    approx, shared = name == "epp-precise-approx", name.endswith("-shared")
+    # epp-precise-guide-shared has the precise-prefix-cache-aware guide's weights (precise 2, KV
+    # utilization 1, queue 1), the others the gaie-kv-events guide's (3, 2, 2).
+    weights = (2.0, 1.0, 1.0) if "-guide-" in name else (3.0, 2.0, 2.0)
     text = PRECISE_CONFIGS[name].render(tmp_path, "42", "tcp://127.0.0.1:5557", "127.0.0.1:6379")
     assert PRECISE_CONFIGS[name].event_fed
     # epp-precise-approx adds the approximate scorer behind the events, epp-precise-shared the
@@ -87,12 +97,32 @@ def test_precise_config_loads_in_epp(tmp_path: Path, name: str) -> None:
     assert PRECISE_CONFIGS[name].shares_index is shared
     assert ('valkeyConfig: {address: "127.0.0.1:6379"}' in text) is shared
     assert text.count("pluginRef") == 4 + approx
+    for scorer, weight in zip(
+        ("precise-prefix-cache-scorer", "kv-cache-utilization-scorer", "queue-scorer"), weights, strict=True
+    ):
+        assert f"{{pluginRef: {scorer}, weight: {weight}}}" in text, (scorer, text)
     check = check_config(text)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "precise-prefix-cache-scorer" in PRECISE_CONFIG
     # The picked pod is credited before its events arrive (--check-config names any parameter
     # epp ignores).
     assert "speculativeIndexing: true" in PRECISE_CONFIG and "ignored" not in check.stdout + check.stderr
+
+
+@pytest.mark.parametrize(
+    ("weights", "guide"),
+    [
+        (GAIE_WEIGHTS, "llm-d_guides_precise-prefix-cache-aware_gaie-kv-events.yaml"),
+        (GUIDE_WEIGHTS, "llm-d_guides_precise-prefix-cache-aware_scheduler.yaml"),
+    ],
+)
+def test_precise_weights_are_the_upstream_guides(weights: tuple[float, float, float], guide: str) -> None:
+    """The bench's precise configs weigh their scorers as the upstream guide they are named after."""
+    doc = yaml.safe_load((UPSTREAM / guide).read_text())
+    (profile,) = doc["schedulingProfiles"]
+    weight = {ref["pluginRef"]: ref.get("weight") for ref in profile["plugins"]}
+    scorers = ("precise-prefix-cache-scorer", "kv-cache-utilization-scorer", "queue-scorer")
+    assert tuple(float(weight[name]) for name in scorers) == weights
 
 
 def test_quick_scenarios_stay_small() -> None:
