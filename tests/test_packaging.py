@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -53,3 +57,49 @@ def test_import_contracts_hold() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+def _declared(requirements: list[str]) -> set[str]:
+    return {_normalise(re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0]) for r in requirements}
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _third_party_imports(root: Path) -> set[str]:
+    """Top-level modules the package imports (at any depth, lazily too), minus the stdlib's and ours."""
+    found: set[str] = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"epp", "epp_scorers", "__future__"}
+
+
+def test_every_module_the_wheel_imports_comes_from_a_declared_dependency() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = _declared(project["dependencies"])
+    distributions = importlib.metadata.packages_distributions()
+    imported = _third_party_imports(REPO / "epp") | _third_party_imports(REPO / "scorers" / "epp_scorers")
+    for module in sorted(imported):
+        providers = {_normalise(d) for d in distributions.get(module, [])}
+        assert providers, f"{module} is imported but not installed"
+        assert providers & declared, f"{module} comes from {sorted(providers)}, not a declared dependency"
+
+
+def test_the_readme_says_why_each_dependency_is_there() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    bench = tomllib.loads((REPO / "bench" / "pyproject.toml").read_text())["project"]
+    declared = _declared(project["dependencies"]) | _declared(project["optional-dependencies"]["dev"])
+    declared |= _declared(bench["dependencies"]) | _declared(bench["optional-dependencies"]["plots"])
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Dependencies", 1)[1].split("\n## ", 1)[0]
+    named: set[str] = set()
+    for row in re.findall(r"^\| ([^|]+) \| [^|]+ \|$", section, re.M):
+        cell = re.sub(r"\(.*?\)", "", row)
+        named |= {_normalise(n.strip()) for n in cell.split(",") if n.strip() not in ("package", "---")}
+    assert declared - named == set(), "declared but not explained in the README's Dependencies"
+    assert named - declared == set(), "explained in the README but not declared"
