@@ -197,3 +197,10 @@ async def test_a_replica_the_engines_do_not_publish_to_learns_through_valkey(
         backends = await stack.enter_async_context(simulators(tokenizer, only_first))
         url, epps = await stack.enter_async_context(replicas(tokenizer, backends, zmq_ports, index))
         await _same_pod_from_both(url, epps)
+        async with aiohttp.ClientSession() as session:  # what an operator sees of the shared index
+            written, applied, dropped = [
+                [await _metric(session, e, f"epp_kv_index_valkey_{name}") for e in epps]
+                for name in ("writes", "applied", "dropped_writes")
+            ]
+        assert written[0] > 0 and applied[1] > 0, (written, applied)
+        assert dropped == [0, 0]

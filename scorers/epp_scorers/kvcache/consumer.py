@@ -12,7 +12,7 @@ Per source (one engine's publisher), batches carry sequence numbers 0, 1, 2, ...
   so the pod's blocks are cleared first (its cache is empty), then the batch is applied.
 
 `AllBlocksCleared` clears the pod's blocks. Events of a tier other than `gpu` are indexed
-under their tier; the scorers count GPU blocks only by default.
+under their tier; the scorers count every tier alike.
 """
 
 from __future__ import annotations

@@ -169,6 +169,16 @@ class PreciseIndexer:
             ("clears", lambda: stats.clears, "AllBlocksCleared events"),
         ):
             handle.gauge_sum(f"epp_kv_events_{name}", f"{what.capitalize()} since epp started.", read)
+        shared = self.index
+        if isinstance(shared, ValkeyBlockIndex):
+            for name, read, what in (
+                ("writes", lambda: shared.written, "index changes written to the shared Valkey index"),
+                ("dropped_writes", lambda: shared.dropped, "index changes dropped (write queue full)"),
+                ("applied", lambda: shared.applied, "other replicas' index changes applied from the feed"),
+                ("feed_gaps", lambda: shared.feed_gaps, "restarts that found the shared feed trimmed"),
+            ):
+                help_text = f"{what.capitalize()} since epp started."
+                handle.gauge_sum(f"epp_kv_index_valkey_{name}", help_text, read)
 
     def keys(self, tokens: Sequence[int], request: InferenceRequest) -> list[int]:
         lora = request.target_model if request.target_model in self.consumer.lora_names else None

