@@ -431,11 +431,11 @@ class App:
                 watcher = ObjectiveWatcher(
                     self.kubernetes.client, s.pool_namespace, pool, s.pool_group, self.objectives
                 )
-                self._objectives_watch = self.supervisor.spawn("inference-objectives", watcher.reflector.run)
+                self._objectives_watch = self.supervisor.spawn(watcher.task, watcher.reflector.run)
                 follower = RewriteWatcher(
                     self.kubernetes.client, s.pool_namespace, pool, s.pool_group, self.rewrites
-                ).reflector
-                self._rewrites_watch = self.supervisor.spawn("inference-model-rewrites", follower.run)
+                )
+                self._rewrites_watch = self.supervisor.spawn(follower.task, follower.reflector.run)
             if self.leader is not None:
                 self.leader.start()
             self._housekeeping = self.supervisor.spawn("housekeeping", self._housekeep)

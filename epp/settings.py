@@ -454,10 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="BOOL",
                 help=f"accepted, no effect: {why}",
             )
-    p.add_argument(
+    _bool_flag(  # a boolean as every other: --check-config, --check-config=true|false
+        p,
         "--check-config",
-        action="store_true",
-        help="validate the config and exit 0 (valid) or 1 (invalid) without serving",
+        False,
+        "validate the config and exit 0 (valid) or 1 (invalid) without serving",
     )
     lim = p.add_argument_group("Request-path limits")
     lim.add_argument(

@@ -33,3 +33,14 @@ def test_plaintext_skips_the_tls_checks_and_the_default_is_valid() -> None:
     assert check("--secure-serving=false", "--tls-min-version", "1.3").returncode == 0
     result = check()
     assert result.returncode == 0 and result.stdout.strip() == "config is valid"
+
+
+def test_check_config_is_a_boolean_like_every_other() -> None:
+    """`--check-config=true` as pflag spells a boolean; `=false` means serve, which needs endpoints."""
+    from epp.settings import parse_settings
+
+    assert parse_settings(["--check-config=true"]).check_config
+    assert parse_settings(["--check-config"]).check_config
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(["--check-config=false"])  # no discovery mode: the usual error
+    assert exit_info.value.code == 2

@@ -115,6 +115,7 @@ class ObjectiveWatcher(PoolObjectWatcher[tuple[str, int | None]]):
     """Keeps an ObjectiveStore in step with the InferenceObjectives of one pool."""
 
     kind = OBJECTIVE_KIND
+    task = "inference-objectives"
     group = OBJECTIVE_GROUP
     version = OBJECTIVE_VERSION
     plural = OBJECTIVE_PLURAL

@@ -37,6 +37,7 @@ class PoolObjectWatcher(abc.ABC, Generic[T]):
     store."""
 
     kind: ClassVar[str]
+    task: ClassVar[str]  # the supervised task's name (epp_background_task_restarts_total{task})
     group: ClassVar[str]
     version: ClassVar[str]
     plural: ClassVar[str]
@@ -61,6 +62,7 @@ class PoolObjectWatcher(abc.ABC, Generic[T]):
             self._listed,
             self._event,
             backoff or Backoff(),
+            task=self.task,
         )
 
     @abc.abstractmethod

@@ -13,10 +13,10 @@ The loop:
    backoff with jitter. Failed lists (API server down, unreachable, refusing) back off the
    same way; the delay grows while attempts keep failing and resets after a healthy watch.
 
-The loop runs under the supervisor (epp.supervision, task `kubernetes-reflector`): an error it
-did not expect (a bug, a response it cannot read, a handler that raised) is logged, counted in
-`epp_background_task_restarts_total` and answered with a relist; anything that escapes the loop
-itself restarts it.
+The loop runs under the supervisor (epp.supervision, task `kubernetes-reflector`, or the name its
+owner gives, e.g. `inference-objectives`): an error it did not expect (a bug, a response it
+cannot read, a handler that raised) is logged, counted in `epp_background_task_restarts_total`
+under that name and answered with a relist; anything that escapes the loop itself restarts it.
 """
 
 from __future__ import annotations
@@ -95,8 +95,10 @@ class Reflector:
         backoff: Backoff,
         watch_timeout_s: float = 300.0,
         supervisor: Supervisor | None = None,
+        task: str = "kubernetes-reflector",
     ) -> None:
         self.what = what
+        self.task = task  # the supervised task's name: what its failures are counted and logged under
         self._open = open_fn
         self._on_list = on_list
         self._on_event = on_event
@@ -108,7 +110,7 @@ class Reflector:
     async def run(self) -> None:
         """List and watch until cancelled, under the supervisor (given, else the context's)."""
         self._supervisor = self._supervisor or current_supervisor()
-        await self._supervisor.run("kubernetes-reflector", self._run, detail=self.what)
+        await self._supervisor.run(self.task, self._run, detail=self.what)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,7 +143,7 @@ class Reflector:
         if not isinstance(exc, _EXPECTED):
             # A bug or a response we cannot read: keep going (the next list reconciles), loudly.
             (self._supervisor or current_supervisor()).failed(
-                "kubernetes-reflector", exc, detail=f"{self.what}: {step} failed, listing again"
+                self.task, exc, detail=f"{self.what}: {step} failed, listing again"
             )
             return
         text = str(exc) or type(exc).__name__

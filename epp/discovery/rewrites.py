@@ -288,6 +288,7 @@ class RewriteWatcher(PoolObjectWatcher[ModelRewrite]):
     """Keeps a RewriteStore in step with the InferenceModelRewrites of one pool."""
 
     kind = REWRITE_KIND
+    task = "inference-model-rewrites"
     group = REWRITE_GROUP
     version = REWRITE_VERSION
     plural = REWRITE_PLURAL

@@ -12,7 +12,8 @@
 - the messages must come in the protocol's order: request headers once and first, the response
   only after the request was routed. Anything else is refused with a 400 (the stream's first pick,
   if any, is released);
-- every refusal is counted in llm_d_epp_request_error_total and logged in one line, at most
+- every refusal (but a routed stream's idle timeout, which ends the stream with gRPC
+  DEADLINE_EXCEEDED) is counted in llm_d_epp_request_error_total and logged in one line, at most
   LOG_BURST lines per LOG_INTERVAL_S seconds, then one line saying how many were suppressed.
 The stream (`epp.extproc.handler`) applies them as its messages arrive; this module holds their
 defaults, the shared body budget and stream count, the refusals' reasons and errors, the

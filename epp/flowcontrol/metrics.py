@@ -1,7 +1,7 @@
 """Flow-control metrics under upstream's names (llm-d-router docs/metrics.md): the canonical
 `llm_d_epp_flow_control_*` and, where upstream keeps one, the deprecated
 `inference_extension_flow_control_*` twin.
-Model labels are empty: epp admits a request before parsing its body (docs/flow-control.md)."""
+Model labels are empty: the model rewrite is resolved after admission (docs/flow-control.md)."""
 
 from __future__ import annotations
 

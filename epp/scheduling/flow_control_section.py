@@ -64,7 +64,12 @@ class FlowControlSection(ConfigReader):
                 )
         # An empty reference means Go's default detector, which the Go loader adds itself.
         ref = self._ref(detector_spec, where, required=False) if detector_spec is not None else ""
-        detector = self._flow_plugin(ref, where, SaturationDetector, "saturation detector") if ref else None
+        detector: SaturationDetector | None = None
+        if ref == DEFAULT_SATURATION_DETECTOR and ref not in self.instances and ref in self.registry:
+            detector = self._implicit(ref, SaturationDetector)  # named, not declared: Go adds it
+            self.referenced.add(ref)
+        elif ref:
+            detector = self._flow_plugin(ref, where, SaturationDetector, "saturation detector")
         settings = [k for k in flow if k != "saturationDetector"]
         if self.gates[FLOW_CONTROL_GATE]:
             if detector is None:

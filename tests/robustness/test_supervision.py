@@ -195,6 +195,38 @@ async def test_a_reflector_counts_an_unexpected_error_and_lists_again() -> None:
     assert supervisor.restarts["kubernetes-reflector"] >= 2
 
 
+@pytest.mark.parametrize("kind", ["objectives", "rewrites"])
+async def test_the_pools_objectives_and_rewrites_count_their_failures_under_their_own_names(
+    kind: str, tmp_path: Any
+) -> None:
+    """An operator reading epp_background_task_restarts_total{task} sees which follower failed."""
+    from epp.discovery.kubeclient import KubeClient, resolve_config_source
+    from epp.discovery.objectives import ObjectiveStore, ObjectiveWatcher
+    from epp.discovery.rewrites import RewriteStore, RewriteWatcher
+    from tests.support.kube_api import KubeApiServer, Resource
+
+    plural = "inferenceobjectives" if kind == "objectives" else "inferencemodelrewrites"
+    api = await KubeApiServer(resources=[Resource("llm-d.ai", "v1alpha2", plural, "Whatever")]).start()
+    client = KubeClient(resolve_config_source(api.write_kubeconfig(tmp_path / "kubeconfig")))
+    store: Any = ObjectiveStore() if kind == "objectives" else RewriteStore()
+    store.replace = lambda entries: (_ for _ in ()).throw(RuntimeError("a store with a bug"))
+    watcher_type: Any = ObjectiveWatcher if kind == "objectives" else RewriteWatcher
+    group = "inference.networking.k8s.io"
+    watcher = watcher_type(client, "default", "pool", group, store, Backoff(0.01, 0.02))
+    supervisor = Supervisor(backoff=FAST)
+    with use_supervisor(supervisor):
+        task = asyncio.get_running_loop().create_task(watcher.reflector.run())
+    try:
+        await wait_until(lambda: supervisor.restarts.get(watcher.task, 0) >= 2, what="counted failures")
+        assert watcher.task == f"inference-{'objectives' if kind == 'objectives' else 'model-rewrites'}"
+        assert "kubernetes-reflector" not in supervisor.restarts
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+        await api.stop()
+
+
 async def test_the_leader_elector_counts_a_failed_attempt_and_goes_on() -> None:
     supervisor = Supervisor(backoff=FAST)
     elector = LeaderElector(

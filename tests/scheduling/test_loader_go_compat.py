@@ -145,6 +145,23 @@ def test_saturation_detector_references() -> None:
     assert any("top-level 'saturationDetector' is deprecated" in w for w in loaded.warnings)
 
 
+@pytest.mark.parametrize("gate", ["", "featureGates: [flowControl]\n"])
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "flowControl: {saturationDetector: {pluginRef: utilization-detector}}\n",
+        "saturationDetector: {pluginRef: utilization-detector}\n",
+    ],
+)
+def test_the_default_detector_named_and_not_declared_is_added_as_go_adds_it(
+    gate: str, reference: str
+) -> None:
+    loaded = load(HEAD + gate + SCORER + PROFILE + reference)
+    assert "utilization-detector" in loaded.implicit_plugins
+    assert loaded.saturation_detector is not None
+    assert loaded.saturation_detector.type_name == "utilization-detector"
+
+
 def test_flow_control_policies_are_checked_when_the_gate_is_on() -> None:
     band = "flowControl: {priorityBands: [{priority: 1, fairnessPolicyRef: mine}]}\n"
     # Gate off: Go ignores the settings, and warns.
