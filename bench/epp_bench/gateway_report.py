@@ -476,7 +476,7 @@ def render(doc: dict[str, Any]) -> str:
     lines = [
         f"gateway {doc['gateway']}  model {doc['model']}  test {doc['test_id']}",
         f"{cfg['sessions']} sessions x {cfg['turns']} turns, ramp {ramp} sessions at a time, "
-        f"{cfg['warmup']} warm-up requests; counters: {doc['counters']}",
+        f"{max(cfg['warmup'], 1)} warm-up requests; counters: {doc['counters']}",
         "pod of each request: " + ATTRIBUTION_TEXT[doc["attribution"]].format(cfg["served_header"]),
         f"requests {doc['requests']}, errors {doc['errors']}, {doc['elapsed_s']:.1f}s",
         f"prefix-cache hit rate (delta): {_pct(doc['hit_rate'])}  "

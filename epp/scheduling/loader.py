@@ -399,11 +399,14 @@ class _Loader(FlowControlSection, DataLayerSection):
                 self.warn(f"{where}: {remark}")
 
     def default_producers(self) -> None:
-        """Add the default producer of every data key a plugin consumes and nothing produces."""
+        """Add the default producer of every data key a plugin consumes and nothing produces, and
+        then of what the added producers consume in turn."""
         produced = {
             key for p in self.instances.values() if isinstance(p, DataProducer) for key in p.produces()
         }
-        for name, plugin in list(self.instances.items()):
+        pending = list(self.instances.items())
+        while pending:
+            name, plugin = pending.pop(0)
             for key in plugin.consumes():
                 # Older configs put the default producer's parameters on its consumer.
                 carried = plugin.producer_parameters(key)
@@ -440,6 +443,7 @@ class _Loader(FlowControlSection, DataLayerSection):
                 self.implicit.append(type_name)
                 if isinstance(producer, DataProducer):
                     produced.update(producer.produces())
+                pending.append((type_name, producer))  # what it consumes needs a producer too
                 log.debug("%s: added plugin %r, which %r needs", self.source, type_name, name)
 
     # --- profiles --------------------------------------------------------------------------------

@@ -459,14 +459,22 @@ schedulingProfiles:
 """
 
 
-def test_a_config_without_the_producer_gets_it_added() -> None:
-    scheduler = load_scheduler(
+@pytest.mark.parametrize("consumer", ["latency-scorer", "slo-headroom-tier-filter"])
+def test_a_config_without_the_producer_gets_it_added_with_its_own_inputs(consumer: str) -> None:
+    """The added producer gets what a declared one gets: the in-flight and prefix producers whose
+    features it reads (else it would learn from scraped counts and no prefix share, silently)."""
+    config = (
         "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
-        "plugins:\n- type: latency-scorer\n- type: max-score-picker\n"
+        f"plugins:\n{{declared}}- type: {consumer}\n- type: max-score-picker\n"
         "schedulingProfiles:\n- name: default\n"
-        "  plugins: [{pluginRef: latency-scorer}, {pluginRef: max-score-picker}]\n"
+        f"  plugins: [{{{{pluginRef: {consumer}}}}}, {{{{pluginRef: max-score-picker}}}}]\n"
     )
-    assert any(isinstance(p, PredictedLatencyProducer) for p in scheduler.producers)
+    added = load_scheduler(config.format(declared=""))
+    declared = load_scheduler(config.format(declared="- type: predicted-latency-producer\n"))
+    assert any(isinstance(p, PredictedLatencyProducer) for p in added.producers)
+    kinds = sorted(type(p).__name__ for p in added.producers)
+    assert kinds == sorted(type(p).__name__ for p in declared.producers)
+    assert len(kinds) >= 3, kinds
 
 
 def test_the_scheduler_routes_by_prediction_once_trained() -> None:

@@ -2,7 +2,7 @@
 tokens itself.
 
 Once the decode endpoint is picked, the decider estimates the tokens that endpoint would have to
-prefill: input tokens (4 characters a token) minus the prefix blocks it probably holds x block
+prefill: input tokens (4 bytes of UTF-8 a token) minus the prefix blocks it probably holds x block
 size, from the prefix producer's `PrefixMatch`. When that is at least `nonCachedTokens`, the
 prompt is prefilled on a separate prefill endpoint (the handler's `prefill` profile).
 `nonCachedTokens` 0 (the default) disables it: never disaggregate. Prompts shorter than
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 class PrefixBasedPDDecider(PdDecider):
     """Disaggregate when the decode pick would have to prefill at least `nonCachedTokens` tokens:
-    input tokens (characters / 4) minus the prefix blocks it holds x block size. `nonCachedTokens`
+    input tokens (UTF-8 bytes / 4) minus the prefix blocks it holds x block size. `nonCachedTokens`
     0 disables it (never disaggregate); prompts under `promptTokens` (0: no gate) never are."""
 
     type_name = "prefix-based-pd-decider"

@@ -7,7 +7,7 @@ One request runs up to two profiles:
 1. `decode`, always; it is the primary (the pod Envoy routes to, which generates the tokens).
 2. The decider (a P/D decider plugin, see `epp_scorers.deciders`) looks at the decode pick.
    `prefix-based-pd-decider`: disaggregate when the tokens the decode pod would have to prefill
-   (input tokens at 4 characters each, minus the prefix blocks it probably holds) are at least
+   (input tokens at 4 bytes of UTF-8 each, minus the prefix blocks it probably holds) are at least
    `nonCachedTokens`. `always-disagg-pd-decider`: always.
 3. If it says yes, `prefill` picks a prefill pod. Its `ip:port` reaches the decode pod in request
    header `x-prefiller-host-port`; the routing sidecar there has that pod prefill the prompt
