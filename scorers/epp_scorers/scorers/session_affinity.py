@@ -18,7 +18,8 @@ Two strategies (`strategy`), as in the Go EPP:
 A token or binding is looked up by name among the candidates, in a map made once per candidate
 tuple (the datastore's tuple is new whenever an endpoint's name changes; the last NAME_MAPS_KEPT
 are kept): at 1,000 endpoints 2-4 us a request, where a pass building each `namespace/name` took
-160. A list of candidates (epp hands one while some endpoints' metrics are stale) is scanned.
+160. A plain list of candidates (in-tree code hands a tuple, the same one while the same
+endpoints are stale) is scanned.
 
 Consumes: request headers. Produces: nothing. Hooks: pre-request (binds a session id, strategy
 `session_id`), response headers (adds the session token, strategy `encoded_endpoint_header`).
