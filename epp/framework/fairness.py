@@ -4,16 +4,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
+
+import xxhash
 
 # The newer header first, as the Go EPP reads them.
 FAIRNESS_HEADERS = ("x-llm-d-inference-fairness-id", "x-gateway-inference-fairness-id")
 DEFAULT_FAIRNESS_ID = "default-flow"
+# A longer id is kept by its hash: everything keyed by it (flow-control queues, program-aware
+# fairness's programs, metric labels) then holds at most this much of a client's header.
+MAX_FAIRNESS_ID_CHARS: Final = 256
 
 
 def fairness_id(headers: Mapping[str, str]) -> str:
-    """The request's fairness id (headers lower-cased, as epp keeps them); the default without one."""
+    """The request's fairness id (headers lower-cased, as epp keeps them); the default without one;
+    `xxh3:<hash>` for one longer than MAX_FAIRNESS_ID_CHARS."""
     for name in FAIRNESS_HEADERS:
         value = headers.get(name)
         if value:
+            if len(value) > MAX_FAIRNESS_ID_CHARS:
+                return "xxh3:" + xxhash.xxh3_128_hexdigest(value.encode("utf-8", "surrogatepass"))
             return value
     return DEFAULT_FAIRNESS_ID

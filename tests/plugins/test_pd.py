@@ -144,6 +144,15 @@ def test_always_disagg_decider_disaggregates_even_a_cached_prompt() -> None:
         assert picks(route(scheduler, eps, make_request(prompt))) == {"decode": "d0", "prefill": "p0"}
 
 
+def test_a_huge_model_name_is_counted_as_other_not_kept_whole() -> None:
+    """The body's `model` is the client's: a 100 kB one must not become a label value."""
+    scheduler = load_config(pd_config(decider="always-disagg-pd-decider"), installed_registry()).scheduler
+    route(scheduler, endpoints(), make_request(text(16, seed=3), model="m" * 100_000))
+    route(scheduler, endpoints(), make_request(text(16, seed=4), model="m" * 1024))  # at the bound
+    assert handle_decisions(scheduler, "prefill-decode", model="other") == 1
+    assert handle_decisions(scheduler, "prefill-decode", model="m" * 1024) == 1
+
+
 def test_cached_prefix_on_the_decode_pod_skips_prefill() -> None:
     scheduler = load_config(pd_config(non_cached=256), installed_registry()).scheduler
     eps = endpoints(decode=3, prefill=2)

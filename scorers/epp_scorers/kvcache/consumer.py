@@ -18,6 +18,7 @@ under their tier; the scorers count every tier alike.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -36,7 +37,8 @@ from epp_scorers.kvcache.wire import (
 
 log = logging.getLogger(__name__)
 
-MAX_LORA_NAMES: Final = 4096
+MAX_LORA_NAMES: Final = 4096  # adapters recently stored (the least recently seen forgotten)
+MAX_LORA_NAME_CHARS: Final = 1024  # a longer name is not an adapter a request can name
 MAX_SOURCES: Final = 10_000  # sources whose last sequence is kept (the least recently heard forgotten)
 # Warnings about a source's messages (malformed, lost, restarted): at most this many per interval.
 WARN_BURST: Final = 10
@@ -67,7 +69,9 @@ class EventConsumer:
         self.stats = ConsumerStats()
         # LoRA adapter names seen in BlockStored events: a request for one of these models hashes
         # its blocks with the adapter's name as an extra key, as the engine did.
-        self.lora_names: set[str] = set()
+        # Adapter names seen in BlockStored events, most recently seen last: a request naming one
+        # gets the LoRA extra key in its block hashes.
+        self.lora_names: OrderedDict[str, None] = OrderedDict()
         self.warnings = LogLimiter(log, WARN_BURST, WARN_INTERVAL_S)  # a bad peer can send many
 
     async def handle(self, source: str, pod: str, message: Message, replay: Replay | None = None) -> None:
@@ -128,6 +132,15 @@ class EventConsumer:
         self.stats.malformed += 1
         self.warnings.log(logging.WARNING, msg, *args)
 
+    def _saw_lora(self, name: str) -> None:
+        names = self.lora_names
+        if name in names:
+            names.move_to_end(name)
+            return
+        names[name] = None
+        if len(names) > MAX_LORA_NAMES:
+            names.popitem(last=False)
+
     def forget(self, source: str) -> None:
         self.stats.sources.pop(source, None)
 
@@ -138,8 +151,9 @@ class EventConsumer:
             self.stats.events += 1
             if isinstance(event, BlockStored):
                 index.add(pod, event.keys, event.tier)
-                if event.lora_name and len(self.lora_names) < MAX_LORA_NAMES:
-                    self.lora_names.add(event.lora_name)
+                name = event.lora_name
+                if name and len(name) <= MAX_LORA_NAME_CHARS:
+                    self._saw_lora(name)
             elif isinstance(event, BlockRemoved):
                 index.remove(pod, event.keys, event.tier)
             elif isinstance(event, AllBlocksCleared):

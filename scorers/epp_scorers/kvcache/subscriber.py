@@ -38,6 +38,7 @@ RCV_HWM: Final = 10_000  # messages waiting in one SUB socket before ZMQ drops (
 MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 REPLAY_TIMEOUT_S: Final = 2.0
 REPLAY_MAX_BATCHES: Final = 10_000  # vLLM's default buffer_steps: more is not coming
+REPLAY_MAX_BYTES: Final = 64 * 1024 * 1024  # what one replay may hold before it is applied
 
 _context: zmq.asyncio.Context | None = None
 
@@ -71,17 +72,20 @@ def replay_from(endpoint: str) -> Replay:
 
         sock = zmq_context().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a larger answer: the peer is dropped
         try:
             sock.connect(endpoint)
             await sock.send_multipart([b"", start.to_bytes(8, "big")])
             got: list[tuple[int, bytes]] = []
+            held = 0
             try:
                 async with asyncio.timeout(REPLAY_TIMEOUT_S):
-                    while len(got) < REPLAY_MAX_BATCHES:
+                    while len(got) < REPLAY_MAX_BATCHES and held < REPLAY_MAX_BYTES:
                         frames = await sock.recv_multipart()
                         if len(frames) != 3 or frames[1] == END_SEQ:
                             break
                         got.append((int.from_bytes(frames[1], "big"), frames[2]))
+                        held += len(frames[2])
             except TimeoutError:
                 if not got:
                     raise

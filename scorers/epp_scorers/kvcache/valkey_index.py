@@ -40,7 +40,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from epp_scorers.kvcache.index import DEFAULT_CAPACITY, DEFAULT_PODS_PER_KEY, MemoryBlockIndex
+from epp_scorers.kvcache.index import DEFAULT_CAPACITY, DEFAULT_PODS_PER_KEY, MAX_PODS, MemoryBlockIndex
 
 # valkey is imported when the index connects (see epp_scorers.kvcache.tokenize on why).
 if TYPE_CHECKING:
@@ -118,6 +118,7 @@ class ValkeyBlockIndex:
         self.written = 0  # operations written to Valkey
         self.feed_gaps = 0  # restarts that found the feed trimmed past the last entry applied
         self._feed_position: str | None = None  # the last feed entry applied (a restart goes on from it)
+        self._write_generations: dict[str, int] = {}
         self.ready = asyncio.Event()  # set once the warm start is done
         self._client: valkey_asyncio.Valkey | None = None
 
@@ -245,7 +246,8 @@ class ValkeyBlockIndex:
                     self.loaded += 1
 
     async def _write_forever(self, client: valkey_asyncio.Valkey) -> None:
-        generations: dict[str, int] = {}
+        # A cache of Valkey's per-pod counters, new each run: bounded, a dropped pod's read again.
+        generations = self._write_generations = {}
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -293,6 +295,8 @@ class ValkeyBlockIndex:
                 pipe.xadd(f"{self.prefix}:feed", fields, maxlen=self.feed_length, approximate=True)
             await pipe.execute()
         self.written += len(ops)
+        while len(generations) > MAX_PODS:  # departed pods (and made-up names) leave the cache
+            del generations[next(iter(generations))]
 
     async def _follow_feed(self, client: valkey_asyncio.Valkey, start: str) -> None:
         last = start

@@ -23,6 +23,7 @@ MAX_TOPIC_BYTES: Final = 1024  # a topic names a pod and a model: longer is not 
 
 END_SEQ: Final = (-1).to_bytes(8, "big", signed=True)  # the replay socket's end marker
 DEFAULT_TIER: Final = "gpu"  # an event without `medium` is about the GPU cache (llm-d's default)
+MAX_TIER_CHARS: Final = 64
 
 _decoder = msgspec.msgpack.Decoder()
 
@@ -193,4 +194,6 @@ def _tier(medium: Any) -> str:
         return DEFAULT_TIER
     if not isinstance(medium, str):
         raise WireError("medium is not a string")
+    if len(medium) > MAX_TIER_CHARS:  # kept with every holder of a block: a tier name, not a text
+        raise WireError(f"medium is {len(medium)} characters long (at most {MAX_TIER_CHARS})")
     return medium.lower() or DEFAULT_TIER

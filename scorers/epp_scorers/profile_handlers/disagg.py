@@ -101,6 +101,7 @@ PD_DECISIONS_METRIC = "llm_d_inference_scheduler_pd_decision"
 # Distinct model-name label values a handler counts under their own name; later ones are "other"
 # (llm-d-router caps request-derived model labels at 1000 the same way).
 MAX_MODEL_LABELS = 1000
+MAX_MODEL_LABEL_CHARS = 1024  # a longer name (the body's `model` is the client's) counts as "other"
 OTHER_MODEL = "other"
 
 _HEADERS_NOTE = "disagg-profile-handler, which sets x-prefiller-host-port itself (this entry has no effect)"
@@ -225,6 +226,8 @@ class DisaggHandlerBase(ProfileHandler):
         if self._by_model is None and self._by_handler is None:
             return
         model = request.target_model or "unknown"
+        if len(model) > MAX_MODEL_LABEL_CHARS:
+            model = OTHER_MODEL
         children = self._decision_children.get((model, decision))
         if children is None:
             models = self._decision_models

@@ -209,6 +209,20 @@ def test_idle_programs_are_evicted_and_state_is_bounded(monkeypatch: pytest.Monk
     assert len(policy.programs) == 50 and "p119" in policy.programs and "p0" not in policy.programs
 
 
+def test_a_huge_fairness_id_is_kept_by_its_hash_and_still_tells_programs_apart() -> None:
+    """A client's header of tens of kB does not become a program key or a metric label whole."""
+    policy = ProgramAwareFairness()
+    long_a, long_b = "a" * 60_000, "a" * 59_999 + "b"
+    serve(policy, long_a, 10, 10)
+    serve(policy, long_b, 10, 10)
+    serve(policy, long_a, 10, 10)
+    assert len(policy.programs) == 2
+    assert all(len(pid) <= 256 for pid in policy.programs)
+    assert sorted(state.completions for state in policy.programs.values()) == [1, 2]
+    serve(policy, "x" * 256, 1, 1)  # at the bound: kept as it is
+    assert "x" * 256 in policy.programs
+
+
 async def test_eviction_sweep_runs_as_a_background_service() -> None:
     policy = ProgramAwareFairness(eviction_ttl_s=0.05, eviction_sweep_s=0.02)
     serve(policy, "p", 1, 1)

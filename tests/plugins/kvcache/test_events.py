@@ -16,7 +16,7 @@ from epp_scorers.kvcache.consumer import WARN_BURST, EventConsumer
 from epp_scorers.kvcache.index import MemoryBlockIndex
 from epp_scorers.kvcache.keys import block_hashes, key_of
 from epp_scorers.kvcache.subscriber import MAX_MESSAGE_BYTES, bound_subscriber, connected_subscriber
-from epp_scorers.kvcache.wire import MAX_TOPIC_BYTES, Message
+from epp_scorers.kvcache.wire import MAX_TOPIC_BYTES, Message, decode_batch
 from tests.plugins.kvcache import vllm_events as v
 
 TOKENS = list(range(64))
@@ -196,7 +196,7 @@ async def test_what_is_kept_per_source_and_per_pod_is_bounded(monkeypatch: pytes
     assert index.match(KEYS[:1], held) == {"p2": 1, "p3": 1, "p4": 1}  # 0 and 1 forgotten
 
 
-async def _stalling_replay(batches: int) -> tuple[str, asyncio.Task[None]]:
+async def _stalling_replay(batches: int, payload: bytes | None = None) -> tuple[str, asyncio.Task[None]]:
     """A replay socket that answers `batches` batches from the asked start, then goes silent."""
     import zmq
 
@@ -213,7 +213,8 @@ async def _stalling_replay(batches: int) -> tuple[str, asyncio.Task[None]]:
                 identity, _, start = await sock.recv_multipart()
                 first = int.from_bytes(start, "big")
                 for seq in range(first, first + batches):
-                    await sock.send_multipart([identity, b"", seq.to_bytes(8, "big"), v.encode([])])
+                    body = v.encode([]) if payload is None else payload
+                    await sock.send_multipart([identity, b"", seq.to_bytes(8, "big"), body])
         finally:
             sock.close(linger=0)
 
@@ -242,3 +243,35 @@ async def test_a_replay_that_stalls_keeps_what_came_in_time(batches: int, monkey
         server.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await server
+
+
+async def test_a_replay_holds_a_bounded_number_of_bytes(monkeypatch: Any) -> None:
+    """A replay socket (in bound mode, any host a topic names) cannot make epp hold more than
+    REPLAY_MAX_BYTES before it applies the batches."""
+    from epp_scorers.kvcache import subscriber
+
+    monkeypatch.setattr(subscriber, "REPLAY_MAX_BYTES", 3_000)
+    endpoint, server = await _stalling_replay(100, payload=b"x" * 1_000)
+    try:
+        got = await subscriber.replay_from(endpoint)(0)
+        assert [seq for seq, _ in got] == [0, 1, 2]
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+
+
+def test_adapter_names_are_bounded_and_the_recent_ones_kept(monkeypatch: Any) -> None:
+    """Names from BlockStored events: too long ones are not kept, and once the table is full the
+    least recently seen go, so an adapter loaded later still gets its LoRA keys."""
+    monkeypatch.setattr(consumer_module, "MAX_LORA_NAMES", 3)
+    consumer = EventConsumer(MemoryBlockIndex())
+
+    def store(lora: str) -> None:
+        event = v.BlockStored(HASHES[:1], None, TOKENS[:16], 16, 1, "GPU", lora)
+        consumer.apply("10.0.0.1", decode_batch(v.encode([event])))
+
+    store("x" * 2_000)
+    for name in ("a", "b", "c", "a", "d"):
+        store(name)
+    assert list(consumer.lora_names) == ["c", "a", "d"]

@@ -209,3 +209,24 @@ async def test_a_replica_down_longer_than_the_feed_holds_loads_the_state_again(a
             with contextlib.suppress(BaseException):
                 await task
             await two.close()
+
+
+async def test_the_writers_generation_cache_is_bounded(address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pod that ever left the pool is cleared under its key and its address: the writer's
+    cache of their generations stays bounded, and a pod dropped from it is read again, right."""
+    from epp_scorers.kvcache import valkey_index
+
+    monkeypatch.setattr(valkey_index, "MAX_PODS", 4)
+    async with replica(address) as one:
+        for i in range(20):  # pods come and go
+            one.add(f"10.0.1.{i}", [i], "gpu")
+            one.clear_pod(f"10.0.1.{i}")
+        one.clear_pod("10.0.0.1")  # generation 1 in Valkey; soon dropped from the cache
+        for i in range(20, 30):
+            one.clear_pod(f"10.0.1.{i}")
+        one.add("10.0.0.1", [7], "gpu")  # written with its generation read again
+        await _until(lambda: one.written == 52)
+        assert len(one._write_generations) <= 4
+        async with replica(address) as late:
+            assert late.match([7], POD) == {"a": 1}
+            assert late.match([0], {"z": ["10.0.1.0"]}) == {}

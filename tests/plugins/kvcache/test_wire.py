@@ -72,6 +72,10 @@ def test_integer_hashes_older_and_newer_field_lists() -> None:
         (msgspec.msgpack.encode([1.0, [["BlockStored", [1], None, [1], 0]]]), "block_size"),
         (msgspec.msgpack.encode({"ts": 1.0, "events": [{"type": "BlockRemoved"}]}), "lacks block_hashes"),
         (msgspec.msgpack.encode([1.0, [7]]), "neither a tagged array"),
+        (
+            msgspec.msgpack.encode([1.0, [["BlockRemoved", [1], "x" * 100_000]]]),
+            "medium is 100000 characters",
+        ),
     ],
 )
 def test_malformed_payloads_are_refused(payload: bytes, error: str) -> None:
