@@ -126,7 +126,8 @@ def _served_endpoint(msg: pb.ProcessingRequest) -> str | None:
 def _content_length(headers: Mapping[str, str]) -> int | None:
     """The declared body size, when the request declares a usable one."""
     value = headers.get("content-length", "").strip()
-    return int(value) if value.isdigit() and len(value) <= 18 else None
+    # isascii: "²".isdigit() is true, and int() refuses it.
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
 
 
 # A JSON \u escape: text that may parse into strings of up to 4 bytes a character. Searched only in

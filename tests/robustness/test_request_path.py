@@ -211,6 +211,36 @@ async def test_the_default_config_never_passes_a_clients_prefill_header_on() -> 
         assert removed_headers(replies[0]) == []
 
 
+SESSION_AFFINITY = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins: [{type: session-affinity-scorer}, {type: queue-scorer}]
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: session-affinity-scorer, weight: 10}, {pluginRef: queue-scorer}]
+"""
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"content-length": "\u00b2"},  # a digit to str.isdigit, not to int()
+        {"x-session-token": "caf\u00e9"},  # not base64: no session, not an error
+        {"x-session-token": "\ufffd\ufffd"},  # what a header's non-UTF-8 bytes decode to
+    ],
+)
+async def test_odd_header_values_are_routed_not_internal_errors(odd: dict[str, str]) -> None:
+    async with running_epp("--endpoints", ENDPOINTS, "--config-text", SESSION_AFFINITY) as epp:
+        body = completion()
+        headers = request_headers(**odd)
+        if "content-length" not in odd:
+            headers["content-length"] = str(len(body))
+        replies = await one_request(epp.stub, headers, body)
+        assert not replies[0].HasField("immediate_response"), replies[0]
+        assert set_headers(replies[0])[DEST] in ENDPOINTS.split(",")
+        await all_freed(epp)
+
+
 # --- deep JSON and the log of refusals --------------------------------------------------------------
 
 

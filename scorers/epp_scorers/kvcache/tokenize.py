@@ -113,12 +113,13 @@ class PromptTokenizer:
                 prompt = prompt[0]  # a batch of one
             if isinstance(prompt, str):
                 return self.encode(_head(prompt, max_bytes), special_tokens=True)
-            if isinstance(prompt, list) and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt
-            ):
+            if isinstance(prompt, list):
                 # Already token ids; with `max_bytes`, as many as that many bytes of text make at
-                # most (a token is a byte at least), so the blocks hashed stay bounded.
-                return list(prompt[: max_bytes or None])
+                # most (a token is a byte at least), so the blocks hashed, and the ids checked,
+                # stay bounded.
+                head = prompt[: max_bytes or None]
+                if all(isinstance(t, int) and not isinstance(t, bool) for t in head):
+                    return head
         return None
 
 
@@ -126,30 +127,37 @@ def _leading_messages(body: Mapping[str, Any], max_bytes: int) -> Mapping[str, A
     """`body` with only as many leading messages as render `max_bytes` bytes at least: the chat
     template renders messages in order, so the rendered text's first `max_bytes` bytes are the
     same, and a body of a million messages is not rendered whole on the request path. Counted
-    by their text (a character is at least a byte), and at most max_bytes / 4 messages (a
-    template writes a role marker of more than 4 bytes for each)."""
+    by their text (a character is at least a byte), and at most max_bytes / 4 messages and
+    content parts together (a template writes a role marker of more than 4 bytes for each
+    message; a message of millions of empty parts is cut, not walked)."""
     messages = body.get("messages")
     if max_bytes <= 0 or not isinstance(messages, list):
         return body
-    chars, limit = 0, max_bytes // 4 + 1
-    for count, message in enumerate(messages, 1):
-        if count >= limit:
+    chars, budget = 0, max_bytes // 4 + 1
+    kept: list[Any] = []
+    for message in messages:
+        if budget <= 0 or chars >= max_bytes:
             break
+        budget -= 1
         if isinstance(message, Mapping):
             content = message.get("content")
             if isinstance(content, str):
                 chars += len(content)
             elif isinstance(content, list):
-                chars += sum(
-                    len(p.get("text", ""))
-                    for p in content
-                    if isinstance(p, Mapping) and isinstance(p.get("text"), str)
-                )
-        if chars >= max_bytes:
-            break
-    else:
+                parts = 0
+                for part in content:
+                    if budget <= 0 or chars >= max_bytes:
+                        break
+                    budget -= 1
+                    parts += 1
+                    if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                        chars += len(part["text"])
+                if parts < len(content):
+                    message = {**message, "content": content[:parts]}
+        kept.append(message)
+    if len(kept) == len(messages) and all(a is b for a, b in zip(kept, messages, strict=True)):
         return body
-    return {**body, "messages": messages[:count]}
+    return {**body, "messages": kept}
 
 
 def _head(text: str, max_bytes: int) -> str:

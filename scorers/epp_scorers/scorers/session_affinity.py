@@ -40,7 +40,6 @@ Parameters: `strategy`, `profileName`, `encodedEndpointHeaderConfig.header`,
 from __future__ import annotations
 
 import base64
-import binascii
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Self
@@ -85,7 +84,7 @@ def decode_token(token: str) -> str:
         return ""
     try:
         return base64.b64decode(token, validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 once decoded
         return ""
 
 

@@ -82,6 +82,34 @@ def test_a_byte_limit_renders_only_the_leading_messages(
     assert rendered == [20_000]
 
 
+def test_a_message_of_a_million_parts_is_cut_not_walked(
+    tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The byte limit bounds the content parts visited and rendered too, not only the messages:
+    the ids are the leading ids of the whole render."""
+    tok = load_tokenizer(str(tokenizer_dir))
+    rendered: list[int] = []
+    render = tok.render_chat
+    monkeypatch.setattr(
+        tok, "render_chat", lambda body: rendered.append(len(body["messages"][0]["content"])) or render(body)
+    )
+    parts = [{"type": "text", "text": words(i % 50, 1)} for i in range(1_000_000)]
+    head = tok.tokens(make_request(messages=[{"role": "user", "content": parts}]), max_bytes=200)
+    assert rendered == [200 // 4 + 1 - 1]  # the budget: the message itself, then its parts
+    whole = tok.tokens(make_request(messages=[{"role": "user", "content": parts[:100]}]))
+    assert head is not None and whole is not None and head == whole[: len(head)]
+    empty = [{"type": "text", "text": ""}] * 1_000_000  # nothing to count: the part budget ends it
+    tok.tokens(make_request(messages=[{"role": "user", "content": empty}]), max_bytes=200)
+    assert rendered[-1] <= 200 // 4 + 1
+
+
+def test_a_long_token_id_prompt_is_checked_only_as_far_as_it_is_used(tokenizer_dir: Path) -> None:
+    tok = load_tokenizer(str(tokenizer_dir))
+    ids: list[object] = [*range(100), "not an id"]
+    assert tok.tokens(make_request(body={"prompt": ids}), max_bytes=100) == list(range(100))
+    assert tok.tokens(make_request(body={"prompt": ids}), max_bytes=0) is None  # all of it is used
+
+
 def test_a_body_the_chat_template_cannot_take_gives_no_tokens(tokenizer_dir: Path) -> None:
     """Valid JSON that a real template would choke on (it adds `role` to a string): no tokens and a
     TokenizerError, as for any malformed body, never an error that fails the request."""
