@@ -51,13 +51,20 @@ class _Waiter:
     item: FlowItem
     key: tuple[float, ...]
     future: asyncio.Future[Outcome]
+    queued: bool = False  # in its flow's queue; false once popped or gone (the entry goes lazily)
 
 
 @dataclass(slots=True)
 class _Flow:
-    """One flow's queue (a FlowQueue for fairness policies; never empty while in its band)."""
+    """One flow's queue (a FlowQueue for fairness policies; never empty while in its band).
+
+    A request that leaves before its turn (cancelled, expired) is marked and its heap entry left
+    where it is: taking it out at once meant a scan and a re-heapify of the flow, quadratic when
+    a whole queue of thousands is cancelled together. The top entry is always a live one, and
+    the heap is rebuilt from its live entries once they are fewer than the dead ones."""
 
     heap: list[tuple[tuple[float, ...], int, _Waiter]] = field(default_factory=list)
+    live: int = 0
 
     @property
     def head(self) -> FlowItem:
@@ -68,7 +75,40 @@ class _Flow:
         return self.heap[0][0]
 
     def __len__(self) -> int:
-        return len(self.heap)
+        return self.live
+
+    def push(self, waiter: _Waiter) -> None:
+        heapq.heappush(self.heap, (waiter.key, waiter.item.seq, waiter))
+        waiter.queued = True
+        self.live += 1
+
+    def pop(self) -> _Waiter:
+        _, _, waiter = heapq.heappop(self.heap)
+        waiter.queued = False
+        self.live -= 1
+        self._surface()
+        return waiter
+
+    def discard(self, waiter: _Waiter) -> None:
+        waiter.queued = False
+        self.live -= 1
+        dead = len(self.heap) - self.live
+        if dead > max(self.live, _COMPACT_AT):
+            self.heap = [entry for entry in self.heap if entry[2].queued]
+            heapq.heapify(self.heap)
+        else:
+            self._surface()
+
+    def waiters(self) -> list[_Waiter]:
+        return [entry[2] for entry in self.heap if entry[2].queued]
+
+    def _surface(self) -> None:
+        heap = self.heap
+        while heap and not heap[0][2].queued:
+            heapq.heappop(heap)
+
+
+_COMPACT_AT = 64  # dead entries a flow's heap may hold before it is rebuilt
 
 
 @dataclass(slots=True)
@@ -229,25 +269,17 @@ class FlowController:
         flow = band.flows.get(item.fairness_id)
         if flow is None:
             flow = band.flows[item.fairness_id] = _Flow()
-        heapq.heappush(flow.heap, (waiter.key, item.seq, waiter))
+        flow.push(waiter)
         self._account(band, item, 1)
 
     def _remove(self, band: _Band, waiter: _Waiter) -> None:
-        """Take a request that leaves before its turn out of its queue (O(flow length))."""
+        """Take a request that leaves before its turn out of its queue (amortised O(log n))."""
         item = waiter.item
         flow = band.flows.get(item.fairness_id)
-        if flow is None:
-            return
-        for i, entry in enumerate(flow.heap):
-            if entry[2] is waiter:
-                last = flow.heap.pop()
-                if i < len(flow.heap):
-                    flow.heap[i] = last
-                    heapq.heapify(flow.heap)
-                break
-        else:
-            return
-        if not flow.heap:
+        if flow is None or not waiter.queued:
+            return  # dispatched (or answered at stop) already
+        flow.discard(waiter)
+        if not flow.live:
             del band.flows[item.fairness_id]
         self._account(band, item, -1)
 
@@ -298,8 +330,8 @@ class FlowController:
         fid = band.config.fairness.pick_queue(band.flows, band.last)
         band.last = fid
         flow = band.flows[fid]
-        _, _, waiter = heapq.heappop(flow.heap)
-        if not flow.heap:
+        waiter = flow.pop()
+        if not flow.live:
             del band.flows[fid]
         self._account(band, waiter.item, -1)
         if waiter.future.done():  # its wait was cancelled this turn: it is leaving, try the next
@@ -317,9 +349,11 @@ class FlowController:
             self._timer = None
         for band in self._order:
             for flow in list(band.flows.values()):
-                for _, _, waiter in flow.heap:
+                for waiter in flow.waiters():
+                    waiter.queued = False
                     self._account(band, waiter.item, -1)
                     if not waiter.future.done():
                         waiter.future.set_result(Outcome.EVICTED_OTHER)
                 flow.heap.clear()
+                flow.live = 0
             band.flows.clear()

@@ -141,6 +141,31 @@ async def test_cancelled_while_queued_leaves_the_queue() -> None:
     assert order == ["running", "stays"]
 
 
+async def test_thousands_cancelled_together_leave_a_bounded_queue_in_order() -> None:
+    """A whole flow reset at once (clients gone, a TTL for all): each leaves its queue, the order
+    of those that stay holds, and the flow keeps no more dead entries than live ones (plus a few)."""
+    pool = Pool(1)
+    fc = FlowController(config(max_requests=5000), pool.detector, pool.candidates)
+    order: list[str] = []
+    await submit(fc, order, "running", pool=pool)
+    tasks = [asyncio.create_task(submit(fc, order, f"r{i}", pool=pool)) for i in range(3000)]
+    await asyncio.sleep(0.05)
+    assert fc.queued == 3000
+    stay = {1, 1500, 2998}
+    for i, task in enumerate(tasks):
+        if i not in stay:
+            task.cancel()
+    await asyncio.gather(*tasks[:1], return_exceptions=True)
+    await asyncio.sleep(0.05)
+    assert fc.queued == 3
+    (flow,) = [f for band in fc._order for f in band.flows.values()]
+    assert len(flow) == 3 and len(flow.heap) <= 3 + 64
+    for _ in range(3):
+        await free_one(fc, pool)
+    assert order == ["running", "r1", "r1500", "r2998"]
+    assert fc.queued == 0 and all(not band.flows for band in fc._order)
+
+
 @pytest.mark.parametrize(
     ("fairness", "expected"), [(RR, ["a1", "b1", "a2", "b2", "a3"]), (STRICT, ["a1", "a2", "a3", "b1", "b2"])]
 )
