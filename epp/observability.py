@@ -630,7 +630,9 @@ class EppMetrics:
             lambda key: self.request_errors.labels(*key),
             lambda key: (OVERFLOW_VALUE, OVERFLOW_VALUE, OVERFLOW_VALUE, key[3], key[4]),
         )
-        self._attempts: dict[tuple[str, str, str], Counter] = {}
+        # (status, model, endpoint key, pod name) -> the child and the pod labels it was made with:
+        # a pod replaced at the same address and port is a new pod name, so a new series.
+        self._attempts: dict[tuple[str, str, str, str], tuple[Counter, tuple[str, str, str]]] = {}
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -657,13 +659,14 @@ class EppMetrics:
     def count_schedule_attempt(self, target_model: str, endpoint: Endpoint | None) -> None:
         """One scheduling attempt: a success with the primary endpoint it chose, or a failure (None)."""
         target = self.models.bound(target_model)
-        key = ("success" if endpoint is not None else "failure", target, endpoint.key if endpoint else "")
-        child = self._attempts.get(key)
-        if child is None:
+        status = "success" if endpoint is not None else "failure"
+        key = (status, target, endpoint.key, endpoint.pod_name) if endpoint else (status, target, "", "")
+        entry = self._attempts.get(key)
+        if entry is None:
             # The pod's name, as the Go EPP labels it (two ports of a pod differ by endpoint_port).
             where = (endpoint.pod_name, endpoint.namespace, str(endpoint.port)) if endpoint else ("", "", "")
-            child = self._attempts[key] = self.scheduler_attempts.labels(key[0], target, *where)
-        child.inc()
+            entry = self._attempts[key] = (self.scheduler_attempts.labels(status, target, *where), where)
+        entry[0].inc()
 
     def count_rewrite(self, rewrite: str, model: str, target: str) -> None:
         """An InferenceModelRewrite rule chose `target` for a request naming `model` (capped, as
@@ -700,9 +703,8 @@ class EppMetrics:
         """A departed endpoint: drop its series (pods come and go; a restart is a new IP)."""
         with contextlib.suppress(KeyError):
             self.scrape_errors.remove(endpoint.key)
-        where = (endpoint.pod_name, endpoint.namespace, str(endpoint.port))
         for key in [k for k in self._attempts if k[2] == endpoint.key]:
-            del self._attempts[key]
+            _, where = self._attempts.pop(key)  # every pod that served at this address and port
             with contextlib.suppress(KeyError):
                 self.scheduler_attempts.remove(key[0], key[1], *where)
 

@@ -303,6 +303,28 @@ async def test_request_labels_are_capped_at_1000_values(epp: RunningEpp) -> None
     assert len(models) <= MAX_MODEL_LABEL_VALUES + 1 and "one-too-many" not in models
 
 
+def test_a_pod_replaced_at_the_same_address_gets_its_own_attempts_and_both_go_with_it() -> None:
+    """The datastore renames an endpoint in place when a new pod takes its address and port:
+    attempts after that count under the new pod's name, and the endpoint leaving drops both."""
+    metrics = EppMetrics()
+    ep = make_endpoint("10.0.0.7")
+    ep.pod_name = "pod-a"
+    metrics.count_schedule_attempt("m", ep)
+    ep.name = ep.pod_name = "pod-b"  # what Datastore.replace_all does
+    metrics.count_schedule_attempt("m", ep)
+    metrics.count_schedule_attempt("m", ep)
+
+    def attempts(pod: str) -> float | None:
+        labels = {"status": "success", "target_model_name": "m", "endpoint_name": pod}
+        return metrics.registry.get_sample_value(
+            "llm_d_epp_scheduler_attempts_total", {**labels, "namespace": "", "port": "8000"}
+        )
+
+    assert (attempts("pod-a"), attempts("pod-b")) == (1, 2)
+    metrics.forget_endpoint(ep)
+    assert (attempts("pod-a"), attempts("pod-b")) == (None, None)
+
+
 def test_the_cap_keeps_running_gauges_balanced() -> None:
     metrics = EppMetrics()
     metrics.for_request("early", "early")

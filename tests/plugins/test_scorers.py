@@ -535,6 +535,26 @@ def test_prefix_producer_learns_where_prompts_went_and_forgets_removed_endpoints
     assert dict(match_of(producer, produce(producer, system, [a, b])).matched) == {}
 
 
+def test_a_late_hook_does_not_index_blocks_for_an_endpoint_that_left() -> None:
+    """A fallback reported (or a pre-request run) after its endpoint left the pool: nothing would
+    ever remove blocks indexed for it then, so none are; the same pod back (a new endpoint) is."""
+    producer = ApproxPrefixCacheProducer()
+    a, b = make_endpoint("a"), make_endpoint("b")
+    prompt = "You are a helpful assistant. " * 40
+    cycle = produce(producer, prompt, [a, b])
+    request = make_request()
+    producer.pre_request(cycle, request, result_for(a))
+    producer.endpoint_removed(b)
+    producer.served_elsewhere(request, a, b)  # Envoy: the fallback b served, after b left
+    late = produce(producer, prompt, [a, b])
+    producer.pre_request(late, make_request(), result_for(b))  # queued before b left
+    assert b.key not in producer.index._ids
+    assert dict(match_of(producer, produce(producer, prompt, [a, b])).matched) == {}
+    back = make_endpoint("b")
+    producer.pre_request(produce(producer, prompt, [a, back]), make_request(), result_for(back))
+    assert dict(match_of(producer, produce(producer, prompt, [a, back])).matched) == {back.key: 4}
+
+
 def test_prefix_producer_records_the_prefill_endpoint_too_and_respects_salt_and_model() -> None:
     producer = ApproxPrefixCacheProducer()
     decode, prefill = make_endpoint("d"), make_endpoint("p")

@@ -127,6 +127,10 @@ _EVICTIONS_HELP = (
 
 # Requests whose placement is remembered for a fallback report, at most (in flight, in practice).
 MAX_OPEN_PLACEMENTS = 65_536
+# Endpoints that left the pool, remembered (by identity) so that a late hook (a fallback reported
+# after its endpoint left, a pre-request queued before) does not index blocks for one: nothing
+# would remove them. A pod coming back is a new Endpoint.
+MAX_DEPARTED = 1024
 
 
 class PrefixIndexMetrics:
@@ -323,6 +327,7 @@ class ApproxPrefixCacheProducer(
         # Holding the request keeps its id from being reused while the entry lives; the bound
         # only matters if a caller never completes its requests (epp always does).
         self._placed: dict[int, tuple[InferenceRequest, _Placement]] = {}
+        self._departed: dict[int, Endpoint] = {}
 
     @classmethod
     def from_params(cls, name: str, params: Params, handle: PluginHandle) -> Self:
@@ -410,6 +415,8 @@ class ApproxPrefixCacheProducer(
 
     def _place(self, placement: _Placement, endpoint: Endpoint) -> None:
         """Record the request's blocks for `endpoint`, remembering which were new there."""
+        if self._departed.get(id(endpoint)) is endpoint:
+            return
         server_blocks = endpoint.metrics.num_gpu_blocks
         if self.auto_tune and server_blocks:
             # The server's KV holds num_gpu_blocks x its block size tokens; in index blocks (never
@@ -473,3 +480,6 @@ class ApproxPrefixCacheProducer(
     def endpoint_removed(self, endpoint: Endpoint) -> None:
         self.index.remove_endpoint(endpoint.key)
         self._clamped.discard(endpoint.key)
+        self._departed[id(endpoint)] = endpoint
+        if len(self._departed) > MAX_DEPARTED:
+            del self._departed[next(iter(self._departed))]
