@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -35,6 +36,8 @@ from epp.errors import EppError, ErrorCode
 from epp.extproc import messages
 from epp.extproc.limits import (
     BODY_MEMORY_FACTOR,
+    CONTAINER_MEMORY_BYTES,
+    CONTAINERS_IN_FACTOR,
     HTTP_PAYLOAD_TOO_LARGE,
     HTTP_REQUEST_TIMEOUT,
     REFUSED_BUDGET,
@@ -128,6 +131,15 @@ def _content_length(headers: Mapping[str, str]) -> int | None:
     value = headers.get("content-length", "").strip()
     # isascii: "²".isdigit() is true, and int() refuses it.
     return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
+
+
+def _containers(raw: bytes) -> int:
+    """The JSON objects and arrays a body may parse into (a `{` or `[` in a string counts too):
+    bytes.count below 8 kB, numpy above (about 0.2 ns a byte: 23 us for 100 kB, half its parse)."""
+    if len(raw) < 8192:
+        return raw.count(b"{") + raw.count(b"[")
+    data = np.frombuffer(raw, np.uint8)
+    return int(np.count_nonzero(data == 0x7B)) + int(np.count_nonzero(data == 0x5B))
 
 
 # A JSON \u escape: text that may parse into strings of up to 4 bytes a character. Searched only in
@@ -367,14 +379,18 @@ class RequestStream:
     def _parse(self, raw: bytes) -> InferenceRequest:
         """Parse the body, charging the budget for what that takes (docs: "Reliability")."""
         size = len(raw)
+        containers = _containers(raw)
+        structure = max(0, containers - size // CONTAINERS_IN_FACTOR) * CONTAINER_MEMORY_BYTES
         # May hold text of up to 4 bytes a character.
         wide = not raw.isascii() or (b"\\" in raw and _UNICODE_ESCAPE.search(raw) is not None)
-        if wide:
-            self._charge_to(WIDE_BODY_MEMORY_FACTOR * size, f"a body of {size} bytes with wide text")
+        factor = WIDE_BODY_MEMORY_FACTOR if wide else BODY_MEMORY_FACTOR
+        if wide or structure > size:  # before parsing: what the parse itself may allocate
+            kind = "with wide text" if wide else f"of {containers} JSON objects and arrays"
+            self._charge_to(factor * size + structure, f"a body of {size} bytes {kind}")
         request = self._request = parse_request(
             self.request_id, self.headers.get(":path", ""), self.headers, raw
         )
-        held = BODY_MEMORY_FACTOR * size  # what an ASCII body holds, measured
+        held = BODY_MEMORY_FACTOR * size + structure  # what an ASCII body holds, measured
         if wide:
             # The joined body and the prompt's UTF-8 form (its size each), the prompt text and the
             # parsed strings it came from (the text's size in memory each), and room for what

@@ -55,6 +55,13 @@ BODY_MEMORY_FACTOR = REQUEST_BODY_MEMORY_FACTOR
 # text; 12x the body in all, measured): charged this many bytes per body byte while it is parsed,
 # then what it turned out to hold.
 WIDE_BODY_MEMORY_FACTOR = 14
+# A JSON object or array parses into a Python dict or list of 56-64 bytes plus its slot in its
+# parent, from as little as 3 bytes of body (`{},`): a body of nothing but empty containers holds
+# about 24x its size, which the per-byte factor does not see. Each `{` and `[` (in strings too)
+# beyond one per CONTAINERS_IN_FACTOR body bytes (what the measured factor already holds: a chat
+# message is an object of far more bytes) is charged this much on top.
+CONTAINER_MEMORY_BYTES = 72
+CONTAINERS_IN_FACTOR = 64
 # Refusals are logged one line each, at most LOG_BURST lines per LOG_INTERVAL_S seconds (per kind:
 # client errors, server errors); then one line says how many were suppressed.
 LOG_BURST = 10

@@ -430,6 +430,24 @@ async def test_a_body_that_may_parse_into_wide_text_is_charged_for_it() -> None:
         await all_freed(epp)
 
 
+async def test_a_body_of_empty_containers_is_charged_for_what_it_parses_into() -> None:
+    """`{},` is 3 bytes of body and a 64-byte dict: a body of them is charged by its containers,
+    not 5 bytes a byte, and one an epp with this budget could never hold is a 413. A prompt full
+    of brackets costs only a little more than plain text."""
+    async with running_epp(
+        "--endpoints", ENDPOINTS, "--max-request-body-size", "1MiB", "--request-body-memory-budget", "5MiB"
+    ) as epp:
+        empties = b'{"model":"m","prompt":"hi","user":[' + b"{}," * 100_000 + b"{}]}"  # 300 kB
+        replies = await one_request(epp.stub, request_headers(), empties)
+        assert replies[0].immediate_response.status.code == 413, replies[0]
+        assert b"of 100003 JSON objects and arrays" in replies[0].immediate_response.body
+        brackets = completion("[x] {y} " * 10_000)  # 80 kB: 20,000 brackets in a string
+        replies = await one_request(epp.stub, request_headers(), brackets)
+        assert replies[0].HasField("request_headers"), replies[0].immediate_response.body
+        assert refusals(epp, "body-too-large") == 1
+        await all_freed(epp)
+
+
 async def test_a_body_the_budget_cannot_hold_now_is_a_429_until_there_is_room() -> None:
     async with running_epp(
         "--endpoints", ENDPOINTS, "--max-request-body-size", "1MiB", "--request-body-memory-budget", "5MiB"
