@@ -33,7 +33,7 @@ from epp_scorers.datasources.metrics import parse_go_duration
 from epp_scorers.kvcache.consumer import EventConsumer
 from epp_scorers.kvcache.index import DEFAULT_CAPACITY, DEFAULT_PODS_PER_KEY, BlockIndex, MemoryBlockIndex
 from epp_scorers.kvcache.keys import DEFAULT_BLOCK_SIZE, DEFAULT_HASH_ALGO, HASH_ALGOS, block_keys
-from epp_scorers.kvcache.subscriber import bound_subscriber, connected_subscriber
+from epp_scorers.kvcache.subscriber import bound_subscriber, connected_subscriber, pod_host
 from epp_scorers.kvcache.valkey_index import ValkeyBlockIndex
 
 log = logging.getLogger(__name__)
@@ -231,12 +231,19 @@ class PreciseIndexer:
                 self.consumer,
                 self.config.replay_port,
                 on_bound=self._bound,
+                replay_allowed=self._in_pool,
             )
         else:
             await asyncio.Event().wait()  # the per-pod tasks run on their own
 
     def _bound(self, endpoint: str) -> None:
         self.bound_endpoint = endpoint
+
+    def _in_pool(self, pod: str) -> bool:
+        """A topic's pod is one of the pool's endpoints (asked before a replay, on a gap)."""
+        context = self._context
+        address = pod_host(pod)
+        return context is not None and any(ep.address == address for ep in context.endpoints())
 
     def endpoint_added(self, endpoint: Endpoint) -> None:
         if self._context is None:

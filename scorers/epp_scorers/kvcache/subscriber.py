@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from epp_scorers.kvcache.consumer import EventConsumer, Replay
@@ -103,8 +103,11 @@ async def bound_subscriber(
     consumer: EventConsumer,
     replay_port: int = 0,
     on_bound: Callable[[str], None] | None = None,
+    replay_allowed: Callable[[str], bool] | None = None,
 ) -> None:
-    """Bind a SUB socket at `endpoint` and apply what every connecting engine publishes."""
+    """Bind a SUB socket at `endpoint` and apply what every connecting engine publishes. A gap is
+    replayed from the host the topic names only if `replay_allowed(pod)` (any peer can publish
+    to a bound socket: epp does not connect wherever a topic tells it to)."""
     import zmq
 
     sock = _sub_socket(topic_filter)
@@ -127,7 +130,7 @@ async def bound_subscriber(
                     "KV events at %s: topic %r names no pod (kv@<pod>@<model>)", endpoint, message.topic
                 )
                 continue
-            replay = replay_from(f"tcp://{_host(pod)}:{replay_port}") if replay_port else None
+            replay = _replay_for(pod, replay_port, replay_allowed) if replay_port else None
             await consumer.handle(message.topic, pod, message, replay)
     finally:
         sock.close(linger=0)
@@ -159,6 +162,24 @@ async def connected_subscriber(
     finally:
         with contextlib.suppress(zmq.ZMQError):
             sock.close(linger=0)
+
+
+def _replay_for(pod: str, port: int, allowed: Callable[[str], bool] | None) -> Replay:
+    fetch = replay_from(f"tcp://{_host(pod)}:{port}")
+    if allowed is None:
+        return fetch
+
+    async def guarded(start: int) -> Sequence[tuple[int, bytes]]:
+        if not allowed(pod):  # asked only on a gap
+            raise OSError(f"{pod} is not an endpoint of the pool: no replay asked of it")
+        return await fetch(start)
+
+    return guarded
+
+
+def pod_host(pod: str) -> str:
+    """The address a pod name holds, without brackets or port ("[fd00::1]:80" -> "fd00::1")."""
+    return _host(pod).strip("[]")
 
 
 def _host(pod: str) -> str:

@@ -275,3 +275,38 @@ def test_adapter_names_are_bounded_and_the_recent_ones_kept(monkeypatch: Any) ->
     for name in ("a", "b", "c", "a", "d"):
         store(name)
     assert list(consumer.lora_names) == ["c", "a", "d"]
+
+
+@pytest.mark.parametrize("in_pool", [True, False])
+async def test_a_bound_socket_replays_a_gap_only_from_a_pod_of_the_pool(in_pool: bool) -> None:
+    """Any peer can publish to the socket epp binds, naming any host in its topic: epp asks a
+    replay only of a pod in the pool, and otherwise counts the gap as lost."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        replay_port = probe.getsockname()[1]
+    index = MemoryBlockIndex()
+    consumer = EventConsumer(index)
+    asked: list[str] = []
+
+    def allowed(pod: str) -> bool:
+        asked.append(pod)
+        return in_pool
+
+    bound: list[str] = []
+    subscriber = bound_subscriber(
+        "tcp://127.0.0.1:*", "kv@", consumer, replay_port, on_bound=bound.append, replay_allowed=allowed
+    )
+    async with _running(subscriber):
+        await _until(lambda: bool(bound))
+        pub = v.Publisher(bound[0], "kv@127.0.0.1@model", replay_endpoint=f"tcp://127.0.0.1:{replay_port}")
+        try:
+            await _publish_until_seen(pub, consumer, v.encode([v.stored(HASHES[:1], TOKENS[:16])]))
+            await pub.publish(v.encode([v.stored(HASHES[1:2], TOKENS[16:32], HASHES[0])]), drop=True)
+            await pub.publish(v.encode([v.stored(HASHES[2:], TOKENS[32:], HASHES[1])]))
+            await _until(lambda: consumer.stats.gaps == 1 and consumer.stats.batches >= 3 - (not in_pool))
+            assert asked == ["127.0.0.1"]
+            assert (consumer.stats.replayed, consumer.stats.lost_batches) == ((1, 0) if in_pool else (0, 1))
+        finally:
+            await pub.close()
