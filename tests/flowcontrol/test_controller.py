@@ -89,13 +89,21 @@ async def test_saturated_pool_queues_and_dispatches_higher_priority_first() -> N
     assert order == ["first", "crit", "std", "low"]
 
 
-async def test_full_band_rejects_at_once() -> None:
+async def one_running_and_queued(
+    max_requests: int, queued: int
+) -> tuple[Pool, FlowController, list[str], list[asyncio.Task[Outcome]]]:
+    """A pool of one slot with "running" in it and `queued` requests (q0, q1, ...) waiting."""
     pool = Pool(1)
-    fc = FlowController(config(max_requests=2), pool.detector, pool.candidates)
+    fc = FlowController(config(max_requests=max_requests), pool.detector, pool.candidates)
     order: list[str] = []
     await submit(fc, order, "running", pool=pool)
-    waiting = [asyncio.create_task(submit(fc, order, f"q{i}", pool=pool)) for i in range(2)]
-    await asyncio.sleep(0.01)
+    waiting = [asyncio.create_task(submit(fc, order, f"q{i}", pool=pool)) for i in range(queued)]
+    await asyncio.sleep(0.05)
+    return pool, fc, order, waiting
+
+
+async def test_full_band_rejects_at_once() -> None:
+    pool, fc, order, waiting = await one_running_and_queued(max_requests=2, queued=2)
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await submit(fc, order, "over", pool=pool) is Outcome.REJECTED_CAPACITY
@@ -144,12 +152,7 @@ async def test_cancelled_while_queued_leaves_the_queue() -> None:
 async def test_thousands_cancelled_together_leave_a_bounded_queue_in_order() -> None:
     """A whole flow reset at once (clients gone, a TTL for all): each leaves its queue, the order
     of those that stay holds, and the flow keeps no more dead entries than live ones (plus a few)."""
-    pool = Pool(1)
-    fc = FlowController(config(max_requests=5000), pool.detector, pool.candidates)
-    order: list[str] = []
-    await submit(fc, order, "running", pool=pool)
-    tasks = [asyncio.create_task(submit(fc, order, f"r{i}", pool=pool)) for i in range(3000)]
-    await asyncio.sleep(0.05)
+    pool, fc, order, tasks = await one_running_and_queued(max_requests=5000, queued=3000)
     assert fc.queued == 3000
     stay = {1, 1500, 2998}
     for i, task in enumerate(tasks):
@@ -162,7 +165,7 @@ async def test_thousands_cancelled_together_leave_a_bounded_queue_in_order() -> 
     assert len(flow) == 3 and len(flow.heap) <= 3 + 64
     for _ in range(3):
         await free_one(fc, pool)
-    assert order == ["running", "r1", "r1500", "r2998"]
+    assert order == ["running", "q1", "q1500", "q2998"]
     assert fc.queued == 0 and all(not band.flows for band in fc._order)
 
 
