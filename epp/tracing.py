@@ -39,7 +39,7 @@ from epp import __version__
 from epp.framework import Endpoint, InferenceRequest, ProfileResult, SchedulingResult
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.sdk.trace.sampling import Sampler
     from opentelemetry.trace import Span
@@ -184,7 +184,7 @@ class RequestTracer:
         resource = Resource({"service.name": SERVICE_NAME, "service.version": __version__}).merge(
             OTELResourceDetector().detect()
         )
-        provider = TracerProvider(sampler=sampler, resource=resource)
+        provider = TracerProvider(sampler=sampler, resource=resource, span_limits=_span_limits())
         for exporter in exporters:
             provider.add_span_processor(
                 BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
@@ -259,6 +259,21 @@ class RequestTracer:
 
             span.record_exception(exc)
             span.set_status(Status(self._error, message))
+
+
+# A span attribute's value is cut at this many characters unless the OTel environment sets a limit:
+# a model name is the client's (as long as a body), and up to 2,048 spans wait in the batch queue.
+MAX_ATTRIBUTE_CHARS = 1024
+
+
+def _span_limits() -> SpanLimits:
+    from opentelemetry.sdk.trace import SpanLimits
+
+    if os.environ.get("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT") or os.environ.get(
+        "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"
+    ):
+        return SpanLimits()  # reads them
+    return SpanLimits(max_span_attribute_length=MAX_ATTRIBUTE_CHARS)
 
 
 def _profile_attributes(

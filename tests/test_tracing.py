@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
 
+from epp.testing import make_request
 from epp.tracing import RequestTracer, _sampler, build_tracer, exporters_from_env
 from tests.support.epp_app import RunningEpp, running_epp, wait_until
 from tests.support.extproc_client import one_request, request_headers
@@ -224,6 +225,19 @@ async def test_filters_leaving_nothing_show_in_the_profile_span(tmp_path: Path) 
     decode = one(spans, "run_scheduler_profile")
     assert dict(decode.attributes or {})["llm_d.epp.filter.filtered_endpoints"] == 0
     assert one(spans, "gateway.request_orchestration").status.status_code is StatusCode.ERROR
+
+
+@pytest.mark.parametrize("limit", ["", "50"])
+def test_a_clients_huge_model_name_is_cut_in_the_span(limit: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans wait in the batch queue after their request is gone: the client's model name (as long
+    as its body) is cut at 1,024 characters, or at the OTel environment's own limit when set."""
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", limit)
+    exporter = InMemorySpanExporter()
+    tracer = RequestTracer.with_exporters([exporter], sampler=ALWAYS_ON, batch=False)
+    span = tracer.start_orchestration(None, make_request("hi", model="m" * 100_000), 0)
+    span.end()
+    (finished,) = exporter.get_finished_spans()
+    assert len(str(dict(finished.attributes or {})["gen_ai.request.model"])) == int(limit or 1024)
 
 
 # --- configured by the environment, exported over OTLP/gRPC ------------------------------------------
