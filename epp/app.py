@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 HEALTH_STOP_GRACE_S = 1.0
 # How long stop() waits for the plugins' background tasks to end once cancelled.
 PLUGIN_STOP_TIMEOUT_S = 5.0
+PLUGIN_STOP_CUT_S = 0.5  # the same after a second signal
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # each way, unless --grpc-max-*-msg-size says otherwise
 
@@ -529,9 +530,7 @@ class App:
     async def _drain_and_stop(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-        self.health.drain()  # every name but liveness NOT_SERVING, at once
+        self.health.drain()  # every name but liveness NOT_SERVING, at once (housekeeping cannot undo it)
         if self.flow_controller is not None:
             self.flow_controller.stop()  # queued requests get 503 now, not at the drain's end
         # grpc.aio's stop(grace) refuses new streams at once (GOAWAY, listener closed) and waits
@@ -544,6 +543,8 @@ class App:
             log.info("draining: no new ext_proc streams; those in flight have up to %gs", timeout_s)
             await ext_proc_stopped
             log.info("ext_proc server stopped after %.1fs", loop.time() - started)
+        if self._housekeeping is not None:  # it kept the pool gauges current through the drain
+            self._housekeeping.cancel()
         await self.discovery.stop()
         if self._objectives_watch is not None:
             self._objectives_watch.cancel()
@@ -552,11 +553,11 @@ class App:
         for service in self._services:
             service.cancel()
         if self._services:  # a plugin's cleanup (its finally blocks) runs now, not after epp stopped
-            _, stuck = await asyncio.wait(self._services, timeout=PLUGIN_STOP_TIMEOUT_S)
+            # A second signal (cut_drain) means stop now: the plugins get a moment, not 5 s.
+            wait_s = PLUGIN_STOP_TIMEOUT_S if self._cutting is None else PLUGIN_STOP_CUT_S
+            _, stuck = await asyncio.wait(self._services, timeout=wait_s)
             for service in stuck:
-                log.warning(
-                    "plugin task %s did not stop within %gs", service.get_name(), PLUGIN_STOP_TIMEOUT_S
-                )
+                log.warning("plugin task %s did not stop within %gs", service.get_name(), wait_s)
         await self.scraper.close()
         await self.metrics_server.stop()  # before the client its auth uses is closed
         if self.kubernetes is not None:

@@ -69,6 +69,7 @@ ALLOW_TTL_S = 300.0
 DENY_TTL_S = 30.0
 CACHE_ENTRIES = 1024
 REVIEW_TIMEOUT_S = 10.0
+METRICS_STOP_GRACE_S = 1.0  # at stop, for a scrape still being answered (aiohttp waits it twice)
 
 
 class ReviewClient(Protocol):
@@ -495,7 +496,9 @@ class MetricsServer:
         """Listen; returns the bound port."""
         http = web.Application()
         http.router.add_get(METRICS_PATH, self._metrics)
-        runner = web.AppRunner(http, access_log=None)
+        # At stop, a scrape still being answered gets this long (aiohttp's default is 60 s, which
+        # would hold epp's exit that far past --drain-timeout).
+        runner = web.AppRunner(http, access_log=None, shutdown_timeout=METRICS_STOP_GRACE_S)
         await runner.setup()
         site = web.TCPSite(
             runner, self.bind_address, self.port, ssl_context=self.tls.context if self.tls else None

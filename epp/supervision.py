@@ -96,6 +96,12 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                task_now = asyncio.current_task()
+                if task_now is not None and task_now.cancelling():
+                    # Cleanup that raised while the task was being cancelled: the cancel stands
+                    # (a restart here would outlive the stop that asked for it).
+                    log.warning("background task %s raised while stopping: %s", _describe(task, detail), exc)
+                    raise asyncio.CancelledError from exc
                 failures = 1 if loop.time() - started >= backoff.reset_after_s else failures + 1
                 delay = backoff.delay(failures)
                 self._count(task)

@@ -123,7 +123,10 @@ class LeaderElector:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if release and self.is_leader:
+        # Also when not (yet) leading: a stop that cancelled an acquire after the API server took
+        # the write would otherwise leave the Lease naming a departing pod for its whole duration.
+        # _release changes nothing unless the Lease names this replica.
+        if release:
             try:
                 async with asyncio.timeout(_REQUEST_TIMEOUT.total):
                     await self._release()

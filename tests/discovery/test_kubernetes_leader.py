@@ -175,3 +175,23 @@ async def test_stop_is_not_lost_when_it_lands_as_an_attempt_completes() -> None:
     await wait_until(lambda: bool(stopping), what="the stop to be issued")
     # Otherwise the loop would sleep out its 30 s retry period and attempt again.
     await asyncio.wait_for(stopping[0], 2.0)
+
+
+async def test_a_stop_that_cut_an_acquire_short_still_releases_the_lease(
+    api: KubeApiServer, kubeconfig: Path
+) -> None:
+    """The API server took the write, the replica was stopped before it read the answer: it never
+    knew it led, and the Lease names it. Stopping releases it all the same (a standby takes over
+    at once instead of after the lease's duration); a Lease naming another replica is left alone."""
+    client = KubeClient(resolve_config_source(kubeconfig))
+    timing = LeaseTiming(15.0, 10.0, 2.0)
+    cut, other = (LeaderElector(client, "default", LEASE, name, timing) for name in ("cut", "other"))
+    try:
+        assert await cut.try_acquire_or_renew()  # as the API server recorded it
+        cut.is_leader = False  # the answer never reached the replica
+        await other.stop()
+        assert holder(api) == "cut"
+        await cut.stop()
+        assert holder(api) == ""
+    finally:
+        await client.close()

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from epp.metrics_server import MetricsServer, render_text
 from epp.observability import EppMetrics
+from tests.support.epp_app import wait_until
 
 
 class _Odd(Collector):
@@ -182,3 +183,27 @@ async def test_a_failing_collector_is_a_500_not_a_hang(compress: bool) -> None:
         assert not server._renders  # the next scrape renders afresh
     finally:
         await server.stop()
+
+
+async def test_stopping_does_not_wait_out_a_scrape_in_progress() -> None:
+    """A scrape still being answered when epp stops (a slow render, a slow auth review) gets the
+    server's short stop grace, not aiohttp's 60 s: epp's exit stays near --drain-timeout."""
+    registry = CollectorRegistry()
+    many = _Many(10)
+    registry.register(many)
+    gate = many.gate = threading.Event()  # the render waits (up to 10 s) for this
+    server = MetricsServer(registry, "127.0.0.1", 0)
+    port = await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            scrape = asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/metrics"))
+            await wait_until(lambda: many.collects == 1, what="the render under way")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await server.stop()
+            stopped_after = loop.time() - started
+            scrape.cancel()
+            await asyncio.gather(scrape, return_exceptions=True)
+        assert stopped_after < 8, stopped_after  # the render alone would hold it 10 s, aiohttp 60
+    finally:
+        gate.set()

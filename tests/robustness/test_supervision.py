@@ -92,6 +92,32 @@ async def _raise(exc: Exception) -> None:
     raise exc
 
 
+async def test_a_task_whose_cleanup_raises_while_cancelled_stays_cancelled() -> None:
+    """A `finally` that raises (closing a client whose connection broke) replaces the cancel with
+    its error: the task still ends, rather than being restarted behind the stop that cancelled it."""
+    supervisor = Supervisor(backoff=FAST)
+    runs = 0
+
+    async def closes_badly() -> None:
+        nonlocal runs
+        runs += 1
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if runs == 1:  # (once: a restart, if any, can be cancelled for good)
+                raise ConnectionError("the connection broke while closing")
+
+    task = supervisor.spawn("client", closes_badly)
+    await wait_until(lambda: runs == 1, what="the task running")
+    task.cancel()
+    await asyncio.wait({task}, timeout=2)
+    stopped, runs_then = task.done(), runs
+    if not stopped:  # restarted: end it for good (a second cancel reaches it while it waits)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert stopped and runs_then == 1 and not supervisor.restarts
+
+
 def test_the_backoff_doubles_to_its_cap() -> None:
     backoff = RestartBackoff(initial_s=0.1, max_s=1.0)
     for failures, cap in ((1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (50, 1.0)):
