@@ -96,6 +96,15 @@ async def test_in_flight_streams_finish_and_new_ones_are_refused(fake: FakeVllm)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{epp.grpc_port}") as fresh:
             await assert_refused(pb_grpc.ExternalProcessorStub(fresh))
         assert not stopping.done()  # waiting for the streams in flight
+        # Scraping, and the pool gauges built from it, keep up through the drain.
+        fake.waiting = 7
+        queue = "llm_d_epp_average_queue_size"
+        await wait_until(
+            lambda: any(
+                s.value == 7 for m in epp.app.metrics.registry.collect() for s in m.samples if s.name == queue
+            ),
+            what="the pool gauge read during the drain",
+        )
         for client in in_flight:
             assert await finish(client) == ["request_headers", "request_body"]
         await asyncio.wait_for(stopping, 5)
