@@ -83,8 +83,8 @@ class MetricsConnection(asyncio.Protocol):
         self.closed = True
         if self._on_done is None:
             return
-        if self._until_close and self._error is None:
-            self._finish(None)
+        if self._until_close and self._error is None and exc is None:
+            self._finish(None)  # a page that ends when the server closes (a reset is no end)
         else:
             self._finish(self._error or exc or MetricsParseError("the server closed the connection mid-page"))
 
@@ -120,8 +120,14 @@ class MetricsConnection(asyncio.Protocol):
                 return
         try:
             parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            pass  # a callback recorded the error
+        except httptools.HttpParserCallbackError as exc:
+            # A callback recorded the error (else: what it raised).
+            cause = exc.__context__
+            self._error = (
+                self._error
+                or (cause if isinstance(cause, Exception) else None)
+                or (MetricsParseError(f"the page could not be read: {exc}"))
+            )
         except httptools.HttpParserError as exc:
             self._error = self._error or _framing_error(exc, self._in_head)
         if self._error is not None:
@@ -178,7 +184,10 @@ class MetricsConnection(asyncio.Protocol):
             return
         self._bodies += 1
         self._body = body
-        sink.feed(body)
+        try:
+            sink.feed(body)
+        except Exception as exc:  # a bad page, a limit: the poll's error, not llhttp's
+            self._fail(exc)
 
     def on_message_complete(self) -> None:
         assert self._parser is not None

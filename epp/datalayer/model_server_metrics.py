@@ -719,6 +719,7 @@ class PageReader:
             lora is not None
             and name == lora.name
             and lora.matches(labels)
+            and math.isfinite(value)  # a NaN first would never be replaced (nothing is > NaN)
             and (self._lora_best is None or value > self._lora_best[0])
         ):
             self._lora_best = (value, labels)
@@ -730,7 +731,9 @@ class PageReader:
             if not spec.labels or spec.matches(labels):
                 if not math.isfinite(value):  # NaN/inf would poison every score
                     raise MetricsParseError(f"{spec} is {value}")
-                summed[slot] = (summed[slot] or 0.0) + value
+                # Counts and usage are never negative: one negative series must not cancel
+                # another's load (a pod with one engine full reading as empty).
+                summed[slot] = (summed[slot] or 0.0) + max(value, 0.0)
                 self._series[slot] += 1
         return name
 
@@ -792,8 +795,8 @@ class PageReader:
         if plan.num_blocks is not None and (value := summed[plan.num_blocks]) is not None:
             num_blocks = _int_or(str(value), None)
         return EndpointMetrics(
-            waiting_queue_size=int(waiting or 0),
-            running_requests=int(running or 0),
+            waiting_queue_size=_count(waiting),
+            running_requests=_count(running),
             kv_cache_usage=min(max(float(kv or 0.0), 0.0), 1.0),
             running_loras=running_loras,
             waiting_loras=waiting_loras,
@@ -909,6 +912,17 @@ def _past_comments(data: bytes, at: int, end: int) -> int:
             break
         at = data.find(b"\n", at, end + 1) + 1
     return at
+
+
+MAX_COUNT = 1_000_000_000  # requests waiting or running: more is a server's bug, not a load
+
+
+def _count(value: float | None) -> int:
+    """A request count from a sum of samples (finite and non-negative each): a sum that overflowed
+    to inf, or a 300-digit number, is capped rather than raised from int() (or carried to numpy)."""
+    if value is None:
+        return 0
+    return int(value) if value < MAX_COUNT else MAX_COUNT
 
 
 def _split_adapters(value: str) -> frozenset[str]:

@@ -6,6 +6,8 @@ transports are not asyncio.Transport instances."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
@@ -137,6 +139,41 @@ async def test_a_bad_answer_is_an_error(
     port = await serve(lambda _: answer, close=True)
     with pytest.raises(MetricsParseError, match=error):
         await read(port)
+
+
+BAD_PAGE = PAGE + b"vllm:kv_cache_usage_perc NaN\n"
+
+
+@pytest.mark.parametrize(
+    "answer", [fixed(BAD_PAGE), chunked(BAD_PAGE), b"HTTP/1.0 200 OK\r\n\r\n" + BAD_PAGE]
+)
+async def test_a_page_that_cannot_be_read_is_that_error_at_once(
+    serve: Callable[..., asyncio.Future[int]], answer: bytes
+) -> None:
+    """The reader's error, raised while llhttp hands it the body, is the poll's: not a hang until
+    the timeout, nor (a page that ends when the server closes) a snapshot of half the page."""
+    port = await serve(lambda _: answer, close=answer.startswith(b"HTTP/1.0"))
+    with pytest.raises(MetricsParseError, match="kv_cache_usage_perc is nan"):
+        await read(port)
+
+
+async def test_a_page_cut_by_a_reset_is_an_error_not_a_page() -> None:
+    """A page that ends when the server closes: a reset mid-page is no end."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\nvllm:num_requests_waiting 7\n")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # with a zero linger: RST, not FIN
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError):
+            await read(int(server.sockets[0].getsockname()[1]))
+    finally:
+        server.close()
 
 
 async def test_a_page_past_the_limit_is_refused(serve: Callable[..., asyncio.Future[int]]) -> None:

@@ -93,6 +93,23 @@ def test_non_finite_values_are_rejected_not_passed_to_scorers(value: str) -> Non
         parse_metrics(text, VLLM, now=1)
 
 
+def test_odd_values_give_a_sane_snapshot() -> None:
+    """A negative series does not cancel another engine's load (a pod with one engine full read as
+    empty); sums too large for a count are capped, not an OverflowError the scraper cannot read;
+    a LoRA series whose value is NaN does not hide the real one after it."""
+    text = (
+        'vllm:num_requests_waiting{engine="0"} -50\nvllm:num_requests_waiting{engine="1"} 3\n'
+        'vllm:num_requests_running{engine="0"} 1e308\nvllm:num_requests_running{engine="1"} 1e308\n'
+        'vllm:kv_cache_usage_perc{engine="0"} -5\nvllm:kv_cache_usage_perc{engine="1"} 0.95\n'
+        'vllm:lora_requests_info{max_lora="9",running_lora_adapters="stale",waiting_lora_adapters=""} NaN\n'
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="sql",waiting_lora_adapters=""} 1.7e9\n'
+    )
+    m = parse_metrics(text, VLLM, now=1)
+    assert m.waiting_queue_size == 3 and m.running_requests == 1_000_000_000
+    assert m.kv_cache_usage == pytest.approx(0.475)
+    assert (m.running_loras, m.max_loras) == ({"sql"}, 2)
+
+
 def test_absurd_label_values_do_not_break_the_snapshot() -> None:
     text = VLLM_TEXT.replace('num_gpu_blocks="27000"', 'num_gpu_blocks="inf"')
     assert parse_metrics(text, VLLM, now=1).num_gpu_blocks is None
