@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import enum
+import reprlib
 from typing import Any
 
 import orjson
@@ -101,3 +102,15 @@ class KubeApiError(Exception):
                 int(body.get("code") or status), str(body.get("reason", "")), str(body.get("message", ""))
             )
         return cls(status)
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 80
+_BRIEF.maxlevel = 3
+
+
+def brief(value: object, width: int = 80) -> str:
+    """`value`'s repr for an error message, at most `width` characters, built without writing the
+    whole of it first (a YAML file's aliases can make a few hundred bytes a structure of GBs)."""
+    text = _BRIEF.repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."

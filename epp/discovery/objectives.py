@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from epp.discovery.pool_objects import PoolObjectWatcher
-from epp.errors import ConfigError
+from epp.errors import ConfigError, brief
 
 if TYPE_CHECKING:  # kubernetes-asyncio is slow to import: only Kubernetes mode pays for it
     from epp.discovery.kubeclient import KubeClient
@@ -63,6 +63,12 @@ class ObjectiveStore:
         return 0
 
     def replace(self, objectives: Mapping[str, int | None]) -> None:
+        if len(objectives) > MAX_OBJECTIVES:
+            log.warning(
+                "%d InferenceObjectives ignored: at most %d are held (their requests get priority 0)",
+                len(objectives) - MAX_OBJECTIVES,
+                MAX_OBJECTIVES,
+            )
         self._priorities = dict(list(objectives.items())[:MAX_OBJECTIVES])
         self._changed()
 
@@ -70,6 +76,8 @@ class ObjectiveStore:
         if name in self._priorities or len(self._priorities) < MAX_OBJECTIVES:
             self._priorities[name] = priority
             self._changed()
+        else:
+            log.warning("InferenceObjective %s ignored: already %d held", brief(name), MAX_OBJECTIVES)
 
     def delete(self, name: str) -> None:
         self._priorities.pop(name, None)
@@ -77,7 +85,10 @@ class ObjectiveStore:
 
 
 def _priority_of(obj: Mapping[str, Any], where: str) -> int | None:
-    priority = (obj.get("spec") or {}).get("priority")
+    spec = obj.get("spec") or {}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: spec must be a mapping, got {brief(spec)}")
+    priority = spec.get("priority")
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
         raise ConfigError(f"{where}: spec.priority must be an integer, got {priority!r}")
     return priority
@@ -90,8 +101,11 @@ def parse_objectives(docs: Iterable[Any], source: str) -> dict[str, int | None]:
             continue
         where = f"{source} document {i + 1}"
         if not isinstance(doc, Mapping) or doc.get("kind") != OBJECTIVE_KIND:
-            raise ConfigError(f"{where}: expected kind {OBJECTIVE_KIND}, got {doc!r:.80}")
-        name = (doc.get("metadata") or {}).get("name")
+            raise ConfigError(f"{where}: expected kind {OBJECTIVE_KIND}, got {brief(doc)}")
+        metadata = doc.get("metadata") or {}
+        if not isinstance(metadata, Mapping):
+            raise ConfigError(f"{where}: metadata must be a mapping, got {brief(metadata)}")
+        name = metadata.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}: metadata.name is required")
         out[name] = _priority_of(doc, where)

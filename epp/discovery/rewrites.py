@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from epp.discovery.pool_objects import PoolObjectWatcher
-from epp.errors import ConfigError
+from epp.errors import ConfigError, brief
 
 if TYPE_CHECKING:  # kubernetes-asyncio is slow to import: only Kubernetes mode pays for it
     from epp.discovery.kubeclient import KubeClient
@@ -48,6 +48,9 @@ REWRITE_HEADERS = ("x-llm-d-model-name-rewrite", "x-gateway-model-name-rewrite")
 MAX_REWRITES = 1000  # objects
 MAX_RULES = 64  # rules in one object
 MAX_MATCHES = 64  # matches in one rule
+# Model matches of all objects together: the index is rebuilt on every change, on the event loop,
+# so its size is what one change costs (1,000 objects of 64 x 64 would be 4M entries, seconds).
+MAX_TOTAL_MATCHES = 10_000
 MAX_TARGETS = 64  # targets in one rule
 MAX_MODEL_NAME = 1024  # characters in a model name
 MAX_WEIGHT = 1_000_000  # the CRD's bound on a target's weight (and 1 its minimum)
@@ -96,6 +99,7 @@ class RewriteStore:
         self._objects: dict[str, ModelRewrite] = {}
         self._exact: dict[str, RewriteRule] = {}  # model -> the rule with precedence for it
         self._generic: RewriteRule | None = None  # the generic rule with precedence
+        self._matches = 0  # model matches of all objects held (at most MAX_TOTAL_MATCHES)
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -107,26 +111,49 @@ class RewriteStore:
 
     def replace(self, rewrites: Iterable[ModelRewrite]) -> None:
         objects: dict[str, ModelRewrite] = {}
-        dropped = 0
+        dropped = matches = 0
         for rewrite in rewrites:
-            if rewrite.name in objects or len(objects) < MAX_REWRITES:
+            held = objects.get(rewrite.name)
+            more = _matches(rewrite) - (_matches(held) if held is not None else 0)
+            if (held is not None or len(objects) < MAX_REWRITES) and matches + more <= MAX_TOTAL_MATCHES:
                 objects[rewrite.name] = rewrite
+                matches += more
             else:
                 dropped += 1
         if dropped:
-            log.warning("%d InferenceModelRewrites ignored: at most %d are held", dropped, MAX_REWRITES)
+            log.warning(
+                "%d InferenceModelRewrites ignored: at most %d objects and %d model matches are held",
+                dropped,
+                MAX_REWRITES,
+                MAX_TOTAL_MATCHES,
+            )
         self._objects = objects
+        self._matches = matches
         self._index()
 
     def put(self, rewrite: ModelRewrite) -> None:
-        if rewrite.name not in self._objects and len(self._objects) >= MAX_REWRITES:
+        held = self._objects.get(rewrite.name)
+        if held == rewrite:
+            return  # e.g. a status-only update: nothing to index again
+        if held is None and len(self._objects) >= MAX_REWRITES:
             log.warning("InferenceModelRewrite %s ignored: already %d held", rewrite.name, MAX_REWRITES)
             return
+        matches = self._matches + _matches(rewrite) - (_matches(held) if held is not None else 0)
+        if matches > MAX_TOTAL_MATCHES:
+            log.warning(
+                "InferenceModelRewrite %s ignored: the rewrites would match more than %d models",
+                rewrite.name,
+                MAX_TOTAL_MATCHES,
+            )
+            return
         self._objects[rewrite.name] = rewrite
+        self._matches = matches
         self._index()
 
     def delete(self, name: str) -> None:
-        if self._objects.pop(name, None) is not None:
+        held = self._objects.pop(name, None)
+        if held is not None:
+            self._matches -= _matches(held)
             self._index()
 
     def _index(self) -> None:
@@ -142,6 +169,10 @@ class RewriteStore:
         self._exact, self._generic = exact, generic
 
 
+def _matches(rewrite: ModelRewrite) -> int:
+    return sum(len(rule.models) for rule in rewrite.rules)
+
+
 # --- validation (the CRD's rules, and epp's bounds) ------------------------------------------------
 
 
@@ -149,7 +180,7 @@ def _list(value: Any, where: str, most: int) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise ConfigError(f"{where} must be a list, got {value!r:.80}")
+        raise ConfigError(f"{where} must be a list, got {brief(value)}")
     if len(value) > most:
         raise ConfigError(f"{where} has {len(value)} entries; at most {most}")
     return value
@@ -157,7 +188,7 @@ def _list(value: Any, where: str, most: int) -> list[Any]:
 
 def _model_name(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where} must be a non-empty string, got {value!r:.80}")
+        raise ConfigError(f"{where} must be a non-empty string, got {brief(value)}")
     if len(value) > MAX_MODEL_NAME:
         raise ConfigError(f"{where} is longer than {MAX_MODEL_NAME} characters")
     return value
@@ -167,7 +198,7 @@ def _weight(value: Any, where: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WEIGHT:
-        raise ConfigError(f"{where} must be an integer from 1 to {MAX_WEIGHT}, got {value!r:.80}")
+        raise ConfigError(f"{where} must be an integer from 1 to {MAX_WEIGHT}, got {brief(value)}")
     return value
 
 
@@ -177,13 +208,13 @@ def _match(value: Any, where: str) -> str:
         raise ConfigError(f"{where}.model is required (type, value)")
     kind = model.get("type")
     if kind not in (None, "Exact"):
-        raise ConfigError(f"{where}.model.type must be Exact (the only type upstream has), got {kind!r:.80}")
+        raise ConfigError(f"{where}.model.type must be Exact (the only type upstream has), got {brief(kind)}")
     return _model_name(model.get("value"), f"{where}.model.value")
 
 
 def _rule(value: Any, where: str, source: str) -> RewriteRule:
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {value!r:.80}")
+        raise ConfigError(f"{where} must be a mapping, got {brief(value)}")
     models = tuple(
         _match(m, f"{where}.matches[{i}]")
         for i, m in enumerate(_list(value.get("matches"), f"{where}.matches", MAX_MATCHES))
@@ -196,7 +227,7 @@ def _rule(value: Any, where: str, source: str) -> RewriteRule:
     for i, target in enumerate(targets):
         here = f"{where}.targets[{i}]"
         if not isinstance(target, Mapping):
-            raise ConfigError(f"{here} must be a mapping, got {target!r:.80}")
+            raise ConfigError(f"{here} must be a mapping, got {brief(target)}")
         names.append(_model_name(target.get("modelRewrite"), f"{here}.modelRewrite"))
         weights.append(_weight(target.get("weight"), f"{here}.weight"))
     cumulative: tuple[int, ...] = ()
@@ -221,13 +252,13 @@ def _created(value: Any, where: str) -> float:
             value = dt.datetime.fromisoformat(value)
         except ValueError:
             raise ConfigError(
-                f"{where}: metadata.creationTimestamp {value!r:.80} is not a timestamp"
+                f"{where}: metadata.creationTimestamp {brief(value)} is not a timestamp"
             ) from None
     if isinstance(value, dt.datetime):  # YAML reads an unquoted timestamp as one
         if value.tzinfo is None:
             value = value.replace(tzinfo=dt.UTC)
         return float(value.timestamp())
-    raise ConfigError(f"{where}: metadata.creationTimestamp must be a timestamp, got {value!r:.80}")
+    raise ConfigError(f"{where}: metadata.creationTimestamp must be a timestamp, got {brief(value)}")
 
 
 def parse_rewrite(obj: Mapping[str, Any], where: str = "", order: int = 0) -> ModelRewrite:
@@ -255,11 +286,11 @@ def parse_rewrites(docs: Iterable[Any], source: str) -> list[ModelRewrite]:
             continue
         where = f"{source} document {i + 1}: "
         if not isinstance(doc, Mapping) or doc.get("kind") != REWRITE_KIND:
-            raise ConfigError(f"{where}expected kind {REWRITE_KIND}, got {doc!r:.80}")
+            raise ConfigError(f"{where}expected kind {REWRITE_KIND}, got {brief(doc)}")
         api_version = doc.get("apiVersion")
         if api_version is not None and api_version not in REWRITE_API_VERSIONS:
             raise ConfigError(
-                f"{where}apiVersion {api_version!r:.80} is not one of {', '.join(REWRITE_API_VERSIONS)}"
+                f"{where}apiVersion {brief(api_version)} is not one of {', '.join(REWRITE_API_VERSIONS)}"
             )
         out.append(parse_rewrite(doc, where, order=i))
         if len(out) > MAX_REWRITES:

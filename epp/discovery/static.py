@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from epp.datalayer.datastore import Datastore
-from epp.errors import EndpointSpecError
+from epp.errors import EndpointSpecError, brief
 from epp.framework import Endpoint
 from epp.ports import port_number
 from epp.supervision import Supervisor, current_supervisor
@@ -59,11 +59,17 @@ def _address(value: str, where: str) -> str:
     return address
 
 
-def _label_value(value: Any) -> str:
-    """A label value as YAML wrote it (true, not Python's True; null as empty)."""
+def _label_value(value: Any, where: str) -> str:
+    """A label value as YAML wrote it (true, not Python's True; null as empty). A list or a
+    mapping is refused: it is no label value (and YAML aliases can make a few hundred bytes of
+    it a text of gigabytes)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return "" if value is None else str(value)
+    if value is None:
+        return ""
+    if not isinstance(value, str | int | float):
+        raise EndpointSpecError(f"{where}: a label value must be a string or a number, got {brief(value)}")
+    return str(value)
 
 
 def _port(value: Any, where: str) -> int:
@@ -74,11 +80,15 @@ def _port(value: Any, where: str) -> int:
 
 
 def _check_unique(endpoints: list[Endpoint], where: str) -> list[Endpoint]:
-    seen: set[str] = set()
+    seen: set[tuple[str, int]] = set()
     for ep in endpoints:
-        if ep.key in seen:
+        try:  # one address written two ways (::1 and 0::1) is one server
+            same = (ipaddress.ip_address(ep.address).compressed, ep.port)
+        except ValueError:
+            same = (ep.address.lower(), ep.port)
+        if same in seen:
             raise EndpointSpecError(f"{where}: endpoint {ep.key} is listed twice")
-        seen.add(ep.key)
+        seen.add(same)
     return endpoints
 
 
@@ -91,6 +101,8 @@ def parse_endpoints_flag(value: str) -> list[Endpoint]:
         host, sep, port = item.rpartition(":")
         if not sep or not host:
             raise EndpointSpecError(f"--endpoints: {item!r} is not host:port")
+        if ":" in host and not host.startswith("["):  # fe80::5:8000: which colon ends the address?
+            raise EndpointSpecError(f"--endpoints: {item!r}: write an IPv6 address in brackets, [addr]:port")
         where = f"--endpoints: {item!r}"
         endpoints.append(Endpoint(_address(host, where), _port(port, where)))
     if not endpoints:
@@ -133,7 +145,7 @@ def parse_endpoints_yaml(text: str, source: str) -> list[Endpoint]:
                 _address(address, where),
                 _port(item["port"], where),
                 name,
-                {str(k): _label_value(v) for k, v in labels.items()},
+                {_label_value(k, where): _label_value(v, where) for k, v in labels.items()},
             )
         )
     return _check_unique(endpoints, source)

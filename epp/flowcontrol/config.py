@@ -104,11 +104,11 @@ class FlowControlConfig:
         if priority < 0 and self.default_negative_band is not None:
             template = self.default_negative_band
         assert template is not None
-        band = BandConfig(
+        # Not kept here: priorities come from objectives, which change; the controller keeps the
+        # band while it has requests (and a bounded number of empty ones).
+        return BandConfig(
             priority, template.max_requests, template.max_bytes, template.ordering, template.fairness
         )
-        self.bands[priority] = band  # made once per priority seen (priorities come from objectives)
-        return band
 
 
 def _band(

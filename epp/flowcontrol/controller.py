@@ -109,6 +109,7 @@ class _Flow:
 
 
 _COMPACT_AT = 64  # dead entries a flow's heap may hold before it is rebuilt
+MAX_UNLISTED_BANDS = 256  # bands of priorities the config does not list, kept while empty
 
 
 @dataclass(slots=True)
@@ -145,6 +146,7 @@ class FlowController:
         self._kicked = False
         self._timer: asyncio.TimerHandle | None = None
         self.stopped = False
+        self._configured = frozenset(config.bands)
         for priority in config.bands:  # the configured bands exist from the start, as in Go
             self._band(priority)
 
@@ -155,9 +157,18 @@ class FlowController:
     def _band(self, priority: int) -> _Band:
         band = self._bands.get(priority)
         if band is None:
+            if len(self._bands) - len(self._configured) >= MAX_UNLISTED_BANDS:
+                self._forget_empty_bands()
             band = self._bands[priority] = _Band(self.config.band_for(priority))
             self._order = sorted(self._bands.values(), key=lambda b: -b.config.priority)
         return band
+
+    def _forget_empty_bands(self) -> None:
+        """Bands of priorities the config does not list are made as requests bring them (an
+        objective's priority edited over and over brings many): the empty ones go."""
+        for priority, band in list(self._bands.items()):
+            if not band.count and priority not in self._configured:
+                del self._bands[priority]
 
     def _gated_at(self, stop: int | None = None) -> int | None:
         """Walking the bands highest first (down to the band of priority `stop`, if given): the

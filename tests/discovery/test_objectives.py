@@ -57,6 +57,36 @@ def test_objectives_file(tmp_path: Path) -> None:
         load_objectives_file(str(path))
     with pytest.raises(ConfigError, match="no-such-file"):
         load_objectives_file(str(tmp_path / "no-such-file"))
+    for bad, message in [
+        ("kind: InferenceObjective\nmetadata: [x]\n", "metadata must be a mapping"),
+        ("kind: InferenceObjective\nmetadata: {name: a}\nspec: [x]\n", "spec must be a mapping"),
+    ]:
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=message):
+            load_objectives_file(str(path))
+    # An error message shows a little of a document, without writing it all out first.
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    path.write_text(laughs)
+    with pytest.raises(ConfigError, match="expected kind InferenceObjective") as err:
+        load_objectives_file(str(path))
+    assert len(str(err.value)) < 300
+
+
+def test_objectives_past_the_bound_are_ignored_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from epp.discovery import objectives
+
+    monkeypatch.setattr(objectives, "MAX_OBJECTIVES", 2)
+    store = ObjectiveStore()
+    store.replace({"a": 1, "b": 2, "c": 3})
+    store.put("d", 4)
+    assert len(store) == 2
+    assert "1 InferenceObjectives ignored: at most 2" in caplog.text
+    assert "InferenceObjective 'd' ignored: already 2 held" in caplog.text
 
 
 async def test_watch_follows_the_pools_objectives(tmp_path: Path) -> None:

@@ -93,6 +93,38 @@ def test_exact_beats_generic_and_the_oldest_object_wins() -> None:
     assert target(store, "unknown") is None
 
 
+def test_a_change_that_changes_nothing_is_not_indexed_again_and_the_matches_are_bounded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The index is rebuilt on the event loop at each change: a status-only update costs nothing,
+    and the objects together match at most MAX_TOTAL_MATCHES models."""
+    from epp.discovery import rewrites
+
+    monkeypatch.setattr(rewrites, "MAX_TOTAL_MATCHES", 5)
+    store = RewriteStore()
+    builds = 0
+    index = store._index
+
+    def counting() -> None:
+        nonlocal builds
+        builds += 1
+        index()
+
+    monkeypatch.setattr(store, "_index", counting)
+    three = parse_rewrite(rewrite("three", rule({"t": None}, "a", "b", "c")))
+    store.put(three)
+    store.put(parse_rewrite(rewrite("three", rule({"t": None}, "a", "b", "c"))))  # the same again
+    assert builds == 1
+    store.put(parse_rewrite(rewrite("more", rule({"t": None}, "d", "e", "f"))))  # 6 > 5
+    assert builds == 1 and len(store) == 1 and target(store, "d") is None
+    assert "would match more than 5 models" in caplog.text
+    store.put(parse_rewrite(rewrite("two", rule({"t": None}, "d", "e"))))
+    assert builds == 2 and target(store, "e") == "t"
+    store.delete("three")
+    store.put(parse_rewrite(rewrite("more", rule({"t": None}, "x", "y", "z"))))  # room again
+    assert target(store, "z") == "t"
+
+
 def test_weighted_split_follows_the_weights() -> None:
     """Each target's share of 10,000 seeded draws is within 2 points of its weight's share, and a
     target without a weight among weighted ones is never chosen (as upstream)."""

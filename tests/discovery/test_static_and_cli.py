@@ -114,6 +114,36 @@ def test_an_address_epp_could_not_route_to_is_refused_with_the_reason() -> None:
         parse_endpoints_flag("1.2.3.999:80")
 
 
+BILLION_LAUGHS = (
+    "- {address: 10.0.0.1, port: 8000, labels: {x: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol],\n"
+    + "".join(
+        f"    {c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}],\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    + "  }}\n"
+)
+
+
+def test_a_label_value_that_is_no_text_is_refused_not_expanded() -> None:
+    """A list is no label value; with YAML aliases a few hundred bytes of them would be
+    gigabytes of text (and seconds of the event loop) if written out."""
+    with pytest.raises(EndpointSpecError, match="a label value must be a string or a number"):
+        parse_endpoints_yaml("- {address: x, port: 1, labels: {role: [a, b]}}\n", "f.yaml")
+    with pytest.raises(EndpointSpecError, match="a label value must be a string or a number") as err:
+        parse_endpoints_yaml(BILLION_LAUGHS, "f.yaml")  # 10^9 'lol's written out
+    assert len(str(err.value)) < 300
+
+
+def test_an_ipv6_address_is_written_in_brackets_and_counted_once() -> None:
+    for unbracketed in ("fe80::5:8000", "::1:8000"):  # which colon ends the address?
+        with pytest.raises(EndpointSpecError, match=re.escape("IPv6 address in brackets")):
+            parse_endpoints_flag(unbracketed)
+    with pytest.raises(EndpointSpecError, match="listed twice"):
+        parse_endpoints_flag("[::1]:8000,[0::1]:8000")
+    with pytest.raises(EndpointSpecError, match="listed twice"):
+        parse_endpoints_yaml("- {address: '::1', port: 80}\n- {address: '0:0::1', port: 80}\n", "f.yaml")
+
+
 async def test_endpoints_file_edits_are_picked_up_live(tmp_path: Path) -> None:
     fakes = [await FakeVllm(f"s{i}").start() for i in range(3)]
     path = tmp_path / "endpoints.yaml"

@@ -324,3 +324,21 @@ async def test_a_plugin_error_in_dispatch_is_counted_and_dispatch_goes_on() -> N
         assert await waiting is Outcome.DISPATCHED
     assert order == ["r0", "r1"]
     assert supervisor.restarts == {"flow-control-dispatch": 1}
+
+
+async def test_bands_of_priorities_seen_once_do_not_pile_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An objective whose priority is edited over and over brings a band per value: the empty ones
+    the config does not list are forgotten past a bound, the listed and busy ones stay."""
+    from epp.flowcontrol import controller
+
+    monkeypatch.setattr(controller, "MAX_UNLISTED_BANDS", 8)
+    pool, fc, order, waiting = await one_running_and_queued(max_requests=10, queued=1)  # q0 at 0
+    for priority in range(1000, 1100):  # the pool is full: each queues in a band of its own, then leaves
+        task = asyncio.create_task(submit(fc, order, f"p{priority}", prio=priority, pool=pool))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert len(fc._bands) <= 3 + 8  # the listed ones (10, 0, -10) and the bound
+    assert {10, 0, -10} <= set(fc._bands)
+    await free_one(fc, pool)
+    assert await waiting[0] is Outcome.DISPATCHED and order == ["running", "q0"]
