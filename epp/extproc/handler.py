@@ -135,11 +135,11 @@ def _content_length(headers: Mapping[str, str]) -> int | None:
 
 def _containers(raw: bytes) -> int:
     """The JSON objects and arrays a body may parse into (a `{` or `[` in a string counts too):
-    bytes.count below 8 kB, numpy above (about 0.2 ns a byte: 23 us for 100 kB, half its parse)."""
-    if len(raw) < 8192:
+    bytes.count below 4 kB (2 us at 1 kB), numpy above (7 us at 10 kB, 21 us at 100 kB: half the
+    body's parse). `{` and `[` differ only in bit 0x20: one compare finds both."""
+    if len(raw) < 4096:
         return raw.count(b"{") + raw.count(b"[")
-    data = np.frombuffer(raw, np.uint8)
-    return int(np.count_nonzero(data == 0x7B)) + int(np.count_nonzero(data == 0x5B))
+    return int(np.count_nonzero((np.frombuffer(raw, np.uint8) | 0x20) == 0x7B))
 
 
 # A JSON \u escape: text that may parse into strings of up to 4 bytes a character. Searched only in

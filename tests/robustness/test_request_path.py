@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import AsyncIterator
@@ -446,6 +447,15 @@ async def test_a_body_of_empty_containers_is_charged_for_what_it_parses_into() -
         assert replies[0].HasField("request_headers"), replies[0].immediate_response.body
         assert refusals(epp, "body-too-large") == 1
         await all_freed(epp)
+
+
+@pytest.mark.parametrize("size", [100, 4095, 4096, 100_000])
+def test_the_container_count_is_every_brace_and_bracket_whatever_the_size(size: int) -> None:
+    from epp.extproc.handler import _containers
+
+    rng = random.Random(size)
+    body = bytes(rng.choice(b'{[]}"azZ{|;:,\x7b\x5b\xfb\xdb') for _ in range(size))
+    assert _containers(body) == body.count(b"{") + body.count(b"[")
 
 
 async def test_a_body_the_budget_cannot_hold_now_is_a_429_until_there_is_room() -> None:
