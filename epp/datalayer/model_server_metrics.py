@@ -906,8 +906,10 @@ def _line_starting(data: bytes, name: bytes, start: int, end: int) -> int:
 
 def _past_comments(data: bytes, at: int, end: int) -> int:
     """The start of the first line from `at` that is neither blank nor a plain comment (a HELP or
-    TYPE line starts the next family), or past `end` when there is none before it."""
-    while at <= end and data.startswith((b"\n", b"#"), at):
+    TYPE line starts the next family), or past `end` when there is none before it. A line that
+    starts with a blank (a CRLF page's empty line, a line of spaces) counts as blank: it does not
+    end the family (a sample written after leading blanks is skipped with it)."""
+    while at <= end and data.startswith((b"\n", b"#", b"\r", b" ", b"\t"), at):
         if data.startswith((b"# HELP ", b"# TYPE "), at):
             break
         at = data.find(b"\n", at, end + 1) + 1

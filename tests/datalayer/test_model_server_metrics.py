@@ -110,6 +110,15 @@ def test_odd_values_give_a_sane_snapshot() -> None:
     assert (m.running_loras, m.max_loras) == ({"sql"}, 2)
 
 
+@pytest.mark.parametrize("blank", ["\r\n", "   \n", "\t\n"])
+def test_a_blank_line_inside_a_family_does_not_end_it(blank: str) -> None:
+    """As prometheus_client reads it: a CRLF page's empty line, or a line of blanks, between two
+    series of one family leaves both counted."""
+    nl = "\r\n" if blank == "\r\n" else "\n"
+    text = f'vllm:num_requests_waiting{{e="0"}} 1{nl}{blank}vllm:num_requests_waiting{{e="1"}} 2{nl}'
+    assert parse_metrics(text, VLLM, now=1).waiting_queue_size == 3
+
+
 def test_absurd_label_values_do_not_break_the_snapshot() -> None:
     text = VLLM_TEXT.replace('num_gpu_blocks="27000"', 'num_gpu_blocks="inf"')
     assert parse_metrics(text, VLLM, now=1).num_gpu_blocks is None
