@@ -15,7 +15,8 @@ in-tree plugins) imports from epp.
   `ResponseComplete`, `EndpointListener`;
   flow control and admission `SaturationDetector`, `OrderingPolicy`, `FairnessPolicy`,
   `Admitter`, `UsageLimitPolicy` (with `FlowItem`, a queued request, and `FlowQueue`, a flow's
-  queue); `fairness_id(headers)`, a request's flow
+  queue); `fairness_id(headers)`, a request's flow; `bounded_id(value, max_chars)`, a
+  client-chosen id kept by its hash when long
 - `PluginHandle`: metrics, the `InFlightLedger`, peers by name; `LeanHistogram` and its series
   `HistogramChild` (`PluginHandle.lean_histogram`: a histogram for the request path)
 - `PluginRegistry`: what an `epp.plugins` entry point's register function receives
@@ -23,6 +24,7 @@ in-tree plugins) imports from epp.
 """
 
 from epp.errors import ConfigError, EppError, ErrorCode
+from epp.framework.client_ids import bounded_id
 from epp.framework.columns import SMALL_POOL_SIZE, Column, MetricColumns, endpoint_positions, metric_columns
 from epp.framework.cycle import CycleState, DataKey
 from epp.framework.datamodel import (
@@ -130,6 +132,7 @@ __all__ = [
     "ServedElsewhere",
     "ServiceContext",
     "UsageLimitPolicy",
+    "bounded_id",
     "endpoint_positions",
     "fairness_id",
     "metric_columns",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-import xxhash
+from epp.framework.client_ids import bounded_id
 
 # The newer header first, as the Go EPP reads them.
 FAIRNESS_HEADERS = ("x-llm-d-inference-fairness-id", "x-gateway-inference-fairness-id")
@@ -22,7 +22,5 @@ def fairness_id(headers: Mapping[str, str]) -> str:
     for name in FAIRNESS_HEADERS:
         value = headers.get(name)
         if value:
-            if len(value) > MAX_FAIRNESS_ID_CHARS:
-                return "xxh3:" + xxhash.xxh3_128_hexdigest(value.encode("utf-8", "surrogatepass"))
-            return value
+            return bounded_id(value, MAX_FAIRNESS_ID_CHARS)
     return DEFAULT_FAIRNESS_ID

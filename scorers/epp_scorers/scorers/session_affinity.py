@@ -44,8 +44,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Self
 
-import xxhash
-
 from epp.framework import (
     ConfigError,
     CycleState,
@@ -60,6 +58,7 @@ from epp.framework import (
     ResponseHeaders,
     SchedulingResult,
     Scorer,
+    bounded_id,
 )
 
 DEFAULT_TOKEN_HEADER = "x-session-token"
@@ -222,10 +221,8 @@ class SessionAffinityScorer(Scorer, PreRequest, ResponseHeaders):
     def _session_id(self, request: InferenceRequest) -> str:
         for header in self.id_headers:
             value = request.headers.get(header, "").strip()
-            if len(value) > MAX_SESSION_ID_CHARS:  # kept by its hash, not whole
-                return "xxh3:" + xxhash.xxh3_128_hexdigest(value.encode())
             if value:
-                return value
+                return bounded_id(value, MAX_SESSION_ID_CHARS)  # a long one kept by its hash
         return ""
 
     def _wanted(self, cycle: CycleState, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> str:
