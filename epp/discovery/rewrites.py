@@ -114,7 +114,7 @@ class RewriteStore:
         dropped = matches = 0
         for rewrite in rewrites:
             held = objects.get(rewrite.name)
-            more = _matches(rewrite) - (_matches(held) if held is not None else 0)
+            more = _matches(rewrite) - _matches(held)
             if (held is not None or len(objects) < MAX_REWRITES) and matches + more <= MAX_TOTAL_MATCHES:
                 objects[rewrite.name] = rewrite
                 matches += more
@@ -138,7 +138,7 @@ class RewriteStore:
         if held is None and len(self._objects) >= MAX_REWRITES:
             log.warning("InferenceModelRewrite %s ignored: already %d held", rewrite.name, MAX_REWRITES)
             return
-        matches = self._matches + _matches(rewrite) - (_matches(held) if held is not None else 0)
+        matches = self._matches + _matches(rewrite) - _matches(held)
         if matches > MAX_TOTAL_MATCHES:
             log.warning(
                 "InferenceModelRewrite %s ignored: the rewrites would match more than %d models",
@@ -169,8 +169,9 @@ class RewriteStore:
         self._exact, self._generic = exact, generic
 
 
-def _matches(rewrite: ModelRewrite) -> int:
-    return sum(len(rule.models) for rule in rewrite.rules)
+def _matches(rewrite: ModelRewrite | None) -> int:
+    """The model matches of an object (0: none held)."""
+    return sum(len(rule.models) for rule in rewrite.rules) if rewrite is not None else 0
 
 
 # --- validation (the CRD's rules, and epp's bounds) ------------------------------------------------

@@ -5,7 +5,7 @@ checked either way) and its saturation detector (also the deprecated top-level
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from epp.flowcontrol.config import (
@@ -64,12 +64,13 @@ class FlowControlSection(ConfigReader):
                 )
         # An empty reference means Go's default detector, which the Go loader adds itself.
         ref = self._ref(detector_spec, where, required=False) if detector_spec is not None else ""
-        detector: SaturationDetector | None = None
-        if ref == DEFAULT_SATURATION_DETECTOR and ref not in self.instances and ref in self.registry:
-            detector = self._implicit(ref, SaturationDetector)  # named, not declared: Go adds it
-            self.referenced.add(ref)
-        elif ref:
-            detector = self._flow_plugin(ref, where, SaturationDetector, "saturation detector")
+        detector = (
+            self._flow_plugin(
+                ref, where, SaturationDetector, "saturation detector", (DEFAULT_SATURATION_DETECTOR,)
+            )
+            if ref
+            else None
+        )
         settings = [k for k in flow if k != "saturationDetector"]
         if self.gates[FLOW_CONTROL_GATE]:
             if detector is None:
@@ -95,15 +96,19 @@ class FlowControlSection(ConfigReader):
         if not ref:
             default = DEFAULT_ORDERING_POLICY if kind is OrderingPolicy else DEFAULT_FAIRNESS_POLICY
             return self._implicit(default, kind)
-        if ref not in self.instances and ref in DEFAULT_FLOW_CONTROL_POLICIES and ref in self.registry:
-            return self._implicit(ref, kind)
         name = {OrderingPolicy: "ordering policy", UsageLimitPolicy: "usage limit policy"}.get(
             kind, "fairness policy"
         )
-        return self._flow_plugin(ref, where, kind, name)
+        return self._flow_plugin(ref, where, kind, name, DEFAULT_FLOW_CONTROL_POLICIES)
 
-    def _flow_plugin(self, ref: str, where: str, kind: type[K], name: str) -> K:
+    def _flow_plugin(
+        self, ref: str, where: str, kind: type[K], name: str, defaults: Collection[str] = ()
+    ) -> K:
+        """The plugin `ref` names; one of Go's `defaults` named and not declared is added, as the
+        Go loader adds it."""
         plugin = self.instances.get(ref)
+        if plugin is None and ref in defaults and ref in self.registry:
+            plugin = self._implicit(ref, kind)
         if plugin is None:
             raise self.error(f"{where} references undefined plugin {ref!r}")
         if not isinstance(plugin, kind):

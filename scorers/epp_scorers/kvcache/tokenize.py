@@ -155,7 +155,8 @@ def _leading_messages(body: Mapping[str, Any], max_bytes: int) -> Mapping[str, A
                 if parts < len(content):
                     message = {**message, "content": content[:parts]}
         kept.append(message)
-    if len(kept) == len(messages) and all(a is b for a, b in zip(kept, messages, strict=True)):
+    # Only the last message kept can have been cut (the budget ran out inside it).
+    if len(kept) == len(messages) and (not kept or kept[-1] is messages[-1]):
         return body
     return {**body, "messages": kept}
 
