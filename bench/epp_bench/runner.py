@@ -20,6 +20,7 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from epp_bench.floor import FLOOR_POLICY, FLOOR_ROUTER, floor_sim_args, floor_workload, prewarm
 from epp_bench.gateway import EnvoyGateway, EppProcess, announcing_process
 from epp_bench.load import LoadResult, run_load
 from epp_bench.peers import PEERS, peer_router
@@ -114,8 +115,13 @@ ALL_POLICIES = (
     "epp-prefix-only",
     *PEERS,
 )
-# Every policy name `--policy` takes: the demo's (ALL_POLICIES) and the ones run only when named.
-KNOWN_POLICIES = (*ALL_POLICIES, *(name for name in EPP_POLICIES if name not in ALL_POLICIES))
+# Every policy name `--policy` takes: the demo's (ALL_POLICIES), the ones run only when named, and
+# the shared-cache floor (floor.py: a reference row, not a router).
+KNOWN_POLICIES = (
+    *ALL_POLICIES,
+    *(name for name in EPP_POLICIES if name not in ALL_POLICIES),
+    FLOOR_POLICY,
+)
 
 
 @dataclass
@@ -212,17 +218,40 @@ async def prefix_cache_counters(backends: Sequence[str]) -> tuple[float, float]:
 async def run_policy(
     policy: str, cfg: BenchConfig, progress: Callable[[int], object] | None = None
 ) -> PolicyResult:
+    if policy == FLOOR_POLICY:
+        return await run_floor(cfg, progress)
     async with (
         simulators(cfg.simulators, cfg.model, cfg.sim_args) as backends,
         router(policy, backends, cfg) as url,
     ):
         load = await run_load(cfg.workload, url, cfg.model, cfg.max_seconds, progress)
         hits, queries = await prefix_cache_counters(backends)
+    return PolicyResult(policy, load.summary(), hits / queries if queries else 0.0, _served_by(load), load)
+
+
+async def run_floor(cfg: BenchConfig, progress: Callable[[int], object] | None = None) -> PolicyResult:
+    """The shared-cache floor (floor.py): simulators pre-warmed with every group's prefix, each
+    group's first request cold, epp routing by load. Its hit rate counts the load's requests only."""
+    workload = floor_workload(cfg.workload)
+    workload.turns()  # draws the system prompts to pre-warm
+    sim_args = floor_sim_args(cfg.sim_args, workload)
+    async with simulators(cfg.simulators, cfg.model, sim_args) as backends:
+        await prewarm(backends, cfg.model, workload.system_prompts, cfg.max_seconds)
+        hits_before, queries_before = await prefix_cache_counters(backends)
+        async with router(FLOOR_ROUTER, backends, dataclasses.replace(cfg, sim_args=sim_args)) as url:
+            load = await run_load(workload, url, cfg.model, cfg.max_seconds, progress)
+        hits, queries = await prefix_cache_counters(backends)
+    hits, queries = hits - hits_before, queries - queries_before
+    hit_rate = hits / queries if queries else 0.0
+    return PolicyResult(FLOOR_POLICY, load.summary(), hit_rate, _served_by(load), load)
+
+
+def _served_by(load: LoadResult) -> dict[str, int]:
     served: dict[str, int] = {}
     for r in load.results:
         if r.ok:
             served[r.served_by] = served.get(r.served_by, 0) + 1
-    return PolicyResult(policy, load.summary(), hits / queries if queries else 0.0, served, load)
+    return served
 
 
 async def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -253,8 +282,10 @@ async def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict[str, A
             finally:
                 bar.close()
         policies[policy] = {**result.summary, "hit_rate": result.hit_rate, "served_by": result.served_by}
-        if oracle is None and result.load.prompts:
+        if oracle is None and result.load.prompts and policy != FLOOR_POLICY:
             oracle = oracle_hit_rate(result.load.prompts)
+    if oracle is None and FLOOR_POLICY in policies:  # the floor alone: the workload's own prompts
+        oracle = oracle_hit_rate([turn.prompt for turn in cfg.workload.turns()])
     return {
         "policies": policies,
         "oracle_hit_rate": oracle if oracle is not None else 0.0,

@@ -16,6 +16,7 @@ from epp.framework.registry import installed_registry
 from epp.scheduling.loader import load_config
 from epp_bench import runner
 from epp_bench.__main__ import build_parser, config_from_args
+from epp_bench.floor import floor_workload
 from epp_bench.gateway import render_envoy_config
 from epp_bench.load import LoadResult, RequestResult
 from epp_bench.report import ladder_tables, table
@@ -268,3 +269,48 @@ def test_the_table_says_worse_when_a_policy_is_slower_than_round_robin() -> None
     lines = table(doc).splitlines()
     assert "TTFT p90 epp vs round-robin: 20.0x better" in lines
     assert "TTFT p90 power-of-two vs round-robin: 1.1x worse" in lines
+
+
+def test_the_floor_workload_makes_only_each_groups_first_request_cold() -> None:
+    """The shared-cache floor's workload: the same times, questions and later prompts; each
+    group's first request has, in place of its system prompt, a text of that length no other
+    request starts with."""
+    spec = SharedPrefix(groups=3, prompts_per_group=4, system_tokens=100, question_tokens=10, output_tokens=5)
+    plain = Workload(spec, Arrivals(rate=5), seed=7)
+    floor = floor_workload(plain)
+    before, after = plain.turns(), floor.turns()
+    assert [(t.at, t.group, len(t.prompt)) for t in before] == [(t.at, t.group, len(t.prompt)) for t in after]
+    firsts = {t.group: i for i, t in reversed(list(enumerate(before)))}
+    for i, (old, new) in enumerate(zip(before, after, strict=True)):
+        if i in firsts.values():
+            assert new.prompt[400:] == old.prompt[400:]  # the question kept (100 tokens x 4 bytes)
+            assert new.prompt[:400] != old.prompt[:400]
+            assert not any(other.prompt.startswith(new.prompt[:64]) for other in after if other is not new)
+        else:
+            assert new.prompt == old.prompt
+    assert [t.prompt for t in floor.turns()] == [t.prompt for t in after]  # repeatable
+    with pytest.raises(ValueError, match="shared-prefix"):
+        floor_workload(Workload(MultiTurn(users=1, rounds=1), Arrivals(rate=1))).turns()
+
+
+def test_the_floor_serves_every_later_request_from_a_warm_cache(tmp_path: Path) -> None:
+    """`--policy shared-cache-floor`: the simulators hold every group's prefix before the load, so
+    the only prefix misses are the groups' first requests, wherever epp sends them."""
+    out = tmp_path / "floor.json"
+    groups, per_group, system, question = 2, 4, 512, 16
+    result = subprocess.run(
+        [sys.executable, "-m", "epp_bench", "run", "--policy", "shared-cache-floor", "--simulators", "2",
+         "--groups", str(groups), "--prompts-per-group", str(per_group), "--system-tokens", str(system),
+         "--question-tokens", str(question), "--output-tokens", "4", "--rate", "20", "--max-seconds", "30",
+         "--sim-arg=--time-factor=0.2", "--sim-arg=--kv-cache-blocks=40", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    floor = doc["policies"]["shared-cache-floor"]
+    n = groups * per_group
+    assert floor["requests"] == n and floor["errors"] == 0
+    # Every request after a group's first hits its whole system prompt on whichever pod it went to
+    # (40 blocks per simulator would hold one prompt; the floor gives them room for all).
+    assert floor["hit_rate"] == pytest.approx((n - groups) * system / (n * (system + question)))
+    assert 0 < doc["oracle_hit_rate"] <= 1
