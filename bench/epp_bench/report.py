@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = (
-    ("policy", "{:<17}", None),  # fits "vllm-router-tuned"
+    ("policy", "{:<18}", None),  # fits "shared-cache-floor"
     ("TTFT p50", "{:>9}", "ttft_p50_s"),
     ("TTFT p90", "{:>9}", "ttft_p90_s"),
     ("TTFT p99", "{:>9}", "ttft_p99_s"),
