@@ -23,9 +23,10 @@ import sys
 from pathlib import Path
 
 from epp_bench import gateway_report, overload, soak
+from epp_bench.floor import FLOOR_POLICY
 from epp_bench.perf import extproc, memory, pick, scrape
 from epp_bench.report import ladder_plot, ladder_tables, plot, table
-from epp_bench.runner import ALL_POLICIES, KNOWN_POLICIES, BenchConfig, run_bench, run_ladder
+from epp_bench.runner import ALL_POLICIES, EPP_POLICIES, KNOWN_POLICIES, BenchConfig, run_bench, run_ladder
 from epp_bench.workloads import Arrivals, MultiTurn, SharedPrefix, Workload
 
 # The performance commands (epp_bench.perf): name, module, help.
@@ -189,6 +190,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     custom: dict[str, Path] = {}
     for item in args.policy or list(ALL_POLICIES):
         name, sep, path = item.partition("=")
+        if sep and name in KNOWN_POLICIES and name not in EPP_POLICIES:
+            raise SystemExit(f"epp_bench: error: policy {name!r} is not run by epp; it takes no config file")
         if sep:
             if not Path(path).is_file():
                 raise SystemExit(f"epp_bench: error: config file for policy {name!r} not found: {path}")
@@ -199,6 +202,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                 "or NAME=CONFIG.yaml"
             )
         policies.append(name)
+    if FLOOR_POLICY in policies and not isinstance(spec, SharedPrefix):
+        raise SystemExit(f"epp_bench: error: {FLOOR_POLICY} needs the shared-prefix workload")
     return BenchConfig(
         workload=Workload(spec, arrivals, seed=args.seed, max_requests=args.max_requests),
         policies=policies,

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import aiohttp
 
+from epp_bench.sim.__main__ import parse_args as parse_sim_args
 from epp_bench.sim.config import BLOCK_SIZE_TOKENS
 from epp_bench.workloads import SharedPrefix, Turn, Workload, make_text
 
@@ -54,26 +55,50 @@ def floor_workload(workload: Workload) -> FloorWorkload:
 
 
 def floor_sim_args(sim_args: Sequence[str], workload: Workload) -> list[str]:
-    """The simulators' flags with a KV cache that keeps every group's system prompt besides the
-    running requests' blocks (the last --kv-cache-blocks wins), so pre-warmed prefixes stay."""
+    """The simulators' flags with a KV cache that keeps every group's system prompt besides a full
+    batch of running requests (the last --kv-cache-blocks wins; never fewer than the user's), so
+    the pre-warmed prefixes stay for the whole run."""
     spec = workload.spec
     if not isinstance(spec, SharedPrefix):
         raise ValueError(f"{FLOOR_POLICY} needs the shared-prefix workload")
+    parsed = parse_sim_args(list(sim_args))
     prompt_tokens = spec.system_tokens + spec.question_tokens + spec.output_tokens
     per_prompt = math.ceil(prompt_tokens / BLOCK_SIZE_TOKENS)
-    blocks = 2 * spec.groups * per_prompt + 256
+    prefixes = spec.groups * math.ceil(spec.system_tokens / BLOCK_SIZE_TOKENS)
+    blocks = max(int(parsed.kv_cache_blocks), prefixes + int(parsed.max_num_seqs) * per_prompt + 256)
     return [*sim_args, f"--kv-cache-blocks={blocks}"]
 
 
+def prewarm_seconds(sim_args: Sequence[str], workload: Workload) -> float:
+    """A bound on pre-warming: every system prompt prefilled on one simulator, one after another,
+    at its uncached prefill rate, twice over, plus 30 s."""
+    spec = workload.spec
+    assert isinstance(spec, SharedPrefix)
+    parsed = parse_sim_args(list(sim_args))
+    per_prompt = (
+        float(parsed.prefill_overhead_s) + spec.system_tokens * float(parsed.prefill_time_per_token_s)
+    ) * float(parsed.time_factor)
+    return 2 * spec.groups * per_prompt + 30.0
+
+
 async def prewarm(backends: Sequence[str], model: str, prompts: Sequence[str], timeout_s: float) -> None:
-    """Every prompt prefilled once on every backend (one token out); raises if one fails."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+    """Every prompt prefilled once on every backend (one token out), within `timeout_s` in all;
+    raises RuntimeError saying which backend failed or that the bound ran out."""
+    connector = aiohttp.TCPConnector(limit=0)  # every request at once: the simulators queue them
+    async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one(backend: str, prompt: str) -> None:
             body = {"model": model, "prompt": prompt, "max_tokens": 1}
             async with session.post(f"http://{backend}/v1/completions", json=body) as resp:
                 if resp.status != 200:
-                    raise RuntimeError(f"pre-warming {backend} failed: HTTP {resp.status}")
+                    raise RuntimeError(f"{FLOOR_POLICY}: pre-warming {backend} failed: HTTP {resp.status}")
                 await resp.read()
 
-        await asyncio.gather(*(one(b, p) for b in backends for p in prompts))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(one(b, p) for b in backends for p in prompts))
+        except TimeoutError:
+            raise RuntimeError(
+                f"{FLOOR_POLICY}: pre-warming {len(prompts)} prompts on {len(backends)} simulators "
+                f"took more than {timeout_s:.0f} s"
+            ) from None

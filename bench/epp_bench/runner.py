@@ -20,7 +20,14 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from epp_bench.floor import FLOOR_POLICY, FLOOR_ROUTER, floor_sim_args, floor_workload, prewarm
+from epp_bench.floor import (
+    FLOOR_POLICY,
+    FLOOR_ROUTER,
+    floor_sim_args,
+    floor_workload,
+    prewarm,
+    prewarm_seconds,
+)
 from epp_bench.gateway import EnvoyGateway, EppProcess, announcing_process
 from epp_bench.load import LoadResult, run_load
 from epp_bench.peers import PEERS, peer_router
@@ -236,7 +243,7 @@ async def run_floor(cfg: BenchConfig, progress: Callable[[int], object] | None =
     workload.turns()  # draws the system prompts to pre-warm
     sim_args = floor_sim_args(cfg.sim_args, workload)
     async with simulators(cfg.simulators, cfg.model, sim_args) as backends:
-        await prewarm(backends, cfg.model, workload.system_prompts, cfg.max_seconds)
+        await prewarm(backends, cfg.model, workload.system_prompts, prewarm_seconds(sim_args, workload))
         hits_before, queries_before = await prefix_cache_counters(backends)
         async with router(FLOOR_ROUTER, backends, dataclasses.replace(cfg, sim_args=sim_args)) as url:
             load = await run_load(workload, url, cfg.model, cfg.max_seconds, progress)
@@ -285,7 +292,8 @@ async def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict[str, A
         if oracle is None and result.load.prompts and policy != FLOOR_POLICY:
             oracle = oracle_hit_rate(result.load.prompts)
     if oracle is None and FLOOR_POLICY in policies:  # the floor alone: the workload's own prompts
-        oracle = oracle_hit_rate([turn.prompt for turn in cfg.workload.turns()])
+        sent = int(policies[FLOOR_POLICY]["requests"])
+        oracle = oracle_hit_rate([turn.prompt for turn in cfg.workload.turns()[:sent]])
     return {
         "policies": policies,
         "oracle_hit_rate": oracle if oracle is not None else 0.0,

@@ -16,7 +16,7 @@ from epp.framework.registry import installed_registry
 from epp.scheduling.loader import load_config
 from epp_bench import runner
 from epp_bench.__main__ import build_parser, config_from_args
-from epp_bench.floor import floor_workload
+from epp_bench.floor import floor_sim_args, floor_workload
 from epp_bench.gateway import render_envoy_config
 from epp_bench.load import LoadResult, RequestResult
 from epp_bench.report import ladder_tables, table
@@ -291,6 +291,30 @@ def test_the_floor_workload_makes_only_each_groups_first_request_cold() -> None:
     assert [t.prompt for t in floor.turns()] == [t.prompt for t in after]  # repeatable
     with pytest.raises(ValueError, match="shared-prefix"):
         floor_workload(Workload(MultiTurn(users=1, rounds=1), Arrivals(rate=1))).turns()
+    parse = build_parser().parse_args
+    # Refused before any policy runs, not when the floor's turn comes.
+    with pytest.raises(SystemExit, match="shared-prefix"):
+        config_from_args(
+            parse(["run", "--policy", "epp", "--policy", "shared-cache-floor", "--workload", "multi-turn"])
+        )
+    with pytest.raises(SystemExit, match="takes no config file"):
+        config_from_args(parse(["run", "--policy", "round-robin=x.yaml"]))
+
+
+def test_the_floor_keeps_every_prefix_beside_a_full_batch() -> None:
+    """The floor's simulators hold every group's system prompt and a full batch of running
+    requests; a bigger cache the user asked for is kept."""
+    spec = SharedPrefix(
+        groups=16, prompts_per_group=24, system_tokens=1536, question_tokens=64, output_tokens=32
+    )
+    workload = Workload(spec, Arrivals(rate=7))
+
+    def blocks(*sim_args: str) -> int:
+        return int(floor_sim_args(list(sim_args), workload)[-1].removeprefix("--kv-cache-blocks="))
+
+    assert blocks("--kv-cache-blocks=512", "--max-num-seqs=4") >= 16 * 96 + 4 * 102
+    assert blocks("--max-num-seqs=256") >= 16 * 96 + 256 * 102
+    assert blocks("--kv-cache-blocks=100000") == 100000
 
 
 def test_the_floor_serves_every_later_request_from_a_warm_cache(tmp_path: Path) -> None:
