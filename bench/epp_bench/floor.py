@@ -30,14 +30,19 @@ FLOOR_POLICY = "shared-cache-floor"
 FLOOR_ROUTER = "epp-load-only"
 
 
+def _shared_prefix(workload: Workload) -> SharedPrefix:
+    if not isinstance(workload.spec, SharedPrefix):
+        raise ValueError(f"{FLOOR_POLICY} needs the shared-prefix workload")
+    return workload.spec
+
+
 class FloorWorkload(Workload):
     """The workload's turns, with each group's first request's system prompt replaced by a text of
     the same length that no other request has (drawn from its own seed: the turns stay
     repeatable, and every other request, time and question is the workload's own)."""
 
     def turns(self) -> list[Turn]:
-        if not isinstance(self.spec, SharedPrefix):
-            raise ValueError(f"{FLOOR_POLICY} needs the shared-prefix workload")
+        spec = _shared_prefix(self)
         turns = super().turns()
         rng = random.Random(f"{FLOOR_POLICY}-{self.seed}")
         first_seen: set[int] = set()
@@ -46,7 +51,7 @@ class FloorWorkload(Workload):
                 continue
             first_seen.add(turn.group)
             system = self.system_prompts[turn.group]
-            turn.prompt = make_text(rng, self.spec.system_tokens) + turn.prompt[len(system) :]
+            turn.prompt = make_text(rng, spec.system_tokens) + turn.prompt[len(system) :]
         return turns
 
 
@@ -58,9 +63,7 @@ def floor_sim_args(sim_args: Sequence[str], workload: Workload) -> list[str]:
     """The simulators' flags with a KV cache that keeps every group's system prompt besides a full
     batch of running requests (the last --kv-cache-blocks wins; never fewer than the user's), so
     the pre-warmed prefixes stay for the whole run."""
-    spec = workload.spec
-    if not isinstance(spec, SharedPrefix):
-        raise ValueError(f"{FLOOR_POLICY} needs the shared-prefix workload")
+    spec = _shared_prefix(workload)
     parsed = parse_sim_args(list(sim_args))
     prompt_tokens = spec.system_tokens + spec.question_tokens + spec.output_tokens
     per_prompt = math.ceil(prompt_tokens / BLOCK_SIZE_TOKENS)
@@ -72,8 +75,7 @@ def floor_sim_args(sim_args: Sequence[str], workload: Workload) -> list[str]:
 def prewarm_seconds(sim_args: Sequence[str], workload: Workload) -> float:
     """A bound on pre-warming: every system prompt prefilled on one simulator, one after another,
     at its uncached prefill rate, twice over, plus 30 s."""
-    spec = workload.spec
-    assert isinstance(spec, SharedPrefix)
+    spec = _shared_prefix(workload)
     parsed = parse_sim_args(list(sim_args))
     per_prompt = (
         float(parsed.prefill_overhead_s) + spec.system_tokens * float(parsed.prefill_time_per_token_s)
