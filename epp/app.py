@@ -78,11 +78,21 @@ _GRPC_OPTIONS = [
 
 def ext_proc_grpc_options(settings: Settings) -> list[tuple[str, int]]:
     """The ext_proc server's channel options. A message size of None or 0 keeps epp's default
-    (Go's EPP also reads 0 as "gRPC's default")."""
+    (Go's EPP also reads 0 as "gRPC's default"). Keepalive pings (gRPC's default: every 2 hours)
+    find a gateway that went away without closing its connection: its streams end and their
+    picks are released, as a routed stream has no idle timeout of its own."""
     recv = settings.grpc_max_recv_msg_size or DEFAULT_MAX_MESSAGE_BYTES
     send = settings.grpc_max_send_msg_size or DEFAULT_MAX_MESSAGE_BYTES
     limits = {"grpc.max_receive_message_length": recv, "grpc.max_send_message_length": send}
-    return [(key, limits.get(key, value)) for key, value in _GRPC_OPTIONS]
+    keepalive = [
+        ("grpc.keepalive_time_ms", round(settings.grpc_keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(settings.grpc_keepalive_timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", round(settings.grpc_keepalive_timeout_s * 1000)),
+        # gRPC stops pinging after 2 pings with no data between them (its default): a response
+        # slow to start sends no data for minutes, and is when a dead gateway must still be found.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    return [(key, limits.get(key, value)) for key, value in _GRPC_OPTIONS] + keepalive
 
 
 def load_scheduler_config(

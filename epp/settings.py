@@ -189,7 +189,13 @@ class Settings:
     max_request_body_size: int = 64 * 1024 * 1024  # one request's body, else 413
     request_body_memory_budget: int = 320 * 1024 * 1024  # all streams' bodies' memory, else 429
     max_extproc_streams: int = 10_000  # open ext_proc streams, else 429 at once
-    extproc_stream_idle_timeout_s: float = 300.0  # no message for this long ends a stream; 0: never
+    # No message for this long while the request arrives ends the stream with a 408; 0: never.
+    extproc_stream_idle_timeout_s: float = 300.0
+    # Not flags: gRPC keepalive pings on the ext_proc server's connections, which end the streams
+    # of a gateway that vanished without closing its connection (a routed stream has no idle
+    # timeout). Tests shorten them.
+    grpc_keepalive_time_s: float = 60.0
+    grpc_keepalive_timeout_s: float = 20.0
     # --- model-server scrapes (epp.datalayer.scraper) ---------------------------------------------
     model_server_metrics_max_bytes: int = 16 * 1024 * 1024  # a larger /metrics page is an error
     idle_refresh_metrics_interval_s: float = 0.0  # an idle endpoint's polls (0: every interval, as Go)
@@ -485,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--extproc-stream-idle-timeout",
         type=parse_duration,
         default=300.0,
-        help="an ext_proc stream with no message for this long ends and is freed; 0: never (default 5m)",
+        help="an ext_proc stream whose request stops arriving for this long gets a 408 and is freed "
+        "(a routed stream waits for its response as long as the gateway does); 0: never (default 5m)",
     )
     p.add_argument(
         "--model-server-metrics-max-bytes",

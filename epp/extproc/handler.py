@@ -656,19 +656,19 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         idle = _IdleTimer(idle_s) if idle_s > 0 else None
         try:
             while True:
+                if idle is not None and stream.routed:
+                    # A routed stream waits for its response as long as the gateway does (a long
+                    # non-streamed generation sends nothing for minutes), as the Go EPP's does; a
+                    # gateway gone without a word is found by gRPC keepalive (ext_proc_grpc_options).
+                    idle.close()
+                    idle = None
                 try:
                     msg = await (idle.read(messages_in) if idle is not None else anext(messages_in))
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    if not stream.routed:
-                        yield stream.idle(idle_s)[0]
-                        return
-                    shared.refusals[REFUSED_IDLE] += 1
-                    await context.abort(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"no ext_proc message for {idle_s:g}s (--extproc-stream-idle-timeout)",
-                    )
+                    yield stream.idle(idle_s)[0]
+                    return
                 if self._director.admits:
                     refused = await stream.admission(msg)
                     if refused is not None:

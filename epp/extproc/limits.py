@@ -7,13 +7,13 @@
   hold now is refused with a 429 (`x-llm-d-request-dropped-reason: rejected-saturated`);
 - at most --max-extproc-streams streams are open at once; one more is answered at once with a
   429 (rejected-saturated), as the Go EPP answers when it is saturated;
-- a stream that sends nothing for --extproc-stream-idle-timeout ends: with a 408 while its request
-  is still arriving, else with gRPC DEADLINE_EXCEEDED; its state is freed either way;
+- a stream whose request stops arriving for --extproc-stream-idle-timeout ends with a 408 and its
+  state is freed; once routed, a stream waits for its response as long as the gateway does (gRPC
+  keepalive finds a gateway gone without closing its connection);
 - the messages must come in the protocol's order: request headers once and first, the response
   only after the request was routed. Anything else is refused with a 400 (the stream's first pick,
   if any, is released);
-- every refusal (but a routed stream's idle timeout, which ends the stream with gRPC
-  DEADLINE_EXCEEDED) is counted in llm_d_epp_request_error_total and logged in one line, at most
+- every refusal is counted in llm_d_epp_request_error_total and logged in one line, at most
   LOG_BURST lines per LOG_INTERVAL_S seconds, then one line saying how many were suppressed.
 The stream (`epp.extproc.handler`) applies them as its messages arrive; this module holds their
 defaults, the shared body budget and stream count, the refusals' reasons and errors, the
@@ -43,7 +43,7 @@ MiB = 1024 * 1024
 MAX_REQUEST_BODY = 64 * MiB  # --max-request-body-size: one request's body, else 413
 BODY_MEMORY_BUDGET = 320 * MiB  # --request-body-memory-budget: all streams' bodies, else 429
 MAX_STREAMS = 10_000  # --max-extproc-streams: open ext_proc streams, else 429
-STREAM_IDLE_TIMEOUT_S = 300.0  # --extproc-stream-idle-timeout (Envoy's stream_idle_timeout default)
+STREAM_IDLE_TIMEOUT_S = 300.0  # --extproc-stream-idle-timeout, before routing (Envoy's default)
 # What one byte of request body costs in memory while its stream lasts, measured: the received
 # chunks joined once (the joined bytes held until sent back to Envoy), the parsed JSON's strings,
 # the prompt text (for chat, the serialized messages) and its UTF-8 form the prefix index hashes:

@@ -197,7 +197,7 @@ async def finish(stream: Stream) -> list[int]:
         try:
             reply = await asyncio.wait_for(stream.client._call.read(), 5.0)
         except grpc.aio.AioRpcError:
-            return statuses  # ended with a status (e.g. the idle timeout's DEADLINE_EXCEEDED)
+            return statuses  # ended with a gRPC status
         if reply is grpc.aio.EOF:
             return statuses
         if reply.HasField("immediate_response"):

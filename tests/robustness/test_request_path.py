@@ -357,16 +357,26 @@ async def test_an_idle_stream_ends_and_its_state_is_freed() -> None:
         assert await ended(client)
         await all_freed(epp)
 
-        # A routed request whose response never comes: the stream ends with DEADLINE_EXCEEDED.
+        # A routed request whose response is slow to start (a long non-streamed generation): the
+        # stream waits past the timeout, as long as the gateway does, and the response goes through.
         client = ExtProcClient(epp.stub)
         client.send([headers_msg(request_headers()), *body_msgs(completion(), 100)])
         await client.read(2)
         assert in_flight(epp) == 1 and running(epp) == 1
-        with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await asyncio.wait_for(client._call.read(), 3)
-        assert failure.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(2.5)
+        assert in_flight(epp) == 1 and gauge(epp, "llm_d_epp_extproc_streams_open") == 1
+        client.send(
+            [
+                headers_msg({":status": "200", "content-type": "application/json"}, response=True),
+                *body_msgs(b'{"choices": []}', 100, response=True),
+            ]
+        )
+        replies = await client.read(2)
+        assert replies[0].HasField("response_headers") and replies[1].HasField("response_body")
+        await client.close()
+        assert await ended(client)
         await all_freed(epp)
-        assert refusals(epp, "idle-timeout") == 2
+        assert refusals(epp, "idle-timeout") == 1
 
         # A stream that keeps sending lives as long as it needs.
         client = ExtProcClient(epp.stub)
@@ -379,6 +389,75 @@ async def test_an_idle_stream_ends_and_its_state_is_freed() -> None:
         assert replies[0].HasField("request_headers")
         await client.close()
         await all_freed(epp)
+
+
+class FreezableRelay:
+    """A TCP relay between a gRPC client and epp that can go silent with both connections left
+    open: a gateway (or the network path to it) gone without a FIN or a reset."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream_port = upstream_port
+        self._pipes: list[asyncio.Task[None]] = []
+        self._writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        self._writers += [writer, up_writer]
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            self._pipes.append(asyncio.create_task(self._pipe(source, sink)))
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+
+    def freeze(self) -> None:
+        for pipe in self._pipes:
+            pipe.cancel()
+
+    async def close(self) -> None:
+        self.freeze()
+        for writer in self._writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_a_gateway_gone_silent_has_its_routed_streams_ended_by_keepalive() -> None:
+    """A routed stream has no idle timeout: what ends it when the gateway vanishes without closing
+    its connection is gRPC keepalive. Shortened here (epp pings every 60 s, waits 20 s for the
+    answer): while the gateway answers pings its routed stream lives on; once it is silent the
+    stream ends and its pick is released."""
+    async with running_epp(
+        "--endpoints", ENDPOINTS, "--extproc-stream-idle-timeout", "1s",
+        grpc_keepalive_time_s=0.5, grpc_keepalive_timeout_s=0.5,
+    ) as epp:  # fmt: skip
+        relay = FreezableRelay(epp.grpc_port)
+        await relay.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{relay.port}")
+        try:
+            client = ExtProcClient(pb_grpc.ExternalProcessorStub(channel))
+            client.send([headers_msg(request_headers()), *body_msgs(completion(), 100)])
+            await client.read(2)
+            await asyncio.sleep(2.5)  # pings answered: the routed stream lives on
+            assert in_flight(epp) == 1 and running(epp) == 1
+            relay.freeze()
+            await all_freed(epp)
+        finally:
+            await channel.close()
+            await relay.close()
 
 
 # --- body size and the body memory budget -----------------------------------------------------------

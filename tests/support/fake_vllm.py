@@ -24,6 +24,7 @@ class FakeVllm:
     kv_usage: float = 0.0
     metrics_status: int = 200  # set to 500 to make scrapes fail
     metrics_delay_s: float = 0.0
+    response_delay_s: float = 0.0  # before a generation's response starts (a long prefill, a queue)
     metrics_hits: int = 0  # /metrics requests received
     received: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
@@ -64,6 +65,8 @@ class FakeVllm:
         self.received.append(
             {"path": request.path, "headers": dict(request.headers), "body": body, "raw": raw}
         )
+        if self.response_delay_s:
+            await asyncio.sleep(self.response_delay_s)
         usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
         headers = {SERVED_BY: self.name}
         if body.get("stream"):
