@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -42,6 +43,7 @@ from epp.extproc.limits import (
     HTTP_REQUEST_TIMEOUT,
     REFUSED_BUDGET,
     REFUSED_IDLE,
+    REFUSED_PROTOCOL,
     REFUSED_STREAMS,
     REFUSED_TOO_LARGE,
     WIDE_BODY_MEMORY_FACTOR,
@@ -124,6 +126,38 @@ def _served_endpoint(msg: pb.ProcessingRequest) -> str | None:
     `x-gateway-destination-endpoint-served`), on the response headers; None when not reported."""
     value = _metadata_value(msg, messages.LB_METADATA_NAMESPACE, messages.DESTINATION_SERVED_KEY)
     return (value.string_value or None) if value is not None else None
+
+
+# The body modes epp speaks (as the Go EPP): the request body streamed both ways, the response
+# body the same or not sent (epp then reads no usage, TTFT or ITL of its own).
+_FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
+_REQUEST_BODY_MODES = (_FULL_DUPLEX,)
+_RESPONSE_BODY_MODES = (_FULL_DUPLEX, ProcessingMode.NONE)
+
+
+def _unsupported_body_mode(msg: pb.ProcessingRequest) -> EppError | None:
+    """The error for a gateway whose ext_proc filter sends bodies in a mode epp does not speak, from
+    the modes Envoy reports in a stream's first message (`protocol_config`, Envoy 1.34 and later);
+    None when they are fine or not reported. Without it such a request waits for a body that never
+    comes (NONE) or Envoy for a reply epp does not send (BUFFERED, STREAMED)."""
+    if not msg.HasField("protocol_config"):
+        return None
+    config = msg.protocol_config
+    for what, mode, allowed in (
+        ("request_body_mode", config.request_body_mode, _REQUEST_BODY_MODES),
+        ("response_body_mode", config.response_body_mode, _RESPONSE_BODY_MODES),
+    ):
+        if mode not in allowed:
+            wanted = " or ".join(ProcessingMode.BodySendMode.Name(m) for m in allowed)
+            known = mode in ProcessingMode.BodySendMode.values()
+            name = ProcessingMode.BodySendMode.Name(mode) if known else str(mode)
+            return Refused(
+                ErrorCode.INTERNAL,
+                f"the gateway's ext_proc filter is set to processing_mode.{what} {name}; epp needs "
+                f'{wanted} (docs/architecture.md, "The request path")',
+                REFUSED_PROTOCOL,
+            )
+    return None
 
 
 def _content_length(headers: Mapping[str, str]) -> int | None:
@@ -309,6 +343,9 @@ class RequestStream:
         if not self.request_id:
             self.request_id = _new_request_id()
             self._generated_request_id = True
+        misconfigured = _unsupported_body_mode(msg)
+        if misconfigured is not None:
+            raise misconfigured
         tracer = self._director.tracer
         if tracer is not None and self._span is None:
             self._span = tracer.start_request(self.headers, self.request_id)
