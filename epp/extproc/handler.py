@@ -459,7 +459,8 @@ class RequestStream:
         if self._phase != _REQUEST:
             if self._phase == _START:
                 raise protocol_error("request body before the request headers")
-            return []  # body after routing (headers-only request): nothing to do
+            # Envoy sends no body after end of stream (the headers', or the body's own).
+            raise protocol_error("request body after the request was routed")
         if self._prepared is None:  # (else admission took the chunk and parsed the body)
             self._take_body_chunk(chunk)
             if not end_of_stream:

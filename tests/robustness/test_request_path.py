@@ -124,6 +124,27 @@ async def test_a_second_request_headers_is_refused_and_frees_the_first_pick() ->
         assert refusals(epp, "protocol-error") == 2
 
 
+async def test_a_request_body_after_routing_is_refused_and_frees_the_pick() -> None:
+    """A body after the request ended (with its headers, or its body's end of stream) is a 400,
+    not a reply left unsent: the stream ends and its pick is released."""
+    async with running_epp("--endpoints", ENDPOINTS) as epp:
+        for routed_by in (
+            [headers_msg({":method": "GET", ":path": "/v1/models"}, end_of_stream=True)],
+            [headers_msg(request_headers()), *body_msgs(completion(), 1000)],
+        ):
+            client = ExtProcClient(epp.stub)
+            client.send(routed_by)
+            await client.read(len(routed_by))
+            assert in_flight(epp) == 1
+            client.send(body_msgs(b"{}", 100))
+            (reply,) = await client.read(1)
+            assert reply.immediate_response.status.code == 400
+            assert b"request body after the request was routed" in reply.immediate_response.body
+            assert await ended(client)
+            await all_freed(epp)
+        assert refusals(epp, "protocol-error") == 2
+
+
 async def test_messages_out_of_order_are_refused() -> None:
     async with running_epp("--endpoints", ENDPOINTS) as epp:
         for msgs in (
