@@ -478,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=320 * 1024 * 1024,
         help=f"memory all streams' request bodies may take together ({REQUEST_BODY_MEMORY_FACTOR} "
-        "bytes a body byte, 14 while a body of non-ASCII text is parsed); a body that does not fit "
+        "bytes a body byte while it arrives, 14 while a body of non-ASCII text is parsed, then what "
+        "the parsed request holds until its response ends); a body that does not fit "
         "now is refused with a 429, one larger than the budget alone with a 413 (default 320MiB)",
     )
     lim.add_argument(

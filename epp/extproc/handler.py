@@ -37,15 +37,20 @@ from epp.errors import EppError, ErrorCode
 from epp.extproc import messages
 from epp.extproc.limits import (
     BODY_MEMORY_FACTOR,
+    BRACKET_MEMORY_BYTES,
+    COMMA_MEMORY_BYTES,
     CONTAINER_MEMORY_BYTES,
-    CONTAINERS_IN_FACTOR,
+    DICT_ITEM_MEMORY_BYTES,
+    HELD_MEMORY_FACTOR,
     HTTP_PAYLOAD_TOO_LARGE,
     HTTP_REQUEST_TIMEOUT,
+    LIST_ITEM_MEMORY_BYTES,
     REFUSED_BUDGET,
     REFUSED_IDLE,
     REFUSED_PROTOCOL,
     REFUSED_STREAMS,
     REFUSED_TOO_LARGE,
+    STRUCTURE_SCAN_BYTES,
     WIDE_BODY_MEMORY_FACTOR,
     LimitsCollector,
     Refused,
@@ -167,13 +172,36 @@ def _content_length(headers: Mapping[str, str]) -> int | None:
     return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
 
 
-def _containers(raw: bytes) -> int:
-    """The JSON objects and arrays a body may parse into (a `{` or `[` in a string counts too):
-    bytes.count below 4 kB (2 us at 1 kB), numpy above (7 us at 10 kB, 21 us at 100 kB: half the
-    body's parse). `{` and `[` differ only in bit 0x20: one compare finds both."""
-    if len(raw) < 4096:
-        return raw.count(b"{") + raw.count(b"[")
-    return int(np.count_nonzero((np.frombuffer(raw, np.uint8) | 0x20) == 0x7B))
+def _structure(raw: bytes) -> tuple[int, int]:
+    """At most how many JSON objects and arrays, and values after a comma, a body parses into: its
+    `{` and `[`, and its `,` (in strings too), counted with numpy on a view of the body (40 us at
+    100 kB, against 52 us for its parse). `{` and `[` differ only in bit 0x20: one compare finds
+    both."""
+    data = np.frombuffer(raw, np.uint8)
+    return int(np.count_nonzero((data | 0x20) == 0x7B)), int(np.count_nonzero(data == 0x2C))
+
+
+def _parsed_structure(root: Mapping[str, Any], most: int) -> int:
+    """The memory a parsed body's dicts and lists hold beyond their text (the rates in
+    `epp.extproc.limits`), for a body whose bytes hold `most` `{` and `[`. Items are counted by
+    len(); only containers are searched for more containers, and only until `most` were found:
+    a prompt of a million token ids costs two steps, a chat request one a message."""
+    found, total = 1, 0
+    stack: list[Any] = [root]
+    while stack:
+        value = stack.pop()
+        if type(value) is dict:
+            children = value.values()
+            total += CONTAINER_MEMORY_BYTES + len(value) * DICT_ITEM_MEMORY_BYTES
+        else:
+            children = value
+            total += CONTAINER_MEMORY_BYTES + len(value) * LIST_ITEM_MEMORY_BYTES
+        if found < most:
+            for child in children:
+                if type(child) is dict or type(child) is list:  # all orjson makes of `{` and `[`
+                    found += 1
+                    stack.append(child)
+    return total
 
 
 # A JSON \u escape: text that may parse into strings of up to 4 bytes a character. Searched only in
@@ -199,6 +227,7 @@ class RequestStream:
         "_declared",
         "_director",
         "_generated_request_id",
+        "_held",
         "_phase",
         "_prepared",
         "_received",
@@ -233,6 +262,7 @@ class RequestStream:
         self._body_size = 0
         self._declared = 0  # the content-length the budget was charged for up front
         self._charged = 0  # bytes charged to the body budget (given back when the stream ends)
+        self._held = 0  # what the parsed request holds once its body was sent back (charged then)
         self._request: InferenceRequest | None = None  # once parsed: labels its error metrics
         self.decision: Decision | None = None
         self._usage: UsageReader | None = None
@@ -414,28 +444,49 @@ class RequestStream:
             self._charged = amount
 
     def _parse(self, raw: bytes) -> InferenceRequest:
-        """Parse the body, charging the budget for what that takes (docs: "Reliability")."""
+        """Parse the body, charging the budget for what that takes (docs: "Reliability"), and note
+        what the request holds once its body has been sent back (`_held`)."""
         size = len(raw)
-        containers = _containers(raw)
-        structure = max(0, containers - size // CONTAINERS_IN_FACTOR) * CONTAINER_MEMORY_BYTES
+        allowance = size // 2  # structure the per-byte factor's margin holds
+        containers, commas = sys.maxsize, 0  # at most this many dicts and lists, and commas
         # May hold text of up to 4 bytes a character.
         wide = not raw.isascii() or (b"\\" in raw and _UNICODE_ESCAPE.search(raw) is not None)
         factor = WIDE_BODY_MEMORY_FACTOR if wide else BODY_MEMORY_FACTOR
-        if wide or structure > size:  # before parsing: what the parse itself may allocate
-            kind = "with wide text" if wide else f"of {containers} JSON objects and arrays"
-            self._charge_to(factor * size + structure, f"a body of {size} bytes {kind}")
+        parsing = factor * size
+        kind = "with wide text" if wide else ""
+        if size >= STRUCTURE_SCAN_BYTES:
+            # What its bytes say the structure costs at least (a bound on a body of `{},` or `1,`).
+            containers, commas = _structure(raw)
+            parsing += max(0, containers * BRACKET_MEMORY_BYTES + commas * COMMA_MEMORY_BYTES - allowance)
+            kind = kind or f"of {containers} JSON objects and arrays and {commas} more values"
+        if parsing > self._charged:  # before parsing: the joined body, and what the parse may allocate
+            self._charge_to(parsing, f"a body of {size} bytes {kind}".rstrip())
         request = self._request = parse_request(
             self.request_id, self.headers.get(":path", ""), self.headers, raw
         )
-        held = BODY_MEMORY_FACTOR * size + structure  # what an ASCII body holds, measured
+        # Once parsed, what its dicts and lists hold (brackets and commas in text cost nothing),
+        # unless its bytes already say that is within the allowance.
+        most = (
+            containers * (CONTAINER_MEMORY_BYTES + DICT_ITEM_MEMORY_BYTES) + commas * DICT_ITEM_MEMORY_BYTES
+        )
+        structure = max(0, _parsed_structure(request.body, containers) - allowance) if most > allowance else 0
+        held = HELD_MEMORY_FACTOR * size + structure  # what an ASCII body's request holds, measured
         if wide:
-            # The joined body and the prompt's UTF-8 form (its size each), the prompt text and the
-            # parsed strings it came from (the text's size in memory each), and room for what
-            # parsing leaves behind: the body's size, and the text's growth beyond it.
+            # The prompt's UTF-8 form (the body's size), the prompt text and the parsed strings it
+            # came from (the text's size in memory each), and room for what parsing leaves behind:
+            # the body's size, and the text's growth beyond it.
             text = sys.getsizeof(request.prompt_text)
-            held = max(held, 3 * size + 2 * text + max(0, text - size))
-        self._charge_to(held, f"a parsed body holding {held} bytes")  # gives back an overstatement
+            held = max(held, 2 * size + 2 * text + max(0, text - size))
+        self._held = held
+        # With the joined body; gives back an overstatement (a declared content-length, the parse's).
+        self._charge_to(size + held, f"a parsed body holding {size + held} bytes")
         return request
+
+    def _body_sent(self) -> None:
+        """The body has gone back to Envoy and its bytes are freed: the stream is charged for what
+        its request still holds until the response ends."""
+        if self._charged > self._held:
+            self._charge_to(self._held, "")
 
     def _release_body(self) -> None:
         self._body = []
@@ -514,9 +565,14 @@ class RequestStream:
         )
         self._request_processed()
         # The body goes back in chunks made as gRPC sends them: never a second copy of it whole.
-        return _chain(
-            [headers_reply], messages.iter_body_replies(raw, request=True, end_of_stream=body_end_of_stream)
-        )
+        body_replies = messages.iter_body_replies(raw, request=True, end_of_stream=body_end_of_stream)
+        del raw
+        return self._then_body_sent(_chain([headers_reply], body_replies))
+
+    def _then_body_sent(self, replies: Iterator[pb.ProcessingResponse]) -> Iterator[pb.ProcessingResponse]:
+        yield from replies
+        del replies  # the last reference to the body's bytes
+        self._body_sent()
 
     # --- the response -----------------------------------------------------------------------------
 

@@ -3,8 +3,10 @@
 - a body larger than --max-request-body-size is refused with a 413, as soon as its declared
   content-length or its bytes so far say so;
 - every stream's body is charged to one memory budget (--request-body-memory-budget) from its
-  first byte, or its declared content-length, until the stream ends; a body the budget cannot
-  hold now is refused with a 429 (`x-llm-d-request-dropped-reason: rejected-saturated`);
+  first byte, or its declared content-length: for its bytes and the text they parse into, then
+  for what the parsed JSON holds, and, once sent back to Envoy, for what its request holds until
+  the stream ends; a body the budget cannot hold now is refused with a 429
+  (`x-llm-d-request-dropped-reason: rejected-saturated`);
 - at most --max-extproc-streams streams are open at once; one more is answered at once with a
   429 (rejected-saturated), as the Go EPP answers when it is saturated;
 - a stream whose request stops arriving for --extproc-stream-idle-timeout ends with a 408 and its
@@ -44,24 +46,41 @@ MAX_REQUEST_BODY = 64 * MiB  # --max-request-body-size: one request's body, else
 BODY_MEMORY_BUDGET = 320 * MiB  # --request-body-memory-budget: all streams' bodies, else 429
 MAX_STREAMS = 10_000  # --max-extproc-streams: open ext_proc streams, else 429
 STREAM_IDLE_TIMEOUT_S = 300.0  # --extproc-stream-idle-timeout, before routing (Envoy's default)
-# What one byte of request body costs in memory while its stream lasts, measured: the received
-# chunks joined once (the joined bytes held until sent back to Envoy), the parsed JSON's strings,
-# the prompt text (for chat, the serialized messages) and its UTF-8 form the prefix index hashes:
-# 3.2x for a 60 MB ASCII completion, 4.1x for a chat request (4.5x with four at once). The
-# budget charges this many bytes per body byte from the first byte.
+# What one byte of request body costs in memory while its stream lasts: the received chunks joined
+# once (until sent back to Envoy: one byte a byte), and what the request holds until its response
+# ends: the parsed JSON's strings, the prompt text (for chat, the serialized messages) and its UTF-8
+# form the prefix index hashes. The budget charges BODY_MEMORY_FACTOR bytes a body byte from the
+# first byte, and HELD_MEMORY_FACTOR a byte (plus the structure's cost, below) once the body has
+# been sent back. Measured RSS of eight routed 3.8 MB requests held open: 2.3-2.4x a completion's
+# size, 3.1-3.5x a chat request's of long messages.
 BODY_MEMORY_FACTOR = REQUEST_BODY_MEMORY_FACTOR
+HELD_MEMORY_FACTOR = BODY_MEMORY_FACTOR - 1
 # Python keeps a text with one character beyond U+FFFF at 4 bytes per character, so a body with
 # non-ASCII bytes or \u escapes may parse into strings 4x its size (the parsed JSON, the prompt
 # text; 12x the body in all, measured): charged this many bytes per body byte while it is parsed,
 # then what it turned out to hold.
 WIDE_BODY_MEMORY_FACTOR = 14
-# A JSON object or array parses into a Python dict or list of 56-64 bytes plus its slot in its
-# parent, from as little as 3 bytes of body (`{},`): a body of nothing but empty containers holds
-# about 24x its size, which the per-byte factor does not see. Each `{` and `[` (in strings too)
-# beyond one per CONTAINERS_IN_FACTOR body bytes (what the measured factor already holds: a chat
-# message is an object of far more bytes) is charged this much on top.
-CONTAINER_MEMORY_BYTES = 72
-CONTAINERS_IN_FACTOR = 64
+# What the per-byte factor does not see: a JSON object or array parses into a Python dict or list
+# of 56-232 bytes from as little as 3 bytes of body (`{},`), each of its items into an object of
+# its own (an int 28-32 bytes, a string 49 plus its text, a key not seen before too) and a slot
+# (a dict entry 24-40 bytes, a list slot 8). Measured per item of a parsed body: 36 in a list of
+# token ids, 114 in a dict of distinct keys; per chat message of two short fields, 296.
+# Once parsed, a body is charged CONTAINER_MEMORY_BYTES for each dict and list it holds and
+# DICT_ITEM_MEMORY_BYTES / LIST_ITEM_MEMORY_BYTES for each of their items. Before it is parsed,
+# its bytes say only how many it may hold: each `{` and `[` is charged BRACKET_MEMORY_BYTES (an
+# empty dict and its slot) and each `,` COMMA_MEMORY_BYTES, in strings too (a prompt of code is
+# full of them), so the rates are the least such a byte costs when it is structure. Structure
+# worth up to half the body's size is in the per-byte factor's margin (a completion's request
+# holds 2.4x its size, charged 4x). Measured RSS held by routed requests: a prompt of token ids
+# 7.9-8.3x its size (charged 10.4x), a chat request of 209-byte messages 4.5x (charged 6.1x).
+# The bytes are counted only in a body of this size or more: below it, what one parse at a time
+# may allocate beyond its charge is at most a few MB.
+STRUCTURE_SCAN_BYTES = 64 * 1024
+CONTAINER_MEMORY_BYTES = 240
+DICT_ITEM_MEMORY_BYTES = 128
+LIST_ITEM_MEMORY_BYTES = 48
+BRACKET_MEMORY_BYTES = 72
+COMMA_MEMORY_BYTES = 64
 # Refusals are logged one line each, at most LOG_BURST lines per LOG_INTERVAL_S seconds (per kind:
 # client errors, server errors); then one line says how many were suppressed.
 LOG_BURST = 10

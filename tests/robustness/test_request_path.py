@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -550,12 +551,12 @@ async def test_a_body_of_empty_containers_is_charged_for_what_it_parses_into() -
 
 
 @pytest.mark.parametrize("size", [100, 4095, 4096, 100_000])
-def test_the_container_count_is_every_brace_and_bracket_whatever_the_size(size: int) -> None:
-    from epp.extproc.handler import _containers
+def test_the_structure_count_is_every_brace_bracket_and_comma_whatever_the_size(size: int) -> None:
+    from epp.extproc.handler import _structure
 
     rng = random.Random(size)
     body = bytes(rng.choice(b'{[]}"azZ{|;:,\x7b\x5b\xfb\xdb') for _ in range(size))
-    assert _containers(body) == body.count(b"{") + body.count(b"[")
+    assert _structure(body) == (body.count(b"{") + body.count(b"["), body.count(b","))
 
 
 async def test_a_body_the_budget_cannot_hold_now_is_a_429_until_there_is_room() -> None:
@@ -655,6 +656,80 @@ async def test_twenty_concurrent_60_mb_bodies_stay_within_the_memory_budget(tmp_
         text = await metrics_page_with(epp.metrics_port, "llm_d_epp_request_body_memory_bytes 0.0", 5.0)
         assert "llm_d_epp_extproc_streams_open 0.0" in text
         assert f'llm_d_epp_extproc_refusals_total{{reason="body-memory-budget"}} {20 - len(routed)}.0' in text
+
+
+async def hold_routed(
+    stub: pb_grpc.ExternalProcessorStub, path: str, body: bytes
+) -> tuple[Any, asyncio.Event]:
+    """Route one request and keep its stream open, as a request waiting for its response: the
+    call, and the event that ends it."""
+    done = asyncio.Event()
+
+    async def messages() -> AsyncIterator[pb.ProcessingRequest]:
+        yield headers_msg(request_headers(path))
+        for start in range(0, len(body), 65_536):
+            end = start + 65_536 >= len(body)
+            yield pb.ProcessingRequest(
+                request_body=pb.HttpBody(body=body[start : start + 65_536], end_of_stream=end)
+            )
+        await done.wait()
+
+    call = stub.Process(messages())
+    async for reply in call:
+        assert not reply.HasField("immediate_response"), reply.immediate_response.body
+        if reply.request_body.response.body_mutation.streamed_response.end_of_stream:
+            return call, done
+    raise AssertionError("the stream ended before its body was sent back")
+
+
+PHRASE = "The quick brown fox jumps over the lazy dog. "
+HELD_SHAPES = {  # about 3.8 MB each: (path, body)
+    "completion": ("/v1/completions", {"model": "m", "prompt": PHRASE * 86_000}),
+    "chat, 2 kB messages": (
+        "/v1/chat/completions",
+        {"model": "m", "messages": [{"role": "user", "content": PHRASE * 44}] * 1_900},
+    ),
+    "chat, 30-byte messages": (
+        "/v1/chat/completions",
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}] * 120_000},
+    ),
+    "token ids": ("/v1/completions", {"model": "m", "prompt": list(range(100_000, 670_000))}),
+    "distinct keys": (
+        "/v1/completions",
+        {"model": "m", "prompt": "x", "extra": {f"key{i}": i for i in range(250_000)}},
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", HELD_SHAPES)
+async def test_routed_requests_are_charged_at_least_the_memory_they_hold(tmp_path: Path, shape: str) -> None:
+    """Eight routed requests of one shape held open (waiting for their responses): epp's RSS grows
+    by no more than the budget charges them, whatever the body parses into (a prompt of token ids
+    holds 7.8x its size, which 5 bytes a byte used to undercharge). Once sent back, a body's own
+    bytes are no longer charged: a completion is charged 4 bytes a byte while it waits."""
+    path, payload = HELD_SHAPES[shape]
+    body = orjson.dumps(payload)
+    async with epp_command(
+        tmp_path, "--secure-serving=false", "--endpoints", ENDPOINTS, "--request-body-memory-budget", "2GiB"
+    ) as epp:
+        await epp.wait_serving()
+        options = [("grpc.max_receive_message_length", 64 * MiB)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{epp.grpc_port}", options=options) as channel:
+            stub = pb_grpc.ExternalProcessorStub(channel)
+            await send_huge(stub, completion("warm up"), declare=True)
+            baseline = memory_mib(epp.proc.pid)["VmRSS"]
+            held = [await hold_routed(stub, path, body) for _ in range(8)]
+            await asyncio.sleep(0.5)
+            grown = memory_mib(epp.proc.pid)["VmRSS"] - baseline
+            text = await metrics_page_with(epp.metrics_port, "llm_d_epp_request_body_memory_bytes")
+            charged = float(re.search(r"^llm_d_epp_request_body_memory_bytes (\S+)$", text, re.M)[1]) / MiB  # type: ignore[index]
+            assert grown <= charged, (shape, grown, charged)
+            if shape == "completion":
+                assert charged == pytest.approx(8 * 4 * len(body) / MiB, rel=0.01)
+            for call, done in held:
+                done.set()
+                call.cancel()
+        await metrics_page_with(epp.metrics_port, "llm_d_epp_request_body_memory_bytes 0.0", 5.0)
 
 
 async def test_through_a_real_envoy_clients_see_413_429_and_no_spoofed_prefill_header(tmp_path: Path) -> None:
