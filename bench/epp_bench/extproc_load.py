@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 
 import grpc
@@ -23,9 +20,8 @@ import orjson
 from envoy.config.core.v3 import base_pb2 as core_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epp_bench.gateway import free_port
+from epp_bench.perf import start_epp, stop
 
 
 def _headers(items: dict[str, str], response: bool = False) -> pb.ProcessingRequest:
@@ -98,49 +94,12 @@ def main() -> None:
     p.add_argument("--prompt-bytes", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
-    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
     endpoints = ",".join(f"127.0.0.{2 + i // 200}:{20000 + i % 200}" for i in range(args.endpoints))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "epp",
-            "--endpoints",
-            endpoints,
-            "--grpc-port",
-            str(grpc_port),
-            "--grpc-health-port",
-            str(health_port),
-            "--metrics-port",
-            str(metrics_port),
-            "--bind-address",
-            "127.0.0.1",
-            "--refresh-metrics-interval",
-            "1s",
-            "--log-level",
-            "error",
-            "--secure-serving=false",  # the load client speaks plaintext gRPC
-        ],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc, grpc_port = start_epp(["--endpoints", endpoints, "--refresh-metrics-interval", "1s"], timeout_s=30)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with grpc.insecure_channel(f"127.0.0.1:{health_port}") as ch:
-                    check = health_pb2_grpc.HealthStub(ch).Check
-                    status = check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("epp did not become ready")
-            time.sleep(0.1)
         asyncio.run(drive(grpc_port, args.requests, args.concurrency, args.prompt_bytes, args.seed))
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop(proc)
 
 
 if __name__ == "__main__":

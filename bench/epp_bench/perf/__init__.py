@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from epp_bench.gateway import free_port
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -93,18 +96,48 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "load_avg_1m": os.getloadavg()[0]}
 
 
-def start_epp(args: Sequence[str], health_port: int, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
-    """`python -m epp ARGS` (plaintext gRPC, errors only in its log), once its health says SERVING."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "epp", *args, "--secure-serving=false", "--log-level", "error"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        wait_serving(proc, health_port, timeout_s)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc
+# Attempts at starting epp on freshly picked ports (see start_epp).
+EPP_PORT_ATTEMPTS = 3
+
+
+def _taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def start_epp(args: Sequence[str], timeout_s: float = 60.0) -> tuple[subprocess.Popen[bytes], int]:
+    """`python -m epp ARGS` on free loopback ports (plaintext gRPC, errors only in its log), once its
+    health says SERVING: the process and its ext_proc port. free_port() cannot reserve a port, so
+    on a busy machine another process sometimes binds one between the pick and epp's bind; epp
+    then exits at once, and is started again on other ports."""
+    for attempt in range(1, EPP_PORT_ATTEMPTS + 1):
+        ports = free_port(), free_port(), free_port()
+        grpc_port, health_port, metrics_port = ports
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "epp", *args, "--secure-serving=false", "--log-level", "error",
+                "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+                "--metrics-port", str(metrics_port), "--bind-address", "127.0.0.1",
+            ],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        try:
+            wait_serving(proc, health_port, timeout_s)
+        except SystemExit:
+            stop(proc)
+            if attempt < EPP_PORT_ATTEMPTS and proc.returncode and any(_taken(p) for p in ports):
+                print(f"epp's port was taken while it started (attempt {attempt}); retrying", file=sys.stderr)
+                continue
+            raise
+        except BaseException:
+            stop(proc)
+            raise
+        return proc, grpc_port
+    raise AssertionError("unreachable")
 
 
 def wait_serving(proc: subprocess.Popen[bytes], health_port: int, timeout_s: float) -> None:

@@ -303,17 +303,9 @@ def run_reference(kind: str, body_bytes: int, args: argparse.Namespace) -> dict[
 
 
 def run_epp(endpoints: int, body_bytes: int, args: argparse.Namespace) -> dict[str, Any]:
-    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
     # Nothing listens there; scraped once a minute, so failing scrapes stay out of the figures.
     pool = ",".join(f"127.0.{1 + i // 250}.{1 + i % 250}:{20000 + i % 200}" for i in range(endpoints))
-    proc = start_epp(
-        [
-            "--endpoints", pool, "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
-            "--metrics-port", str(metrics_port), "--bind-address", "127.0.0.1",
-            "--refresh-metrics-interval", "60s", *args.epp_arg,
-        ],
-        health_port,
-    )  # fmt: skip
+    proc, grpc_port = start_epp(["--endpoints", pool, "--refresh-metrics-interval", "60s", *args.epp_arg])
     try:
         return run_client(grpc_port, proc.pid, body_bytes, args.requests, args.concurrency, args.max_seconds)
     finally:

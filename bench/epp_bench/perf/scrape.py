@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from epp.datalayer.model_server_metrics import VLLM
-from epp_bench.gateway import free_port
 from epp_bench.perf import cpu_seconds, machine, start_epp, stop, table, write_json
 from epp_bench.perf.vllm_page import only_families, page
 
@@ -272,17 +271,14 @@ def measure(
 def _start_epp(
     ports: list[int], interval: str, idle_interval: str, whole_pages: bool
 ) -> subprocess.Popen[bytes]:
-    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
-    return start_epp(
+    proc, _ = start_epp(
         [
-            "--endpoints", ",".join(f"127.0.0.1:{p}" for p in ports), "--grpc-port", str(grpc_port),
-            "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port),
-            "--bind-address", "127.0.0.1", "--refresh-metrics-interval", interval,
-            "--idle-refresh-metrics-interval", idle_interval,
+            "--endpoints", ",".join(f"127.0.0.1:{p}" for p in ports),
+            "--refresh-metrics-interval", interval, "--idle-refresh-metrics-interval", idle_interval,
             f"--model-server-metrics-only-read-families={str(not whole_pages).lower()}",
-        ],
-        health_port,
+        ]
     )  # fmt: skip
+    return proc
 
 
 def _start_floor(ports: list[int], interval: str, whole_pages: bool) -> subprocess.Popen[bytes]:
